@@ -1,0 +1,18 @@
+"""advcam: weakly-supervised semantic segmentation from image-level labels.
+
+Public entry points: :func:`load_classifier` (any trained classifier with ``features``, ``classifier``,
+``cam`` and ``forward``) and :mod:`advcam.attribution`.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load_classifier(path, map_location="cpu"):
+    """Load a classifier checkpoint written by ``advcam train-cls`` as an ``nn.Module`` in eval mode."""
+    from advcam.models.classifier import load_classifier as _load
+
+    return _load(path, map_location=map_location)
+
+
+__all__ = ["load_classifier", "__version__"]

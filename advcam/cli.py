@@ -1,0 +1,117 @@
+"""``advcam <stage>``: one thin subcommand per pipeline stage; the work is in ``advcam.steps``.
+
+Every subcommand reads the params (``--params FILE``, or ``--params-json`` from Snakemake) plus
+``--set KEY=VALUE`` overrides, validates them, and calls ``advcam.steps.<stage>.run``. Errors caused by
+input print one line and exit with status 2 (``--debug`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from advcam import config
+from advcam.utils.errors import AdvcamError
+from advcam.utils.progress import setup_logging
+
+log = logging.getLogger("advcam")
+
+# stage -> (help, [(option, default-from-config or None, help)])
+PathDefault = Callable[[config.Config], str]
+STAGES: dict[str, tuple[str, list[tuple[str, PathDefault, str]]]] = {
+    "prepare": ("Generate (synthetic) or index (voc) the dataset; write lists and image-level labels.", [
+        ("out", lambda c: f"data/{c.dataset.name}", "prepared dataset folder"),
+    ]),
+    "train-cls": ("Train the classifier (CAM network) on the train list.", [
+        ("data", lambda c: f"data/{c.dataset.name}", "prepared dataset folder"),
+        ("out", lambda c: "models/classifier.pt", "classifier checkpoint to write"),
+        ("curves", lambda c: "plots/train_cls.csv", "training curve CSV to write"),
+    ]),
+    "cams": ("Compute class activation maps for the infer list and evaluate the seeds.", [
+        ("data", lambda c: f"data/{c.dataset.name}", "prepared dataset folder"),
+        ("model", lambda c: "models/classifier.pt", "classifier checkpoint"),
+        ("out", lambda c: "cams", "folder of <id>.npz CAM files"),
+        ("metrics", lambda c: "metrics/seeds.json", "seed metrics JSON"),
+        ("curve", lambda c: "plots/seeds_threshold.csv", "mIoU-vs-threshold CSV"),
+    ]),
+    "refine": ("Refine CAMs into pseudo labels with a dense CRF.", [
+        ("data", lambda c: f"data/{c.dataset.name}", "prepared dataset folder"),
+        ("cams", lambda c: "cams", "folder of <id>.npz CAM files"),
+        ("out", lambda c: "pseudo", "folder of <id>.png pseudo labels"),
+        ("metrics", lambda c: "metrics/pseudo.json", "pseudo-label metrics JSON"),
+    ]),
+    "train-seg": ("Train the segmentation network on the pseudo labels.", [
+        ("data", lambda c: f"data/{c.dataset.name}", "prepared dataset folder"),
+        ("pseudo", lambda c: "pseudo", "folder of <id>.png pseudo labels"),
+        ("out", lambda c: "models/segmenter.pt", "segmenter checkpoint to write"),
+        ("curves", lambda c: "plots/train_seg.csv", "training curve CSV to write"),
+    ]),
+    "evaluate": ("Evaluate the segmenter on the val list; write metrics, confusion matrix and a gallery.", [
+        ("data", lambda c: f"data/{c.dataset.name}", "prepared dataset folder"),
+        ("model", lambda c: "models/segmenter.pt", "segmenter checkpoint"),
+        ("cams", lambda c: "cams", "folder of <id>.npz CAM files (for the gallery)"),
+        ("pseudo", lambda c: "pseudo", "folder of pseudo labels (for the gallery)"),
+        ("metrics", lambda c: "metrics/segmentation.json", "segmentation metrics JSON"),
+        ("plots", lambda c: "plots/evaluation", "folder for the confusion matrix and gallery PNGs"),
+    ]),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="advcam", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (help_text, paths) in STAGES.items():
+        s = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _common(s)
+        for opt, _, opt_help in paths:
+            s.add_argument(f"--{opt}", default=None, help=f"{opt_help} (default: from the standard layout)")
+    s = sub.add_parser("params", help="Print the resolved params as YAML.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common(s)
+    return p
+
+
+def _common(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--params", default="params.yaml", help="params file")
+    s.add_argument("--params-json", default=None, help="params as JSON text (used by the Snakemake rules)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one param, e.g. --set cam.scales=[1.0]")
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks and debug logs")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    setup_logging(debug)
+    try:
+        cfg = config.load(None if args.params_json else args.params, args.overrides, args.params_json)
+        if args.stage == "params":
+            import yaml
+            sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        paths = {opt.replace("-", "_"): Path(getattr(args, opt.replace("-", "_")) or default(cfg))
+                 for opt, default, _ in STAGES[args.stage][1]}
+        step = importlib.import_module(f"advcam.steps.{args.stage.replace('-', '_')}")
+        step.run(cfg, **paths)
+        return 0
+    except AdvcamError as exc:
+        if debug:
+            raise
+        print(f"advcam {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"advcam {args.stage}: interrupted; finished work is kept, run again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""One validated configuration: params.yaml -> schema (with defaults) -> attribute access.
+
+The schema (``advcam/schemas/params.schema.yaml``) is the single source of truth for keys, types, ranges
+and defaults. Snakemake validates its ``config`` with :func:`validate`; the CLI loads files with :func:`load`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+from jsonschema import Draft202012Validator
+
+from advcam.utils.errors import AdvcamError
+
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "params.schema.yaml"
+
+
+class ConfigError(AdvcamError):
+    """A params file or override that does not match the schema."""
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    with open(SCHEMA_PATH) as f:
+        return yaml.safe_load(f)
+
+
+class Config(Mapping):
+    """Read-only view of a validated params dict: ``cfg.cam.scales`` or ``cfg["cam"]["scales"]``."""
+
+    def __init__(self, data: Mapping[str, Any]):
+        self._data = dict(data)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            value = self._data[key]
+        except KeyError:
+            raise AttributeError(key) from None
+        return Config(value) if isinstance(value, Mapping) else value
+
+    def __getitem__(self, key: str) -> Any:
+        return self.__getattr__(key)
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self._data)
+
+    def __repr__(self) -> str:
+        return f"Config({self._data!r})"
+
+
+def _fill_defaults(node: dict, sch: Mapping) -> None:
+    for key, sub in sch.get("properties", {}).items():
+        if key not in node and "default" in sub:
+            node[key] = copy.deepcopy(sub["default"])
+        if isinstance(node.get(key), dict) and sub.get("type") == "object":
+            _fill_defaults(node[key], sub)
+
+
+def _where(path: Iterable[Any]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<top level>"
+
+
+def _describe(err, source: str) -> str:
+    where = _where(err.absolute_path)
+    sch = err.schema if isinstance(err.schema, Mapping) else {}
+    if err.validator == "additionalProperties":
+        allowed = ", ".join(sorted(sch.get("properties", {})))
+        extra = sorted(set(err.instance) - set(sch.get("properties", {})))
+        keys = ", ".join(f"{where + '.' if where != '<top level>' else ''}{k}" for k in extra)
+        return f"{source}: unknown key {keys} (allowed here: {allowed})"
+    bounds = [f"{k} {sch[k]}" for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "enum",
+                                         "minItems", "type") if k in sch]
+    allowed = f" (allowed: {', '.join(bounds)})" if bounds else ""
+    return f"{source}: {where}: {err.message}{allowed}"
+
+
+def validate(data: Mapping[str, Any], source: str = "params") -> dict:
+    """Validate ``data`` against the schema, fill defaults, and return a new plain dict.
+
+    Raises :class:`ConfigError` naming every offending key with its allowed range.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    out = json.loads(json.dumps(data))  # plain types only, no YAML tags or aliases shared
+    sch = schema()
+    _fill_defaults(out, sch)
+    errors = sorted(Draft202012Validator(sch).iter_errors(out), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise ConfigError("; ".join(_describe(e, source) for e in errors))
+    _check_relations(out, source)
+    return out
+
+
+def _check_relations(cfg: dict, source: str) -> None:
+    ds = cfg["dataset"]
+    if ds["kind"] == "voc" and not ds["root"]:
+        raise ConfigError(f"{source}: dataset.root is required when dataset.kind is voc")
+    syn = cfg["synthetic"]
+    if ds["kind"] == "synthetic" and syn["num_train"] > syn["num_train_aug"]:
+        raise ConfigError(f"{source}: synthetic.num_train ({syn['num_train']}) must not exceed "
+                          f"synthetic.num_train_aug ({syn['num_train_aug']})")
+    ref = cfg["refine"]
+    if ref["bg_threshold"] > ref["fg_threshold"]:
+        raise ConfigError(f"{source}: refine.bg_threshold ({ref['bg_threshold']}) must not exceed "
+                          f"refine.fg_threshold ({ref['fg_threshold']})")
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. cam.method=cam")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    out = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return out
+
+
+def read_params(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return {} if data is None else data
+
+
+def load(path: str | Path | None = "params.yaml", overrides: Iterable[str] = (),
+         json_text: str | None = None) -> Config:
+    """Load params (file, or JSON text from Snakemake), apply ``KEY=VALUE`` overrides, validate."""
+    if json_text is not None:
+        try:
+            data, source = json.loads(json_text), "params (json)"
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--params-json is not valid JSON: {exc}") from None
+    elif path is None:
+        data, source = {}, "defaults"
+    else:
+        data, source = read_params(path), str(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    return Config(validate(apply_overrides(data, overrides), source))
+
+
+def defaults() -> dict:
+    """The full default params (what ``params.yaml`` ships)."""
+    return validate({}, "defaults")

@@ -1,0 +1,1 @@
+"""advcam.data."""

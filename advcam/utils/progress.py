@@ -1,0 +1,24 @@
+"""Progress bars (tqdm on stderr) and stage logging."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+log = logging.getLogger("advcam")
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """A progress bar for a loop a user waits for. ``ADVCAM_PROGRESS=0`` turns the bars off."""
+    disable = os.environ.get("ADVCAM_PROGRESS", "1") == "0"
+    return iter(tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, disable=disable,
+                     dynamic_ncols=True, mininterval=0.5))
+
+
+def setup_logging(debug: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="[advcam %(asctime)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)

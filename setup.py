@@ -1,0 +1,32 @@
+"""advcam: weakly-supervised semantic segmentation pipeline (CAM, AdvCAM, SEAM, EADER)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="advcam",
+    version="0.1.0",
+    description="Reproducible weakly-supervised semantic segmentation: CAM, AdvCAM, SEAM, EADER",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["advcam", "advcam.*"]),
+    package_data={"advcam": ["schemas/*.yaml"], "advcam.ops": ["csrc/*"]},
+    # A range, not a pin: a CUDA build of torch that a user already has satisfies it. The Makefile
+    # installs the CPU wheel first on machines without torch, so pip never reaches for CUDA wheels.
+    install_requires=[
+        "torch>=2.1",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "jsonschema>=4.18",
+        "pillow>=9",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "scipy>=1.10",
+        "ninja>=1.11",
+        "pydensecrf2>=1.1",
+    ],
+    extras_require={
+        "workflow": ["snakemake>=9,<10", "dvc>=3.50,<4"],
+        "test": ["pytest>=8", "snakemake>=9,<10", "dvc>=3.50,<4"],
+    },
+    entry_points={"console_scripts": ["advcam=advcam.cli:main"]},
+)
