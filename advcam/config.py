@@ -87,15 +87,38 @@ def _describe(err, source: str) -> str:
     return f"{source}: {where}: {err.message}{allowed}"
 
 
-def validate(data: Mapping[str, Any], source: str = "params") -> dict:
+def _coerce_strings(node: Any, sch: Mapping) -> Any:
+    """Parse string leaves as YAML where the schema wants another type (Snakemake's --config gives strings)."""
+    types = sch.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if isinstance(node, str) and types and "string" not in types:
+        try:
+            return yaml.safe_load(node)
+        except yaml.YAMLError:
+            return node
+    if isinstance(node, str) and "null" in types and node in ("null", "~", "None"):
+        return None
+    if isinstance(node, dict):
+        props = sch.get("properties", {})
+        return {k: _coerce_strings(v, props.get(k, {})) for k, v in node.items()}
+    if isinstance(node, list) and isinstance(sch.get("items"), Mapping):
+        return [_coerce_strings(v, sch["items"]) for v in node]
+    return node
+
+
+def validate(data: Mapping[str, Any], source: str = "params", coerce_strings: bool = False) -> dict:
     """Validate ``data`` against the schema, fill defaults, and return a new plain dict.
 
-    Raises :class:`ConfigError` naming every offending key with its allowed range.
+    ``coerce_strings`` parses string values as YAML where the schema expects a number, boolean or list
+    (for Snakemake's ``--config``, which passes nested values as strings). Raises :class:`ConfigError`
+    naming every offending key with its allowed range.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
     out = json.loads(json.dumps(data))  # plain types only, no YAML tags or aliases shared
     sch = schema()
+    if coerce_strings:
+        out = _coerce_strings(out, sch)
     _fill_defaults(out, sch)
     errors = sorted(Draft202012Validator(sch).iter_errors(out), key=lambda e: list(map(str, e.absolute_path)))
     if errors:

@@ -1,0 +1,153 @@
+"""Snakemake and DVC, for real: a tiny run of the whole workflow, a DVC experiment, and drift checks."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from advcam import config
+from conftest import REPO, TINY
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "ADVCAM_PROGRESS": "0",
+       "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.skipif(shutil.which("snakemake", path=ENV["PATH"]) is None,
+                                reason="snakemake is not installed (pip install -e .[test])")
+
+
+def sh(*cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
+def make_project(root: Path, overrides: list[str]) -> Path:
+    """A git + DVC project holding this repo's workflow, dvc.yaml and tiny params."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "workflow", root / "workflow")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    params = config.load(None, overrides).to_dict()
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q", cwd=root)
+    sh("git", "config", "user.email", "t@example.com", cwd=root)
+    sh("git", "config", "user.name", "t", cwd=root)
+    sh("dvc", "init", "-q", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "init", cwd=root)
+    return root
+
+
+# --- drift between the Snakemake DAG and dvc.yaml ---------------------------------------------------------------
+def snakemake_jobs(cwd: Path) -> dict[str, dict]:
+    """Parse `snakemake -n -p --forceall`: per rule its inputs, outputs and the param sections it passes."""
+    out = sh("snakemake", "-n", "-p", "--forceall", cwd=cwd).stdout
+    jobs: dict[str, dict] = {}
+    for block in re.split(r"\n(?=\[.*\]\nrule )", out):
+        m = re.search(r"^rule (\w+):$", block, re.M)
+        if not m:
+            continue
+        field = lambda k: [s.strip() for s in re.search(rf"^\s+{k}: (.*)$", block, re.M).group(1).split(",")] \
+            if re.search(rf"^\s+{k}: ", block, re.M) else []
+        shell = re.search(r"^Shell command: (.*)$", block, re.M)
+        params = []
+        if shell and "--params-json" in shell.group(1):
+            params = sorted(json.loads(re.search(r"--params-json '(\{.*?\})'", shell.group(1)).group(1)))
+        jobs[m.group(1)] = {"input": field("input"), "output": field("output"), "params": params}
+    return jobs
+
+
+def dvc_stages(root: Path) -> dict[str, dict]:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    text = (root / "dvc.yaml").read_text().replace("${dataset.name}", params["dataset"]["name"])
+    stages = yaml.safe_load(text)["stages"]
+    out = {}
+    for name, st in stages.items():
+        outs = [next(iter(o)) if isinstance(o, dict) else o
+                for key in ("outs", "metrics", "plots") for o in st.get(key, [])]
+        out[name] = {"cmd": st["cmd"], "deps": st.get("deps", []), "outs": outs, "params": sorted(st["params"])}
+    return out
+
+
+def test_dvc_stages_match_snakemake_dag():
+    jobs = snakemake_jobs(REPO)
+    stages = dvc_stages(REPO)
+    rules = [r for r in jobs if r != "all"]
+    assert sorted(stages) == sorted(rules), "every rule (but 'all') has exactly one DVC stage"
+    for rule in rules:
+        job, st = jobs[rule], stages[rule]
+        assert st["cmd"] == f"snakemake --cores all --allowed-rules {rule} -- {' '.join(job['output'])}", rule
+        assert sorted(st["deps"]) == sorted(job["input"]), f"{rule}: DVC deps != Snakemake inputs"
+        assert sorted(st["outs"]) == sorted(job["output"]), f"{rule}: DVC outs != Snakemake outputs"
+        assert st["params"] == job["params"], f"{rule}: DVC params != the sections the rule passes to advcam"
+
+
+def test_snakemake_lint_is_clean():
+    r = sh("snakemake", "--lint", cwd=REPO, check=False)
+    assert r.returncode == 0 and "Lints for" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_snakemake_config_override_reaches_rules():
+    r = sh("snakemake", "-n", "-p", "--forceall", "--config", "cam={method: cam, scales: [1.0]}", cwd=REPO)
+    assert '"scales": [1.0]' in r.stdout
+    bad = sh("snakemake", "-n", "--config", "cam={bogus: 1}", cwd=REPO, check=False)
+    assert bad.returncode != 0 and "cam.bogus" in bad.stdout + bad.stderr
+
+
+# --- real runs ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory) -> Path:
+    """`dvc repro` of the tiny pipeline: every DVC stage runs its Snakemake rule, which runs `advcam`."""
+    root = make_project(tmp_path_factory.mktemp("dvcproj"), TINY)
+    sh("dvc", "repro", cwd=root)
+    return root
+
+
+def test_repro_writes_every_output_and_metric(dvc_project):
+    root = dvc_project
+    seeds = json.loads((root / "metrics/seeds.json").read_text())
+    pseudo = json.loads((root / "metrics/pseudo.json").read_text())
+    seg = json.loads((root / "metrics/segmentation.json").read_text())
+    assert 0.0 <= seeds["seed_miou"] <= 1.0 and "seed_best_threshold" in seeds
+    assert 0.0 <= pseudo["pseudo_miou"] <= 1.0
+    assert 0.0 <= seg["val_miou"] <= 1.0
+    ids = (root / "data/synthetic/lists/infer.txt").read_text().split()
+    assert sorted(p.stem for p in (root / "cams").glob("*.npz")) == sorted(ids)
+    assert sorted(p.stem for p in (root / "pseudo").glob("*.png")) == sorted(ids)
+    assert (root / "plots/evaluation/gallery.png").stat().st_size > 0
+
+
+def test_snakemake_has_nothing_to_do_after_run(dvc_project):
+    r = sh("snakemake", "-n", cwd=dvc_project)
+    assert "Nothing to be done" in r.stdout + r.stderr, r.stdout
+
+
+def test_dvc_status_clean_after_repro(dvc_project):
+    r = sh("dvc", "status", cwd=dvc_project)
+    assert "up to date" in r.stdout, r.stdout
+
+
+def test_cam_param_experiment_reruns_cams_not_classifier(dvc_project):
+    root = dvc_project
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "baseline", cwd=root)
+    model = root / "models/classifier.pt"
+    before = model.read_bytes()
+    r = sh("dvc", "exp", "run", "-S", "cam.scales=[1.0]", cwd=root)
+    log = r.stdout + r.stderr
+    assert "Stage 'train_cls' didn't change, skipping" in log, log
+    assert "Running stage 'cams'" in log, log
+    assert "Running stage 'train_seg'" in log or "Stage 'train_seg' didn't change" in log
+    assert model.read_bytes() == before
+    diff = sh("dvc", "metrics", "diff", "--json", cwd=root).stdout
+    changed = json.loads(diff)
+    keys = {k for f in changed.values() for k in f}
+    assert {"seed_miou", "pseudo_miou", "val_miou"} & keys, diff

@@ -1,0 +1,16 @@
+rule train_cls:
+    input:
+        data=DATA,
+    output:
+        model="models/classifier.pt",
+        curves="plots/train_cls.csv",
+    params:
+        cfg=params_json("dataset", "classifier"),
+    log:
+        "logs/train_cls.log",
+    resources:
+        gpu=1,
+    conda:
+        "../envs/advcam.yaml"
+    shell:
+        "advcam train-cls --params-json {params.cfg:q} --data {input.data} --out {output.model} --curves {output.curves} 2>&1 | tee {log}"

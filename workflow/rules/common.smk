@@ -1,0 +1,23 @@
+# Helpers shared by the rules: config validation (one schema, shared with the CLI) and the per-rule params.
+import json
+
+from advcam import config as advcam_config
+
+
+# Validate once, fill the schema's defaults, and keep the result as the workflow's config.
+_validated = advcam_config.validate(config, "params.yaml (with --config overrides)", coerce_strings=True)
+config.clear()
+config.update(_validated)
+
+DATA = f"data/{config['dataset']['name']}"
+# Sections every stage depends on, then each stage's own sections (DVC's params: use the same lists).
+COMMON = ["seed", "device", "workers"]
+
+
+def params_json(*sections):
+    """The params a rule depends on, as JSON for `advcam --params-json`.
+
+    Only the listed sections are passed, so Snakemake's params trigger re-runs a rule exactly when one of
+    its own params changes (a CAM param does not retrain the classifier).
+    """
+    return json.dumps({k: config[k] for k in COMMON + list(sections)}, sort_keys=True)

@@ -1,0 +1,36 @@
+rule train_seg:
+    input:
+        data=DATA,
+        pseudo="pseudo",
+    output:
+        model="models/segmenter.pt",
+        curves="plots/train_seg.csv",
+    params:
+        cfg=params_json("dataset", "segmentation"),
+    log:
+        "logs/train_seg.log",
+    resources:
+        gpu=1,
+    conda:
+        "../envs/advcam.yaml"
+    shell:
+        "advcam train-seg --params-json {params.cfg:q} --data {input.data} --pseudo {input.pseudo} --out {output.model} --curves {output.curves} 2>&1 | tee {log}"
+
+
+rule evaluate:
+    input:
+        data=DATA,
+        model="models/segmenter.pt",
+        cams="cams",
+        pseudo="pseudo",
+    output:
+        metrics="metrics/segmentation.json",
+        plots=directory("plots/evaluation"),
+    params:
+        cfg=params_json("dataset", "segmentation", "evaluation"),
+    log:
+        "logs/evaluate.log",
+    conda:
+        "../envs/advcam.yaml"
+    shell:
+        "advcam evaluate --params-json {params.cfg:q} --data {input.data} --model {input.model} --cams {input.cams} --pseudo {input.pseudo} --metrics {output.metrics} --plots {output.plots} 2>&1 | tee {log}"
