@@ -1,1 +1,107 @@
-"""advcam.data."""
+"""advcam.data: the prepared dataset folder written by ``advcam prepare`` and read by every later stage.
+
+A prepared folder ``data/<name>/`` holds ``dataset.json`` (kind, root, mask_dir, classes, which source list
+each role came from), ``labels.json`` (id -> 0-based foreground class ids) and ``lists/<role>.txt`` for the
+roles ``train``, ``infer`` and ``val``. :func:`load_info` reads it back as a :class:`DatasetInfo`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from advcam.data import voc
+from advcam.utils.errors import AdvcamError
+from advcam.utils.io import read_json
+
+ROLES: tuple[str, ...] = ("train", "infer", "val")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A prepared dataset: where its files are, its classes, lists and image-level labels."""
+
+    folder: Path
+    root: Path
+    kind: str
+    classes: tuple[str, ...]
+    mask_dir: str
+    lists: dict[str, list[str]]
+    labels: dict[str, list[int]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """C, the number of foreground classes (labels 1..C in masks)."""
+        return len(self.classes)
+
+    def image_path(self, image_id: str) -> Path:
+        return voc.image_path(self.root, voc.check_id(image_id, "image id"))
+
+    def mask_path(self, image_id: str) -> Path:
+        return voc.mask_path(self.root, self.mask_dir, voc.check_id(image_id, "image id"))
+
+    def read_image(self, image_id: str) -> np.ndarray:
+        """RGB uint8 ``(H, W, 3)`` (grayscale, RGBA, CMYK... converted; see :mod:`advcam.data.voc`)."""
+        return voc.read_image(self.image_path(image_id))
+
+    def read_mask(self, image_id: str) -> np.ndarray:
+        """uint8 ``(H, W)``: 0 = background, 1..C, 255 = ignore; AdvcamError on any other value."""
+        return voc.read_mask(self.mask_path(image_id), self.num_classes)
+
+    def label_vector(self, image_id: str) -> np.ndarray:
+        """Multi-hot float32 ``(C,)`` image-level label of ``image_id``."""
+        try:
+            classes = self.labels[image_id]
+        except KeyError:
+            raise AdvcamError(f"{self.folder / 'labels.json'}: no labels for image id {image_id!r}") from None
+        vec = np.zeros(self.num_classes, np.float32)
+        vec[classes] = 1.0
+        return vec
+
+
+def _read_role(folder: Path, role: str) -> list[str]:
+    path = folder / "lists" / f"{role}.txt"
+    if not path.is_file():
+        raise AdvcamError(f"{folder}: missing {path.relative_to(folder)}; run `advcam prepare` first")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    for n, image_id in enumerate(ids, 1):
+        voc.check_id(image_id, f"{path}:{n}")
+    return ids
+
+
+def load_info(folder: str | Path) -> DatasetInfo:
+    """Read a prepared dataset folder (``advcam prepare``'s output) back as a :class:`DatasetInfo`."""
+    folder = Path(folder)
+    if not (folder / "dataset.json").is_file():
+        raise AdvcamError(f"{folder}: not a prepared dataset (no dataset.json); run `advcam prepare` first")
+    meta = read_json(folder / "dataset.json")
+    if not isinstance(meta, dict):
+        raise AdvcamError(f"{folder / 'dataset.json'}: expected a JSON object")
+    missing = [k for k in ("kind", "root", "mask_dir", "classes") if k not in meta]
+    if missing:
+        raise AdvcamError(f"{folder / 'dataset.json'}: missing keys {missing}")
+    root = Path(meta["root"])
+    root = root if root.is_absolute() else folder / root
+    labels_raw = read_json(folder / "labels.json")
+    if not isinstance(labels_raw, dict):
+        raise AdvcamError(f"{folder / 'labels.json'}: expected an object mapping image id -> class ids")
+    classes = tuple(meta["classes"])
+    labels: dict[str, list[int]] = {}
+    for image_id, cls in labels_raw.items():
+        if not isinstance(cls, list) or any(not isinstance(c, int) or not 0 <= c < len(classes) for c in cls):
+            raise AdvcamError(f"{folder / 'labels.json'}: image id {image_id!r} has labels {cls!r} outside "
+                              f"0..{len(classes) - 1}")
+        labels[image_id] = cls
+    lists = {role: _read_role(folder, role) for role in ROLES}
+    for role, ids in lists.items():
+        unlabelled = [i for i in ids if i not in labels]
+        if unlabelled:
+            raise AdvcamError(f"{folder / 'labels.json'}: no labels for id {unlabelled[0]!r} of lists/{role}.txt")
+    return DatasetInfo(folder=folder, root=root, kind=str(meta["kind"]), classes=classes,
+                       mask_dir=str(meta["mask_dir"]), lists=lists, labels=labels, meta=meta)
+
+
+__all__ = ["DatasetInfo", "load_info", "ROLES"]

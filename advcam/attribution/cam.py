@@ -1,0 +1,190 @@
+"""Class activation maps: multi-scale + flip inference and the ``<id>.npz`` CAM file (IRN's make_cam).
+
+For every scale the normalised image is resized (bilinear), run together with its horizontal flip, and
+``ReLU(CAM)`` of the image's classes is kept with the flipped half flipped back and added
+(:func:`cam_at_scale`). :func:`combine_scales` then sums the scales at two sizes, as IRN's ``make_cam``:
+the stride-4 size ``ceil(H/4) x ceil(W/4)`` (``cam``) and the "up" size ``S*ceil(H/S)`` cropped to
+``H x W`` (``high_res``), S = the network's output stride (16 for the reference ResNet-50, as IRN; the
+small CPU network has 8, where IRN's fixed 16 would stretch the maps); each map is divided by its own
+maximum + 1e-5.
+
+Methods plug in through :data:`METHODS`: ``name -> fn(model, image, classes, cfg_cam) -> list`` of per-scale
+maps ``(n, h_s, w_s)`` (unnormalised, any resolution). :func:`compute_maps` looks the method up, runs it
+and combines the scales, so every method writes the same file format.
+
+Differences from IRN, by design: images are resized after normalisation, as tensors (bilinear,
+``align_corners=False``), where IRN resizes the uint8 image with PIL bicubic before normalising; the resized
+size is ``round(H * scale)``, as IRN's ``pil_rescale``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advcam.utils.errors import AdvcamError
+from advcam.utils.io import load_npz, save_npz
+
+EPS = 1e-5
+CAM_KEYS = ("keys", "cam", "high_res")
+
+MapFn = Callable[[nn.Module, torch.Tensor, Sequence[int], Any], "list[torch.Tensor]"]
+
+
+def strided_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """``ceil(size / stride)`` per side (IRN ``get_strided_size``)."""
+    return (size[0] - 1) // stride + 1, (size[1] - 1) // stride + 1
+
+
+def strided_up_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """``stride * ceil(size / stride)`` per side (IRN ``get_strided_up_size``)."""
+    h, w = strided_size(size, stride)
+    return h * stride, w * stride
+
+
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """Image size at ``scale``: rounded, at least one pixel (IRN ``pil_rescale``)."""
+    return max(1, int(round(size[0] * scale))), max(1, int(round(size[1] * scale)))
+
+
+def resize_image(image: torch.Tensor, scale: float) -> torch.Tensor:
+    """Bilinearly resize a normalised ``(3, H, W)`` image by ``scale`` (no copy at scale 1)."""
+    size = scaled_size(tuple(image.shape[-2:]), scale)
+    if size == tuple(image.shape[-2:]):
+        return image
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def cam_at_scale(model: nn.Module, image: torch.Tensor, classes: Sequence[int], scale: float = 1.0,
+                 flip: bool = True) -> torch.Tensor:
+    """``ReLU(CAM)`` of ``classes`` for ``image`` resized by ``scale``, at feature resolution ``(n, h, w)``.
+
+    ``image`` is a normalised ``(3, H, W)`` tensor on the model's device. With ``flip`` the image and its
+    horizontal flip run in one batch and the flipped maps are flipped back and added. No grad mode is set
+    here: callers choose (``compute_maps`` runs plain CAM under ``torch.inference_mode``).
+    """
+    x = resize_image(image, scale)
+    batch = torch.stack([x, x.flip(-1)]) if flip else x[None]
+    maps = F.relu(model.cam(batch))
+    idx = torch.as_tensor(list(classes), dtype=torch.long, device=maps.device)
+    maps = maps.index_select(1, idx)
+    out = maps[0]
+    if flip:
+        out = out + maps[1].flip(-1)
+    return out
+
+
+def _normalise(maps: torch.Tensor) -> torch.Tensor:
+    return maps / (maps.amax(dim=(-2, -1), keepdim=True) + EPS)
+
+
+def combine_scales(maps: Sequence[torch.Tensor], size: tuple[int, int], stride: int = 16
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum per-scale maps ``(n, h_s, w_s)`` into ``(cam, high_res)`` for an image of ``size = (H, W)``.
+
+    ``cam`` is ``(n, ceil(H/4), ceil(W/4))``; ``high_res`` is ``(n, H, W)``: resized to the ``stride`` up size
+    ``stride * ceil(H / stride)`` (where a feature cell of the scale-1 map covers exactly ``stride`` pixels),
+    then cropped. ``stride`` is the network's output stride (16 = the reference ResNet-50, IRN's value).
+    Both are float32, each map divided by its maximum + 1e-5.
+    """
+    if not maps:
+        raise ValueError("combine_scales: no maps")
+    h, w = int(size[0]), int(size[1])
+    n = maps[0].shape[0]
+    small, up = strided_size((h, w), 4), strided_up_size((h, w), int(stride))
+    dev = maps[0].device
+    if n == 0:
+        return torch.zeros((0, *small), device=dev), torch.zeros((0, h, w), device=dev)
+    cam = torch.zeros((n, *small), dtype=torch.float32, device=dev)
+    high = torch.zeros((n, *up), dtype=torch.float32, device=dev)
+    for m in maps:
+        if m.ndim != 3 or m.shape[0] != n:
+            raise ValueError(f"combine_scales: expected maps of shape ({n}, h, w), got {tuple(m.shape)}")
+        m = m.float()[None]
+        cam += F.interpolate(m, size=small, mode="bilinear", align_corners=False)[0]
+        high += F.interpolate(m, size=up, mode="bilinear", align_corners=False)[0]
+    return _normalise(cam), _normalise(high[:, :h, :w])
+
+
+def model_stride(model: nn.Module, default: int = 16) -> int:
+    """The classifier's output stride (``output_stride`` of the model or its ``backbone``; else ``default``)."""
+    for obj in (model, getattr(model, "backbone", None)):
+        stride = getattr(obj, "output_stride", None)
+        if isinstance(stride, int) and stride > 0:
+            return stride
+    return default
+
+
+def plain_cam(model: nn.Module, image: torch.Tensor, classes: Sequence[int], cfg_cam: Any) -> list[torch.Tensor]:
+    """The reference CAM: one :func:`cam_at_scale` per scale in ``cfg_cam.scales``, without gradients."""
+    with torch.inference_mode():
+        return [cam_at_scale(model, image, classes, float(s), bool(cfg_cam.flip)) for s in cfg_cam.scales]
+
+
+METHODS: dict[str, MapFn] = {"cam": plain_cam}
+
+
+def compute_maps(model: nn.Module, image: torch.Tensor, classes: Sequence[int], cfg_cam: Any) -> dict[str, np.ndarray]:
+    """Maps of one image as the CAM file holds them: ``keys`` int64 (n,), ``cam`` and ``high_res`` float32.
+
+    ``image`` is a normalised ``(3, H, W)`` tensor (moved to the model's device here); ``classes`` are the
+    image's 0-based foreground classes. The method is ``cfg_cam.method`` (a key of :data:`METHODS`).
+    """
+    method = str(cfg_cam.method)
+    if method not in METHODS:
+        raise AdvcamError(f"cam.method: unknown attribution method {method!r} (known: {', '.join(sorted(METHODS))})")
+    keys = np.asarray(sorted({int(c) for c in classes}), dtype=np.int64)
+    size = (int(image.shape[-2]), int(image.shape[-1]))
+    if keys.size == 0:
+        small = strided_size(size, 4)
+        return {"keys": keys, "cam": np.zeros((0, *small), np.float32), "high_res": np.zeros((0, *size), np.float32)}
+    param = next(iter(model.parameters()), None)
+    if param is not None:
+        image = image.to(param.device)
+    maps = METHODS[method](model, image, keys.tolist(), cfg_cam)
+    with torch.no_grad():
+        cam, high = combine_scales([m.detach() for m in maps], size, model_stride(model))
+    return {"keys": keys, "cam": cam.cpu().numpy().astype(np.float32, copy=False),
+            "high_res": high.cpu().numpy().astype(np.float32, copy=False)}
+
+
+def save_cam(path: str | Path, maps: dict[str, np.ndarray]) -> None:
+    """Write a CAM file atomically (``keys`` int64, ``cam``/``high_res`` float32; no pickle)."""
+    save_npz(path, keys=np.asarray(maps["keys"], dtype=np.int64),
+             cam=np.asarray(maps["cam"], dtype=np.float32), high_res=np.asarray(maps["high_res"], dtype=np.float32))
+
+
+def load_cam(path: str | Path, size: tuple[int, int] | None = None, num_classes: int | None = None) -> dict[str, np.ndarray]:
+    """Read and check a CAM file; ``size = (H, W)`` of its image when known. Any defect -> AdvcamError."""
+    data = load_npz(path, CAM_KEYS)
+    keys, cam, high = data["keys"], data["cam"], data["high_res"]
+    if keys.ndim != 1 or keys.dtype != np.int64 or cam.dtype != np.float32 or high.dtype != np.float32:
+        raise AdvcamError(f"{path}: CAM file has wrong dtypes/shape (keys {keys.dtype}{keys.shape}, "
+                          f"cam {cam.dtype}, high_res {high.dtype}); expected int64 (n,), float32, float32")
+    n = keys.shape[0]
+    if high.ndim != 3 or cam.ndim != 3 or high.shape[0] != n or cam.shape[0] != n:
+        raise AdvcamError(f"{path}: CAM arrays disagree: keys ({n},), cam {cam.shape}, high_res {high.shape}")
+    if tuple(cam.shape[1:]) != strided_size(tuple(high.shape[1:]), 4):
+        raise AdvcamError(f"{path}: cam {cam.shape} is not the stride-4 size of high_res {high.shape}")
+    if size is not None and tuple(high.shape[1:]) != tuple(size):
+        raise AdvcamError(f"{path}: CAM size {tuple(high.shape[1:])} does not match its image {tuple(size)}")
+    if num_classes is not None and n and (keys.min() < 0 or keys.max() >= num_classes):
+        raise AdvcamError(f"{path}: class keys {keys.tolist()} outside 0..{num_classes - 1}")
+    return data
+
+
+def is_valid_cam(path: str | Path, size: tuple[int, int] | None = None) -> bool:
+    """True when ``path`` is a complete, well-formed CAM file (used to resume)."""
+    try:
+        load_cam(path, size)
+    except AdvcamError:
+        return False
+    return True
+
+
+__all__ = ["cam_at_scale", "combine_scales", "compute_maps", "plain_cam", "METHODS", "save_cam", "load_cam",
+           "is_valid_cam", "model_stride", "strided_size", "strided_up_size", "scaled_size", "resize_image"]

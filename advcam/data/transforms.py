@@ -1,0 +1,99 @@
+"""Image transforms on numpy arrays (HWC), after IRN's ``imutils`` and DeepLab's training augmentation.
+
+Every random transform takes an explicit ``np.random.Generator`` so callers control determinism.
+Normalisation uses ImageNet's mean/std on [0, 1] pixels; padding after normalisation with 0 therefore
+pads with the mean colour, as the reference does.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+_MEAN = np.asarray(MEAN, np.float32) * 255.0
+_STD = np.asarray(STD, np.float32) * 255.0
+
+
+def normalize_array(img: np.ndarray) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` -> float32 ``(H, W, 3)``, ``(x / 255 - mean) / std``."""
+    return (img.astype(np.float32) - _MEAN) / _STD
+
+
+def normalize(img: np.ndarray) -> torch.Tensor:
+    """uint8 RGB ``(H, W, 3)`` -> normalised float32 tensor ``(3, H, W)``."""
+    return torch.from_numpy(np.ascontiguousarray(normalize_array(img).transpose(2, 0, 1)))
+
+
+def denormalize(tensor: torch.Tensor) -> np.ndarray:
+    """Normalised ``(3, H, W)`` tensor -> uint8 RGB ``(H, W, 3)`` (clipped, rounded)."""
+    arr = tensor.detach().float().cpu().numpy().transpose(1, 2, 0) * _STD + _MEAN
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+def resize(arr: np.ndarray, size_hw: tuple[int, int], order: str) -> np.ndarray:
+    """Resize an HWC uint8 image or an HW label map; ``order`` is bicubic, bilinear or nearest (labels)."""
+    h, w = size_hw
+    if arr.shape[:2] == (h, w):
+        return arr
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[order]
+    return np.asarray(Image.fromarray(arr).resize((w, h), resample))
+
+
+def scaled_size(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
+    return max(1, int(round(shape[0] * scale))), max(1, int(round(shape[1] * scale)))
+
+
+def random_resize_long(img: np.ndarray, min_long: int, max_long: int, rng: np.random.Generator) -> np.ndarray:
+    """IRN's ``random_resize_long``: resize so the long side is uniform in [min_long, max_long] (bicubic)."""
+    target = int(rng.integers(min_long, max_long + 1))
+    return resize(img, scaled_size(img.shape, target / max(img.shape[:2])), "bicubic")
+
+
+def random_scale(img: np.ndarray, mask: np.ndarray, low: float, high: float,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """DeepLab-style random scale in [low, high]: bilinear for the image, nearest for the mask."""
+    size = scaled_size(img.shape, float(rng.uniform(low, high)))
+    return resize(img, size, "bilinear"), resize(mask, size, "nearest")
+
+
+def color_jitter(img: np.ndarray, rng: np.random.Generator, strength: float = 0.3) -> np.ndarray:
+    """Brightness, contrast and saturation each scaled by a factor in [1 - s, 1 + s] (off by default)."""
+    x = img.astype(np.float32)
+    x = x * rng.uniform(1 - strength, 1 + strength)
+    mean = x.mean()
+    x = (x - mean) * rng.uniform(1 - strength, 1 + strength) + mean
+    grey = x.mean(axis=2, keepdims=True)
+    x = (x - grey) * rng.uniform(1 - strength, 1 + strength) + grey
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def crop_box(hw: tuple[int, int], crop: int, rng: np.random.Generator | None) -> tuple[slice, slice, slice, slice]:
+    """Where an image of size ``hw`` lands in a ``crop`` x ``crop`` container (IRN's random crop).
+
+    Returns ``(container_rows, container_cols, image_rows, image_cols)``: a side longer than ``crop`` is cut
+    at a random offset; a shorter one is placed at a random offset in the container (the rest is padding).
+    ``rng=None`` centres both (deterministic evaluation crops).
+    """
+    out = []
+    for n in hw:
+        space = n - crop
+        pick = (lambda k: k // 2) if rng is None else (lambda k: int(rng.integers(0, k + 1)))
+        cont, img = (0, pick(space)) if space > 0 else (pick(-space), 0)
+        length = min(crop, n)
+        out.append((slice(cont, cont + length), slice(img, img + length)))
+    (cr, ir), (cc, ic) = out
+    return cr, cc, ir, ic
+
+
+def crop_with_pad(arrays: list[np.ndarray], pads: list[float], crop: int,
+                  rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Crop (and pad with ``pads``) arrays of the same H, W to ``crop`` x ``crop`` with one shared box."""
+    cr, cc, ir, ic = crop_box(arrays[0].shape[:2], crop, rng)
+    out = []
+    for arr, pad in zip(arrays, pads):
+        box = np.full((crop, crop) + arr.shape[2:], pad, arr.dtype)
+        box[cr, cc] = arr[ir, ic]
+        out.append(box)
+    return out

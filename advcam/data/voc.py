@@ -1,0 +1,192 @@
+"""VOC-layout folders: lists, image and mask reading with validation, the VOC colour map.
+
+A VOC-layout root holds ``JPEGImages/<id>.jpg``, ``<mask_dir>/<id>.png`` (``SegmentationClass`` or SBD's
+``SegmentationClassAug``) and ``ImageSets/Segmentation/<list>.txt`` (one id per line).
+
+Masks: palette (``P``) and plain index (``L``) PNGs are read as class indices (0 = background, 1..C,
+255 = ignore). An RGB(A) *colour* mask is converted through the VOC colour map when every colour in it is
+one of the first C+1 palette colours or the ignore colour (224, 224, 192); any other colour is refused,
+naming the file and the colour. Anything else outside 0..C / 255 is refused, naming the value and C.
+
+Images are always returned as RGB uint8 ``(H, W, 3)``: grayscale, palette, RGBA (alpha dropped), CMYK and
+16-bit images go through PIL's ``convert("RGB")``. EXIF orientation is ignored on purpose: VOC masks are
+aligned with the stored pixel grid, not with the displayed orientation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from advcam.utils.errors import AdvcamError
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+IMAGE_DIR = "JPEGImages"
+LIST_DIR = Path("ImageSets") / "Segmentation"
+IGNORE = 255
+
+
+def palette() -> list[int]:
+    """The VOC colour map: 256 RGB triples (768 ints); index i's bits are spread over R, G, B."""
+    out: list[int] = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= (c & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out += [r, g, b]
+    return out
+
+
+def check_id(image_id: str, where: str) -> str:
+    """Refuse ids that could reach outside the dataset root (separators, ``..``, empty, whitespace)."""
+    bad = (not image_id or "/" in image_id or "\\" in image_id or image_id in (".", "..")
+           or ".." in image_id or image_id != image_id.strip() or "\x00" in image_id)
+    if bad:
+        raise AdvcamError(f"{where}: invalid image id {image_id!r} (ids must be plain file stems, without "
+                          "path separators or '..')")
+    return image_id
+
+
+def list_path(root: Path, name: str) -> Path:
+    return Path(root) / LIST_DIR / f"{name}.txt"
+
+
+def read_list(root: Path, name: str) -> list[str]:
+    """Ids of ``ImageSets/Segmentation/<name>.txt``: checked for safety, duplicates and emptiness.
+
+    Lines may carry extra whitespace-separated fields (SBD-style ``id label``); only the first is used.
+    """
+    path = list_path(root, name)
+    check_id(name, f"list name {name!r}")
+    if not path.is_file():
+        have = sorted(p.stem for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
+        raise AdvcamError(f"list file not found: {path} (lists there: {', '.join(have) or 'none'})")
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdvcamError(f"{path}: cannot read list ({exc})") from None
+    ids: list[str] = []
+    seen: dict[str, int] = {}
+    for n, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields:
+            continue
+        image_id = check_id(fields[0], f"{path}:{n}")
+        if image_id in seen:
+            raise AdvcamError(f"{path}:{n}: duplicate id {image_id!r} (first on line {seen[image_id]})")
+        seen[image_id] = n
+        ids.append(image_id)
+    if not ids:
+        raise AdvcamError(f"{path}: list is empty")
+    return ids
+
+
+def image_path(root: Path, image_id: str) -> Path:
+    return Path(root) / IMAGE_DIR / f"{image_id}.jpg"
+
+
+def mask_path(root: Path, mask_dir: str, image_id: str) -> Path:
+    return Path(root) / mask_dir / f"{image_id}.png"
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image file fully into RGB uint8 ``(H, W, 3)``; AdvcamError names an unreadable file."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits, not clip
+                arr = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+                grey = np.clip(arr * 255.0 / top, 0, 255).astype(np.uint8)
+                return np.repeat(grey[:, :, None], 3, axis=2)
+            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise AdvcamError(f"image not found: {path}") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for corrupt/truncated files
+        raise AdvcamError(f"{path}: unreadable image ({exc})") from None
+    return np.ascontiguousarray(rgb)
+
+
+def check_image(path: Path, full: bool = True) -> tuple[int, int]:
+    """Check that ``path`` decodes; return its ``(H, W)``.
+
+    ``full=False`` decodes a JPEG at 1/8 scale (PIL draft mode): the whole stream is still read, so
+    truncation is caught, at a fraction of the cost of a full decode.
+    """
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if not full and im.format == "JPEG":
+                im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+            im.load()
+    except FileNotFoundError:
+        raise AdvcamError(f"image not found: {path}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise AdvcamError(f"{path}: unreadable image ({exc})") from None
+    return h, w
+
+
+def _rgb_to_index(rgb: np.ndarray, num_classes: int, path: Path) -> np.ndarray:
+    pal = np.asarray(palette(), np.int64).reshape(256, 3)
+    allowed = list(range(num_classes + 1)) + [IGNORE]
+    codes = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
+    table = {int(codes[i]): i for i in allowed}
+    flat = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    colours, inverse = np.unique(flat, return_inverse=True)
+    lut = np.zeros(len(colours), np.uint8)
+    for k, code in enumerate(colours.tolist()):
+        if code not in table:
+            colour = (code >> 16, (code >> 8) & 255, code & 255)
+            raise AdvcamError(f"{path}: RGB colour mask has colour {colour}, which is not a VOC palette colour "
+                              f"of classes 0..{num_classes} or 255; save masks as palette or index PNGs")
+        lut[k] = table[code]
+    return lut[inverse.reshape(flat.shape)]
+
+
+def check_mask(mask: np.ndarray, num_classes: int, path: Path | str) -> np.ndarray:
+    """Refuse values outside 0..C and 255, naming the file, the first bad value and C."""
+    counts = np.bincount(mask.ravel(), minlength=256)
+    counts[: num_classes + 1] = 0
+    counts[IGNORE] = 0
+    bad = np.flatnonzero(counts)
+    if bad.size:
+        raise AdvcamError(f"{path}: mask has label {int(bad[0])} outside 0..{num_classes} and 255 "
+                          f"(dataset has {num_classes} classes; bad values: {bad.tolist()[:8]})")
+    return mask
+
+
+def read_mask(path: Path, num_classes: int) -> np.ndarray:
+    """Read a mask PNG as uint8 ``(H, W)`` indices (0 bg, 1..C, 255 ignore), validated."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode in ("P", "L"):
+                arr = np.array(im, dtype=np.uint8)  # a P image's array is its indices, palette ignored
+            elif mode in ("RGB", "RGBA"):
+                arr = _rgb_to_index(np.asarray(im.convert("RGB")), num_classes, path)
+            elif mode in ("I", "I;16", "I;16B", "I;16L"):
+                wide = np.asarray(im).astype(np.int64)
+                if wide.min() < 0 or wide.max() > 255:
+                    bad = int(wide.max() if wide.max() > 255 else wide.min())
+                    raise AdvcamError(f"{path}: mask has label {bad} outside 0..{num_classes} and 255 "
+                                      f"(dataset has {num_classes} classes)")
+                arr = wide.astype(np.uint8)
+            else:
+                raise AdvcamError(f"{path}: mask mode {mode} is not supported (expected a palette or index PNG)")
+    except FileNotFoundError:
+        raise AdvcamError(f"mask not found: {path}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise AdvcamError(f"{path}: unreadable mask ({exc})") from None
+    return check_mask(arr, num_classes, path)
+
+
+def labels_from_mask(mask: np.ndarray) -> list[int]:
+    """Image-level labels: 0-based foreground classes present (0 and 255 excluded)."""
+    counts = np.bincount(mask.ravel(), minlength=256)
+    return [int(v) - 1 for v in np.flatnonzero(counts[1:IGNORE]) + 1]

@@ -1,0 +1,146 @@
+"""Stage ``cams``: class maps for the infer list (``<out>/<id>.npz``) and the seed evaluation.
+
+Resumable: stale temporary files are removed first, and an image whose CAM file is complete and matches
+its image size is not recomputed (a truncated or corrupt file is). The folder records what made its files
+(``.advcam-params.json``: the ``cam`` params, the size and time of the classifier and of ``labels.json``); when that changes,
+the old files of the list are removed and everything is recomputed, so a resumed run never mixes the
+results of two settings. Seeds are the argmax over a constant
+background plane (each threshold of ``cam.thresholds``) and the ``high_res`` maps, compared with the
+ground-truth masks of the infer list (images without a mask are left out of the score).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from advcam.attribution.cam import compute_maps, is_valid_cam, load_cam, save_cam
+from advcam.data import load_info
+from advcam.data.transforms import normalize
+from advcam.metrics import finite_or_none, mean_iou, iou_from_confusion, per_class, seed_confusions
+from advcam.models import load_classifier
+from advcam.utils.device import resolve_device
+from advcam.utils.errors import AdvcamError
+from advcam.utils.io import clean_stale_temps, read_json, write_json, write_text
+from advcam.utils.progress import log, progress
+
+
+def image_size(info: Any, image_id: str) -> tuple[int, int]:
+    """``(H, W)`` of an image from its file header (no decoding)."""
+    path = Path(info.image_path(image_id))
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except (OSError, ValueError) as exc:
+        raise AdvcamError(f"image {image_id}: cannot read {path} ({exc})") from None
+
+
+def image_classes(info: Any, image_id: str) -> list[int]:
+    if image_id not in info.labels:
+        raise AdvcamError(f"image {image_id}: no image-level labels in {Path(info.folder) / 'labels.json'}")
+    return [int(c) for c in info.labels[image_id]]
+
+
+FINGERPRINT = ".advcam-params.json"
+
+
+def file_stamp(path: Path) -> dict:
+    """Size and modification time of an input file (cheap change detection for resuming)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        raise AdvcamError(f"file not found: {path}") from None
+    return {"path": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def invalidate_if_changed(out: Path, fingerprint: dict, ids: list[str], suffix: str) -> None:
+    """Remove ``out/<id><suffix>`` when ``out`` was filled with another fingerprint; record the new one."""
+    path = out / FINGERPRINT
+    try:
+        old = read_json(path) if path.is_file() else None
+    except AdvcamError:
+        old = {"unreadable": str(path)}
+    if old is not None and old != fingerprint:
+        stale = [out / f"{i}{suffix}" for i in ids if (out / f"{i}{suffix}").exists()]
+        log.warning("%s: params or inputs changed since its files were written; recomputing %d file(s)",
+                    out, len(stale))
+        for p in stale:
+            p.unlink()
+    if old != fingerprint:
+        write_json(path, fingerprint)
+
+
+def compute_all(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path) -> int:
+    """Write ``out/<id>.npz`` for every id without a valid file; return how many were computed."""
+    out.mkdir(parents=True, exist_ok=True)
+    removed = clean_stale_temps(out)
+    if removed:
+        log.info("cams: removed %d stale temporary file(s) in %s", removed, out)
+    maps_params = {k: v for k, v in cfg.cam.to_dict().items() if k not in ("thresholds", "eval_threshold")}
+    labels = Path(info.folder) / "labels.json"
+    record = {"cam": maps_params, "model": file_stamp(model_path),
+              "labels": file_stamp(labels) if labels.is_file() else None}
+    invalidate_if_changed(out, record, ids, ".npz")
+    todo = [i for i in ids if not is_valid_cam(out / f"{i}.npz", image_size(info, i))]
+    log.info("cams: %d of %d images to compute (%d done already)", len(todo), len(ids), len(ids) - len(todo))
+    if not todo:
+        return 0
+    device = resolve_device(cfg.device)
+    model = load_classifier(model_path, map_location=device, num_classes=info.num_classes).to(device).eval()
+    for image_id in progress(todo, desc=f"cams ({cfg.cam.method})", unit="img"):
+        image = normalize(info.read_image(image_id))
+        maps = compute_maps(model, image, image_classes(info, image_id), cfg.cam)
+        if not (np.isfinite(maps["high_res"]).all() and np.isfinite(maps["cam"]).all()):
+            raise AdvcamError(f"image {image_id}: the classifier {model_path} produced non-finite class maps")
+        save_cam(out / f"{image_id}.npz", maps)
+    return len(todo)
+
+
+def evaluate_seeds(cfg: Any, info: Any, ids: list[str], cams: Path) -> tuple[dict, list[tuple[float, float]]]:
+    """Seed metrics (flat dict) and the (threshold, mIoU) curve over ``cfg.cam.thresholds``."""
+    thresholds = [float(t) for t in cfg.cam.thresholds]
+    fixed = float(cfg.cam.eval_threshold)
+    sweep = thresholds + ([fixed] if fixed not in thresholds else [])
+    k = info.num_classes + 1
+    conf = np.zeros((len(sweep), k, k), np.int64)
+    evaluated = 0
+    for image_id in progress(ids, desc="seeds", unit="img"):
+        if not Path(info.mask_path(image_id)).is_file():
+            continue
+        gt = info.read_mask(image_id)
+        maps = load_cam(cams / f"{image_id}.npz", gt.shape, info.num_classes)
+        conf += seed_confusions(maps["high_res"], maps["keys"], gt, sweep, k)
+        evaluated += 1
+    if evaluated < len(ids):
+        log.warning("cams: %d of %d infer images have no ground-truth mask; seeds scored on %d",
+                    len(ids) - evaluated, len(ids), evaluated)
+    mious = [mean_iou(c) for c in conf]
+    curve = [(t, mious[i]) for i, t in enumerate(thresholds)]
+    metrics: dict[str, Any] = {"num_images": len(ids), "num_images_scored": evaluated}
+    finite = [m for m in mious[:len(thresholds)] if np.isfinite(m)]
+    if finite:
+        best = int(np.nanargmax(np.asarray(mious[:len(thresholds)], dtype=np.float64)))
+        metrics.update(seed_miou=finite_or_none(mious[best]), seed_best_threshold=thresholds[best],
+                       seed_miou_fixed=finite_or_none(mious[sweep.index(fixed)]))
+        metrics.update(per_class("seed_iou", iou_from_confusion(conf[best]), info.classes))
+    else:
+        metrics.update(seed_miou=None, seed_best_threshold=None, seed_miou_fixed=None)
+    return metrics, curve
+
+
+def run(cfg: Any, data: Path, model: Path, out: Path, metrics: Path, curve: Path) -> None:
+    """Compute (or resume) the CAM files of the infer list, then score the seeds."""
+    info = load_info(data)
+    ids = list(info.lists.get("infer", []))
+    if not ids:
+        raise AdvcamError(f"{data}: the infer list is empty")
+    compute_all(cfg, info, ids, Path(model), Path(out))
+    result, points = evaluate_seeds(cfg, info, ids, Path(out))
+    write_json(metrics, result)
+    write_text(curve, "threshold,miou\n" + "".join(
+        f"{t:g},{'' if not np.isfinite(m) else f'{m:.6f}'}\n" for t, m in points))
+    if result.get("seed_miou") is not None:
+        log.info("cams: seed mIoU %.4f at threshold %g (%.4f at %g)", result["seed_miou"],
+                 result["seed_best_threshold"], result["seed_miou_fixed"], cfg.cam.eval_threshold)

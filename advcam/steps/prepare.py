@@ -1,0 +1,165 @@
+"""Stage ``prepare``: generate (synthetic) or index (voc) the dataset into a prepared folder.
+
+Writes ``out/dataset.json``, ``out/labels.json`` (id -> 0-based foreground classes, derived from the masks)
+and ``out/lists/{train,infer,val}.txt``; for the synthetic dataset also ``out/voc/`` (the generated VOC
+layout). Everything it indexes is validated first (lists, ids, images, masks; see :func:`index`), and the
+folder is built under a temporary name next to ``out`` and renamed at the end, replacing an existing
+``out``: a failed or killed run leaves the previous ``out`` (or nothing) and no partial folder.
+
+Images: images of the infer and val lists (used at full resolution later) are fully decoded; images only
+in the train list are decoded in JPEG draft mode (1/8 scale), which reads the whole file and so still
+catches truncation, at a fraction of the cost. Masks are read in full (they give the labels).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from advcam.data import ROLES, DatasetInfo, load_info, voc
+from advcam.data.synthetic import generate
+from advcam.utils.errors import AdvcamError
+from advcam.utils.io import TMP_PREFIX, write_json, write_text
+from advcam.utils.progress import log, progress
+
+MAX_REPORTED = 5  # problems listed in one error message
+
+
+def _check_one(root: Path, mask_dir: str, num_classes: int, image_id: str, list_file: Path,
+               full: bool) -> list[int] | AdvcamError:
+    """Labels of one image, or the problem with it (returned, not raised, so all problems are collected)."""
+    img_path, msk_path = voc.image_path(root, image_id), voc.mask_path(root, mask_dir, image_id)
+    try:
+        if not img_path.is_file():
+            raise AdvcamError(f"{list_file}: id {image_id!r} has no image (expected {img_path})")
+        if not msk_path.is_file():
+            raise AdvcamError(f"{list_file}: id {image_id!r} has no mask (expected {msk_path})")
+        h, w = voc.check_image(img_path, full=full)
+        mask = voc.read_mask(msk_path, num_classes)
+        if mask.shape != (h, w):
+            raise AdvcamError(f"{msk_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image {img_path} "
+                              f"is {h}x{w}")
+        return voc.labels_from_mask(mask)
+    except AdvcamError as exc:
+        return exc
+
+
+def index(root: Path, mask_dir: str, classes: list[str], list_names: dict[str, str],
+          workers: int | None = None) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
+    """Read and validate the lists of a VOC-layout ``root``; return ``(lists by role, labels by id)``.
+
+    Raises AdvcamError for a missing folder or list, unsafe or duplicate ids, an empty list, and (all
+    collected, the first few listed) ids without an image or mask, unreadable images, masks with labels
+    outside 0..C / 255, and masks whose size differs from their image.
+    """
+    if not root.is_dir():
+        raise AdvcamError(f"dataset folder not found: {root} (dataset.root)")
+    for sub, key in ((voc.IMAGE_DIR, "image folder"), (mask_dir, "mask folder (dataset.mask_dir)")):
+        if not (root / sub).is_dir():
+            raise AdvcamError(f"{key} not found: {root / sub}")
+    lists = {role: voc.read_list(root, name) for role, name in list_names.items()}
+    first_list: dict[str, Path] = {}
+    full: dict[str, bool] = {}
+    for role, ids in lists.items():
+        for image_id in ids:
+            first_list.setdefault(image_id, voc.list_path(root, list_names[role]))
+            full[image_id] = full.get(image_id, False) or role != "train"
+    ids = list(first_list)
+    n_workers = workers or min(8, os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(max_workers=n_workers)
+    try:
+        results = list(progress(pool.map(lambda i: _check_one(root, mask_dir, len(classes), i, first_list[i],
+                                                                full[i]), ids),
+                                desc=f"index {root.name}", total=len(ids), unit="img"))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    problems = [r for r in results if isinstance(r, AdvcamError)]
+    if problems:
+        more = f" (and {len(problems) - MAX_REPORTED} more)" if len(problems) > MAX_REPORTED else ""
+        raise AdvcamError(f"{len(problems)} problem(s) in dataset {root}: "
+                          + "; ".join(str(p) for p in problems[:MAX_REPORTED]) + more)
+    labels = {image_id: res for image_id, res in zip(ids, results)}
+    return lists, labels  # type: ignore[return-value]
+
+
+def _class_counts(ids: list[str], labels: dict[str, list[int]], classes: list[str]) -> dict[str, int]:
+    counts = [0] * len(classes)
+    for image_id in ids:
+        for c in labels[image_id]:
+            counts[c] += 1
+    return dict(zip(classes, counts))
+
+
+def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
+    ds = cfg.dataset
+    list_names = {"train": ds.train_list, "infer": ds.infer_list, "val": ds.val_list}
+    meta: dict[str, Any] = {"kind": ds.kind}
+    if ds.kind == "synthetic":
+        syn = cfg.synthetic
+        if ds.classes is not None and len(ds.classes) != syn.num_classes:
+            raise AdvcamError(f"dataset.classes has {len(ds.classes)} names but synthetic.num_classes is "
+                              f"{syn.num_classes}")
+        if ds.mask_dir != "SegmentationClass":
+            log.warning("dataset.mask_dir=%s ignored for the synthetic dataset (it writes SegmentationClass)",
+                        ds.mask_dir)
+        generated = generate(syn.to_dict(), tmp / "voc")
+        root, root_ref, mask_dir = tmp / "voc", "voc", "SegmentationClass"
+        classes = list(ds.classes) if ds.classes is not None else generated.classes
+        meta["synthetic"] = syn.to_dict()
+        log.info("generated %d synthetic images (%d classes, %d px)", len(generated.objects),
+                 syn.num_classes, syn.image_size)
+    else:
+        root = Path(ds.root).expanduser().absolute()
+        root_ref, mask_dir = str(root), ds.mask_dir
+        classes = list(ds.classes) if ds.classes is not None else list(voc.VOC_CLASSES)
+    lists, labels = index(root, mask_dir, classes, list_names)
+    meta.update({"root": root_ref, "mask_dir": mask_dir, "classes": classes, "lists": list_names,
+                 "counts": {role: len(ids) for role, ids in lists.items()},
+                 "class_counts": {role: _class_counts(ids, labels, classes) for role, ids in lists.items()}})
+    for role in ROLES:
+        write_text(tmp / "lists" / f"{role}.txt", "".join(f"{i}\n" for i in lists[role]))
+        empty = [i for i in lists[role] if not labels[i]]
+        log.info("%s: %d images from %s.txt; images per class: %s", role, len(lists[role]), list_names[role],
+                 ", ".join(f"{k} {v}" for k, v in meta["class_counts"][role].items()))
+        if empty:
+            log.warning("%s: %d image(s) have no foreground class in their mask, e.g. %s", role, len(empty),
+                        ", ".join(empty[:3]))
+    write_json(tmp / "labels.json", labels)
+    write_json(tmp / "dataset.json", meta)
+    return meta
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def run(cfg: Any, out: Path) -> DatasetInfo:
+    """Prepare the dataset described by ``cfg.dataset`` (and ``cfg.synthetic``) into ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f"{TMP_PREFIX}{out.name}.*"):  # left by a killed earlier run
+        _remove(stale)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the prepared folder gets ordinary permissions
+    try:
+        _build(cfg, tmp)
+        if out.exists() or out.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            _remove(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+    log.info("wrote %s (dataset.json, labels.json, lists/)", out)
+    return load_info(out)

@@ -1,0 +1,268 @@
+"""CAM maps (scales, flips, normalisation), the CAM file format and the resumable ``cams`` stage."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from advcam import config
+from advcam.attribution import cam as cam_mod
+from advcam.attribution.cam import cam_at_scale, combine_scales, compute_maps, load_cam, save_cam
+from advcam.utils.errors import AdvcamError
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+class ColourNet(nn.Module):
+    """Stand-in classifier: features = the normalised RGB image pooled by ``stride``; class c = channel c.
+
+    On a black background every channel is negative after normalisation, so ReLU(CAM) is exactly the
+    region painted in that channel's colour. ``ramp`` multiplies the features by a left-to-right ramp
+    (a network that is not flip-equivariant).
+    """
+
+    def __init__(self, stride: int = 1, ramp: bool = False, nan: bool = False) -> None:
+        super().__init__()
+        self.stride, self.ramp, self.nan = stride, ramp, nan
+        self.output_stride = stride
+        self.classifier = nn.Conv2d(3, 3, 1, bias=False)
+        with torch.no_grad():
+            self.classifier.weight.copy_(torch.eye(3)[:, :, None, None])
+        self.calls = 0
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        f = F.avg_pool2d(x, self.stride) if self.stride > 1 else x
+        if self.ramp:
+            f = f * torch.linspace(0.1, 1.0, f.shape[-1])
+        return f * float("nan") if self.nan else f
+
+    def cam(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.features(x), self.classifier.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean(dim=(2, 3), keepdim=True)).flatten(1)
+
+
+def cam_cfg(**kw):
+    return config.load(None, ["cam.scales=[1.0]", *[f"cam.{k}={v}" for k, v in kw.items()]]).cam
+
+
+def test_flip_merge_on_asymmetric_model():
+    torch.manual_seed(0)
+    image = torch.rand(3, 8, 12) + 0.5  # positive: ReLU keeps everything
+    maps = cam_at_scale(ColourNet(ramp=True), image, [2, 0], 1.0, flip=True)
+    ramp = torch.linspace(0.1, 1.0, 12)
+    # un-flipped pass + the flipped pass flipped back: x * ramp + x * ramp reversed
+    expected = image[[2, 0]] * ramp + image[[2, 0]] * ramp.flip(0)
+    assert maps.shape == (2, 8, 12)
+    torch.testing.assert_close(maps, expected)
+    no_flip = cam_at_scale(ColourNet(ramp=True), image, [1], 1.0, flip=False)
+    torch.testing.assert_close(no_flip, image[[1]] * ramp)
+
+
+def test_cam_at_scale_resizes_like_irn():
+    image = torch.rand(3, 37, 50)
+    assert cam_at_scale(ColourNet(), image, [0], 0.5).shape == (1, 18, 25)  # round(18.5) = 18 (half to even)
+    assert cam_at_scale(ColourNet(stride=4), image, [0], 1.5).shape == (1, 14, 18)  # 56x75 / 4
+
+
+def test_combine_scales_shapes_and_normalisation():
+    torch.manual_seed(0)
+    h, w = 37, 50
+    maps = [torch.rand(2, 10, 13) * 5, torch.rand(2, 5, 7), torch.rand(2, 20, 26) * 3]
+    cam, high = combine_scales(maps, (h, w))
+    assert cam.shape == (2, 10, 13) and high.shape == (2, h, w)
+    assert cam.dtype == high.dtype == torch.float32
+    for m in (cam, high):
+        peak = m.amax(dim=(1, 2))
+        assert torch.all(peak < 1) and torch.all(peak > 1 - 1e-5)
+        assert m.min() >= 0
+    # high_res = resize to the stride-16 up size (48 x 64), crop to 37 x 50, sum, normalise
+    up = sum(F.interpolate(m[None], size=(48, 64), mode="bilinear", align_corners=False)[0] for m in maps)
+    up = up[:, :h, :w]
+    torch.testing.assert_close(high, up / (up.amax(dim=(1, 2), keepdim=True) + 1e-5))
+
+
+def test_model_stride_sets_the_up_size():
+    assert cam_mod.model_stride(ColourNet(stride=4)) == 4
+    holder = nn.Module()
+    holder.backbone = nn.Module()
+    holder.backbone.output_stride = 8
+    assert cam_mod.model_stride(holder) == 8 and cam_mod.model_stride(nn.Linear(1, 1)) == 16
+    # a stride-8 map of a 20-px side covers 24 px: stretched to 24 and cropped, not to IRN's 32
+    m = torch.arange(3.0).repeat(3, 1)[None]  # (1, 3, 3), columns 0, 1, 2
+    _, high = combine_scales([m], (20, 20), stride=8)
+    ref = F.interpolate(m[None], size=(24, 24), mode="bilinear", align_corners=False)[0, :, :20, :20]
+    torch.testing.assert_close(high, ref / (ref.amax() + 1e-5))
+
+
+def test_compute_maps_format_and_empty_keys():
+    image = torch.zeros(3, 21, 30)
+    model = ColourNet(stride=4)
+    out = compute_maps(model, image, [2, 0], cam_cfg())
+    assert out["keys"].dtype == np.int64 and out["keys"].tolist() == [0, 2]
+    assert out["cam"].shape == (2, 6, 8) and out["high_res"].shape == (2, 21, 30)
+    empty = compute_maps(model, image, [], cam_cfg())
+    assert empty["keys"].shape == (0,) and empty["keys"].dtype == np.int64
+    assert empty["cam"].shape == (0, 6, 8) and empty["high_res"].shape == (0, 21, 30)
+    assert empty["high_res"].dtype == np.float32
+
+
+def test_compute_maps_unknown_method_and_plugin(monkeypatch):
+    cfg = cam_cfg()
+    monkeypatch.setitem(cam_mod.METHODS, "fake", lambda m, x, cls, c: [torch.ones(len(cls), 3, 3)])
+    fake = config.Config({**cfg.to_dict(), "method": "fake"})
+    out = compute_maps(ColourNet(), torch.zeros(3, 12, 12), [1], fake)
+    assert out["high_res"].shape == (1, 12, 12) and np.allclose(out["high_res"], 1 / (1 + 1e-5))
+    with pytest.raises(AdvcamError, match="nope"):
+        compute_maps(ColourNet(), torch.zeros(3, 12, 12), [1], config.Config({**cfg.to_dict(), "method": "nope"}))
+
+
+def test_cam_file_round_trip_no_pickle(tmp_path):
+    maps = compute_maps(ColourNet(stride=4), torch.rand(3, 17, 9), [1], cam_cfg())
+    save_cam(tmp_path / "a.npz", maps)
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["cam", "high_res", "keys"]
+        assert z["keys"].dtype == np.int64 and z["cam"].dtype == np.float32 and z["high_res"].dtype == np.float32
+        assert z["cam"].shape == (1, 5, 3) and z["high_res"].shape == (1, 17, 9)
+    assert load_cam(tmp_path / "a.npz", (17, 9))["keys"].tolist() == [1]
+    with pytest.raises(AdvcamError, match="a.npz.*does not match"):
+        load_cam(tmp_path / "a.npz", (18, 9))
+
+
+# ---------------------------------------------------------------- the stage, on a stand-in dataset
+class FakeInfo:
+    """The DatasetInfo interface over a folder of PNGs: black images with coloured squares."""
+
+    classes = ["red", "green", "blue"]
+    num_classes = 3
+
+    def __init__(self, folder: Path, n: int = 3, size: tuple[int, int] = (20, 28), mask_missing: int = -1):
+        self.folder = self.root = folder
+        self.mask_dir = "masks"
+        ids = [f"img{i}" for i in range(n)]
+        self.lists = {"infer": ids, "train": ids, "val": ids}
+        self.labels = {}
+        (folder / "images").mkdir(parents=True)
+        (folder / "masks").mkdir()
+        for i, image_id in enumerate(ids):
+            img, mask = np.zeros((*size, 3), np.uint8), np.zeros(size, np.uint8)
+            c = i % 3
+            img[4:12, 5 + i:15 + i, c] = 255
+            mask[4:12, 5 + i:15 + i] = c + 1
+            mask[3, 5:15] = 255
+            self.labels[image_id] = [c]
+            Image.fromarray(img).save(self.image_path(image_id))
+            if i != mask_missing:
+                Image.fromarray(mask).save(self.mask_path(image_id))
+
+    def image_path(self, image_id: str) -> Path:
+        return self.folder / "images" / f"{image_id}.png"
+
+    def mask_path(self, image_id: str) -> Path:
+        return self.folder / "masks" / f"{image_id}.png"
+
+    def read_image(self, image_id: str) -> np.ndarray:
+        return np.array(Image.open(self.image_path(image_id)).convert("RGB"))
+
+    def read_mask(self, image_id: str) -> np.ndarray:
+        return np.array(Image.open(self.mask_path(image_id)))
+
+
+def normalize(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(((img / 255.0 - MEAN) / STD).astype(np.float32)).permute(2, 0, 1).contiguous()
+
+
+@pytest.fixture
+def stage(tmp_path, monkeypatch):
+    from advcam.steps import cams
+
+    info = FakeInfo(tmp_path / "data")
+    model = ColourNet()
+    monkeypatch.setattr(cams, "load_info", lambda folder: info)
+    monkeypatch.setattr(cams, "normalize", normalize)
+    loads = []
+
+    def load(path, map_location="cpu", num_classes=None):
+        loads.append(path)
+        return model
+
+    monkeypatch.setattr(cams, "load_classifier", load)
+    cfg = config.load(None, ["device=cpu", "cam.scales=[1.0]", "cam.thresholds=[0.1, 0.5, 0.99]",
+                             "cam.eval_threshold=0.5"])
+    (tmp_path / "cls.pt").write_bytes(b"stand-in")
+    paths = dict(data=tmp_path / "data", model=tmp_path / "cls.pt", out=tmp_path / "cams",
+                 metrics=tmp_path / "m" / "seeds.json", curve=tmp_path / "m" / "curve.csv")
+    return cams, cfg, paths, model, loads, info
+
+
+def test_cams_stage_writes_files_and_perfect_seeds(stage):
+    cams, cfg, paths, model, loads, info = stage
+    cams.run(cfg, **paths)
+    files = sorted(p.name for p in paths["out"].glob("*.npz"))
+    assert files == ["img0.npz", "img1.npz", "img2.npz"]
+    m = json.loads(paths["metrics"].read_text())
+    assert m["num_images"] == 3
+    assert m["seed_miou"] == pytest.approx(1.0) and m["seed_miou_fixed"] == pytest.approx(1.0)
+    assert m["seed_best_threshold"] == 0.1
+    assert m["seed_iou_background"] == pytest.approx(1.0) and m["seed_iou_red"] == pytest.approx(1.0)
+    lines = paths["curve"].read_text().splitlines()
+    assert lines[0] == "threshold,miou" and len(lines) == 4 and lines[1].startswith("0.1,1.0")
+
+
+def test_cams_stage_resumes(stage):
+    cams, cfg, paths, model, loads, info = stage
+    cams.run(cfg, **paths)
+    calls = model.calls
+    mtime = (paths["out"] / "img0.npz").stat().st_mtime_ns
+    cams.run(cfg, **paths)
+    assert model.calls == calls and len(loads) == 1  # nothing recomputed, model not even loaded
+    assert (paths["out"] / "img0.npz").stat().st_mtime_ns == mtime
+    # a truncated file is recomputed, a stale temp file removed
+    data = (paths["out"] / "img1.npz").read_bytes()
+    (paths["out"] / "img1.npz").write_bytes(data[: len(data) // 2])
+    (paths["out"] / ".tmp-img2.npz.abc.npz").write_bytes(b"junk")
+    cams.run(cfg, **paths)
+    assert model.calls == calls + 1
+    assert not list(paths["out"].glob(".tmp-*"))
+    assert load_cam(paths["out"] / "img1.npz", (20, 28))["keys"].tolist() == [1]
+
+
+def test_cams_stage_recomputes_when_params_or_model_change(stage):
+    cams, cfg, paths, model, loads, info = stage
+    cams.run(cfg, **paths)
+    calls = model.calls
+    sweep = config.load(None, ["device=cpu", "cam.scales=[1.0]", "cam.thresholds=[0.2]", "cam.eval_threshold=0.2"])
+    cams.run(sweep, **paths)  # seed thresholds do not change the maps
+    assert model.calls == calls
+    cams.run(config.load(None, ["device=cpu", "cam.scales=[1.0]", "cam.flip=false"]), **paths)
+    assert model.calls == calls + 3
+    paths["model"].write_bytes(b"retrained classifier")
+    cams.run(config.load(None, ["device=cpu", "cam.scales=[1.0]", "cam.flip=false"]), **paths)
+    assert model.calls == calls + 6
+
+
+def test_cams_stage_non_finite_names_image(stage):
+    cams, cfg, paths, model, loads, info = stage
+    model.nan = True
+    with pytest.raises(AdvcamError, match="img0.*non-finite"):
+        cams.run(cfg, **paths)
+
+
+def test_corrupt_npz_is_an_error_naming_it(tmp_path):
+    (tmp_path / "x.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(AdvcamError, match="x.npz"):
+        load_cam(tmp_path / "x.npz")
+    with zipfile.ZipFile(tmp_path / "y.npz", "w") as z:
+        z.writestr("keys.npy", b"")
+    with pytest.raises(AdvcamError, match="y.npz"):
+        load_cam(tmp_path / "y.npz")

@@ -1,0 +1,226 @@
+"""advcam.data: synthetic generator, VOC reading, DatasetInfo, transforms and datasets."""
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from advcam.data import DatasetInfo, voc
+from advcam.data import transforms as T
+from advcam.data.datasets import ClassificationDataset, SegmentationDataset
+from advcam.data.synthetic import CLASS_NAMES, appearance, class_names, generate
+from advcam.utils.errors import AdvcamError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from voc_fixture import voc_palette  # noqa: E402
+
+TINY = {"seed": 3, "num_classes": 4, "image_size": 48, "num_train_aug": 24, "num_train": 8, "num_val": 6,
+        "max_objects": 3, "distractors": 3}
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    return generate(TINY, tmp_path_factory.mktemp("syn") / "voc")
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _info(root: Path, classes: list[str], ids: list[str]) -> DatasetInfo:
+    labels = {i: voc.labels_from_mask(voc.read_mask(voc.mask_path(root, "SegmentationClass", i), len(classes)))
+              for i in ids}
+    return DatasetInfo(folder=root, root=root, kind="synthetic", classes=tuple(classes),
+                       mask_dir="SegmentationClass", lists={"train": ids, "infer": ids, "val": ids}, labels=labels)
+
+
+# ---------------------------------------------------------------- synthetic generator
+def test_generator_is_byte_deterministic(syn, tmp_path):
+    again = generate(TINY, tmp_path / "again")
+    assert _digest(syn.root) == _digest(again.root)
+    other = generate({**TINY, "seed": 4}, tmp_path / "other")
+    assert _digest(syn.root) != _digest(other.root)
+
+
+def test_val_images_do_not_depend_on_train_size(syn, tmp_path):
+    bigger = generate({**TINY, "num_train_aug": 30}, tmp_path / "bigger")
+    first = syn.lists["val"][0]
+    assert (syn.root / "JPEGImages" / f"{first}.jpg").read_bytes() == \
+        (bigger.root / "JPEGImages" / f"{first}.jpg").read_bytes()
+
+
+def test_voc_layout_and_lists(syn):
+    root = syn.root
+    lists = {n: (root / "ImageSets/Segmentation" / f"{n}.txt").read_text().split() for n in ("train_aug", "train", "val")}
+    assert lists == syn.lists
+    assert (len(lists["train_aug"]), len(lists["train"]), len(lists["val"])) == (24, 8, 6)
+    assert set(lists["train"]) <= set(lists["train_aug"])
+    assert not set(lists["val"]) & set(lists["train_aug"])
+    for i in lists["train_aug"] + lists["val"]:
+        with Image.open(root / "JPEGImages" / f"{i}.jpg") as im:
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (48, 48))
+        with Image.open(root / "SegmentationClass" / f"{i}.png") as m:
+            assert m.mode == "P" and m.getpalette()[:12] == voc.palette()[:12]
+    assert syn.classes == ["owl", "fox", "crab", "frog"]
+
+
+def test_masks_have_borders_and_classes(syn):
+    counts = {1: 0, 2: 0, 3: 0}
+    for i, objs in syn.objects.items():
+        mask = voc.read_mask(voc.mask_path(syn.root, "SegmentationClass", i), 4)
+        present = voc.labels_from_mask(mask)
+        assert 1 <= len(present) <= 3
+        assert sorted({o["class"] for o in objs}) == present
+        assert (mask == 255).any()
+        # every border pixel touches an object pixel or another border pixel; objects are ringed
+        obj = (mask > 0) & (mask < 255)
+        assert ((mask == 255) & ~obj).sum() > 0.3 * obj.sum() ** 0.5
+        counts[len(present)] += 1
+    assert counts[1] > 0 and counts[2] + counts[3] > counts[1]
+
+
+def test_parts_are_small_and_discriminative(syn):
+    ratios = [o["part_pixels"] / o["body_pixels"] for objs in syn.objects.values() for o in objs]
+    assert max(ratios) < 0.5 and np.median(ratios) < 0.2 and min(r > 0 for r in ratios)
+    for i in syn.lists["val"]:
+        parts = np.array(Image.open(syn.root / "SegmentationPart" / f"{i}.png"))
+        mask = np.array(Image.open(syn.root / "SegmentationClass" / f"{i}.png"))
+        assert np.array_equal(parts == 255, mask == 255)
+        assert np.array_equal(parts > 0, mask > 0) and (parts == 2).sum() < (parts == 1).sum()
+    looks = [appearance(k, 20) for k in range(20)]
+    assert len({(a.part_colour, a.part_shape) for a in looks}) == 20          # parts unique per class
+    assert looks[0].body_tint == looks[4].body_tint                         # bodies share tints
+    assert len(set(class_names(20))) == 20 and class_names(3) == list(CLASS_NAMES[:3])
+
+
+def test_generator_at_minimum_size(tmp_path):
+    out = generate({**TINY, "image_size": 32, "num_train_aug": 6, "num_train": 2, "num_val": 2,
+                    "num_classes": 1, "max_objects": 8}, tmp_path / "min")
+    for i in out.lists["train_aug"]:
+        mask = voc.read_mask(voc.mask_path(out.root, "SegmentationClass", i), 1)
+        assert voc.labels_from_mask(mask) == [0]
+
+
+# ---------------------------------------------------------------- VOC reading
+def test_palette_matches_voc():
+    pal = voc.palette()
+    assert len(pal) == 768 and pal[3:6] == [128, 0, 0] and pal[765:] == [224, 224, 192]
+    assert pal == voc_palette()
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "a\\b", "..", "", " x", "x..y"])
+def test_check_id_rejects_paths(bad):
+    with pytest.raises(AdvcamError, match="invalid image id"):
+        voc.check_id(bad, "list.txt:1")
+    assert voc.check_id("2007_000032", "x") == "2007_000032"
+
+
+def test_read_mask_modes(tmp_path):
+    lab = np.array([[0, 1, 2], [255, 2, 0]], np.uint8)
+    Image.fromarray(lab).save(tmp_path / "l.png")
+    pim = Image.fromarray(lab).convert("P")
+    pim.putpalette(voc.palette())
+    pim.save(tmp_path / "p.png")
+    rgb = np.array(voc.palette(), np.uint8).reshape(256, 3)[lab]
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    for name in ("l.png", "p.png", "rgb.png"):
+        out = voc.read_mask(tmp_path / name, 2)
+        assert out.dtype == np.uint8 and np.array_equal(out, lab), name
+    with pytest.raises(AdvcamError, match=r"l\.png.*label 2 outside 0\.\.1.*1 classes"):
+        voc.read_mask(tmp_path / "l.png", 1)
+    rgb[0, 0] = (1, 2, 3)
+    Image.fromarray(rgb).save(tmp_path / "odd.png")
+    with pytest.raises(AdvcamError, match=r"odd\.png.*\(1, 2, 3\)"):
+        voc.read_mask(tmp_path / "odd.png", 2)
+    assert voc.labels_from_mask(lab) == [0, 1]
+
+
+def test_read_image_converts_to_rgb(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
+    Image.fromarray(np.dstack([rgb, np.full((5, 7), 9, np.uint8)])).save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(tmp_path / "grey16.png")
+    for name in ("grey.png", "rgba.png", "cmyk.jpg", "grey16.png"):
+        out = voc.read_image(tmp_path / name)
+        assert out.dtype == np.uint8 and out.shape == (5, 7, 3), name
+    assert np.array_equal(voc.read_image(tmp_path / "grey.png")[..., 2], rgb[..., 0])
+    assert np.array_equal(voc.read_image(tmp_path / "grey16.png")[..., 1], rgb[..., 0])
+    assert np.array_equal(voc.read_image(tmp_path / "rgba.png"), rgb)
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    with pytest.raises(AdvcamError, match="junk.jpg"):
+        voc.read_image(tmp_path / "junk.jpg")
+
+
+def test_truncated_jpeg_caught_by_draft_check(tmp_path):
+    img = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    assert voc.check_image(tmp_path / "full.jpg", full=False) == (64, 80)
+    for full in (True, False):
+        with pytest.raises(AdvcamError, match="cut.jpg"):
+            voc.check_image(tmp_path / "cut.jpg", full=full)
+
+
+# ---------------------------------------------------------------- transforms and datasets
+def test_normalize_roundtrip():
+    img = np.random.default_rng(1).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    t = T.normalize(img)
+    assert t.shape == (3, 6, 5) and t.dtype == torch.float32
+    assert np.array_equal(T.denormalize(t), img)
+    assert abs(float(T.normalize(np.full((1, 1, 3), 124, np.uint8))[0])) < 0.01  # ~mean -> ~0
+
+
+def test_crop_with_pad_places_small_images_inside():
+    img, mask = np.ones((3, 5, 1), np.float32), np.ones((3, 5), np.uint8)
+    a, m = T.crop_with_pad([img, mask], [0.0, 255], 4, None)
+    assert a.shape == (4, 4, 1) and m.shape == (4, 4)
+    assert a.sum() == 3 * 4 and (m == 255).sum() == 4 and (a[..., 0] == 1).tolist() == (m == 1).tolist()
+
+
+def test_classification_dataset(syn):
+    ids = syn.lists["train"]
+    info = _info(syn.root, syn.classes, ids)
+    ds = ClassificationDataset(info, ids, crop_size=40, train=True, seed=7)
+    item = ds[0]
+    assert item["image"].shape == (3, 40, 40) and item["image"].dtype == torch.float32
+    assert item["label"].dtype == torch.float32 and item["label"].shape == (4,)
+    assert item["label"].nonzero().flatten().tolist() == info.labels[ids[0]] and item["id"] == ids[0]
+    assert torch.equal(ds[1]["image"], ClassificationDataset(info, ids, 40, True, 7)[1]["image"])
+    first = [ds[i]["image"] for i in range(4)]
+    ds.set_epoch(1)
+    assert any(not torch.equal(a, ds[i]["image"]) for i, a in enumerate(first))
+    ds.set_epoch(0)
+    assert all(torch.equal(a, ds[i]["image"]) for i, a in enumerate(first))
+    evl = ClassificationDataset(info, ids, crop_size=64, train=False)
+    assert torch.equal(evl[0]["image"][:, 8:56, 8:56], T.normalize(info.read_image(ids[0])))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3, num_workers=0)))
+    assert batch["image"].shape == (3, 3, 40, 40) and len(batch["id"]) == 3
+
+
+def test_segmentation_dataset(syn):
+    ids = syn.lists["val"]
+    info = _info(syn.root, syn.classes, ids)
+    ds = SegmentationDataset(info, ids, info.read_mask, crop_size=56, train=True, seed=1)
+    seen_pad = False
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["image"].shape == (3, 56, 56) and item["mask"].shape == (56, 56)
+        assert item["mask"].dtype == torch.int64
+        vals = set(item["mask"].unique().tolist())
+        assert vals <= set(range(5)) | {255}
+        pad = item["mask"] == 255
+        seen_pad |= bool((pad & (item["image"].abs().sum(0) == 0)).any())
+        assert torch.equal(item["mask"], ds[i]["mask"])  # deterministic
+    assert seen_pad  # 48 px images scaled by <= 1.5 in a 56 crop: some padding with (0, 255)
+    evl = SegmentationDataset(info, ids, info.read_mask, crop_size=48, train=False)
+    assert torch.equal(evl[0]["mask"], torch.from_numpy(info.read_mask(ids[0]).astype(np.int64)))
+    with pytest.raises(AdvcamError, match=ids[0]):
+        SegmentationDataset(info, ids, lambda i: np.zeros((3, 3), np.uint8), 48)[0]

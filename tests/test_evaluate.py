@@ -1,0 +1,86 @@
+"""The ``evaluate`` stage: metrics JSON, confusion matrix and gallery PNGs (stand-in segmenter)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from advcam import config
+from advcam.attribution.cam import compute_maps, save_cam
+from advcam.utils.errors import AdvcamError
+from advcam.utils.io import save_png
+from test_cam import ColourNet, FakeInfo, normalize  # noqa: E402  (tests/ is on sys.path under pytest)
+
+
+class ColourSegmenter(nn.Module):
+    """Stand-in segmenter: background logit 0, class c+1 logit = normalised colour channel c."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(x[:, :1]), x], dim=1)
+
+
+@pytest.fixture
+def stage(tmp_path, monkeypatch):
+    from advcam.steps import evaluate
+
+    info = FakeInfo(tmp_path / "data", n=3)
+    monkeypatch.setattr(evaluate, "load_info", lambda folder: info)
+    monkeypatch.setattr(evaluate, "normalize", normalize)
+    monkeypatch.setattr(evaluate, "load_segmenter", lambda path, map_location="cpu", num_classes=None: ColourSegmenter())
+    cams, pseudo = tmp_path / "cams", tmp_path / "pseudo"
+    cfg_cam = config.load(None, ["cam.scales=[1.0]"]).cam
+    for image_id in info.lists["infer"][:2]:
+        image = normalize(info.read_image(image_id))
+        save_cam(cams / f"{image_id}.npz", compute_maps(ColourNet(stride=4), image, info.labels[image_id], cfg_cam))
+    save_png(pseudo / "img0.png", info.read_mask("img0"))
+    paths = dict(data=tmp_path / "data", model=tmp_path / "seg.pt", cams=cams, pseudo=pseudo,
+                 metrics=tmp_path / "metrics" / "segmentation.json", plots=tmp_path / "plots")
+    return evaluate, paths, info
+
+
+def run(evaluate, paths, gallery_size=2):
+    cfg = config.load(None, ["device=cpu", f"evaluation.gallery_size={gallery_size}"])
+    evaluate.run(cfg, **paths)
+    return json.loads(paths["metrics"].read_text())
+
+
+def test_evaluate_writes_metrics_and_plots(stage):
+    evaluate, paths, info = stage
+    m = run(evaluate, paths)
+    assert m["num_images"] == 3
+    assert m["val_miou"] == pytest.approx(1.0) and m["val_pixel_accuracy"] == pytest.approx(1.0)
+    assert m["val_iou_red"] == pytest.approx(1.0) and m["val_iou_background"] == pytest.approx(1.0)
+    assert 0 < m["val_miou_all_background"] < 0.5
+    with Image.open(paths["plots"] / "confusion.png") as im:
+        assert im.format == "PNG" and min(im.size) > 100
+    with Image.open(paths["plots"] / "gallery.png") as im:
+        small = im.size
+        assert im.format == "PNG" and small[0] > small[1]  # 2 rows x 5 columns
+    run(evaluate, paths, gallery_size=5)  # 2 infer images with CAMs + 1 val id (all the fixture has)
+    with Image.open(paths["plots"] / "gallery.png") as im:
+        assert im.size[1] > 1.3 * small[1] and abs(im.size[0] - small[0]) < 0.2 * small[0]
+    assert not list(paths["plots"].glob(".tmp-*"))
+
+
+def test_evaluate_without_gallery_still_writes_the_png(stage):
+    evaluate, paths, info = stage
+    run(evaluate, paths, gallery_size=0)
+    assert Image.open(paths["plots"] / "gallery.png").size[0] > 0
+
+
+def test_predict_is_full_resolution_uint8(stage):
+    evaluate, paths, info = stage
+    pred = evaluate.predict(ColourSegmenter(), info.read_image("img1"), torch.device("cpu"))
+    assert pred.dtype == np.uint8 and pred.shape == (20, 28)
+    np.testing.assert_array_equal(pred, np.where(info.read_mask("img1") == 255, 0, info.read_mask("img1")))
+
+
+def test_val_image_without_mask_is_an_error(stage):
+    evaluate, paths, info = stage
+    info.mask_path("img2").unlink()
+    with pytest.raises(AdvcamError, match="img2"):
+        run(evaluate, paths)

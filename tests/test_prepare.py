@@ -1,0 +1,167 @@
+"""Stage prepare: synthetic generation, VOC indexing (incl. SBD train_aug), validation, atomic output."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from advcam import config
+from advcam.cli import main as cli_main
+from advcam.data import load_info, voc
+from advcam.steps import prepare
+from advcam.utils.errors import AdvcamError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from voc_fixture import DEFAULT_CLASSES, make_voc_fixture  # noqa: E402
+
+SYN = ["synthetic.image_size=40", "synthetic.num_train_aug=10", "synthetic.num_train=4", "synthetic.num_val=3",
+       "synthetic.num_classes=3"]
+
+
+def voc_cfg(root: Path, *extra: str) -> config.Config:
+    return config.load(None, ["dataset.kind=voc", f"dataset.root={root}", f"dataset.classes={list(DEFAULT_CLASSES)}",
+                              "dataset.train_list=train", *extra])
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".tmp-"))
+
+
+def test_prepare_synthetic(tmp_path):
+    out = tmp_path / "data" / "synthetic"
+    info = prepare.run(config.load(None, SYN), out)
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "labels.json", "lists", "voc"]
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["root"] == "voc" and meta["kind"] == "synthetic" and meta["classes"] == ["owl", "fox", "crab"]
+    assert meta["lists"] == {"train": "train_aug", "infer": "train", "val": "val"}
+    again = load_info(out)
+    assert again.root == out / "voc" and again.num_classes == 3
+    assert {r: len(v) for r, v in again.lists.items()} == {"train": 10, "infer": 4, "val": 3}
+    assert set(again.lists["infer"]) <= set(again.lists["train"])
+    for i in again.lists["val"]:
+        assert again.labels[i] == voc.labels_from_mask(again.read_mask(i)) and again.labels[i]
+        assert again.read_image(i).shape == (40, 40, 3)
+    assert info.labels == again.labels
+    # same params: byte-identical prepared folder (no timestamps, absolute paths or ordering noise)
+    prepare.run(config.load(None, SYN), tmp_path / "again")
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            assert p.read_bytes() == (tmp_path / "again" / p.relative_to(out)).read_bytes(), p
+    assert leftovers(out.parent) == []
+
+
+def test_prepare_voc_fixture(tmp_path):
+    root = make_voc_fixture(tmp_path / "VOC", n_train=5, n_val=3)
+    out = tmp_path / "prep"
+    info = prepare.run(voc_cfg(root), out)
+    assert info.root == root.absolute() and info.mask_dir == "SegmentationClass"
+    assert info.lists["train"] == info.lists["infer"] == (root / "ImageSets/Segmentation/train.txt").read_text().split()
+    for i in info.lists["train"] + info.lists["val"]:
+        assert info.labels[i] == voc.labels_from_mask(np.array(Image.open(info.mask_path(i))))
+    assert info.read_image(info.lists["val"][0]).shape == (40, 48, 3)
+    assert set(json.loads((out / "labels.json").read_text())) == set(info.lists["train"] + info.lists["val"])
+
+
+def test_prepare_sbd_train_aug(tmp_path):
+    root = make_voc_fixture(tmp_path / "VOC", n_train=3, n_val=2, aug=True, n_extra_aug=3)
+    info = prepare.run(voc_cfg(root, "dataset.mask_dir=SegmentationClassAug", "dataset.train_list=train_aug"),
+                       tmp_path / "prep")
+    assert len(info.lists["train"]) == 6 and set(info.lists["infer"]) < set(info.lists["train"])
+    extra = sorted(set(info.lists["train"]) - set(info.lists["infer"]))
+    assert not (root / "SegmentationClass" / f"{extra[0]}.png").exists()
+    assert info.read_mask(extra[0]).dtype == np.uint8 and info.labels[extra[0]]
+    # the plain SegmentationClass folder lacks masks of the extra train_aug ids: named in the error
+    with pytest.raises(AdvcamError, match=f"{extra[0]}.*no mask.*SegmentationClass/{extra[0]}.png"):
+        prepare.run(voc_cfg(root, "dataset.train_list=train_aug"), tmp_path / "bad")
+
+
+def _break(case: str, root: Path) -> str:
+    """Damage the fixture for one case; return a regex the error message must match."""
+    lists = root / "ImageSets" / "Segmentation"
+    first = (lists / "train.txt").read_text().split()[0]
+    if case == "missing root":
+        return "dataset folder not found: .*nowhere"
+    if case == "missing list":
+        (lists / "val.txt").unlink()
+        return r"list file not found: .*val\.txt"
+    if case == "missing image":
+        (root / "JPEGImages" / f"{first}.jpg").unlink()
+        return f"id '{first}' has no image \\(expected .*JPEGImages/{first}.jpg\\)"
+    if case == "unreadable image":
+        path = root / "JPEGImages" / f"{first}.jpg"
+        path.write_bytes(path.read_bytes()[:300])
+        return f"{first}.jpg: unreadable image"
+    if case == "bad label":
+        path = root / "SegmentationClass" / f"{first}.png"
+        mask = np.array(Image.open(path))
+        mask[0, 0] = 7
+        Image.fromarray(mask).save(path)
+        return f"{first}.png: mask has label 7 outside 0..3 .*3 classes"
+    if case in ("separator", "dotdot"):
+        bad = "../JPEGImages/x" if case == "dotdot" else "sub/x"
+        (lists / "val.txt").write_text(f"{bad}\n")
+        return f"val.txt:1: invalid image id '{bad}'"
+    if case == "duplicate":
+        (lists / "train.txt").write_text(f"{first}\n{first}\n")
+        return f"train.txt:2: duplicate id '{first}'"
+    if case == "empty":
+        (lists / "val.txt").write_text("\n")
+        return r"val\.txt: list is empty"
+    if case == "size mismatch":
+        Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "SegmentationClass" / f"{first}.png")
+        return f"{first}.png: mask is 5x5 but its image"
+    raise AssertionError(case)
+
+
+CASES = ["missing root", "missing list", "missing image", "unreadable image", "bad label", "separator", "dotdot",
+         "duplicate", "empty", "size mismatch"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_raises_and_leaves_nothing(tmp_path, case):
+    root = make_voc_fixture(tmp_path / "VOC", n_train=3, n_val=2)
+    pattern = _break(case, root)
+    out = tmp_path / "work" / "prep"
+    cfg = voc_cfg(tmp_path / "nowhere" if case == "missing root" else root)
+    with pytest.raises(AdvcamError, match=pattern):
+        prepare.run(cfg, out)
+    assert not out.exists() and leftovers(out.parent) == []
+
+
+def test_failure_keeps_previous_output_and_success_replaces_it(tmp_path):
+    root = make_voc_fixture(tmp_path / "VOC", n_train=3, n_val=2)
+    out = tmp_path / "prep"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    (tmp_path / ".tmp-prep.stale").mkdir()  # what a killed run leaves: cleaned up
+    with pytest.raises(AdvcamError):
+        prepare.run(voc_cfg(root, "dataset.val_list=nope"), out)
+    assert (out / "old.txt").read_text() == "old"
+    prepare.run(voc_cfg(root), out)
+    assert not (out / "old.txt").exists() and (out / "dataset.json").is_file()
+    assert leftovers(tmp_path) == []
+
+
+def test_many_problems_are_counted(tmp_path):
+    root = make_voc_fixture(tmp_path / "VOC", n_train=8, n_val=2)
+    for p in sorted((root / "JPEGImages").glob("*.jpg"))[:7]:
+        p.unlink()
+    with pytest.raises(AdvcamError, match=r"7 problem\(s\).*and 2 more"):
+        prepare.run(voc_cfg(root), tmp_path / "prep")
+
+
+def test_cli_prepare_reports_one_line(tmp_path, capsys):
+    root = make_voc_fixture(tmp_path / "VOC", n_train=2, n_val=2)
+    (root / "ImageSets/Segmentation/val.txt").unlink()
+    code = cli_main(["prepare", "--out", str(tmp_path / "p"), "--set", "dataset.kind=voc",
+                     "--set", f"dataset.root={root}", "--set", "dataset.train_list=train"])
+    err = capsys.readouterr().err
+    assert code == 2 and "list file not found" in err and "val.txt" in err
+    assert cli_main(["prepare", "--out", str(tmp_path / "p"), "--set", "dataset.kind=voc", "--set",
+                     f"dataset.root={root}", "--set", "dataset.train_list=train", "--set", "dataset.val_list=train",
+                     "--set", f"dataset.classes={list(DEFAULT_CLASSES)}"]) == 0
+    assert load_info(tmp_path / "p").lists["val"] == load_info(tmp_path / "p").lists["train"]
