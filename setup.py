@@ -1,5 +1,20 @@
 """advcam: weakly-supervised semantic segmentation pipeline (CAM, AdvCAM, SEAM, EADER)."""
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithCsrc(build_py):
+    """Ship the fused-op sources (top-level csrc/) inside the package as advcam/ops/csrc/ (JIT-built on use)."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "advcam" / "ops" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for src in Path(__file__).parent.joinpath("csrc").glob("*.c*"):
+            shutil.copy(src, target / src.name)
 
 setup(
     name="advcam",
@@ -9,7 +24,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["advcam", "advcam.*"]),
-    package_data={"advcam": ["schemas/*.yaml"], "advcam.ops": ["csrc/*"]},
+    package_data={"advcam": ["schemas/*.yaml"]},
+    cmdclass={"build_py": BuildPyWithCsrc},
     # A range, not a pin: a CUDA build of torch that a user already has satisfies it. The Makefile
     # installs the CPU wheel first on machines without torch, so pip never reaches for CUDA wheels.
     install_requires=[

@@ -43,7 +43,8 @@ class Config(Mapping):
         return Config(value) if isinstance(value, Mapping) else value
 
     def __getitem__(self, key: str) -> Any:
-        return self.__getattr__(key)
+        value = self._data[key]
+        return Config(value) if isinstance(value, Mapping) else value
 
     def __iter__(self):
         return iter(self._data)

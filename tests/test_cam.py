@@ -53,7 +53,7 @@ class ColourNet(nn.Module):
 
 
 def cam_cfg(**kw):
-    return config.load(None, ["cam.scales=[1.0]", *[f"cam.{k}={v}" for k, v in kw.items()]]).cam
+    return config.load(None, ["cam.method=cam", "cam.scales=[1.0]", *[f"cam.{k}={v}" for k, v in kw.items()]]).cam
 
 
 def test_flip_merge_on_asymmetric_model():
@@ -197,7 +197,7 @@ def stage(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(cams, "load_classifier", load)
-    cfg = config.load(None, ["device=cpu", "cam.scales=[1.0]", "cam.thresholds=[0.1, 0.5, 0.99]",
+    cfg = config.load(None, ["device=cpu", "cam.method=cam", "cam.scales=[1.0]", "cam.thresholds=[0.1, 0.5, 0.99]",
                              "cam.eval_threshold=0.5"])
     (tmp_path / "cls.pt").write_bytes(b"stand-in")
     paths = dict(data=tmp_path / "data", model=tmp_path / "cls.pt", out=tmp_path / "cams",
@@ -241,13 +241,13 @@ def test_cams_stage_recomputes_when_params_or_model_change(stage):
     cams, cfg, paths, model, loads, info = stage
     cams.run(cfg, **paths)
     calls = model.calls
-    sweep = config.load(None, ["device=cpu", "cam.scales=[1.0]", "cam.thresholds=[0.2]", "cam.eval_threshold=0.2"])
+    sweep = config.load(None, ["device=cpu", "cam.method=cam", "cam.scales=[1.0]", "cam.thresholds=[0.2]", "cam.eval_threshold=0.2"])
     cams.run(sweep, **paths)  # seed thresholds do not change the maps
     assert model.calls == calls
-    cams.run(config.load(None, ["device=cpu", "cam.scales=[1.0]", "cam.flip=false"]), **paths)
+    cams.run(config.load(None, ["device=cpu", "cam.method=cam", "cam.scales=[1.0]", "cam.flip=false"]), **paths)
     assert model.calls == calls + 3
     paths["model"].write_bytes(b"retrained classifier")
-    cams.run(config.load(None, ["device=cpu", "cam.scales=[1.0]", "cam.flip=false"]), **paths)
+    cams.run(config.load(None, ["device=cpu", "cam.method=cam", "cam.scales=[1.0]", "cam.flip=false"]), **paths)
     assert model.calls == calls + 6
 
 

@@ -32,7 +32,7 @@ def stage(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "normalize", normalize)
     monkeypatch.setattr(evaluate, "load_segmenter", lambda path, map_location="cpu", num_classes=None: ColourSegmenter())
     cams, pseudo = tmp_path / "cams", tmp_path / "pseudo"
-    cfg_cam = config.load(None, ["cam.scales=[1.0]"]).cam
+    cfg_cam = config.load(None, ["cam.method=cam", "cam.scales=[1.0]"]).cam
     for image_id in info.lists["infer"][:2]:
         image = normalize(info.read_image(image_id))
         save_cam(cams / f"{image_id}.npz", compute_maps(ColourNet(stride=4), image, info.labels[image_id], cfg_cam))

@@ -125,7 +125,14 @@ def plain_cam(model: nn.Module, image: torch.Tensor, classes: Sequence[int], cfg
         return [cam_at_scale(model, image, classes, float(s), bool(cfg_cam.flip)) for s in cfg_cam.scales]
 
 
-METHODS: dict[str, MapFn] = {"cam": plain_cam}
+def advcam(model: nn.Module, image: torch.Tensor, classes: Sequence[int], cfg_cam: Any) -> list[torch.Tensor]:
+    """AdvCAM (adversarial climbing), one map per scale: :func:`advcam.attribution.advcam.advcam_maps`."""
+    from advcam.attribution.advcam import advcam_maps
+
+    return advcam_maps(model, image, classes, cfg_cam)
+
+
+METHODS: dict[str, MapFn] = {"cam": plain_cam, "advcam": advcam}
 
 
 def compute_maps(model: nn.Module, image: torch.Tensor, classes: Sequence[int], cfg_cam: Any) -> dict[str, np.ndarray]:

@@ -91,7 +91,10 @@ def compute_all(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path
     model = load_classifier(model_path, map_location=device, num_classes=info.num_classes).to(device).eval()
     for image_id in progress(todo, desc=f"cams ({cfg.cam.method})", unit="img"):
         image = normalize(info.read_image(image_id))
-        maps = compute_maps(model, image, image_classes(info, image_id), cfg.cam)
+        try:
+            maps = compute_maps(model, image, image_classes(info, image_id), cfg.cam)
+        except AdvcamError as err:
+            raise AdvcamError(f"image {image_id}: {err}") from err
         if not (np.isfinite(maps["high_res"]).all() and np.isfinite(maps["cam"]).all()):
             raise AdvcamError(f"image {image_id}: the classifier {model_path} produced non-finite class maps")
         save_cam(out / f"{image_id}.npz", maps)

@@ -1,0 +1,200 @@
+"""Fused AdvCAM ops: the C++/CUDA extension in ``csrc/`` (JIT-built with ninja, cached) or pure PyTorch.
+
+Two ops cover one climbing step outside the network:
+
+* :func:`masked_l1` - ``loss_i = sum_j |a_ij - a0_ij| * M_ij`` with ``M_ij = 1(a_ij / max_j a_ij > tau)``,
+  differentiable w.r.t. ``a`` (the mask is a constant, as in the reference), and, when ``acc`` is given,
+  ``acc += a`` in the same pass (the accumulation of the maps of ``x_0 .. x_{T-1}``).
+* :func:`ascent_step_` - in place, per class ``i``:
+  ``x_i = clamp(x_i + xi * g_i / (max|g_i| + 1e-12), min x_i, max x_i)`` (min/max of ``x_i`` before the update);
+  returns ``max|g_i|`` so callers can spot non-finite gradients without another pass.
+
+They are two ops, not one, because the ascent step needs the input gradient, which only exists after the
+backward through the network that consumes the L1 term. Both view their inputs as ``(n, -1)``: one segment
+per class.
+
+Backend selection (``backend`` argument, or ``ADVCAM_OPS_BACKEND``; default ``auto``):
+``extension`` builds/loads the extension and raises :class:`AdvcamError` if that fails; ``fallback`` uses the
+eager PyTorch composition; ``auto`` tries the extension and falls back (warning once) when it cannot be built
+or was built without CUDA for a CUDA tensor. The build goes to ``$TORCH_EXTENSIONS_DIR/advcam_ops-...``
+(default ``~/.cache/advcam/torch_extensions``), outside the repository, so DVC's temporary copies reuse it.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from advcam.utils.errors import AdvcamError
+
+BACKENDS = ("auto", "extension", "fallback")
+SOURCES = ("advcam_ops.cpp", "advcam_ops_cuda.cu")
+
+_lock = threading.Lock()
+_ext: Optional[ModuleType] = None
+_ext_error: Optional[str] = None
+_warned = False
+
+
+def source_dir() -> Path:
+    """Folder with the C++/CUDA sources: ``<repo>/csrc`` in a checkout, ``advcam/ops/csrc`` when installed."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parents[1] / "csrc", here / "csrc"):
+        if (cand / SOURCES[0]).is_file():
+            return cand
+    raise AdvcamError(f"advcam ops: C++ sources not found (looked in {here.parents[1] / 'csrc'} and {here / 'csrc'})")
+
+
+def build_dir(with_cuda: bool) -> Path:
+    """Where the compiled extension is cached (created if missing)."""
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(Path.home(), ".cache", "advcam", "torch_extensions")
+    tag = f"advcam_ops-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}".replace("+", "_")
+    path = Path(base) / tag
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _want_cuda() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+    return torch.cuda.is_available() and torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def load_extension(verbose: bool = False) -> ModuleType:
+    """Build (first call; about 20 s) or load the cached extension. Raises AdvcamError if it cannot be built."""
+    global _ext, _ext_error
+    with _lock:
+        if _ext is not None:
+            return _ext
+        if _ext_error is not None:
+            raise AdvcamError(_ext_error)
+        try:
+            from torch.utils.cpp_extension import load
+            with_cuda = _want_cuda()
+            src = source_dir()
+            sources = [str(src / SOURCES[0])] + ([str(src / SOURCES[1])] if with_cuda else [])
+            flags = ["-O3"] + (["-DWITH_CUDA"] if with_cuda else [])
+            _ext = load(name=f"advcam_ops_{'cuda' if with_cuda else 'cpu'}", sources=sources,
+                        extra_cflags=flags, extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
+                        build_directory=str(build_dir(with_cuda)), with_cuda=with_cuda, verbose=verbose)
+        except Exception as err:  # compiler missing, headers missing, ...: remember, report once
+            _ext_error = f"advcam ops: the C++ extension could not be built ({type(err).__name__}: {err})"
+            raise AdvcamError(_ext_error) from err
+        return _ext
+
+
+def resolve_backend(backend: str | None = None, device: torch.device | None = None) -> str:
+    """``extension`` or ``fallback`` for ``backend`` in auto|extension|fallback (None: ``ADVCAM_OPS_BACKEND``)."""
+    global _warned
+    name = backend or os.environ.get("ADVCAM_OPS_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise AdvcamError(f"cam.advcam.backend: {name!r} is not one of {', '.join(BACKENDS)}")
+    if name == "fallback":
+        return name
+    try:
+        ext = load_extension()
+    except AdvcamError as err:
+        if name == "extension":
+            raise
+        if not _warned:
+            warnings.warn(f"{err}; using the pure-PyTorch fallback", RuntimeWarning, stacklevel=2)
+            _warned = True
+        return "fallback"
+    if device is not None and device.type == "cuda" and not ext.has_cuda():
+        if name == "extension":
+            raise AdvcamError("advcam ops: the extension was built without CUDA (no CUDA_HOME?); "
+                              "use backend 'fallback' or 'auto'")
+        return "fallback"
+    if device is not None and device.type not in ("cpu", "cuda"):
+        if name == "extension":
+            raise AdvcamError(f"advcam ops: the extension has no kernels for device {device}")
+        return "fallback"
+    return "extension"
+
+
+# ----------------------------------------------------------------------------------------- pure PyTorch
+def masked_l1_eager(a: torch.Tensor, a0: torch.Tensor, tau: float, acc: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Eager composition of :func:`masked_l1` (autograd does the backward).
+
+    ``mask`` (bool, shape of ``a``), when given, is OR-ed into the mask and updated in place: the
+    cumulative-mask option (a deviation from the reference, which recomputes the mask every step).
+    """
+    n = a.shape[0]
+    ad = a.detach()
+    amax = ad.reshape(n, -1).amax(1).view(n, *([1] * (a.dim() - 1)))
+    m = ad / amax > tau
+    if mask is not None:
+        mask |= m
+        m = mask.clone()
+    loss = ((a - a0).abs() * m.to(a.dtype)).reshape(n, -1).sum(1)
+    if acc is not None:
+        acc += ad
+    return loss
+
+
+@torch.no_grad()
+def ascent_step_eager_(x: torch.Tensor, g: torch.Tensor, xi: float) -> torch.Tensor:
+    """Eager composition of :func:`ascent_step_` (updates ``x`` in place, returns ``max|g|`` per class)."""
+    n = x.shape[0]
+    xf, gf = x.view(n, -1), g.reshape(n, -1)
+    gmax = gf.abs().amax(1)
+    lo, hi = xf.amin(1, keepdim=True), xf.amax(1, keepdim=True)
+    xf.copy_(torch.clamp(xf + xi * (gf / (gmax + 1e-12)[:, None]), lo, hi))
+    return gmax
+
+
+# ----------------------------------------------------------------------------------------- extension
+class _MaskedL1(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, a0: torch.Tensor, tau: float, acc: torch.Tensor | None):  # type: ignore[override]
+        a, a0 = a.contiguous(), a0.detach().contiguous()
+        loss, amax = load_extension().masked_l1_forward(a, a0, acc, float(tau))
+        ctx.save_for_backward(a, a0, amax)
+        ctx.tau = float(tau)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        a, a0, amax = ctx.saved_tensors
+        ga = load_extension().masked_l1_backward(grad.contiguous(), a, a0, amax, ctx.tau)
+        return ga.view_as(a), None, None, None
+
+
+def masked_l1(a: torch.Tensor, a0: torch.Tensor, tau: float, acc: torch.Tensor | None = None,
+              backend: str | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-class masked L1 ``(n,)`` of ``a`` (n, ...) against ``a0``; ``acc += a`` when ``acc`` is given.
+
+    ``mask`` selects the cumulative-mask deviation (eager path only; see :func:`masked_l1_eager`).
+    """
+    if a.shape != a0.shape or a.dim() < 1 or a.numel() == 0:
+        raise ValueError(f"masked_l1: expected equal non-empty shapes, got {tuple(a.shape)} and {tuple(a0.shape)}")
+    if acc is not None and (acc.shape != a.shape or not acc.is_contiguous()):
+        raise ValueError("masked_l1: acc must be a contiguous tensor shaped like a")
+    use_ext = (mask is None and a.dtype in (torch.float32, torch.float64)
+               and resolve_backend(backend, a.device) == "extension")
+    if not use_ext:
+        return masked_l1_eager(a, a0, tau, acc, mask)
+    return _MaskedL1.apply(a, a0, float(tau), acc)
+
+
+def ascent_step_(x: torch.Tensor, g: torch.Tensor, xi: float, backend: str | None = None) -> torch.Tensor:
+    """In-place normalised ascent step with clamp on ``x`` (n, ...); returns ``max|g|`` per class ``(n,)``."""
+    if x.shape != g.shape or x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"ascent_step_: expected equal non-empty shapes, got {tuple(x.shape)} and {tuple(g.shape)}")
+    if (x.is_contiguous() and x.dtype in (torch.float32, torch.float64) and g.dtype == x.dtype
+            and resolve_backend(backend, x.device) == "extension"):
+        with torch.no_grad():
+            return load_extension().ascent_step_(x, g, float(xi))
+    return ascent_step_eager_(x, g, xi)
+
+
+def _reset_for_tests() -> None:
+    """Forget the loaded extension / build error / warning (tests only)."""
+    global _ext, _ext_error, _warned
+    _ext, _ext_error, _warned = None, None, False

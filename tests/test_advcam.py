@@ -1,0 +1,165 @@
+"""AdvCAM climbing against a slow, literal implementation of the reference's equations."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advcam.attribution.advcam import advcam_maps, climb, steps_for_scale
+from advcam.attribution.cam import compute_maps
+from advcam.config import Config
+from advcam.utils.errors import AdvcamError
+
+
+class TinyCAMNet(nn.Module):
+    """A small random classifier with the CAMNet interface (features / classifier / cam / forward)."""
+
+    def __init__(self, num_classes: int = 5, width: int = 12, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, width, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Conv2d(width, num_classes, 1, bias=False)
+        self.num_classes = num_classes
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def cam(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.features(x), self.classifier.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3), keepdim=True)).flatten(1)
+
+
+def literal_climb(model: TinyCAMNet, image: torch.Tensor, classes, steps=27, xi=0.08, lam=7.0, tau=0.5):
+    """The reference loop, literally: one class at a time, Grad-CAM through autograd (sum-pooled score,
+    weights = gradient sums / number of positive gradient entries in the batch), parameter gradients on,
+    image update detached, accumulation of the Grad-CAM maps of x_0 .. x_{T-1}."""
+    out = []
+    for c in classes:
+        x = torch.stack([image, image.flip(-1)]).detach().clone()
+        acc = torch.zeros(())
+        for t in range(steps):
+            x.requires_grad_(True)
+            fmaps = model.features(x)
+            logits = F.conv2d(fmaps, model.classifier.weight)
+            score = F.relu(logits).sum((2, 3))
+            grads, = torch.autograd.grad(score[:, c].sum(), fmaps, retain_graph=True)
+            weights = grads.sum((2, 3), keepdim=True) / ((grads > 0).sum() + 1e-12)
+            gcam = F.relu((fmaps * weights).sum(1, keepdim=True))
+            regions = gcam[0] + gcam[1].flip(-1)
+            if t == 0:
+                init = regions.detach()
+            acc = acc + regions[0].detach()
+            logit = F.relu(logits).mean((2, 3))
+            logit_loss = -2 * logit[:, c].sum() + logit.sum()
+            mask = torch.zeros(regions.shape, dtype=regions.dtype)
+            mask[regions.detach() / regions.detach().max() > tau] = 1
+            loss = -logit_loss - (torch.abs(regions - init) * mask).sum() * lam
+            model.zero_grad()
+            loss.backward()
+            g = x.grad
+            x = torch.clamp(x + xi * (g / (g.abs().max() + 1e-12)), x.min(), x.max()).detach()
+        out.append(acc)
+    return torch.stack(out)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def model64() -> TinyCAMNet:
+    return TinyCAMNet().double().eval()
+
+
+@pytest.fixture(scope="module")
+def image64() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(3, 27, 33, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["fallback", "auto"])
+def test_climb_matches_literal_reference(model64, image64, backend):
+    classes = [1, 3]
+    ours = climb(model64, image64, classes, steps=6, xi=0.08, lam=7.0, tau=0.5, backend=backend)
+    ref = literal_climb(model64, image64, classes, steps=6)
+    assert ours.shape == ref.shape == (2, 7, 9)
+    assert ours.abs().max() > 0
+    assert rel_err(ours, ref) < 1e-4
+    # climbing changed the maps: the accumulation is not just steps * A(x_0)
+    assert rel_err(ours, 6 * literal_climb(model64, image64, classes, steps=1)) > 1e-3
+    assert all(p.requires_grad for p in model64.parameters())  # restored
+
+
+def test_climb_float32_close_to_literal(model64, image64):
+    model32 = TinyCAMNet().float().eval()
+    ours = climb(model32, image64.float(), [0, 2], steps=4)
+    ref = literal_climb(model32, image64.float(), [0, 2], steps=4)
+    assert ours.dtype == torch.float32 and rel_err(ours, ref) < 1e-3
+
+
+def test_one_step_is_gradcam_scaled_cam(model64):
+    # a mirror-symmetric image: both flips see the same image, so n_0 = n_1 and A = CAM_merged / (2 K+)
+    torch.manual_seed(2)
+    half = torch.randn(3, 20, 12, dtype=torch.float64)
+    image = torch.cat([half, half.flip(-1)], -1)
+    from advcam.attribution.cam import cam_at_scale
+    classes = [0, 4]
+    plain = cam_at_scale(model64, image, classes, 1.0, True).detach()
+    kplus = (model64.classifier.weight.flatten(1)[classes] > 0).sum(1).double()
+    one = climb(model64, image, classes, steps=1)
+    assert torch.allclose(one, plain / (2 * kplus)[:, None, None], rtol=1e-10, atol=1e-12)
+
+
+def test_empty_classes_and_bad_input(model64, image64):
+    out = climb(model64, image64, [], steps=3)
+    assert out.shape == (0, 7, 9)
+    with pytest.raises(AdvcamError, match="outside"):
+        climb(model64, image64, [7])
+    with pytest.raises(AdvcamError, match=r"\(3, H, W\)"):
+        climb(model64, image64[None], [0])
+    with pytest.raises(AdvcamError, match="unknown option"):
+        climb(model64, image64, [0], sign_step=True)
+
+
+def test_non_finite_names_the_step(model64, image64):
+    with pytest.raises(AdvcamError, match=r"non-finite .* at step 1 of 3"):
+        climb(model64, image64, [1], steps=3, xi=float("nan"))
+    bad = TinyCAMNet().double().eval()
+    with torch.no_grad():
+        bad.classifier.weight[1] = float("inf")
+    with pytest.raises(AdvcamError, match="image im7, scale 1.0: .*step 0"):
+        advcam_maps(bad, image64, [1], {"scales": [1.0], "advcam": {"steps": 2}}, image_id="im7")
+
+
+@pytest.mark.parametrize("option", [{"sign_steps": True}, {"cumulative_mask": True},
+                                    {"suppress_image_classes_only": True}])
+def test_options_change_the_result(model64, image64, option):
+    base = climb(model64, image64, [1, 3], steps=6)
+    other = climb(model64, image64, [1, 3], steps=6, **option)
+    assert other.shape == base.shape and torch.isfinite(other).all()
+    assert rel_err(other, base) > 1e-6
+
+
+def test_half_scale_steps_follow_the_reference():
+    assert steps_for_scale(27, 0.5) == 13 and steps_for_scale(27, 1.0) == 27 and steps_for_scale(27, 1.5) == 27
+    assert steps_for_scale(8, 0.5) == 5 and steps_for_scale(4, 0.5) == 4
+    assert steps_for_scale(27, 0.5, half_steps_at_half_scale=False) == 27
+
+
+def test_multiscale_driver(model64, image64):
+    cfg = {"scales": [1.0, 0.5], "flip": True, "advcam": {"steps": 4, "backend": "fallback"}}
+    maps = advcam_maps(model64, image64, [1, 3], cfg)
+    assert [tuple(m.shape) for m in maps] == [(2, 7, 9), (2, 4, 4)]
+    from advcam.attribution.cam import resize_image
+    half = climb(model64, resize_image(image64, 0.5), [1, 3], steps=steps_for_scale(4, 0.5))
+    assert torch.allclose(half, maps[1])
+    out = compute_maps(model64, image64, [1, 3], Config({**cfg, "method": "advcam"}))
+    cam, high = torch.from_numpy(out["cam"]), torch.from_numpy(out["high_res"])
+    assert cam.shape == (2, 7, 9) and high.shape == (2, 27, 33)
+    peak = high.amax((1, 2))  # max / (max + 1e-5): below 1 by the eps only
+    assert bool((peak <= 1).all()) and bool((peak > 0.99).all())
