@@ -71,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
         _common(s)
         for opt, _, opt_help in paths:
             s.add_argument(f"--{opt}", default=None, help=f"{opt_help} (default: from the standard layout)")
+    s = sub.add_parser("compare", help="Gallery of several CAM folders side by side (e.g. CAM vs AdvCAM).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common(s)
+    s.add_argument("--data", default=None, help="prepared dataset folder (default: data/<dataset.name>)")
+    s.add_argument("--cams", nargs="+", required=True, help="CAM folders to compare")
+    s.add_argument("--labels", nargs="+", required=True, help="one column title per CAM folder")
+    s.add_argument("--out", default="plots/compare.png", help="gallery PNG to write")
+    s.add_argument("-n", type=int, default=6, help="number of images (rows)")
+    s.add_argument("--ids", nargs="*", default=[], help="image ids to show instead of the first n")
     s = sub.add_parser("params", help="Print the resolved params as YAML.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(s)
@@ -95,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.stage == "params":
             import yaml
             sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        if args.stage == "compare":
+            from advcam.steps import compare
+            compare.run(cfg, Path(args.data or f"data/{cfg.dataset.name}"), [Path(c) for c in args.cams],
+                        args.labels, Path(args.out), args.n, args.ids)
             return 0
         paths = {opt.replace("-", "_"): Path(getattr(args, opt.replace("-", "_")) or default(cfg))
                  for opt, default, _ in STAGES[args.stage][1]}

@@ -60,15 +60,16 @@ def plot_confusion(conf: np.ndarray, names: Sequence[str], path: str | Path, tit
     _save(fig, path)
 
 
-def plot_gallery(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
-    """One row per image; ``rows[i]`` maps a column of :data:`GALLERY_COLUMNS` to an RGB image or None
-    (shown as "n/a"), plus an optional ``"id"`` for the row label."""
+def plot_gallery(rows: Sequence[dict], path: str | Path, title: str = "",
+                 columns: Sequence[str] = GALLERY_COLUMNS) -> None:
+    """One row per image; ``rows[i]`` maps a column name to an RGB image or None (shown as "n/a"), plus an
+    optional ``"id"`` for the row label."""
     n = max(1, len(rows))
-    ncol = len(GALLERY_COLUMNS)
+    ncol = len(columns)
     fig, axes = plt.subplots(n, ncol, figsize=(2.2 * ncol, 2.2 * n), squeeze=False)
     for r in range(n):
         row = rows[r] if rows else {}
-        for c, name in enumerate(GALLERY_COLUMNS):
+        for c, name in enumerate(columns):
             ax = axes[r, c]
             ax.set_xticks([])
             ax.set_yticks([])
