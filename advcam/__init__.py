@@ -8,11 +8,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load_classifier(path, map_location="cpu"):
-    """Load a classifier checkpoint written by ``advcam train-cls`` as an ``nn.Module`` in eval mode."""
+def load_classifier(path, map_location="cpu", num_classes=None):
+    """Load a classifier checkpoint written by ``advcam train-cls`` as an ``nn.Module`` in eval mode.
+
+    ``num_classes``, when given, must match the checkpoint (else an error naming the file)."""
     from advcam.models.classifier import load_classifier as _load
 
-    return _load(path, map_location=map_location)
+    return _load(path, map_location=map_location, num_classes=num_classes)
 
 
 __all__ = ["load_classifier", "__version__"]

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,7 +27,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise AdvcamError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # weights-only unpickler raises many types (KeyError for text files, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AdvcamError(f"{path}: not a loadable advcam checkpoint ({first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

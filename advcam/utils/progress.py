@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterable, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -12,10 +12,12 @@ T = TypeVar("T")
 log = logging.getLogger("advcam")
 
 
-def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    """A progress bar for a loop a user waits for. ``ADVCAM_PROGRESS=0`` turns the bars off."""
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> "tqdm[T]":
+    """A progress bar (a tqdm iterator: ``set_postfix`` works) for a loop a user waits for.
+
+    ``ADVCAM_PROGRESS=0`` turns the bars off."""
     disable = os.environ.get("ADVCAM_PROGRESS", "1") == "0"
-    return iter(tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, disable=disable,
+    return (tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, disable=disable,
                      dynamic_ncols=True, mininterval=0.5))
 
 

@@ -1,0 +1,140 @@
+"""The CAM network: ResNet backbone + bias-free 1x1 classifier; GAP of the features gives the logits.
+
+``resnet50`` follows IRN/AdvCAM's ``net/resnet50_cam.py``: strides (2, 2, 2, 1) -> output stride 16,
+BatchNorm statistics frozen (always the running ImageNet statistics, even in train mode), and the first two
+stages (conv1, bn1, layer1, layer2) frozen: IRN detaches the output of ``stage2`` in training, so those weights
+never receive a gradient. The BN affine parameters of layer3/layer4 do train, as in IRN. Here the early stages
+are frozen with ``requires_grad=False`` instead of a ``detach``, which gives the same updates but keeps the
+gradient with respect to the input that adversarial climbing needs.
+
+``resnet_small`` (the CPU variant for the embedded dataset) is trained from scratch: nothing is frozen and its
+BatchNorm layers train normally, since frozen statistics of a randomly initialised network would be meaningless.
+Its output stride is 8 (96 px -> 12x12 maps).
+
+Checkpoint helpers shared with :mod:`advcam.models.deeplab` live here too.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advcam.models import resnet
+from advcam.utils.checkpoint import load_checkpoint
+from advcam.utils.errors import AdvcamError
+
+CLASSIFIER_ARCHS = ("resnet50", "resnet_small")
+
+
+class CAMNet(nn.Module):
+    """``features(x)`` -> (B, K, h, w); ``classifier`` = Conv2d(K, C, 1, bias=False);
+    ``cam(x)`` = conv2d(features(x), classifier.weight) (before ReLU); ``forward(x)`` -> (B, C) logits."""
+
+    method = "cam"
+
+    def __init__(self, backbone: resnet.ResNet, num_classes: int, arch: str, frozen_bn: bool,
+                 frozen_modules: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.arch = arch
+        self.num_classes = num_classes
+        self.frozen_bn = frozen_bn
+        self.backbone = backbone
+        self.classifier = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
+        for name in frozen_modules:
+            getattr(backbone, name).requires_grad_(False)
+        if frozen_bn:
+            freeze_batchnorm_stats(self)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def cam(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.features(x), self.classifier.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.features(x).mean(dim=(2, 3), keepdim=True)
+        return self.classifier(pooled).flatten(1)
+
+    def train(self, mode: bool = True) -> "CAMNet":
+        super().train(mode)
+        if self.frozen_bn:
+            freeze_batchnorm_stats(self)
+        return self
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(trainable backbone parameters, classifier parameters): IRN gives the second 10x the lr."""
+        return ([p for p in self.backbone.parameters() if p.requires_grad], list(self.classifier.parameters()))
+
+
+def freeze_batchnorm_stats(model: nn.Module) -> None:
+    """Put every BatchNorm of ``model`` in eval mode (running statistics used and never updated)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def build_classifier(arch: str, num_classes: int, pretrained: str | Path | None = None) -> CAMNet:
+    """A fresh CAM network; ``pretrained`` = a local torchvision-format weight file for the backbone."""
+    if arch == "resnet50":
+        backbone = resnet.resnet50(strides=(2, 2, 2, 1))
+        frozen: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2")
+    elif arch == "resnet_small":
+        backbone = resnet.resnet_small(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4))
+        frozen = ()
+    else:
+        raise AdvcamError(f"classifier arch {arch!r} unknown (choose from {', '.join(CLASSIFIER_ARCHS)})")
+    if pretrained:
+        resnet.load_torchvision_weights(backbone, pretrained)
+    return CAMNet(backbone, num_classes, arch, frozen_bn=arch == "resnet50", frozen_modules=frozen)
+
+
+def load_model_checkpoint(path: str | Path, kind: str, build: Callable[[str, int], nn.Module],
+                          num_classes: int | None, map_location: str | torch.device) -> tuple[nn.Module, dict]:
+    """Read an advcam checkpoint of ``kind``, rebuild it with ``build(arch, n)`` and load its weights.
+
+    Raises :class:`AdvcamError` naming the file on a wrong kind, an unexpected class count (when
+    ``num_classes`` is given) or weights that do not fit the architecture. Returns (model in eval mode, header).
+    """
+    header, state = load_checkpoint(path, map_location=map_location)
+    got = header.get("kind")
+    if got != kind:
+        raise AdvcamError(f"{path}: is a {got or 'unknown'} checkpoint, expected a {kind} checkpoint")
+    for key in ("arch", "num_classes"):
+        if key not in header:
+            raise AdvcamError(f"{path}: checkpoint header has no {key!r}")
+    n = int(header["num_classes"])
+    if num_classes is not None and n != num_classes:
+        raise AdvcamError(f"{path}: {kind} has {n} output classes, expected {num_classes} "
+                          f"(trained on a different dataset?)")
+    try:
+        model = build(header["arch"], n)
+    except AdvcamError as exc:
+        raise AdvcamError(f"{path}: {exc}") from None
+    weights = state.get("model")
+    if not isinstance(weights, Mapping):
+        raise AdvcamError(f"{path}: checkpoint has no model weights")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise AdvcamError(f"{path}: weights do not fit arch {header['arch']!r} ({first})") from None
+    model.to(map_location)
+    return model.eval(), header
+
+
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu",
+                    num_classes: int | None = None) -> CAMNet:
+    """Load a classifier written by ``advcam train-cls``, in eval mode; ``.header`` holds its header."""
+    model, header = load_model_checkpoint(path, "classifier", build_classifier, num_classes, map_location)
+    model.header = header  # type: ignore[assignment]
+    model.classes = list(header.get("classes") or [])  # type: ignore[assignment]
+    return model  # type: ignore[return-value]
+
+
+def classifier_header(model: CAMNet, classes: list[str], params: Mapping[str, Any]) -> dict:
+    """The JSON header of a classifier checkpoint."""
+    return {"kind": "classifier", "arch": model.arch, "method": model.method, "classes": list(classes),
+            "num_classes": model.num_classes, "params": dict(params)}

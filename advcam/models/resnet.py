@@ -1,0 +1,179 @@
+"""ResNet backbones with torchvision's parameter names, plus output-stride control.
+
+The blocks and the network read as torchvision's ``resnet.py`` (ResNet v1.5: the stride sits on the 3x3
+conv of a bottleneck), so a torchvision ImageNet state dict (``resnet50-*.pth``) loads with
+:func:`load_torchvision_weights`. Two differences, both from IRN's ``net/resnet50.py``:
+
+- ``strides`` = (conv1, layer2, layer3, layer4); the max-pool always has stride 2 and layer1 stride 1,
+  so strides (2, 2, 2, 1) give output stride 16 (the CAM network) and (2, 2, 1, 1) output stride 8;
+- ``dilations`` = per layer (1..4), for atrous layers where a stride was removed (DeepLab); as in
+  torchvision's ``replace_stride_with_dilation``, the first block of a layer keeps the previous layer's
+  dilation and the other blocks use the new one.
+
+The network has no ``avgpool``/``fc``: ``forward`` returns the last feature map ``(B, out_channels, h, w)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence, Type
+
+import torch
+from torch import nn
+
+from advcam.utils.errors import AdvcamError
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding (= dilation), no bias (a BatchNorm follows)."""
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual connection (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 dilation: int = 1, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride, dilation)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes, 1, dilation)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (strided, dilated), 1x1 expand by 4, residual connection (ResNet-50/101)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 dilation: int = 1, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = conv3x3(planes, planes, stride, dilation)
+        self.bn2 = norm_layer(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+Block = Type[BasicBlock] | Type[Bottleneck]
+
+
+class ResNet(nn.Module):
+    """conv1 (7x7) - bn1 - relu - maxpool - layer1..layer4; returns the layer4 feature map."""
+
+    def __init__(self, block: Block, layers: Sequence[int], widths: Sequence[int] = (64, 128, 256, 512),
+                 strides: Sequence[int] = (2, 2, 2, 2), dilations: Sequence[int] = (1, 1, 1, 1),
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        if len(layers) != 4 or len(widths) != 4 or len(strides) != 4 or len(dilations) != 4:
+            raise ValueError("ResNet: layers, widths, strides and dilations need 4 entries each")
+        self._norm_layer = norm_layer
+        self.inplanes, self.dilation = widths[0], 1
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=strides[0], padding=3, bias=False)
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, widths[0], layers[0], 1, dilations[0])
+        self.layer2 = self._make_layer(block, widths[1], layers[1], strides[1], dilations[1])
+        self.layer3 = self._make_layer(block, widths[2], layers[2], strides[2], dilations[2])
+        self.layer4 = self._make_layer(block, widths[3], layers[3], strides[3], dilations[3])
+        self.out_channels = widths[3] * block.expansion
+        self.output_stride = strides[0] * 2 * strides[1] * strides[2] * strides[3]
+        self._init_weights()
+
+    def _make_layer(self, block: Block, planes: int, blocks: int, stride: int, dilation: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       self._norm_layer(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, self.dilation, self._norm_layer)]
+        self.inplanes, self.dilation = planes * block.expansion, dilation
+        layers += [block(self.inplanes, planes, 1, None, dilation, self._norm_layer) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def _init_weights(self) -> None:
+        """torchvision's initialisation: Kaiming-normal (fan_out) convs, BN weight 1 and bias 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer1(self.stem(x))
+        return self.layer4(self.layer3(self.layer2(x)))
+
+
+def resnet50(strides: Sequence[int] = (2, 2, 2, 2), dilations: Sequence[int] = (1, 1, 1, 1)) -> ResNet:
+    """ResNet-50 (Bottleneck, [3, 4, 6, 3]); 2048 output channels; torchvision weight names."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), strides, dilations)
+
+
+def resnet_small(strides: Sequence[int] = (2, 2, 1, 1), dilations: Sequence[int] = (1, 1, 2, 4)) -> ResNet:
+    """A small ResNet for training from scratch on CPU: one BasicBlock per layer, widths 16-32-64-128.
+
+    The default strides/dilations give output stride 8 (96 px -> 12x12 maps) with a receptive field that
+    still covers the image (dilated layer3/layer4).
+    """
+    return ResNet(BasicBlock, (1, 1, 1, 1), (16, 32, 64, 128), strides, dilations)
+
+
+def load_torchvision_weights(model: ResNet, path: str | Path) -> None:
+    """Load a torchvision-format ImageNet state dict (e.g. ``resnet50-0676ba61.pth``) from a local file.
+
+    ``fc.*`` keys are ignored; every other key must match ``model`` in name and shape. Loaded with
+    ``weights_only=True`` (no code is unpickled). Raises :class:`AdvcamError` naming the file on a missing
+    file, a file that is not a state dict, or keys/shapes that do not match.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AdvcamError(f"pretrained weights not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupt file can fail anywhere in the unpickler (even KeyError)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AdvcamError(f"{path}: not a loadable torchvision weight file ({first})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise AdvcamError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        parts = [f"{len(keys)} {what}, e.g. {', '.join(keys[:3])}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise AdvcamError(f"{path}: keys do not match this backbone ({'; '.join(parts)})")
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise AdvcamError(f"{path}: shapes do not match this backbone ({len(wrong)} tensors, e.g. {wrong[:2]})")
+    model.load_state_dict(state)

@@ -1,0 +1,159 @@
+"""Shared training-loop pieces: SGD param groups, poly LR, seeded data order, resume files, CSV curves.
+
+:func:`fit` runs the epochs of both training stages. After every epoch it writes ``<out>.resume.pt`` (model,
+optimizer, finished epochs, RNG states, curve so far, a fingerprint of the params) and the curves CSV, both
+atomically. A run that is killed and started again continues from the last finished epoch and ends with the
+same weights as an uninterrupted run (on CPU): the data order and the augmentation of epoch ``e`` depend only
+on ``(seed, e)``, and the global RNG states are restored.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
+from advcam.utils.errors import AdvcamError
+from advcam.utils.io import write_text
+from advcam.utils.progress import log, progress
+
+POLY_POWER = 0.9  # IRN / DeepLab poly schedule: lr = base * (1 - step / max_step) ** 0.9
+HEAD_LR_MULT = 10.0  # IRN: the newly added layer trains with 10x the backbone lr
+CURVE_COLUMNS = ("epoch", "step", "loss", "lr")
+
+
+def poly_lr(base_lr: float, step: int, max_step: int, power: float = POLY_POWER) -> float:
+    """The poly schedule at ``step`` (0-based) of ``max_step``."""
+    return base_lr * (1.0 - min(step, max_step) / max(max_step, 1)) ** power
+
+
+def make_sgd(groups: tuple[Sequence[nn.Parameter], Sequence[nn.Parameter]], lr: float, weight_decay: float,
+             momentum: float, head_mult: float = HEAD_LR_MULT) -> torch.optim.SGD:
+    """SGD with (backbone, head) groups; the head gets ``head_mult`` x the lr (stored as ``lr_mult``)."""
+    backbone, head = groups
+    return torch.optim.SGD([{"params": list(backbone), "lr": lr, "lr_mult": 1.0},
+                            {"params": list(head), "lr": lr * head_mult, "lr_mult": head_mult}],
+                           lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max_step: int) -> float:
+    """Set every group's lr to ``lr_mult * poly_lr(...)``; return the base (backbone) lr."""
+    lr = poly_lr(base_lr, step, max_step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    return lr
+
+
+def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, workers: int = 0) -> DataLoader:
+    """A shuffled loader whose order depends only on ``(seed, epoch)``; drops the last partial batch (IRN)
+    unless the dataset is smaller than one batch."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=workers,
+                      drop_last=len(dataset) >= batch_size, persistent_workers=False)  # type: ignore[arg-type]
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states (python, numpy, torch) as tensors, so ``weights_only`` loading accepts them."""
+    version, py_state, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": torch.tensor(py_state, dtype=torch.int64), "python_version": version,
+            "python_gauss": gauss, "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+            "numpy_gauss": [int(has_gauss), float(cached)], "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate((state["python_version"], tuple(int(v) for v in state["python"]), state["python_gauss"]))
+    has_gauss, cached = state["numpy_gauss"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+
+
+def write_curves(path: Path, rows: Iterable[Sequence[float]]) -> None:
+    """Write the training curve CSV (epoch, step, loss, lr) atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CURVE_COLUMNS)
+    for epoch, step, loss, lr in rows:
+        writer.writerow([int(epoch), int(step), f"{loss:.6f}", f"{lr:.8g}"])
+    write_text(path, buf.getvalue())
+
+
+def resume_path_for(out: Path) -> Path:
+    return out.with_name(out.name + ".resume.pt")
+
+
+def _try_resume(path: Path, fingerprint: Mapping[str, Any], model: nn.Module,
+                optimizer: torch.optim.Optimizer) -> tuple[int, list[list[float]]]:
+    """Restore a resume file written with the same fingerprint; return (finished epochs, curve rows)."""
+    if not path.is_file():
+        return 0, []
+    try:
+        header, state = load_checkpoint(path)
+    except AdvcamError as exc:
+        log.warning("ignoring unreadable resume file (%s)", exc)
+        return 0, []
+    if header.get("kind") != "resume" or header.get("fingerprint") != dict(fingerprint):
+        log.info("ignoring resume file %s: written with different params; training from scratch", path)
+        return 0, []
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    epoch = int(state["epoch"])
+    log.info("resuming from %s after epoch %d", path, epoch)
+    return epoch, [list(r) for r in state["curve"]]
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader_for_epoch: Callable[[int], DataLoader],
+        loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor], *, epochs: int, base_lr: float,
+        resume: Path, curves: Path, fingerprint: Mapping[str, Any], desc: str) -> list[list[float]]:
+    """Train ``epochs`` epochs (resuming from ``resume`` if it fits); return the curve rows.
+
+    ``loss_fn(model, batch)`` returns the scalar loss of one batch. The caller saves the final checkpoint and
+    then calls :func:`finish` to delete the resume file.
+    """
+    steps_per_epoch = len(loader_for_epoch(0))
+    if steps_per_epoch == 0:
+        raise AdvcamError(f"{desc}: the training list is empty")
+    max_step = steps_per_epoch * epochs
+    start, rows = _try_resume(resume, fingerprint, model, optimizer)
+    for epoch in range(start, epochs):
+        model.train()
+        total, count = 0.0, 0
+        bar = progress(loader_for_epoch(epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}", total=steps_per_epoch,
+                       unit="batch")
+        for i, batch in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            lr = set_poly_lr(optimizer, base_lr, step, max_step)
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise AdvcamError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                                  f"lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count = total + loss.item(), count + 1
+            rows.append([epoch + 1, step + 1, loss.item(), lr])
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")  # type: ignore[attr-defined]
+        log.info("%s epoch %d/%d: mean loss %.4f", desc, epoch + 1, epochs, total / max(count, 1))
+        save_checkpoint(resume, {"kind": "resume", "fingerprint": dict(fingerprint)}, model=model.state_dict(),
+                        optimizer=optimizer.state_dict(), epoch=epoch + 1, rng=rng_state(), curve=rows)
+        write_curves(curves, rows)
+    write_curves(curves, rows)
+    log.info("wrote %s (%d steps)", curves, len(rows))
+    return rows
+
+
+def finish(resume: Path) -> None:
+    """Delete the resume file after the final checkpoint is written."""
+    resume.unlink(missing_ok=True)

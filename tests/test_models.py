@@ -1,0 +1,178 @@
+"""Models: ResNet weight names, the CAMNet interface, frozen BatchNorm, DeepLab, checkpoint headers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from advcam.models import build_classifier, build_segmenter, load_classifier, load_segmenter
+from advcam.models.classifier import classifier_header
+from advcam.models.deeplab import segmenter_header
+from advcam.models.resnet import BasicBlock, ResNet, load_torchvision_weights, resnet50, resnet_small
+from advcam.utils.checkpoint import save_checkpoint
+from advcam.utils.errors import AdvcamError
+
+
+@pytest.fixture(scope="module")
+def r50_cls():
+    torch.manual_seed(0)
+    return build_classifier("resnet50", 5)
+
+
+def test_resnet50_matches_torchvision_names_and_size():
+    net = resnet50()
+    keys = set(net.state_dict())
+    for k in ("conv1.weight", "bn1.running_var", "bn1.num_batches_tracked", "layer1.0.downsample.0.weight",
+              "layer1.0.downsample.1.bias", "layer2.3.conv3.weight", "layer3.5.bn2.weight", "layer4.2.bn3.running_mean"):
+        assert k in keys
+    assert not any(k.startswith(("fc.", "avgpool")) for k in keys)
+    # torchvision's resnet50 has 25,557,032 parameters, 2,049,000 of them in fc
+    assert sum(p.numel() for p in net.parameters()) == 25_557_032 - 2_049_000
+    assert net.out_channels == 2048 and net.output_stride == 32
+
+
+def test_camnet_interface_resnet50(r50_cls):
+    model = r50_cls.eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        feats = model.features(x)
+        cam = model.cam(x)
+        logits = model(x)
+    assert feats.shape == (2, 2048, 4, 3)  # output stride 16
+    assert isinstance(model.classifier, torch.nn.Conv2d) and model.classifier.bias is None
+    assert model.classifier.weight.shape == (5, 2048, 1, 1)
+    assert torch.allclose(cam, F.conv2d(feats, model.classifier.weight))
+    assert logits.shape == (2, 5)
+    assert torch.allclose(logits, cam.mean(dim=(2, 3)), atol=1e-5)  # bias-free: GAP commutes with the 1x1 conv
+    assert cam.min() < 0  # raw maps, before ReLU
+    assert model.num_classes == 5 and model.arch == "resnet50"
+
+
+def test_resnet50_bn_and_early_stages_stay_frozen(r50_cls):
+    model = r50_cls.train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    b = model.backbone
+    for name in ("conv1", "bn1", "layer1", "layer2"):  # IRN detaches after stage2
+        assert not any(p.requires_grad for p in getattr(b, name).parameters())
+        assert all(p.grad is None for p in getattr(b, name).parameters())
+    assert b.layer3[0].conv1.weight.grad is not None and model.classifier.weight.grad is not None
+    backbone, head = model.param_groups()
+    assert len(head) == 1 and head[0] is model.classifier.weight
+    assert all(p.requires_grad for p in backbone)
+    assert not any(p is b.conv1.weight or p is b.layer2[0].conv1.weight for p in backbone)
+    # the input gradient that climbing needs flows through the frozen stages
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    model.eval().cam(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_resnet_small_trains_bn_and_has_stride_8():
+    torch.manual_seed(0)
+    model = build_classifier("resnet_small", 6).train()
+    assert model.features(torch.randn(2, 3, 96, 96)).shape == (2, 128, 12, 12)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not torch.equal(model.backbone.bn1.running_mean, torch.zeros_like(model.backbone.bn1.running_mean))
+
+
+def test_load_torchvision_weights(tmp_path: Path):
+    torch.manual_seed(1)
+    src = resnet50()
+    state = dict(src.state_dict())
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    path = tmp_path / "resnet50-0000.pth"
+    torch.save(state, path)
+    torch.manual_seed(2)
+    model = build_classifier("resnet50", 3, pretrained=path)
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[k], v), k
+    seg = build_segmenter("deeplab_resnet50", 4, pretrained=path)
+    assert torch.equal(seg.backbone.layer4[2].conv3.weight, src.layer4[2].conv3.weight)
+
+
+def test_load_torchvision_weights_errors(tmp_path: Path):
+    net = resnet_small()
+    with pytest.raises(AdvcamError, match="not found"):
+        load_torchvision_weights(net, tmp_path / "missing.pth")
+    wrong = tmp_path / "wrong.pth"
+    torch.save(resnet50().state_dict(), wrong)
+    with pytest.raises(AdvcamError, match=r"wrong\.pth.*keys do not match.*unexpected, e\.g\. layer1\.0\.bn3"):
+        load_torchvision_weights(net, wrong)
+    narrow = tmp_path / "narrow.pth"
+    torch.save(ResNet(BasicBlock, (1, 1, 1, 1), (8, 16, 32, 64)).state_dict(), narrow)
+    with pytest.raises(AdvcamError, match=r"narrow\.pth.*shapes do not match"):
+        load_torchvision_weights(net, narrow)
+    odd = tmp_path / "odd.pth"
+    torch.save({"layer9.weight": torch.zeros(1)}, odd)
+    with pytest.raises(AdvcamError, match=r"odd\.pth.*keys do not match.*layer9"):
+        load_torchvision_weights(net, odd)
+    listy = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], listy)
+    with pytest.raises(AdvcamError, match=r"list\.pth.*not a state dict"):
+        load_torchvision_weights(net, listy)
+    text = tmp_path / "text.pth"
+    text.write_text("hello")
+    with pytest.raises(AdvcamError, match=r"text\.pth"):
+        load_torchvision_weights(net, text)
+
+
+@pytest.mark.parametrize("arch,out_size", [("deeplab_small", (40, 56)), ("deeplab_resnet50", (33, 47))])
+def test_deeplab_forward_shape(arch: str, out_size: tuple[int, int]):
+    torch.manual_seed(0)
+    model = build_segmenter(arch, 4).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, *out_size))
+    assert out.shape == (2, 4, *out_size)
+    backbone, head = model.param_groups()
+    assert len(head) == 8  # four ASPP branches, weight + bias
+    if arch == "deeplab_resnet50":
+        assert model.backbone.out_channels == 2048
+        assert not any(p.requires_grad for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+                       for p in m.parameters())
+        assert not any(m.training for m in model.train().modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_classifier_checkpoint_roundtrip_and_mismatches(tmp_path: Path):
+    torch.manual_seed(0)
+    model = build_classifier("resnet_small", 3)
+    path = tmp_path / "classifier.pt"
+    save_checkpoint(path, classifier_header(model, ["a", "b", "c"], {"lr": 0.1}), model=model.state_dict())
+    loaded = load_classifier(path, num_classes=3)
+    assert not loaded.training and loaded.classes == ["a", "b", "c"] and loaded.header["kind"] == "classifier"
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model.eval()(x))
+    with pytest.raises(AdvcamError, match=r"classifier\.pt.*3 output classes, expected 20"):
+        load_classifier(path, num_classes=20)
+    with pytest.raises(AdvcamError, match=r"classifier\.pt.*is a classifier checkpoint, expected a segmenter"):
+        load_segmenter(path)
+
+    seg = build_segmenter("deeplab_small", 4)
+    seg_path = tmp_path / "segmenter.pt"
+    save_checkpoint(seg_path, segmenter_header(seg, ["a", "b", "c"], {}), model=seg.state_dict())
+    assert load_segmenter(seg_path, num_classes=4).num_classes == 4
+    with pytest.raises(AdvcamError, match=r"segmenter\.pt.*is a segmenter checkpoint, expected a classifier"):
+        load_classifier(seg_path)
+
+    bad = tmp_path / "bad_arch.pt"
+    save_checkpoint(bad, {**classifier_header(model, ["a", "b", "c"], {}), "arch": "vgg"}, model=model.state_dict())
+    with pytest.raises(AdvcamError, match=r"bad_arch\.pt.*'vgg'"):
+        load_classifier(bad)
+    other = tmp_path / "other_weights.pt"
+    save_checkpoint(other, classifier_header(model, ["a", "b", "c"], {}), model=seg.state_dict())
+    with pytest.raises(AdvcamError, match=r"other_weights\.pt.*do not fit"):
+        load_classifier(other)
+
+
+def test_unknown_arch():
+    with pytest.raises(AdvcamError, match="resnet_small"):
+        build_classifier("resnet18", 3)
+    with pytest.raises(AdvcamError, match="deeplab_small"):
+        build_segmenter("unet", 3)

@@ -1,0 +1,183 @@
+"""Training: poly LR, param groups, the shared loop (loss goes down, kill + resume == straight run), and the
+train_cls / train_seg stages on a tiny prepared synthetic dataset."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from advcam.models import build_classifier
+from advcam.train import loop
+from advcam.train.classifier import classification_loss
+from advcam.utils.errors import AdvcamError
+
+
+class ToyShapes(Dataset):
+    """Stand-in dataset: class k = a bright square in quadrant k; random flip from the global torch RNG
+    (so resuming must restore RNG states to reproduce it)."""
+
+    def __init__(self, n: int = 32, size: int = 32, num_classes: int = 3) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.items = []
+        for i in range(n):
+            label = (torch.rand(num_classes, generator=g) < 0.5).float()
+            label[i % num_classes] = 1.0
+            img = 0.1 * torch.randn(3, size, size, generator=g)
+            for k in torch.nonzero(label).flatten().tolist():
+                y, x = (k // 2) * size // 2, (k % 2) * size // 2
+                img[k % 3, y + 4:y + 12, x + 4:x + 12] += 2.0
+            self.items.append((img, label))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        img, label = self.items[i]
+        if torch.rand(()) < 0.5:
+            img = img + 0.01 * torch.randn_like(img)
+        return {"image": img, "label": label, "id": str(i)}
+
+
+def _train(tmp: Path, epochs: int, fingerprint: dict | None = None, crash_at_epoch: int | None = None):
+    torch.manual_seed(0)
+    model = build_classifier("resnet_small", 3)
+    data = ToyShapes()
+    optimizer = loop.make_sgd(model.param_groups(), 0.05, 1e-4, 0.9)
+
+    def loss_fn(m, batch):
+        if crash_at_epoch is not None and loader_epoch[0] == crash_at_epoch:
+            raise KeyboardInterrupt
+        return classification_loss(m, batch)
+
+    loader_epoch = [0]
+
+    def loader(e):
+        loader_epoch[0] = e
+        return loop.epoch_loader(data, 8, seed=3, epoch=e)
+
+    rows = loop.fit(model, optimizer, loader, loss_fn, epochs=epochs, base_lr=0.05, resume=tmp / "m.pt.resume.pt",
+                    curves=tmp / "curves.csv", fingerprint=fingerprint or {"p": 1}, desc="test")
+    return model, rows
+
+
+def test_poly_lr_and_param_groups():
+    assert loop.poly_lr(0.1, 0, 100) == pytest.approx(0.1)
+    assert loop.poly_lr(0.1, 50, 100) == pytest.approx(0.1 * 0.5 ** 0.9)
+    assert loop.poly_lr(0.1, 100, 100) == 0.0
+    model = build_classifier("resnet_small", 3)
+    opt = loop.make_sgd(model.param_groups(), 0.1, 1e-4, 0.9)
+    assert loop.set_poly_lr(opt, 0.1, 10, 20) == pytest.approx(0.1 * 0.5 ** 0.9)
+    assert opt.param_groups[1]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"])
+    assert opt.param_groups[1]["params"] == [model.classifier.weight]
+    assert opt.param_groups[0]["weight_decay"] == 1e-4 and opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_rng_state_roundtrip():
+    state = loop.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    loop.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_loss_goes_down_and_curves_written(tmp_path: Path):
+    _, rows = _train(tmp_path, epochs=4)
+    losses = [r[2] for r in rows]
+    assert len(rows) == 16 and rows[-1][:2] == [4, 16]
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
+    with open(tmp_path / "curves.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 16 and list(table[0]) == ["epoch", "step", "loss", "lr"]
+    assert float(table[0]["lr"]) == pytest.approx(0.05) and float(table[-1]["lr"]) < 0.01
+    assert (tmp_path / "m.pt.resume.pt").is_file()  # deleted by loop.finish, after the final checkpoint
+
+
+def test_resume_after_kill_equals_straight_run(tmp_path: Path, caplog):
+    straight, straight_rows = _train(tmp_path / "a", epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "b", epochs=2, crash_at_epoch=1)
+    assert (tmp_path / "b" / "m.pt.resume.pt").is_file()
+    torch.manual_seed(123), random.seed(5), np.random.seed(7)  # the new process starts from other RNG states
+    with caplog.at_level(logging.INFO, logger="advcam"):
+        resumed, resumed_rows = _train(tmp_path / "b", epochs=2)
+    assert "resuming" in caplog.text
+    assert resumed_rows == straight_rows
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_resume_file_with_other_params_is_ignored(tmp_path: Path, caplog):
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, epochs=2, crash_at_epoch=1)
+    with caplog.at_level(logging.INFO, logger="advcam"):
+        _, rows = _train(tmp_path, epochs=1, fingerprint={"p": 2})
+    assert "different params" in caplog.text and len(rows) == 4
+
+
+# ---------------------------------------------------------------- stages on a tiny prepared synthetic dataset
+needs_data = pytest.mark.skipif(
+    importlib.util.find_spec("advcam.data.datasets") is None or importlib.util.find_spec("advcam.steps.prepare") is None,
+    reason="advcam.data.datasets / advcam.steps.prepare not available yet")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from advcam import config
+    from advcam.steps import prepare
+
+    cfg = config.load(None, ["device=cpu", "synthetic.image_size=32", "synthetic.num_train_aug=16",
+                             "synthetic.num_train=8", "synthetic.num_val=8", "synthetic.num_classes=3",
+                             "classifier.epochs=2", "classifier.batch_size=8", "classifier.crop_size=32",
+                             "segmentation.epochs=2", "segmentation.batch_size=4", "segmentation.crop_size=32"])
+    out = tmp_path_factory.mktemp("prepared") / "synthetic"
+    prepare.run(cfg, out)
+    return cfg, out
+
+
+@needs_data
+def test_train_cls_stage(prepared, tmp_path: Path):
+    from advcam.models import load_classifier
+    from advcam.steps import train_cls
+
+    cfg, data = prepared
+    out = tmp_path / "models" / "classifier.pt"
+    train_cls.run(cfg, data, out, tmp_path / "curves.csv")
+    model = load_classifier(out, num_classes=3)
+    assert model.header["arch"] == "resnet_small" and model.header["params"]["epochs"] == 2
+    assert len(model.classes) == 3 and not (tmp_path / "models" / "classifier.pt.resume.pt").exists()
+    with open(tmp_path / "curves.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4  # 16 images / batch 8 x 2 epochs
+
+
+@needs_data
+def test_train_seg_stage_and_bad_pseudo_labels(prepared, tmp_path: Path):
+    from PIL import Image
+
+    from advcam.data import load_info
+    from advcam.models import load_segmenter
+    from advcam.steps import train_seg
+
+    cfg, data = prepared
+    info = load_info(data)
+    pseudo = tmp_path / "pseudo"
+    pseudo.mkdir()
+    for image_id in info.lists["infer"]:
+        Image.fromarray(info.read_mask(image_id)).save(pseudo / f"{image_id}.png")
+    out = tmp_path / "segmenter.pt"
+    train_seg.run(cfg, data, pseudo, out, tmp_path / "seg.csv")
+    assert load_segmenter(out, num_classes=4).arch == "deeplab_small"
+    assert not (tmp_path / "segmenter.pt.resume.pt").exists()
+
+    victim = info.lists["infer"][1]
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(pseudo / f"{victim}.png")
+    with pytest.raises(AdvcamError, match=rf"{victim}\.png: pseudo label is 12x10 but image {victim} is 32x32"):
+        train_seg.run(cfg, data, pseudo, tmp_path / "seg2.pt", tmp_path / "seg2.csv")
+    (pseudo / f"{victim}.png").unlink()
+    with pytest.raises(AdvcamError, match=rf"no pseudo label for 1 of 8 images.*{victim}"):
+        train_seg.run(cfg, data, pseudo, tmp_path / "seg2.pt", tmp_path / "seg2.csv")
