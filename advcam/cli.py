@@ -80,9 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="plots/compare.png", help="gallery PNG to write")
     s.add_argument("-n", type=int, default=6, help="number of images (rows)")
     s.add_argument("--ids", nargs="*", default=[], help="image ids to show instead of the first n")
-    s = sub.add_parser("params", help="Print the resolved params as YAML.",
+    s = sub.add_parser("params", help="Print the resolved params as YAML (or the reference table).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(s)
+    s.add_argument("--reference", action="store_true", help="print the params reference (Markdown) instead")
     return p
 
 
@@ -101,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(debug)
     try:
         cfg = config.load(None if args.params_json else args.params, args.overrides, args.params_json)
+        if args.stage == "params" and args.reference:
+            sys.stdout.write(config.markdown_reference())
+            return 0
         if args.stage == "params":
             import yaml
             sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

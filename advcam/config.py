@@ -200,3 +200,32 @@ def load(path: str | Path | None = "params.yaml", overrides: Iterable[str] = (),
 def defaults() -> dict:
     """The full default params (what ``params.yaml`` ships)."""
     return validate({}, "defaults")
+
+
+def markdown_reference() -> str:
+    """The params reference table (README section), generated from the schema."""
+    rows = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+
+    def walk(sch: Mapping, prefix: str) -> None:
+        for key, sub in sch.get("properties", {}).items():
+            name = f"{prefix}{key}"
+            if sub.get("type") == "object":
+                rows.append(f"| **{name}** | section | | | {' '.join(str(sub.get('description', '')).split())} |")
+                walk(sub, name + ".")
+                continue
+            types = sub.get("type", "")
+            types = "/".join(types) if isinstance(types, list) else types
+            if types == "array":
+                types = f"list of {sub.get('items', {}).get('type', 'any')}"
+            allowed = ", ".join(f"{k} {sub[k]}" for k in ("minimum", "exclusiveMinimum", "maximum",
+                                                          "exclusiveMaximum", "minItems") if k in sub)
+            if "enum" in sub:
+                allowed = " \\| ".join(map(str, sub["enum"]))
+            default = json.dumps(sub.get("default"))
+            if len(default) > 40:
+                default = default[:37] + "..."
+            desc = " ".join(str(sub.get("description", "")).split()).replace("|", "\\|")
+            rows.append(f"| `{name}` | {types} | `{default}` | {allowed} | {desc} |")
+
+    walk(schema(), "")
+    return "\n".join(rows) + "\n"

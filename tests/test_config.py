@@ -51,3 +51,11 @@ def test_bad_files(tmp_path):
         config.load(bad)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         config.load(None, ["cam.method"])
+
+
+def test_readme_params_reference_matches_schema():
+    readme = (REPO / "README.md").read_text()
+    start, end = "<!-- params-reference:start -->\n", "<!-- params-reference:end -->"
+    assert start in readme and end in readme
+    documented = readme.split(start, 1)[1].split(end, 1)[0]
+    assert documented == config.markdown_reference(), "README params reference is stale: run `advcam params --reference`"

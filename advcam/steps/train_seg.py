@@ -15,7 +15,6 @@ from advcam.utils.checkpoint import save_checkpoint
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.progress import log
 
-DEFAULT_MOMENTUM = 0.9  # DeepLab-v2
 
 
 def pseudo_digest(pseudo: Path, ids: list[str]) -> str:
