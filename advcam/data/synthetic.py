@@ -21,6 +21,7 @@ files and changing ``num_val`` does not change the training images. PIL and nump
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,6 +42,16 @@ SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "diamond", "plus", "hex
 BODY_TINTS = np.array([(150, 118, 96), (98, 126, 150), (126, 142, 96), (146, 108, 134)], np.float32)
 CLASS_MIX = (0.30, 0.45, 0.25)  # P(1, 2, 3 classes in an image)
 SPLITS = {"train_aug": 0, "val": 1}
+# tuning knobs (fractions of the image side unless noted)
+BODY_SIZE = tuple(float(v) for v in os.environ.get("SYN_BODY", "0.17,0.27").split(","))
+PART_RADIUS = float(os.environ.get("SYN_PART", "0.05"))
+DISTRACTOR_SIZE = (0.07, 0.16)
+STRIPE_PERIOD = 0.07
+BODY_AMP = float(os.environ.get("SYN_AMP", "16"))
+TINT_JITTER = float(os.environ.get("SYN_JIT", "10"))
+NOISE = float(os.environ.get("SYN_NOISE", "6"))
+TINT_GAP = 30.0  # tints closer than this (max over channels) count as the same
+MIXED_DISTRACTORS = float(os.environ.get("SYN_MIX", "0.6"))
 PREFIX = {"train_aug": "img", "val": "val"}
 
 
@@ -132,20 +143,53 @@ def _inner_border(label: np.ndarray) -> np.ndarray:
     return diff & (label > 0)
 
 
+def _angle_gap(x: float, y: float) -> float:
+    """Distance between two stripe angles (stripes repeat every pi)."""
+    return abs((x - y + np.pi / 2) % np.pi - np.pi / 2)
+
+
+def mixed_gap(num_classes: int) -> float:
+    """How far (radians) a distractor's stripe angle stays from the angles of classes sharing its tint."""
+    return min(np.pi / 4, np.pi / (2 * num_classes))
+
+
+def _mixed_texture(rng: np.random.Generator, looks: list[Appearance]) -> tuple[np.ndarray, float]:
+    """A distractor's (tint, stripe angle): one cue of a random class k, the other from no class sharing it.
+
+    Half the time k's tint (jittered) with an angle far from every class of a similar tint, otherwise k's
+    angle with a tint far from every class of a similar angle: neither cue alone names a class, only their
+    conjunction on a real body does."""
+    k, gap = int(rng.integers(0, len(looks))), mixed_gap(len(looks))
+    if rng.random() < 0.5:
+        tint = np.asarray(looks[k].body_tint, np.float32) + rng.normal(0, TINT_JITTER, 3).astype(np.float32)
+        taken = [lk.stripe_angle for lk in looks if np.abs(tint - lk.body_tint).max() < TINT_GAP]
+        for _ in range(100):
+            angle = float(rng.uniform(0, np.pi))
+            if all(_angle_gap(angle, t) > gap for t in taken):
+                return tint, angle
+        return tint, float(looks[k].stripe_angle + np.pi / 2)  # unreachable in practice
+    angle = looks[k].stripe_angle
+    near = [np.asarray(lk.body_tint, np.float32) for lk in looks if _angle_gap(lk.stripe_angle, angle) <= gap]
+    while True:
+        tint = rng.uniform(70, 180, 3).astype(np.float32)
+        if all(np.abs(tint - t).max() >= TINT_GAP for t in near):
+            return tint, angle
+
+
 def render(rng: np.random.Generator, size: int, num_classes: int, max_objects: int, distractors: int):
     """One image: ``(rgb uint8 (S, S, 3), label uint8 (S, S), parts uint8 (S, S), objects metadata)``."""
     s = size
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
     looks = [appearance(k, num_classes) for k in range(num_classes)]
-    period, amp = max(3.0, 0.07 * s), 22.0
+    period = max(3.0, STRIPE_PERIOD * s)
     # background: muted grey with a gentle gradient
     base = rng.uniform(95, 165) + rng.normal(0, 10, 3)
     ramp_dir = rng.uniform(0, 2 * np.pi)
     ramp = ((xx * np.cos(ramp_dir) + yy * np.sin(ramp_dir)) / s - 0.5) * rng.uniform(10, 35)
     img = base[None, None, :].astype(np.float32) + ramp[:, :, None]
-    # distractors: unlabelled clutter, half of them wearing a class's body texture
+    # distractors: unlabelled clutter wearing half of a class's body texture (or none of it)
     for _ in range(int(rng.integers(0, distractors + 1))):
-        a, cx, cy = rng.uniform(0.07, 0.16) * s, rng.uniform(0, s), rng.uniform(0, s)
+        a, cx, cy = rng.uniform(*DISTRACTOR_SIZE) * s, rng.uniform(0, s), rng.uniform(0, s)
         kind, theta = int(rng.integers(0, 3)), rng.uniform(0, np.pi)
         if kind == 0:
             m = _ellipse(xx, yy, cx, cy, a, a * rng.uniform(0.5, 0.9), theta)
@@ -153,12 +197,11 @@ def render(rng: np.random.Generator, size: int, num_classes: int, max_objects: i
             m = _rect(xx, yy, cx, cy, a, 0.7 * a, theta)
         else:
             m = _polygon(s, _regular(cx, cy, 1.3 * a, 3, theta))
-        if rng.random() < 0.5:
-            look = looks[int(rng.integers(0, num_classes))]
-            tint, angle = np.asarray(look.body_tint) + rng.normal(0, 10, 3), look.stripe_angle
+        if rng.random() < MIXED_DISTRACTORS:
+            tint, angle = _mixed_texture(rng, looks)
         else:
             tint, angle = rng.uniform(80, 170) + rng.normal(0, 14, 3), rng.uniform(0, np.pi)
-        img[m] = _stripes(xx, yy, tint, angle, period, rng.uniform(0, 6.3), amp)[m]
+        img[m] = _stripes(xx, yy, tint, angle, period, rng.uniform(0, 6.3), BODY_AMP)[m]
     # objects: classes of the image, then sometimes a second object of one of them
     n_max = min(3, num_classes, max_objects)
     probs = np.asarray(CLASS_MIX[:n_max]) / sum(CLASS_MIX[:n_max])
@@ -172,9 +215,10 @@ def render(rng: np.random.Generator, size: int, num_classes: int, max_objects: i
     occupied = np.zeros((s, s), bool)
     placed: list[int] = []
     for j, k in enumerate(classes):
-        look, r = looks[k], max(2.0, 0.05 * s) * rng.uniform(0.9, 1.1)
-        for _attempt in range(40):
-            a = rng.uniform(0.13, 0.22) * s
+        look, r = looks[k], max(2.0, PART_RADIUS * s) * rng.uniform(0.9, 1.1)
+        for attempt in range(60):
+            shrink = 1.0 if attempt < 30 else 0.75
+            a = rng.uniform(*BODY_SIZE) * s * shrink
             b, theta = a * rng.uniform(0.55, 0.85), rng.uniform(0, 2 * np.pi)
             reach = a + 2 * r + 1
             if 2 * reach >= s:
@@ -185,12 +229,13 @@ def render(rng: np.random.Generator, size: int, num_classes: int, max_objects: i
             px, py = cx + 0.9 * a * np.cos(theta), cy + 0.9 * a * np.sin(theta)
             part = _shape(look.part_shape, xx, yy, px, py, r, s)
             whole = body | part
-            if (whole & occupied).sum() <= 0.15 * whole.sum() and not (part & occupied).any():
+            if (whole & occupied).sum() <= 0.15 * whole.sum() and not (part & occupied).any() \
+                    and not (whole & (parts == 2)).any():  # never hide an earlier part
                 break
         else:
             continue  # no room: drop this object (never the first, which always fits)
-        texture = _stripes(xx, yy, np.asarray(look.body_tint) + rng.normal(0, 10, 3), look.stripe_angle,
-                           period, rng.uniform(0, 6.3), amp)
+        texture = _stripes(xx, yy, np.asarray(look.body_tint) + rng.normal(0, TINT_JITTER, 3), look.stripe_angle,
+                           period, rng.uniform(0, 6.3), BODY_AMP)
         img[body] = texture[body]
         img[part] = np.asarray(look.part_colour, np.float32) + rng.normal(0, 8, 3).astype(np.float32)
         occupied |= whole
@@ -203,7 +248,7 @@ def render(rng: np.random.Generator, size: int, num_classes: int, max_objects: i
                 "part_pixels": int(((inst == j + 1) & (parts == 2)).sum())} for j in placed]
     border = _inner_border(label)
     label[border], parts[border] = voc.IGNORE, voc.IGNORE
-    img += rng.normal(0, 6, img.shape).astype(np.float32)
+    img += rng.normal(0, NOISE, img.shape).astype(np.float32)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), label, parts, objects
 
 

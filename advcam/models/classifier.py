@@ -15,6 +15,7 @@ Checkpoint helpers shared with :mod:`advcam.models.deeplab` live here too.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -125,10 +126,30 @@ def load_model_checkpoint(path: str | Path, kind: str, build: Callable[[str, int
     return model.eval(), header
 
 
+# Training method -> "module:function" building a fresh classifier ``fn(arch, num_classes, pretrained=None)``.
+# Every method's model keeps the CAMNet interface (features, classifier, cam, forward).
+BUILDERS: dict[str, str] = {
+    "cam": "advcam.models.classifier:build_classifier",
+    "seam": "advcam.models.seam:build_seam",
+    "eader": "advcam.models.eader:build_eader",
+}
+
+
+def builder_for(method: str) -> Callable[..., nn.Module]:
+    """The build function of a classifier training method (see :data:`BUILDERS`)."""
+    if method not in BUILDERS:
+        raise AdvcamError(f"classifier method {method!r} unknown (choose from {', '.join(BUILDERS)})")
+    module, name = BUILDERS[method].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu",
                     num_classes: int | None = None) -> CAMNet:
-    """Load a classifier written by ``advcam train-cls``, in eval mode; ``.header`` holds its header."""
-    model, header = load_model_checkpoint(path, "classifier", build_classifier, num_classes, map_location)
+    """Load a classifier written by ``advcam train-cls`` (any method), in eval mode; ``.header`` holds its header."""
+    header, _ = load_checkpoint(path, map_location="cpu")
+    method = str(header.get("method", "cam")) if header.get("kind") == "classifier" else "cam"
+    build = builder_for(method)
+    model, header = load_model_checkpoint(path, "classifier", build, num_classes, map_location)
     model.header = header  # type: ignore[assignment]
     model.classes = list(header.get("classes") or [])  # type: ignore[assignment]
     return model  # type: ignore[return-value]

@@ -27,3 +27,13 @@ def train_classifier(model: CAMNet, dataset: Dataset, *, epochs: int, batch_size
     return loop.fit(model, optimizer, lambda e: loop.epoch_loader(dataset, batch_size, seed, e, workers),
                     classification_loss, epochs=epochs, base_lr=lr, resume=resume, curves=curves,
                     fingerprint=fingerprint, desc="train-cls")
+
+
+def train_cam(model: CAMNet, dataset: Dataset, *, cfg: Any, seed: int, workers: int, resume: Path, curves: Path,
+              fingerprint: Mapping[str, Any]) -> list[list[float]]:
+    """Train the plain CAM network with the ``classifier`` params section ``cfg`` (the stage's entry point).
+
+    Every classifier training method has this signature (``advcam.steps.train_cls.TRAINERS``)."""
+    return train_classifier(model, dataset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, momentum=cfg.momentum, seed=seed, workers=workers,
+                            resume=resume, curves=curves, fingerprint=fingerprint)
