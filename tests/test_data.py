@@ -13,7 +13,8 @@ from PIL import Image
 from advcam.data import DatasetInfo, voc
 from advcam.data import transforms as T
 from advcam.data.datasets import ClassificationDataset, SegmentationDataset
-from advcam.data.synthetic import CLASS_NAMES, appearance, class_names, generate
+from advcam.data.synthetic import (CLASS_NAMES, _mixed_texture, appearance, class_names, generate,
+                                    mixed_gap)
 from advcam.utils.errors import AdvcamError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -97,6 +98,22 @@ def test_parts_are_small_and_discriminative(syn):
     assert len({(a.part_colour, a.part_shape) for a in looks}) == 20          # parts unique per class
     assert looks[0].body_tint == looks[4].body_tint                         # bodies share tints
     assert len(set(class_names(20))) == 20 and class_names(3) == list(CLASS_NAMES[:3])
+
+
+def test_distractors_never_wear_a_whole_body_texture():
+    """A distractor's texture shares one cue (tint or stripe angle) with a class, never both."""
+    for c in (1, 2, 6, 20):
+        looks = [appearance(k, c) for k in range(c)]
+        rng, gap = np.random.default_rng(c), mixed_gap(c)
+        hits = 0
+        for _ in range(300):
+            tint, angle = _mixed_texture(rng, looks)
+            for look in looks:
+                same_tint = np.abs(tint - np.asarray(look.body_tint)).max() < 30
+                d_angle = abs((angle - look.stripe_angle + np.pi / 2) % np.pi - np.pi / 2)
+                assert not (same_tint and d_angle <= gap), (c, tint, angle, look)
+                hits += same_tint or d_angle < 1e-6
+        assert hits > 250  # most distractors do carry one cue of some class
 
 
 def test_generator_at_minimum_size(tmp_path):

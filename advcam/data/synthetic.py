@@ -21,7 +21,6 @@ files and changing ``num_val`` does not change the training images. PIL and nump
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,16 +41,24 @@ SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "diamond", "plus", "hex
 BODY_TINTS = np.array([(150, 118, 96), (98, 126, 150), (126, 142, 96), (146, 108, 134)], np.float32)
 CLASS_MIX = (0.30, 0.45, 0.25)  # P(1, 2, 3 classes in an image)
 SPLITS = {"train_aug": 0, "val": 1}
-# tuning knobs (fractions of the image side unless noted)
-BODY_SIZE = tuple(float(v) for v in os.environ.get("SYN_BODY", "0.17,0.27").split(","))
-PART_RADIUS = float(os.environ.get("SYN_PART", "0.05"))
-DISTRACTOR_SIZE = (0.07, 0.16)
-STRIPE_PERIOD = 0.07
-BODY_AMP = float(os.environ.get("SYN_AMP", "16"))
-TINT_JITTER = float(os.environ.get("SYN_JIT", "10"))
-NOISE = float(os.environ.get("SYN_NOISE", "6"))
 TINT_GAP = 30.0  # tints closer than this (max over channels) count as the same
-MIXED_DISTRACTORS = float(os.environ.get("SYN_MIX", "0.6"))
+
+
+@dataclass(frozen=True)
+class Style:
+    """How strong each cue is (sizes are fractions of the image side, amplitudes in 8-bit grey levels)."""
+
+    body_size: tuple[float, float] = (0.17, 0.27)  # body half-length range
+    part_radius: float = 0.05
+    distractor_size: tuple[float, float] = (0.07, 0.16)
+    stripe_period: float = 0.07
+    body_amp: float = 16.0  # stripe amplitude
+    tint_jitter: float = 10.0  # per-object std of the body tint
+    noise: float = 6.0  # per-pixel std
+    mixed_distractors: float = 0.6  # share of distractors wearing one cue of a class's body texture
+
+
+STYLE = Style()
 PREFIX = {"train_aug": "img", "val": "val"}
 
 
@@ -153,7 +160,8 @@ def mixed_gap(num_classes: int) -> float:
     return min(np.pi / 4, np.pi / (2 * num_classes))
 
 
-def _mixed_texture(rng: np.random.Generator, looks: list[Appearance]) -> tuple[np.ndarray, float]:
+def _mixed_texture(rng: np.random.Generator, looks: list[Appearance], tint_jitter: float = STYLE.tint_jitter
+                   ) -> tuple[np.ndarray, float]:
     """A distractor's (tint, stripe angle): one cue of a random class k, the other from no class sharing it.
 
     Half the time k's tint (jittered) with an angle far from every class of a similar tint, otherwise k's
@@ -161,7 +169,7 @@ def _mixed_texture(rng: np.random.Generator, looks: list[Appearance]) -> tuple[n
     conjunction on a real body does."""
     k, gap = int(rng.integers(0, len(looks))), mixed_gap(len(looks))
     if rng.random() < 0.5:
-        tint = np.asarray(looks[k].body_tint, np.float32) + rng.normal(0, TINT_JITTER, 3).astype(np.float32)
+        tint = np.asarray(looks[k].body_tint, np.float32) + rng.normal(0, tint_jitter, 3).astype(np.float32)
         taken = [lk.stripe_angle for lk in looks if np.abs(tint - lk.body_tint).max() < TINT_GAP]
         for _ in range(100):
             angle = float(rng.uniform(0, np.pi))
@@ -176,12 +184,13 @@ def _mixed_texture(rng: np.random.Generator, looks: list[Appearance]) -> tuple[n
             return tint, angle
 
 
-def render(rng: np.random.Generator, size: int, num_classes: int, max_objects: int, distractors: int):
+def render(rng: np.random.Generator, size: int, num_classes: int, max_objects: int, distractors: int,
+           style: Style = STYLE):
     """One image: ``(rgb uint8 (S, S, 3), label uint8 (S, S), parts uint8 (S, S), objects metadata)``."""
     s = size
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
     looks = [appearance(k, num_classes) for k in range(num_classes)]
-    period = max(3.0, STRIPE_PERIOD * s)
+    period = max(3.0, style.stripe_period * s)
     # background: muted grey with a gentle gradient
     base = rng.uniform(95, 165) + rng.normal(0, 10, 3)
     ramp_dir = rng.uniform(0, 2 * np.pi)
@@ -189,7 +198,7 @@ def render(rng: np.random.Generator, size: int, num_classes: int, max_objects: i
     img = base[None, None, :].astype(np.float32) + ramp[:, :, None]
     # distractors: unlabelled clutter wearing half of a class's body texture (or none of it)
     for _ in range(int(rng.integers(0, distractors + 1))):
-        a, cx, cy = rng.uniform(*DISTRACTOR_SIZE) * s, rng.uniform(0, s), rng.uniform(0, s)
+        a, cx, cy = rng.uniform(*style.distractor_size) * s, rng.uniform(0, s), rng.uniform(0, s)
         kind, theta = int(rng.integers(0, 3)), rng.uniform(0, np.pi)
         if kind == 0:
             m = _ellipse(xx, yy, cx, cy, a, a * rng.uniform(0.5, 0.9), theta)
@@ -197,11 +206,11 @@ def render(rng: np.random.Generator, size: int, num_classes: int, max_objects: i
             m = _rect(xx, yy, cx, cy, a, 0.7 * a, theta)
         else:
             m = _polygon(s, _regular(cx, cy, 1.3 * a, 3, theta))
-        if rng.random() < MIXED_DISTRACTORS:
-            tint, angle = _mixed_texture(rng, looks)
+        if rng.random() < style.mixed_distractors:
+            tint, angle = _mixed_texture(rng, looks, style.tint_jitter)
         else:
             tint, angle = rng.uniform(80, 170) + rng.normal(0, 14, 3), rng.uniform(0, np.pi)
-        img[m] = _stripes(xx, yy, tint, angle, period, rng.uniform(0, 6.3), BODY_AMP)[m]
+        img[m] = _stripes(xx, yy, tint, angle, period, rng.uniform(0, 6.3), style.body_amp)[m]
     # objects: classes of the image, then sometimes a second object of one of them
     n_max = min(3, num_classes, max_objects)
     probs = np.asarray(CLASS_MIX[:n_max]) / sum(CLASS_MIX[:n_max])
@@ -215,10 +224,10 @@ def render(rng: np.random.Generator, size: int, num_classes: int, max_objects: i
     occupied = np.zeros((s, s), bool)
     placed: list[int] = []
     for j, k in enumerate(classes):
-        look, r = looks[k], max(2.0, PART_RADIUS * s) * rng.uniform(0.9, 1.1)
+        look, r = looks[k], max(2.0, style.part_radius * s) * rng.uniform(0.9, 1.1)
         for attempt in range(60):
             shrink = 1.0 if attempt < 30 else 0.75
-            a = rng.uniform(*BODY_SIZE) * s * shrink
+            a = rng.uniform(*style.body_size) * s * shrink
             b, theta = a * rng.uniform(0.55, 0.85), rng.uniform(0, 2 * np.pi)
             reach = a + 2 * r + 1
             if 2 * reach >= s:
@@ -234,8 +243,8 @@ def render(rng: np.random.Generator, size: int, num_classes: int, max_objects: i
                 break
         else:
             continue  # no room: drop this object (never the first, which always fits)
-        texture = _stripes(xx, yy, np.asarray(look.body_tint) + rng.normal(0, TINT_JITTER, 3), look.stripe_angle,
-                           period, rng.uniform(0, 6.3), BODY_AMP)
+        texture = _stripes(xx, yy, np.asarray(look.body_tint) + rng.normal(0, style.tint_jitter, 3), look.stripe_angle,
+                           period, rng.uniform(0, 6.3), style.body_amp)
         img[body] = texture[body]
         img[part] = np.asarray(look.part_colour, np.float32) + rng.normal(0, 8, 3).astype(np.float32)
         occupied |= whole
@@ -248,7 +257,7 @@ def render(rng: np.random.Generator, size: int, num_classes: int, max_objects: i
                 "part_pixels": int(((inst == j + 1) & (parts == 2)).sum())} for j in placed]
     border = _inner_border(label)
     label[border], parts[border] = voc.IGNORE, voc.IGNORE
-    img += rng.normal(0, NOISE, img.shape).astype(np.float32)
+    img += rng.normal(0, style.noise, img.shape).astype(np.float32)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), label, parts, objects
 
 
@@ -261,7 +270,7 @@ def _param(params: Mapping[str, Any], key: str, default: Any) -> Any:
     return params[key] if key in params else default
 
 
-def generate(params: Mapping[str, Any], root: str | Path) -> SyntheticDataset:
+def generate(params: Mapping[str, Any], root: str | Path, style: Style | None = None) -> SyntheticDataset:
     """Write the dataset described by ``params`` (the ``synthetic`` section) in VOC layout under ``root``."""
     root = Path(root)
     seed = int(_param(params, "seed", 0))
@@ -280,7 +289,7 @@ def generate(params: Mapping[str, Any], root: str | Path) -> SyntheticDataset:
     jobs = [(split, i, image_id) for split in ("train_aug", "val") for i, image_id in enumerate(lists[split])]
     for split, i, image_id in progress(jobs, desc="generate synthetic", unit="img"):
         rng = np.random.default_rng([seed, SPLITS[split], i])
-        rgb, label, parts, objs = render(rng, size, num_classes, max_obj, n_dist)
+        rgb, label, parts, objs = render(rng, size, num_classes, max_obj, n_dist, style or STYLE)
         _save_jpeg(voc.image_path(root, image_id), rgb)
         save_png(voc.mask_path(root, "SegmentationClass", image_id), label, pal)
         save_png(voc.mask_path(root, "SegmentationPart", image_id), parts)
