@@ -1,10 +1,19 @@
 """Stage ``refine``: pseudo labels (``<out>/<id>.png``, VOC palette, 255 = unsure) and their scores.
 
+``refine.method``: ``crf`` writes the dense-CRF labels (:mod:`advcam.refine.crf`). ``randomwalk`` (IRN/AdvCAM)
+first writes the CRF labels to ``<out>/.crf/``, trains an affinity network on them
+(:mod:`advcam.refine.affinity`; checkpoint ``<out>/.affinity.pt``, resume file ``<out>/.affinity.pt.resume.pt``
+while training, curve ``<out>/.affinity.csv``), then walks the stride-4 CAMs over its affinities
+(:mod:`advcam.refine.randomwalk`). The affinity network uses ``classifier.arch`` (and ``classifier.pretrained``,
+then frozen as IRN's backbone); it is retrained only when its params, the seed or the CRF labels change.
+
 Resumable: stale temporary files are removed, and a pseudo label that opens and has its image's size is
 kept (read back for the metrics) instead of recomputed, unless the ``refine`` params or the CAM folder's
 record (``.advcam-params.json``) changed since (then the list's labels are recomputed). Scores count labelled pixels only:
 ``pseudo_miou`` and ``pseudo_iou_<class>`` leave 255 out; ``pseudo_labelled_fraction`` is the share of
-all pixels that got a label (0 or a class).
+all pixels that got a label (0 or a class). Both describe the final labels; ``pseudo_miou_crf`` and
+``pseudo_labelled_fraction_crf`` describe the CRF labels (before the random walk; equal to the final ones
+for ``crf``).
 """
 from __future__ import annotations
 
@@ -14,17 +23,35 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+import torch
+
 from advcam.attribution.cam import load_cam
 from advcam.data import load_info
+from advcam.data.datasets import SegmentationDataset
+from advcam.data.transforms import normalize
 from advcam.steps.cams import FINGERPRINT, invalidate_if_changed
 from advcam.data.voc import palette
 from advcam.metrics import confusion, finite_or_none, iou_from_confusion, mean_iou, per_class
+from advcam.refine.affinity import AffinityNet, batch_loss, build_affinity_net, pairwise_affinity
 from advcam.refine.crf import CRFParams, cam_to_label
+from advcam.refine.randomwalk import walk_labels
+from advcam.steps.train_seg import pseudo_digest
+from advcam.train import loop
+from advcam.train.segmentation import pseudo_label_reader
+from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
+from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import clean_stale_temps, read_json, save_png, write_json
 from advcam.utils.progress import log, progress
 
 RefineFn = Callable[[np.ndarray, dict, Any], np.ndarray]
+LabelFn = Callable[[np.ndarray, dict], np.ndarray]
+CRF_DIR = ".crf"  # CRF labels of the randomwalk method, inside the output folder
+AFFINITY_FILE = ".affinity.pt"
+AFFINITY_CURVE = ".affinity.csv"
+AFFINITY_MOMENTUM = 1e-4  # IRN's effective momentum (its PolyOptimizer passes weight_decay as SGD's momentum)
+AFFINITY_SCALES = (0.625, 1.25)  # random rescaling of training images (IRN: long side 320..640 for crop 512)
+TRAIN_KEYS = ("epochs", "batch_size", "crop_size", "lr", "weight_decay", "radius")
 
 
 def crf_method(image: np.ndarray, maps: dict, cfg_refine: Any) -> np.ndarray:
@@ -34,6 +61,7 @@ def crf_method(image: np.ndarray, maps: dict, cfg_refine: Any) -> np.ndarray:
 
 
 METHODS: dict[str, RefineFn] = {"crf": crf_method}
+STAGED = ("randomwalk",)  # methods that need a trained model: handled by :func:`run` itself
 
 
 def read_label(path: Path, size: tuple[int, int]) -> np.ndarray | None:
@@ -49,11 +77,104 @@ def read_label(path: Path, size: tuple[int, int]) -> np.ndarray | None:
         return None
 
 
+def label_all(info: Any, ids: list[str], cams: Path, folder: Path, fn: LabelFn, desc: str) -> dict[str, Any]:
+    """Write ``folder/<id>.png`` = ``fn(image, maps)`` where missing (a valid file is kept) and score them.
+
+    Returns ``conf`` (confusion matrix), ``labelled``, ``total`` (pixels), ``scored`` (images with a mask)
+    and ``computed`` (labels written now)."""
+    pal = palette()
+    k = info.num_classes + 1
+    conf = np.zeros((k, k), np.int64)
+    labelled = total = scored = computed = 0
+    for image_id in progress(ids, desc=desc, unit="img"):
+        image = info.read_image(image_id)
+        size = image.shape[:2]
+        path = folder / f"{image_id}.png"
+        label = read_label(path, size)
+        if label is None:
+            maps = load_cam(cams / f"{image_id}.npz", size, info.num_classes)
+            label = fn(image, maps)
+            save_png(path, label, pal)
+            computed += 1
+        labelled += int((label != 255).sum())
+        total += label.size
+        if Path(info.mask_path(image_id)).is_file():
+            conf += confusion(label, info.read_mask(image_id), k)
+            scored += 1
+    return {"conf": conf, "labelled": labelled, "total": total, "scored": scored, "computed": computed}
+
+
+def affinity_fingerprint(cfg: Any, labels: Path, ids: list[str]) -> dict[str, Any]:
+    """What the affinity network depends on: its training params, arch, seed and the CRF labels' bytes."""
+    rw = cfg.refine.randomwalk
+    return {"stage": "affinity", "params": {k: rw[k] for k in TRAIN_KEYS}, "arch": str(cfg.classifier.arch),
+            "pretrained": cfg.classifier.pretrained, "seed": int(cfg.seed), "labels": pseudo_digest(labels, ids)}
+
+
+def affinity_model(cfg: Any, info: Any, ids: list[str], labels: Path, out: Path,
+                   device: torch.device) -> AffinityNet:
+    """The affinity network of ``out/.affinity.pt`` if it fits, else trained (resuming) on ``labels``."""
+    rw = cfg.refine.randomwalk
+    path = out / AFFINITY_FILE
+    fingerprint = affinity_fingerprint(cfg, labels, ids)
+    arch = str(cfg.classifier.arch)
+    if path.is_file():
+        try:
+            header, state = load_checkpoint(path)
+        except AdvcamError as exc:
+            log.warning("refine: ignoring %s (%s)", path, exc)
+            header, state = {}, {}
+        if header.get("kind") == "affinity" and header.get("fingerprint") == fingerprint:
+            model = build_affinity_net(arch)
+            model.load_state_dict(state["model"])
+            log.info("refine: affinity network from %s", path)
+            return model.to(device).eval()
+        log.info("refine: %s was trained with other params or labels; retraining", path)
+    seed_everything(int(cfg.seed))
+    model = build_affinity_net(arch, cfg.classifier.pretrained).to(device)
+    dataset = SegmentationDataset(info, ids, pseudo_label_reader(info, labels), int(rw.crop_size), train=True,
+                                  seed=int(cfg.seed), scale_range=AFFINITY_SCALES)
+    optimizer = loop.make_sgd(model.param_groups(), float(rw.lr), float(rw.weight_decay), AFFINITY_MOMENTUM,
+                              head_mult=1.0)
+    resume = loop.resume_path_for(path)
+    log.info("refine: training the affinity network (%s, %d images, %d epochs) on %s", arch, len(ids),
+             int(rw.epochs), device)
+    loop.fit(model, optimizer,
+             lambda e: loop.epoch_loader(dataset, int(rw.batch_size), int(cfg.seed), e, int(cfg.workers)),
+             lambda m, b: batch_loss(m, b, int(rw.radius)), epochs=int(rw.epochs), base_lr=float(rw.lr),
+             resume=resume, curves=out / AFFINITY_CURVE, fingerprint=fingerprint, desc="affinity")
+    save_checkpoint(path, {"kind": "affinity", "arch": arch, "fingerprint": fingerprint},
+                    model={k: v.cpu() for k, v in model.state_dict().items()})
+    loop.finish(resume)
+    return model.eval()
+
+
+def walker(model_fn: Callable[[], AffinityNet], cfg_rw: Any, device: torch.device) -> LabelFn:
+    """``fn(image, maps)``: the random-walk label of one image (the model is made on first use)."""
+    cache: list[AffinityNet] = []
+
+    def fn(image: np.ndarray, maps: dict) -> np.ndarray:
+        if not cache:
+            cache.append(model_fn())
+        radius = int(cfg_rw.radius)
+        with torch.inference_mode():
+            emb = cache[0](normalize(image)[None].to(device))
+            cam = torch.from_numpy(maps["cam"]).to(device)
+            if cam.shape[0] and tuple(emb.shape[-2:]) != tuple(cam.shape[-2:]):
+                raise AdvcamError(f"affinity grid {tuple(emb.shape[-2:])} differs from the CAM grid "
+                                  f"{tuple(cam.shape[-2:])}")
+            return walk_labels(cam, maps["keys"], pairwise_affinity(emb, radius)[0], image.shape[:2],
+                               radius=radius, beta=float(cfg_rw.beta), exp_times=int(cfg_rw.exp_times),
+                               cam_power=float(cfg_rw.cam_power), bg_threshold=float(cfg_rw.bg_threshold))
+    return fn
+
+
 def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path) -> None:
     """Write a pseudo label for every infer image (resuming), then score them against the masks."""
     method = str(cfg.refine.method)
-    if method not in METHODS:
-        raise AdvcamError(f"refine.method: unknown method {method!r} (known: {', '.join(sorted(METHODS))})")
+    if method not in METHODS and method not in STAGED:
+        known = sorted({*METHODS, *STAGED})
+        raise AdvcamError(f"refine.method: unknown method {method!r} (known: {', '.join(known)})")
     info = load_info(data)
     ids = list(info.lists.get("infer", []))
     if not ids:
@@ -63,32 +184,44 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path) -> None:
     if clean_stale_temps(out):
         log.info("refine: removed stale temporary files in %s", out)
     cams_record = read_json(cams / FINGERPRINT) if (cams / FINGERPRINT).is_file() else None
-    invalidate_if_changed(out, {"refine": cfg.refine.to_dict(), "cams": cams_record}, ids, ".png")
-    pal = palette()
-    k = info.num_classes + 1
-    conf = np.zeros((k, k), np.int64)
-    labelled = total = scored = computed = 0
-    for image_id in progress(ids, desc=f"refine ({method})", unit="img"):
-        image = info.read_image(image_id)
-        size = image.shape[:2]
-        path = out / f"{image_id}.png"
-        label = read_label(path, size)
-        if label is None:
-            maps = load_cam(cams / f"{image_id}.npz", size, info.num_classes)
-            label = METHODS[method](image, maps, cfg.refine)
-            save_png(path, label, pal)
-            computed += 1
-        labelled += int((label != 255).sum())
-        total += label.size
-        if Path(info.mask_path(image_id)).is_file():
-            conf += confusion(label, info.read_mask(image_id), k)
-            scored += 1
+    record: dict[str, Any] = {"refine": cfg.refine.to_dict(), "cams": cams_record}
+    if method in STAGED:
+        record["affinity"] = {"arch": cfg.classifier.arch, "pretrained": cfg.classifier.pretrained, "seed": cfg.seed}
+    invalidate_if_changed(out, record, ids, ".png")
+    if method == "crf":
+        final = crf = label_all(info, ids, cams, out, lambda im, maps: METHODS[method](im, maps, cfg.refine),
+                                f"refine ({method})")
+    else:
+        labels = out / CRF_DIR
+        labels.mkdir(exist_ok=True)
+        clean_stale_temps(labels)
+        crf_keys = {k: v for k, v in cfg.refine.to_dict().items() if k in ("fg_threshold", "bg_threshold", "crf")}
+        invalidate_if_changed(labels, {"refine": crf_keys, "cams": cams_record}, ids, ".png")
+        crf = label_all(info, ids, cams, labels, lambda im, maps: METHODS["crf"](im, maps, cfg.refine),
+                        "refine (crf labels)")
+        device = resolve_device(cfg.device)
+        fn = walker(lambda: affinity_model(cfg, info, ids, labels, out, device), cfg.refine.randomwalk, device)
+        final = label_all(info, ids, cams, out, fn, "refine (random walk)")
+    computed = final["computed"]
     log.info("refine: %d pseudo labels computed, %d kept from an earlier run", computed, len(ids) - computed)
-    result: dict[str, Any] = {"num_images": len(ids), "num_images_scored": scored,
-                              "pseudo_labelled_fraction": labelled / total if total else None,
-                              "pseudo_miou": finite_or_none(mean_iou(conf)) if scored else None}
-    if scored:
-        result.update(per_class("pseudo_iou", iou_from_confusion(conf), info.classes))
+    result = scores(final, "pseudo", info.classes)
+    before = scores(crf, "pseudo", info.classes)
+    result.update(pseudo_miou_crf=before["pseudo_miou"],
+                  pseudo_labelled_fraction_crf=before["pseudo_labelled_fraction"])
+    if final["scored"]:
+        if method != "crf":
+            log.info("refine: CRF labels mIoU %.4f (%.1f%% labelled)", before["pseudo_miou"] or float("nan"),
+                     100 * before["pseudo_labelled_fraction"])
         log.info("refine: pseudo-label mIoU %.4f on labelled pixels (%.1f%% labelled)",
                  result["pseudo_miou"] or float("nan"), 100 * result["pseudo_labelled_fraction"])
-    write_json(metrics, result)
+    write_json(metrics, {"num_images": len(ids), **result})
+
+
+def scores(s: dict[str, Any], prefix: str, classes: list[str]) -> dict[str, Any]:
+    """Flat metrics of :func:`label_all`'s counts: ``<prefix>_miou``, ``_labelled_fraction``, ``_iou_<class>``."""
+    out: dict[str, Any] = {"num_images_scored": s["scored"],
+                           f"{prefix}_labelled_fraction": s["labelled"] / s["total"] if s["total"] else None,
+                           f"{prefix}_miou": finite_or_none(mean_iou(s["conf"])) if s["scored"] else None}
+    if s["scored"]:
+        out.update(per_class(f"{prefix}_iou", iou_from_confusion(s["conf"]), classes))
+    return out

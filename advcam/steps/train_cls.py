@@ -13,6 +13,7 @@ from typing import Callable
 from advcam.models.classifier import builder_for, classifier_header
 from advcam.train import loop
 from advcam.utils.checkpoint import save_checkpoint
+from advcam.utils.io import clean_stale_temps_for
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.progress import log
 
@@ -34,6 +35,14 @@ def ids_digest(ids: list[str]) -> str:
     return hashlib.sha1("\n".join(ids).encode()).hexdigest()
 
 
+def images_digest(info: object, ids: list[str]) -> str:
+    """Content hash of the list's images, so a resume file never continues on a re-prepared dataset."""
+    h = hashlib.sha1()
+    for image_id in ids:
+        h.update(Path(info.image_path(image_id)).read_bytes())  # type: ignore[attr-defined]
+    return h.hexdigest()
+
+
 def run(cfg: Config, data: Path, out: Path, curves: Path) -> None:
     info = load_info(data)
     ids = info.lists["train"]
@@ -46,7 +55,10 @@ def run(cfg: Config, data: Path, out: Path, curves: Path) -> None:
     log.info("train-cls: %s (%s), %d images of %s (list train), %d classes, %d epochs on %s",
              c.method, c.arch, len(ids), data, info.num_classes, c.epochs, device)
     resume = loop.resume_path_for(out)
-    fingerprint = {"stage": "train_cls", "params": params, "classes": list(info.classes), "ids": ids_digest(ids)}
+    if clean_stale_temps_for([out, resume]):
+        log.info("train-cls: removed the temporary files of a killed run next to %s", out)
+    fingerprint = {"stage": "train_cls", "params": params, "classes": list(info.classes), "ids": ids_digest(ids),
+                   "images": images_digest(info, ids)}
     trainer_for(c.method)(model, dataset, cfg=c, seed=cfg.seed, workers=cfg.workers, resume=resume,
                           curves=curves, fingerprint=fingerprint)
     state = {k: v.cpu() for k, v in model.state_dict().items()}

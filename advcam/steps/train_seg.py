@@ -8,10 +8,11 @@ from advcam.config import Config
 from advcam.data import load_info
 from advcam.data.datasets import SegmentationDataset
 from advcam.models.deeplab import build_segmenter, segmenter_header
-from advcam.steps.train_cls import ids_digest
+from advcam.steps.train_cls import ids_digest, images_digest
 from advcam.train import loop
 from advcam.train.segmentation import check_pseudo_labels, pseudo_label_reader, train_segmenter
 from advcam.utils.checkpoint import save_checkpoint
+from advcam.utils.io import clean_stale_temps_for
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.progress import log
 
@@ -40,8 +41,10 @@ def run(cfg: Config, data: Path, pseudo: Path, out: Path, curves: Path) -> None:
     log.info("train-seg: %s, %d images of %s (list infer) with pseudo labels from %s, %d epochs on %s",
              s.arch, len(ids), data, pseudo, s.epochs, device)
     resume = loop.resume_path_for(out)
+    if clean_stale_temps_for([out, resume]):
+        log.info("train-seg: removed the temporary files of a killed run next to %s", out)
     fingerprint = {"stage": "train_seg", "params": params, "classes": list(info.classes), "ids": ids_digest(ids),
-                   "pseudo": pseudo_digest(pseudo, ids)}
+                   "images": images_digest(info, ids), "pseudo": pseudo_digest(pseudo, ids)}
     train_segmenter(model, dataset, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
                     weight_decay=s.weight_decay, momentum=momentum, seed=cfg.seed, workers=cfg.workers,
                     resume=resume, curves=curves, fingerprint=fingerprint)

@@ -1,23 +1,61 @@
-"""Checkpoints: plain state dicts + a JSON header, saved atomically, loaded with ``weights_only=True``."""
+"""Checkpoints: plain state dicts + a JSON header, saved atomically, loaded with ``weights_only=True``.
+
+Loading never runs code from the file: ``torch.load(weights_only=True)`` only rebuilds tensors, numbers,
+strings and plain containers, and refuses any other pickled object (a crafted ``__reduce__`` payload is
+refused before it can run). Every defect becomes an :class:`AdvcamError` naming the file.
+"""
 from __future__ import annotations
 
 import json
+import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import atomic_path
+from advcam.utils.io import atomic_path, check_free_space
 
 FORMAT = "advcam-checkpoint-v1"
+ZIP_OVERHEAD = 1.1  # torch.save's zip container: a few % over the raw tensor bytes, kept generous
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state: a lower bound of the checkpoint's size on disk."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, Mapping):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    return 0
 
 
 def save_checkpoint(path: str | Path, header: Mapping[str, Any], **state: Any) -> None:
-    """Save ``state`` (state dicts, tensors, numbers) with a JSON-able ``header`` (arch, classes, params...)."""
+    """Save ``state`` (state dicts, tensors, numbers) with a JSON-able ``header`` (arch, classes, params...).
+
+    Checks first that the file fits on the disk (AdvcamError otherwise), so a full disk fails with a clear
+    message instead of a half-written temporary file. The same state gives the same bytes."""
+    path = Path(path)
     payload = {"format": FORMAT, "header": json.dumps(dict(header), sort_keys=True), **state}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    check_free_space(path.parent, int(state_nbytes(state) * ZIP_OVERHEAD), f"checkpoint {path.name}")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)  # to a file object: the archive's inner names do not depend on the temp name
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason from torch.load's exception (its pickle errors are long and advise unsafe loading)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"(Unsupported (?:global|operand)[^.\n]*?)(?: was not an allowed global| ?\n|\.|$)",
+                          text)
+        what = f": {found.group(1).strip()}" if found else ""
+        return ("refused: the file holds pickled Python objects other than tensors and plain containers"
+                f"{what}; advcam never unpickles code, load only checkpoints written by advcam")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"not a PyTorch checkpoint ({type(exc).__name__}: {first})"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
@@ -25,13 +63,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise AdvcamError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise AdvcamError(f"{path}: checkpoint file is empty (0 bytes); delete it and rerun the stage")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise before the refusal
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # weights-only unpickler raises many types (KeyError for text files, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AdvcamError(f"{path}: not a loadable advcam checkpoint ({first})") from None
+        raise AdvcamError(f"{path}: {_reason(exc)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise AdvcamError(f"{path}: not an advcam checkpoint (no '{FORMAT}' header)")
-    header = json.loads(payload.pop("header"))
+    try:
+        header = json.loads(payload.pop("header"))
+    except (KeyError, TypeError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        raise AdvcamError(f"{path}: advcam checkpoint with a damaged header (expected a JSON object)")
     payload.pop("format")
     return header, payload

@@ -1,17 +1,22 @@
-"""Atomic, pickle-free file I/O.
+"""Atomic, pickle-free file I/O, and the free-space check.
 
 Every file a stage writes goes through :func:`atomic_path`: it is written under a temporary name in the same
-folder and renamed into place, so a killed run leaves either the whole file or nothing under the real name.
+folder, flushed to disk (``fsync``) and renamed into place, so a killed run (or a crashed machine) leaves
+either the whole file or nothing under the real name. What a killed run leaves is a ``.tmp-<name>.*`` file,
+which :func:`clean_stale_temps` / :func:`clean_stale_temps_for` remove. :func:`check_free_space` lets a stage
+fail early, with a clear message, when its outputs will not fit on the disk.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
@@ -23,9 +28,21 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's data to the disk, so that the rename never publishes a file whose data is lost."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it to ``path``, on failure remove it."""
+def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it to ``path``, on failure remove it.
+
+    ``durable`` (default) fsyncs the written file before the rename, so even a power cut cannot leave an
+    empty or partial file under the real name (a SIGKILL cannot either way)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", suffix=path.suffix, dir=path.parent)
@@ -34,6 +51,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -75,10 +94,14 @@ def load_npz(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, np.ndarr
     if not path.is_file():
         raise AdvcamError(f"file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
+            raise AdvcamError(f"{path}: not an .npz archive (a single .npy array); expected named arrays")
+        with data:
             out = {k: data[k] for k in data.files}
-    except ValueError as exc:  # object arrays need pickle: refused
-        raise AdvcamError(f"{path}: refused to load ({exc})") from None
+    except ValueError as exc:  # object arrays / pickled data need the unpickler: refused, never executed
+        raise AdvcamError(f"{path}: refused to load: it holds pickled Python objects ({exc}); advcam never "
+                          "unpickles, write arrays of numbers only") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise AdvcamError(f"{path}: not a readable .npz file ({exc})") from None
     missing = [k for k in keys if k not in out]
@@ -104,9 +127,59 @@ def clean_stale_temps(folder: str | Path) -> int:
         return 0
     n = 0
     for p in folder.glob(TMP_PREFIX + "*"):
-        p.unlink(missing_ok=True)
-        n += 1
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
     return n
+
+
+def clean_stale_temps_for(paths: Iterable[str | Path]) -> int:
+    """Remove the temporary files a killed run left for these output ``paths`` only; return how many.
+
+    Unlike :func:`clean_stale_temps` it leaves other writers' temporaries in the same folder alone (safe when
+    several jobs write into one folder, e.g. shards of a stage or two trainings writing into ``models/``)."""
+    n = 0
+    for path in paths:
+        path = Path(path)
+        if not path.parent.is_dir():
+            continue
+        for p in path.parent.glob(glob.escape(f"{TMP_PREFIX}{path.name}.") + "*"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+DISK_MARGIN = 64 * 1024**2  # kept free on top of what a stage needs (logs, temporaries of other jobs)
+
+
+def check_free_space(folder: str | Path, needed_bytes: int, what: str, margin: int = DISK_MARGIN) -> int:
+    """Fail early when ``folder``'s file system has less than ``needed_bytes + margin`` free; return the free bytes.
+
+    ``folder`` need not exist yet (its nearest existing parent is checked). ``what`` names the outputs in the
+    message, e.g. ``"cams: 1,464 CAM files"``. A file system whose free space cannot be read is not refused."""
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return -1
+    need = max(int(needed_bytes), 0)
+    if free < need + margin:
+        raise AdvcamError(f"not enough free disk space for {what} in {folder}: needs about {human_bytes(need)} "
+                          f"(+{human_bytes(margin)} margin), only {human_bytes(free)} free on {probe}; "
+                          "free some space or point the output elsewhere")
+    return free
 
 
 def dump_params(params: Mapping[str, Any]) -> str:

@@ -1,0 +1,185 @@
+"""Inter-pixel affinities learned from confident CRF labels (AffinityNet / IRN), at stride 4.
+
+Labels. A CRF pseudo label (0 = background, 1..C, 255 = unsure) is reduced to the stride-4 grid (nearest,
+the pixel ``4i + 2`` as IRN's ``pil_rescale(label, 0.25, 0)``). Every pixel is paired with its neighbours at
+the offsets of :func:`offsets` (IRN's search directions: one half-plane of the disc ``dy^2 + dx^2 < r^2``,
+so each unordered pair appears once). A pair of two labelled pixels is *positive* when both labels agree
+(background-positive when both are 0, foreground-positive otherwise) and *negative* when they differ; a pair
+touching an unsure (255) or padded pixel is ignored (:func:`affinity_labels`).
+
+Network. :class:`AffinityNet` = a ResNet from :mod:`advcam.models.resnet` whose four stages each feed a
+1x1 conv + GroupNorm + ReLU; the four maps are resized to the layer-1 (stride-4) grid, concatenated and
+projected by a 1x1 conv to an embedding ``f``. The affinity of pixels i, j is ``exp(-mean_c |f_i - f_j|)``
+(AffinityNet), in (0, 1]. With ImageNet weights (``pretrained``) the backbone is frozen, as IRN freezes its
+backbone; from scratch (``resnet_small`` on the embedded dataset) everything trains.
+
+Loss (AffinityNet / IRN): ``bg_pos / 4 + fg_pos / 4 + neg / 2``, each term the mean over its pairs of
+``-log(a)`` (positives) or ``-log(1 - a)`` (negatives), with IRN's 1e-5 guards.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advcam.models import resnet
+from advcam.models.classifier import freeze_batchnorm_stats
+from advcam.utils.errors import AdvcamError
+
+IGNORE = 255
+AFFINITY_ARCHS = ("resnet50", "resnet_small")
+EMBED_DIM = 64
+
+
+def offsets(radius: int) -> list[tuple[int, int]]:
+    """IRN's search directions for ``radius``: ``(0, 1..r-1)`` then ``dy = 1..r-1`` with ``dy^2+dx^2 < r^2``."""
+    if radius < 1:
+        raise ValueError(f"offsets: radius must be >= 1, got {radius}")
+    out = [(0, dx) for dx in range(1, radius)]
+    out += [(dy, dx) for dy in range(1, radius) for dx in range(-radius + 1, radius) if dx * dx + dy * dy < radius ** 2]
+    return out
+
+
+def shifted(x: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
+    """``x[..., y + dy, x + dx]`` at every ``(y, x)`` of the last two dims; ``fill`` outside the grid."""
+    h, w = x.shape[-2:]
+    out = torch.full_like(x, fill)
+    ys, yd = slice(0, max(h - dy, 0)), slice(dy, h)
+    xs, xd = (slice(0, max(w - dx, 0)), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, max(w + dx, 0)))
+    out[..., ys, xs] = x[..., yd, xd]
+    return out
+
+
+def downsample_label(label: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W)`` labels -> ``(B, ceil(H/4), ceil(W/4))``, nearest (pixel ``4i + 2``; 255 past the edge)."""
+    h, w = label.shape[-2:]
+    padded = F.pad(label, (0, (-w) % 4 + 4, 0, (-h) % 4 + 4), value=IGNORE)
+    return padded[..., 2::4, 2::4][..., : (h + 3) // 4, : (w + 3) // 4]
+
+
+def affinity_labels(label: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bg_pos, fg_pos, neg) bool masks ``(B, K, h, w)`` for a stride-4 label map ``(B, h, w)``.
+
+    Entry ``[b, k, y, x]`` is the pair (``(y, x)``, ``(y, x) + offsets(radius)[k]``)."""
+    src = label.long()
+    bg, fg, neg = [], [], []
+    for dy, dx in offsets(radius):
+        dst = shifted(src, dy, dx, IGNORE)
+        valid = (src != IGNORE) & (dst != IGNORE)
+        same = (src == dst) & valid
+        bg.append(same & (src == 0))
+        fg.append(same & (src != 0))
+        neg.append(valid & (src != dst))
+    return torch.stack(bg, 1), torch.stack(fg, 1), torch.stack(neg, 1)
+
+
+def pairwise_affinity(emb: torch.Tensor, radius: int) -> torch.Tensor:
+    """``exp(-mean_c |f_i - f_j|)`` for every pair of :func:`offsets`: ``(B, E, h, w)`` -> ``(B, K, h, w)``.
+
+    Pairs leaving the grid get 0 (the walk never uses them)."""
+    maps = []
+    for dy, dx in offsets(radius):
+        other = shifted(emb, dy, dx, 0.0)
+        aff = torch.exp(-(emb - other).abs().mean(1))
+        maps.append(shifted(torch.ones_like(aff), dy, dx, 0.0) * aff)
+    return torch.stack(maps, 1)
+
+
+def affinity_loss(aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """AffinityNet/IRN loss ``bg/4 + fg/4 + neg/2`` and its three terms (for logging)."""
+    def term(mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        m = mask.float()
+        return (m * value).sum() / (m.sum() + 1e-5)
+
+    bg = term(bg_pos, -torch.log(aff + 1e-5))
+    fg = term(fg_pos, -torch.log(aff + 1e-5))
+    ng = term(neg, -torch.log(1.0 + 1e-5 - aff))
+    return bg / 4 + fg / 4 + ng / 2, {"bg_pos": bg.item(), "fg_pos": fg.item(), "neg": ng.item()}
+
+
+def _head(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.GroupNorm(min(4, cout), cout), nn.ReLU(inplace=True))
+
+
+class AffinityNet(nn.Module):
+    """ResNet stages -> per-stage 1x1 heads at stride 4 -> embedding ``(B, EMBED_DIM, ceil(H/4), ceil(W/4))``."""
+
+    def __init__(self, backbone: resnet.ResNet, arch: str, frozen: bool) -> None:
+        super().__init__()
+        self.arch, self.frozen = arch, frozen
+        self.backbone = backbone
+        widths = [_stage_channels(m) for m in self.stages()]
+        heads = [min(256, max(32, c // 2)) for c in widths]
+        self.heads = nn.ModuleList(_head(c, d) for c, d in zip(widths, heads))
+        self.embed = nn.Conv2d(sum(heads), EMBED_DIM, 1)
+        if frozen:
+            backbone.requires_grad_(False)
+            freeze_batchnorm_stats(backbone)
+
+    def stages(self) -> list[nn.Module]:
+        b = self.backbone
+        return [b.layer1, b.layer2, b.layer3, b.layer4]
+
+    def train(self, mode: bool = True) -> "AffinityNet":
+        super().train(mode)
+        if self.frozen:
+            freeze_batchnorm_stats(self.backbone)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            feats, y = [], self.backbone.stem(x)
+            for stage in self.stages():
+                y = stage(y)
+                feats.append(y)
+        size = feats[0].shape[-2:]
+        maps = [h(f) for h, f in zip(self.heads, feats)]
+        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                for m in maps]
+        return self.embed(torch.cat(maps, 1))
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(trainable backbone parameters, head parameters)."""
+        head = list(self.heads.parameters()) + list(self.embed.parameters())
+        return [p for p in self.backbone.parameters() if p.requires_grad], head
+
+
+def _stage_channels(stage: nn.Module) -> int:
+    last = list(stage.children())[-1]
+    conv = last.conv3 if hasattr(last, "conv3") else last.conv2
+    return int(conv.out_channels)
+
+
+def build_affinity_net(arch: str, pretrained: str | Path | None = None) -> AffinityNet:
+    """An affinity network on ``arch`` (the classifier's arch; strides give a stride-4 layer1).
+
+    ``pretrained``: a local torchvision weight file; the backbone is then frozen (IRN)."""
+    if arch == "resnet50":
+        backbone = resnet.resnet50(strides=(2, 2, 2, 1))
+    elif arch == "resnet_small":
+        backbone = resnet.resnet_small(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4))
+    else:
+        raise AdvcamError(f"affinity network: arch {arch!r} unknown (choose from {', '.join(AFFINITY_ARCHS)})")
+    if pretrained:
+        resnet.load_torchvision_weights(backbone, pretrained)
+    return AffinityNet(backbone, arch, frozen=bool(pretrained))
+
+
+def batch_loss(model: AffinityNet, batch: dict[str, Any], radius: int) -> torch.Tensor:
+    """Loss of one ``{"image", "mask"}`` batch (full-resolution CRF labels, 255 = unsure)."""
+    device = next(model.parameters()).device
+    emb = model(batch["image"].to(device))
+    label = downsample_label(batch["mask"].to(device))
+    if label.shape[-2:] != emb.shape[-2:]:
+        raise AdvcamError(f"affinity network: embedding {tuple(emb.shape[-2:])} is not the stride-4 grid "
+                          f"{tuple(label.shape[-2:])} of the crop")
+    loss, _ = affinity_loss(pairwise_affinity(emb, radius), *affinity_labels(label, radius))
+    return loss
+
+
+__all__: Sequence[str] = ["offsets", "shifted", "downsample_label", "affinity_labels", "pairwise_affinity",
+                          "affinity_loss", "AffinityNet", "build_affinity_net", "batch_loss"]

@@ -1,0 +1,284 @@
+"""Fault injection: every long stage killed (SIGKILL) at a random point and run again ends with the files of an
+uninterrupted run, keeps the work it had finished, and a SIGINT stops a stage cleanly.
+
+Each stage runs as a real ``advcam <stage>`` process (``advcam.cli.main`` under a small wrapper). The wrapper
+wraps ``os.replace``, the rename every atomic write ends with, and pauses the process just *after* the k-th
+output of the stage was renamed into place, or just *before* it (the temporary file is then complete but not
+renamed: what a kill in the middle of a write leaves). The test then sends SIGKILL, so the kill point is
+exact and meaningful. ``k`` and before/after are drawn at random for each run; a failure names them and the
+seed (``ADVCAM_FAULT_SEED=<seed>`` replays it). References are uninterrupted runs of the same stages (in this
+process) with the same params and seed; the same inputs feed both, so every output must be byte-identical
+(training: same checkpoint tensors and curve CSV).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from advcam import cli, config
+from advcam.utils.checkpoint import load_checkpoint
+from advcam.utils.io import TMP_PREFIX
+from conftest import TINY
+
+SEED = int(os.environ.get("ADVCAM_FAULT_SEED", random.SystemRandom().randrange(10**6)))
+EPOCHS = 3
+OVERRIDES = [*TINY, "synthetic.num_train_aug=16", "synthetic.num_train=6", "synthetic.num_val=2",
+             f"classifier.epochs={EPOCHS}", f"segmentation.epochs={EPOCHS}", "segmentation.batch_size=4",
+             "cam.method=advcam", "cam.advcam.steps=2"]
+ENV = {**os.environ, "ADVCAM_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+# Runs ``advcam.cli.main(argv)``, pausing at the FAULT_COUNT-th rename onto a name matching FAULT_PATTERN
+# (FAULT_WHEN = before | after the rename); it then creates FAULT_READY and sleeps until it is killed.
+WRAPPER = r"""
+import fnmatch, os, sys, time
+pattern, count, when, ready = (os.environ["FAULT_PATTERN"], int(os.environ["FAULT_COUNT"]),
+                               os.environ["FAULT_WHEN"], os.environ["FAULT_READY"])
+real_replace, seen = os.replace, [0]
+def pause():
+    open(ready, "w").close()
+    time.sleep(300)
+def replace(src, dst, *args, **kwargs):
+    hit = fnmatch.fnmatch(os.path.basename(os.fspath(dst)), pattern)
+    if hit and when == "before" and seen[0] + 1 == count:
+        pause()
+    real_replace(src, dst, *args, **kwargs)
+    if hit:
+        seen[0] += 1
+        if when == "after" and seen[0] == count:
+            pause()
+os.replace = replace
+from advcam.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def stage_args(stage: str, js: str, **paths: Path) -> list[str]:
+    return [stage, "--params-json", js, *[a for k, v in paths.items() for a in (f"--{k}", str(v))]]
+
+
+def run_inprocess(args: list[str]) -> None:
+    assert cli.main(args) == 0, args
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "advcam.cli", *args], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+def kill_at(args: list[str], pattern: str, count: int, when: str, work: Path) -> None:
+    """Start ``advcam <args>``, let it run to the kill point, SIGKILL it."""
+    ready = work / f"ready-{pattern.strip('*.')}-{count}-{when}"
+    env = {**ENV, "FAULT_PATTERN": pattern, "FAULT_COUNT": str(count), "FAULT_WHEN": when, "FAULT_READY": str(ready)}
+    with open(work / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", WRAPPER, *args], env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 240
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                pytest.fail(f"never reached the kill point ({when} #{count} {pattern}); exit {proc.returncode}:\n"
+                            + (work / "killed.log").read_text()[-3000:])
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def temps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob(TMP_PREFIX + "*")) if folder.is_dir() else []
+
+
+def stamps(folder: Path, suffix: str) -> dict[str, tuple[int, int]]:
+    """inode and mtime of every finished output: unchanged if the work was not redone."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.glob(f"*{suffix}"))
+            if not p.name.startswith(TMP_PREFIX)}
+
+
+def same_bytes(a: Path, b: Path, suffix: str) -> None:
+    names = sorted(stamps(a, suffix))
+    assert names == sorted(stamps(b, suffix)) and names
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def same_checkpoint(a: Path, b: Path) -> None:
+    (ha, sa), (hb, sb) = load_checkpoint(a), load_checkpoint(b)
+    assert ha == hb
+    assert sa["model"].keys() == sb["model"].keys()
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    """A prepared tiny dataset and the uninterrupted run of every stage on it."""
+    from advcam.steps import prepare
+
+    root = tmp_path_factory.mktemp("faults")
+    cfg = config.load(None, OVERRIDES)
+    js = json.dumps(cfg.to_dict())
+    data = root / "data"
+    prepare.run(cfg, data)
+    r = root / "ref"
+    run_inprocess(stage_args("train-cls", js, data=data, out=r / "classifier.pt", curves=r / "cls.csv"))
+    run_inprocess(stage_args("cams", js, data=data, model=r / "classifier.pt", out=r / "cams",
+                             metrics=r / "seeds.json", curve=r / "seeds.csv"))
+    run_inprocess(stage_args("refine", js, data=data, cams=r / "cams", out=r / "pseudo", metrics=r / "pseudo.json"))
+    run_inprocess(stage_args("train-seg", js, data=data, pseudo=r / "pseudo", out=r / "segmenter.pt",
+                             curves=r / "seg.csv"))
+    n = len((data / "lists" / "infer.txt").read_text().split())
+    return {"root": root, "js": js, "data": data, "ref": r, "n": n}
+
+
+def pick(stage: str, n: int) -> tuple[int, str, str]:
+    """A random kill point: k in 1..n (before: 2..n, so something is finished), before or after the rename."""
+    rng = random.Random(f"{SEED}-{stage}")
+    when = rng.choice(["before", "after"])
+    k = rng.randint(2 if when == "before" else 1, n)
+    return k, when, f"[kill {when} output #{k} of {stage}; replay with ADVCAM_FAULT_SEED={SEED}]"
+
+
+@pytest.mark.parametrize("stage, suffix", [("cams", ".npz"), ("refine", ".png")])
+def test_per_image_stage_killed_and_rerun_equals_straight_run(ref, tmp_path, stage, suffix):
+    r, n = ref["ref"], ref["n"]
+    k, when, where = pick(stage, n - 1)  # leave at least one image to do
+    out = tmp_path / stage
+    if stage == "cams":
+        args = stage_args("cams", ref["js"], data=ref["data"], model=r / "classifier.pt", out=out,
+                          metrics=tmp_path / "seeds.json", curve=tmp_path / "seeds.csv")
+        metric_files = [("seeds.json", "seeds.json"), ("seeds.csv", "seeds.csv")]
+    else:
+        args = stage_args("refine", ref["js"], data=ref["data"], cams=r / "cams", out=out,
+                          metrics=tmp_path / "pseudo.json")
+        metric_files = [("pseudo.json", "pseudo.json")]
+    kill_at(args, f"*{suffix}", k, when, tmp_path)
+    done = k if when == "after" else k - 1
+    finished = stamps(out, suffix)
+    assert len(finished) == done, where
+    assert bool(temps(out)) == (when == "before"), where  # a kill mid-write leaves only a temporary file
+    assert not (tmp_path / metric_files[0][0]).exists(), where
+
+    again = run_cli(args)
+    assert again.returncode == 0, f"{where}\n{again.stderr[-3000:]}"
+    if stage == "cams":
+        assert f"cams: {n - done} of {n} images to compute ({done} done already)" in again.stderr, where
+    else:
+        assert f"refine: {n - done} pseudo labels computed, {done} kept" in again.stderr, where
+    after = stamps(out, suffix)
+    assert {name: after[name] for name in finished} == finished, f"finished work was redone {where}"
+    same_bytes(out, r / stage.replace("refine", "pseudo"), suffix)
+    for mine, theirs in metric_files:
+        assert (tmp_path / mine).read_bytes() == (r / theirs).read_bytes(), f"{mine} {where}"
+    assert temps(out) == [], where
+
+
+@pytest.mark.parametrize("stage", ["train-cls", "train-seg"])
+def test_training_killed_and_rerun_equals_straight_run(ref, tmp_path, stage):
+    r = ref["ref"]
+    k, when, where = pick(stage, EPOCHS)
+    out = tmp_path / "model.pt"
+    inputs = ({"data": ref["data"]} if stage == "train-cls" else {"data": ref["data"], "pseudo": r / "pseudo"})
+    args = stage_args(stage, ref["js"], **inputs, out=out, curves=tmp_path / "curves.csv")
+    kill_at(args, "model.pt.resume.pt", k, when, tmp_path)
+    done = k if when == "after" else k - 1
+    resume = tmp_path / "model.pt.resume.pt"
+    assert resume.is_file() and not out.exists(), where
+    assert load_checkpoint(resume)[1]["epoch"] == done, where
+
+    again = run_cli(args)
+    assert again.returncode == 0, f"{where}\n{again.stderr[-3000:]}"
+    assert f"after epoch {done}" in again.stderr, f"did not resume {where}\n{again.stderr[-2000:]}"
+    trained = [int(e) for e in re.findall(rf"epoch (\d+)/{EPOCHS}: mean loss", again.stderr)]
+    assert trained == list(range(done + 1, EPOCHS + 1)), f"finished epochs were redone {where}"
+    name = "classifier" if stage == "train-cls" else "segmenter"
+    same_checkpoint(out, r / f"{name}.pt")
+    curves = "cls.csv" if stage == "train-cls" else "seg.csv"
+    assert (tmp_path / "curves.csv").read_bytes() == (r / curves).read_bytes(), where
+    assert not resume.exists(), where
+
+
+def test_training_removes_temporaries_of_a_killed_run(ref, tmp_path):
+    out = tmp_path / "models" / "classifier.pt"
+    out.parent.mkdir()
+    left = [out.parent / f"{TMP_PREFIX}classifier.pt.resume.pt.k1ll3d.pt", out.parent / f"{TMP_PREFIX}classifier.pt.x.pt"]
+    for p in left:
+        p.write_bytes(b"half a checkpoint")
+    other = out.parent / f"{TMP_PREFIX}segmenter.pt.busy.pt"  # another writer's temporary: must stay
+    other.write_bytes(b"x")
+    cfg_js = json.dumps(config.load(None, [*OVERRIDES, "classifier.epochs=1"]).to_dict())
+    run_inprocess(stage_args("train-cls", cfg_js, data=ref["data"], out=out, curves=tmp_path / "c.csv"))
+    assert other.exists()
+    assert temps(out.parent) == [other.name]
+
+
+def test_resume_file_is_not_used_on_another_dataset(tmp_path, caplog, monkeypatch):
+    from advcam.steps import prepare, train_cls
+    from advcam.train import loop
+
+    base = [*OVERRIDES, "classifier.epochs=2", "synthetic.num_train_aug=8"]
+    data, out = tmp_path / "data", tmp_path / "classifier.pt"
+    prepare.run(config.load(None, base), data)
+    real = loop.write_curves
+    calls = []
+
+    def crash(*a, **k):  # the resume file of epoch 1 is written just before: crash there, like a kill
+        calls.append(1)
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "write_curves", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_cls.run(config.load(None, base), data, out, tmp_path / "c.csv")
+    monkeypatch.setattr(loop, "write_curves", real)
+    assert loop.resume_path_for(out).is_file()
+    prepare.run(config.load(None, [*base, "synthetic.image_size=40"]), data)  # other images, same ids
+    with caplog.at_level(logging.INFO, logger="advcam"):
+        train_cls.run(config.load(None, base), data, out, tmp_path / "c.csv")
+    assert "resuming" not in caplog.text
+
+
+def test_sigint_stops_cleanly_and_keeps_finished_work(ref, tmp_path):
+    """Ctrl-C in the middle of the climbing loop: exit 130, one clean line, finished CAM files kept."""
+    r = ref["ref"]
+    slow = json.dumps(config.load(None, [*OVERRIDES, "cam.advcam.steps=40"]).to_dict())
+    out = tmp_path / "cams"
+    proc = subprocess.Popen([sys.executable, "-m", "advcam.cli", *stage_args(
+        "cams", slow, data=ref["data"], model=r / "classifier.pt", out=out, metrics=tmp_path / "s.json",
+        curve=tmp_path / "s.csv")], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("*.npz")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted; finished work is kept, run again to resume" in err
+    assert 1 <= len(list(out.glob("*.npz"))) < ref["n"] and temps(out) == []
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_same_seed_same_bytes_in_another_process(ref, tmp_path):
+    """Determinism on CPU: train-cls + cams in a fresh process give the reference's bytes."""
+    r, js = ref["ref"], ref["js"]
+    code = ("import sys\nfrom advcam.cli import main\nfor a in sys.argv[1:]:\n"
+            "    import json\n    rc = main(json.loads(a))\n    assert rc == 0, rc\n")
+    a1 = stage_args("train-cls", js, data=ref["data"], out=tmp_path / "classifier.pt", curves=tmp_path / "cls.csv")
+    a2 = stage_args("cams", js, data=ref["data"], model=tmp_path / "classifier.pt", out=tmp_path / "cams",
+                    metrics=tmp_path / "seeds.json", curve=tmp_path / "seeds.csv")
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(a1), json.dumps(a2)], env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    same_checkpoint(tmp_path / "classifier.pt", r / "classifier.pt")
+    assert (tmp_path / "classifier.pt").read_bytes() == (r / "classifier.pt").read_bytes()
+    same_bytes(tmp_path / "cams", r / "cams", ".npz")
+    for name in ("cls.csv", "seeds.json", "seeds.csv"):
+        assert (tmp_path / name).read_bytes() == (r / name).read_bytes(), name

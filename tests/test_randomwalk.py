@@ -1,0 +1,232 @@
+"""Random-walk refinement: affinity labels and loss, the sparse walk, and the ``refine`` stage with it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from advcam.refine.affinity import (affinity_labels, affinity_loss, batch_loss, build_affinity_net,
+                                    downsample_label, offsets, pairwise_affinity)
+from advcam.refine.randomwalk import random_walk, transition_matrix, walk_labels
+from advcam.train import loop
+from conftest import TINY
+
+
+# ---------------------------------------------------------------- pairs and labels
+def test_offsets_are_irn_half_disc():
+    off = offsets(5)
+    assert len(off) == 34 and len(set(off)) == 34  # IRN: 4 + 9 + 9 + 7 + 5 directions at radius 5
+    assert all(dy * dy + dx * dx < 25 and (dy > 0 or dx > 0) for dy, dx in off)
+    assert not any((-dy, -dx) in off for dy, dx in off)  # each unordered pair once
+    assert offsets(2) == [(0, 1), (1, -1), (1, 0), (1, 1)]
+
+
+def test_affinity_labels_pos_neg_ignore():
+    label = torch.tensor([[[0, 0, 3, 255],
+                           [0, 3, 3, 1]]])
+    bg, fg, neg = affinity_labels(label, 2)  # offsets (0,1), (1,-1), (1,0), (1,1)
+    assert bg.shape == (1, 4, 2, 4)
+    right, down_left, down, down_right = 0, 1, 2, 3
+    assert bg[0, right, 0, 0] and not fg[0, right, 0, 0] and not neg[0, right, 0, 0]  # 0-0
+    assert neg[0, right, 0, 1] and not bg[0, right, 0, 1]  # 0-3
+    assert not (bg | fg | neg)[0, right, 0, 2]  # 3-255: ignored
+    assert fg[0, down, 0, 2] and fg[0, down_left, 0, 2]  # 3-3 below, 3-3 below left
+    assert neg[0, down_right, 0, 2]  # 3-1
+    assert not (bg | fg | neg)[0, :, 0, 3].any()  # a 255 source pairs with nothing
+    assert not (bg | fg | neg)[0, down, 1].any() and not (bg | fg | neg)[0, right, :, 3].any()  # off the grid
+    assert int(bg.sum()) == 3 and int(fg.sum()) == 3 and int(neg.sum()) == 7
+
+
+def test_downsample_label_takes_pixel_4i_plus_2():
+    label = torch.arange(10 * 7).reshape(1, 10, 7) % 250
+    small = downsample_label(label)
+    assert small.shape == (1, 3, 2)
+    assert small[0, 0, 0] == label[0, 2, 2] and small[0, 1, 1] == label[0, 6, 6]
+    assert small[0, 2, 0] == 255  # pixel 10 is past the edge
+
+
+def test_loss_terms_and_affinity_range():
+    emb = torch.randn(2, 8, 6, 5)
+    aff = pairwise_affinity(emb, 3)
+    assert aff.shape == (2, len(offsets(3)), 6, 5) and aff.min() >= 0 and aff.max() <= 1
+    same = pairwise_affinity(torch.zeros(1, 8, 4, 4), 3)
+    assert torch.allclose(same[0, 0, :, :3], torch.ones(4, 3)) and (same[0, 0, :, 3] == 0).all()
+    label = torch.zeros(1, 4, 4, dtype=torch.long)
+    label[:, :, 2:] = 2
+    masks = affinity_labels(label, 3)
+    loss, terms = affinity_loss(same, *masks)
+    assert terms["bg_pos"] < 1e-4 and terms["fg_pos"] < 1e-4 and terms["neg"] > 10  # all same: negatives cost
+    assert loss.item() == pytest.approx(terms["neg"] / 2, rel=1e-3)
+
+
+def two_colour_batch(n: int = 4, size: int = 32) -> dict:
+    rng = np.random.default_rng(0)
+    image = torch.zeros(n, 3, size, size)
+    mask = torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        edge = int(rng.integers(8, size - 8))
+        image[i, 0, :, :edge] = 1.5
+        image[i, 2, :, edge:] = 1.5
+        mask[i, :, :edge] = 1 + i % 2
+        mask[i, :, edge - 1: edge + 1] = 255
+    return {"image": image + 0.1 * torch.randn_like(image), "mask": mask}
+
+
+def test_short_affinity_training_lowers_the_loss():
+    torch.manual_seed(0)
+    model = build_affinity_net("resnet_small")
+    batch = two_colour_batch()
+    opt = loop.make_sgd(model.param_groups(), 0.1, 1e-4, 1e-4, head_mult=1.0)
+    model.train()
+    losses = []
+    for _ in range(12):
+        loss = batch_loss(model, batch, 3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+
+
+# ---------------------------------------------------------------- the walk
+def test_transition_rows_sum_to_one_and_stay_sparse():
+    aff = torch.rand(len(offsets(4)), 7, 9)
+    p = transition_matrix(aff, 4, 10.0)
+    n = 7 * 9
+    dense = p.to_dense()
+    assert torch.allclose(dense.sum(1), torch.ones(n), atol=1e-5) and (dense >= 0).all()
+    assert p._nnz() <= n * (2 * len(offsets(4)) + 1)
+    assert torch.equal(dense > 0, (dense > 0).t())  # symmetric neighbourhood
+    assert (dense.diagonal() > 0).all()  # self-loops (IRN adds affinity 1 on the diagonal)
+
+
+def test_walk_matches_dense_irn_formula():
+    torch.manual_seed(1)
+    h, w, r, beta, times = 6, 5, 3, 4.0, 3
+    aff = torch.rand(len(offsets(r)), h, w)
+    a = torch.eye(h * w)
+    for k, (dy, dx) in enumerate(offsets(r)):
+        for y in range(h):
+            for x in range(w):
+                if 0 <= y + dy < h and 0 <= x + dx < w:
+                    i, j = y * w + x, (y + dy) * w + x + dx
+                    a[i, j] = a[j, i] = aff[k, y, x]
+    a = a ** beta
+    trans = a / a.sum(0, keepdim=True)  # IRN: columns normalised, x @ T^(2^times)
+    for _ in range(times):
+        trans = trans @ trans
+    x = torch.rand(2, h, w)
+    want = (x.reshape(2, -1) @ trans).reshape(2, h, w)
+    got = random_walk(x, transition_matrix(aff, r, beta), 2 ** times)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_uniform_map_stays_uniform_and_edges_hold():
+    aff = torch.rand(len(offsets(5)), 12, 10)
+    x = torch.full((2, 12, 10), 0.7)
+    assert torch.allclose(random_walk(x, transition_matrix(aff, 5, 10.0), 64), x, atol=1e-5)
+    # affinity 0 across the column 5 | 6 boundary: mass on the left never crosses it
+    aff = torch.ones(len(offsets(5)), 12, 10)
+    for k, (dy, dx) in enumerate(offsets(5)):
+        cols = torch.arange(10)
+        aff[k, :, ((cols <= 5) & (cols + dx > 5)) | ((cols > 5) & (cols + dx <= 5))] = 0
+    left = torch.zeros(1, 12, 10)
+    left[0, 3, 1] = 1.0
+    walked = random_walk(left, transition_matrix(aff, 5, 10.0), 256)
+    assert walked[0, :, 6:].abs().max() < 1e-6 and walked[0, :, :6].min() > 0
+
+
+def test_walk_on_a_500x375_image_keeps_memory_bounded():
+    h, w = 125, 94  # stride-4 grid of 500x375
+    n, k = h * w, len(offsets(5))
+    aff, cam = torch.rand(k, h, w), torch.rand(2, h, w)
+    p = transition_matrix(aff, 5, 10.0)
+    assert p._nnz() <= n * (2 * k + 1) < n * n // 100
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        label = walk_labels(cam, [4, 7], aff, (500, 375), exp_times=2)
+    largest = max(e.cpu_memory_usage for e in prof.key_averages())
+    assert label.shape == (500, 375) and set(np.unique(label)) <= {0, 5, 8}
+    assert 0 < largest < 64 * 2 ** 20, largest  # a dense (HW/16)^2 float32 matrix would be 550 MB
+
+
+def test_walk_labels_background_and_keys():
+    aff = torch.zeros(len(offsets(5)), 4, 5)  # no affinities: only the self-loops, the walk keeps the maps
+    cam = torch.zeros(1, 4, 5)
+    cam[0, :, :2] = 1.0
+    lab = walk_labels(cam, [2], aff, (16, 20), exp_times=0, bg_threshold=0.25)
+    assert lab.dtype == np.uint8 and (lab[:, :4] == 3).all() and (lab[:, -4:] == 0).all()
+    assert (walk_labels(cam[:0], [], aff, (16, 20)) == 0).all()
+    with pytest.raises(ValueError, match="do not fit"):
+        walk_labels(cam, [2], aff, (20, 20))
+
+
+# ---------------------------------------------------------------- the stage, on the TINY synthetic dataset
+RW = TINY + ["refine.method=randomwalk", "refine.randomwalk.epochs=2", "refine.randomwalk.batch_size=4",
+             "refine.randomwalk.crop_size=32", "refine.randomwalk.exp_times=4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Prepared TINY dataset with CAM files made from blurred ground-truth masks (no classifier needed)."""
+    from advcam import config
+    from advcam.attribution.cam import save_cam, strided_size
+    from advcam.data import load_info
+    from advcam.steps import prepare
+
+    root = tmp_path_factory.mktemp("rw")
+    prepare.run(config.load(None, TINY), root / "data")
+    info = load_info(root / "data")
+    for image_id in info.lists["infer"]:
+        mask = info.read_mask(image_id)
+        keys = np.array(sorted(info.labels[image_id]), np.int64)
+        high = np.stack([gaussian_filter((mask == c + 1).astype(np.float32), 3) for c in keys]) if keys.size \
+            else np.zeros((0, *mask.shape), np.float32)
+        high = (high / (high.max(axis=(1, 2), keepdims=True) + 1e-5)).astype(np.float32)
+        small = strided_size(mask.shape, 4)
+        cam = torch.nn.functional.interpolate(torch.from_numpy(high)[None], size=small, mode="bilinear")[0].numpy()
+        save_cam(root / "cams" / f"{image_id}.npz", {"keys": keys, "high_res": high, "cam": cam})
+    return root, info
+
+
+def test_refine_stage_randomwalk_end_to_end(tiny_data, tmp_path):
+    from advcam import cli
+
+    root, info = tiny_data
+    out, metrics = tmp_path / "pseudo", tmp_path / "pseudo.json"
+    args = ["refine", "--params-json", "{}", "--data", str(root / "data"), "--cams", str(root / "cams"),
+            "--out", str(out), "--metrics", str(metrics)]
+    assert cli.main(args + [a for o in RW for a in ("--set", o)]) == 0
+    ids = info.lists["infer"]
+    for image_id in ids:
+        with Image.open(out / f"{image_id}.png") as im:
+            label = np.array(im)
+            assert im.mode == "P" and im.size == Image.open(info.image_path(image_id)).size
+        assert set(np.unique(label)) <= {0, *[c + 1 for c in info.labels[image_id]]}  # walk labels every pixel
+        assert (out / ".crf" / f"{image_id}.png").is_file()
+    m = json.loads(metrics.read_text())
+    assert m["num_images"] == len(ids) and m["pseudo_labelled_fraction"] == 1.0
+    assert 0 < m["pseudo_miou"] <= 1 and 0 < m["pseudo_miou_crf"] <= 1 and m["pseudo_labelled_fraction_crf"] < 1
+    assert (out / ".affinity.pt").is_file() and not (out / ".affinity.pt.resume.pt").exists()
+    assert len((out / ".affinity.csv").read_text().splitlines()) == 1 + 2 * (len(ids) // 4)
+
+    stamps = {p: p.stat().st_mtime_ns for p in [out / ".affinity.pt", *out.glob("*.png"), *out.glob(".crf/*.png")]}
+    assert cli.main(args + [a for o in RW + ["refine.randomwalk.beta=8"] for a in ("--set", o)]) == 0
+    changed = {p for p, t in stamps.items() if p.stat().st_mtime_ns != t}
+    assert changed == {out / f"{i}.png" for i in ids}  # walk redone; CRF labels and affinity network kept
+    assert json.loads(metrics.read_text())["pseudo_miou_crf"] == m["pseudo_miou_crf"]
+
+
+def test_crf_method_reports_crf_keys(tiny_data, tmp_path):
+    from advcam import config
+    from advcam.steps import refine
+
+    root, _ = tiny_data
+    refine.run(config.load(None, TINY), root / "data", root / "cams", tmp_path / "p", tmp_path / "m.json")
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["pseudo_miou_crf"] == m["pseudo_miou"] and not (tmp_path / "p" / ".crf").exists()
+    assert not (tmp_path / "p" / ".affinity.pt").exists()
