@@ -25,8 +25,7 @@ normalisation), ``cumulative_mask`` (``M_t = M_{t-1} OR 1(A/max A > tau)``), ``s
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,25 +33,13 @@ from torch import nn
 
 from advcam.attribution.cam import resize_image
 from advcam.ops import ascent_step_, masked_l1
+from advcam.utils.device import frozen
 from advcam.utils.errors import AdvcamError
 
 DEFAULTS: dict[str, Any] = {"steps": 27, "xi": 0.08, "lam": 7.0, "tau": 0.5, "half_steps_at_half_scale": True,
                             "sign_steps": False, "cumulative_mask": False, "suppress_image_classes_only": False,
                             "backend": "auto"}
 OPTIONS = ("flip", "sign_steps", "cumulative_mask", "suppress_image_classes_only", "backend")
-
-
-@contextmanager
-def _input_grad_only(model: nn.Module) -> Iterator[None]:
-    """Turn parameter gradients off for the duration (restored afterwards)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def gradcam_scale(cam_c: torch.Tensor, weight_c: torch.Tensor) -> torch.Tensor:
@@ -120,7 +107,7 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
 
     acc = a0 = mask = None
     finite: list[torch.Tensor] = []  # one flag per step, checked once at the end (no per-step device sync)
-    with _input_grad_only(model):
+    with frozen(model):  # input gradients only
         for t in range(steps):
             last = t == steps - 1
             x.requires_grad_(not last)

@@ -26,9 +26,9 @@ the last finished epoch and ends with the same weights as an uninterrupted run (
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 from advcam.models.eader import EADERNet, attention_maps, erase, soft_mask
 from advcam.train import loop
 from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
+from advcam.utils.device import frozen
 from advcam.utils.errors import AdvcamError
 from advcam.utils.progress import log, progress
 
@@ -59,19 +60,6 @@ def phase_at(step: int, phase_steps: int, has_adversary: bool = True) -> str:
     if not has_adversary:
         return LOCALISER
     return LOCALISER if step % (2 * phase_steps) < phase_steps else ADVERSARY
-
-
-@contextmanager
-def frozen(module: nn.Module) -> Iterator[None]:
-    """Turn off ``requires_grad`` of ``module``'s trainable parameters for the duration (restored after)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def _localiser_pass(model: EADERNet, images: torch.Tensor, labels: torch.Tensor, omega: float, sigma: float
