@@ -57,22 +57,59 @@ STAGES: dict[str, tuple[str, list[tuple[str, PathDefault, str]]]] = {
         ("metrics", lambda c: "metrics/segmentation.json", "segmentation metrics JSON"),
         ("plots", lambda c: "plots/evaluation", "folder for the confusion matrix and gallery PNGs"),
     ]),
+    "figures": ("Report figures and tables of a finished run (method table, threshold curves, per-class IoU, "
+                "training curves, gallery); used by `snakemake --report`.", [
+        ("data", lambda c: f"data/{c.dataset.name}", "prepared dataset folder"),
+        ("classifier", lambda c: "models/classifier.pt", "classifier checkpoint (CAM/AdvCAM of the gallery)"),
+        ("segmenter", lambda c: "models/segmenter.pt", "segmenter checkpoint (predictions of the gallery)"),
+        ("cams", lambda c: "cams", "folder of <id>.npz CAM files"),
+        ("pseudo", lambda c: "pseudo", "folder of <id>.png pseudo labels"),
+        ("metrics-dir", lambda c: "metrics", "folder with seeds.json, pseudo.json, segmentation.json"),
+        ("plots", lambda c: "plots", "folder with seeds_threshold.csv, train_cls.csv, train_seg.csv"),
+        ("runs", lambda c: "runs", "optional folder of other runs to compare: runs/<label>/ with their "
+                                   "metric JSONs and seeds_threshold.csv"),
+        ("out", lambda c: "figures", "folder for the report's PNG, HTML and CSV files"),
+    ]),
 }
 
 
+# Stages that scatter over image shards (--shard I/N) and gather them (--gather DIR...): advcam.steps.shards.
+SHARDED = ("cams", "refine")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` only for real defaults (not None, [] or False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, [], False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# How the path defaults read in --help: the standard layout, with the params they depend on left symbolic.
+_LAYOUT = config.Config({"dataset": {"name": "<dataset.name>"}})
+EPILOG = ("Params (--set KEY=VALUE, params.yaml): `advcam params --reference` lists every key with its default, "
+          "range and unit. Images are in pixels, thresholds and IoUs are fractions in [0, 1].")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="advcam", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="advcam", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                formatter_class=HelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (help_text, paths) in STAGES.items():
-        s = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        s = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                           formatter_class=HelpFormatter)
         _common(s)
-        for opt, _, opt_help in paths:
-            s.add_argument(f"--{opt}", default=None, help=f"{opt_help} (default: from the standard layout)")
+        for opt, _default, opt_help in paths:
+            s.add_argument(f"--{opt}", default=None, help=f"{opt_help} (default: {_default(_LAYOUT)})")
+        if name in SHARDED:
+            s.add_argument("--shard", default=None, metavar="I/N",
+                           help="compute only shard I of N (1-based) of the infer list into --out; no metrics")
+            s.add_argument("--gather", nargs="+", default=[], metavar="DIR",
+                           help="shard folders (shard 1 first) to gather into --out before scoring")
     s = sub.add_parser("compare", help="Gallery of several CAM folders side by side (e.g. CAM vs AdvCAM).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     _common(s)
     s.add_argument("--data", default=None, help="prepared dataset folder (default: data/<dataset.name>)")
     s.add_argument("--cams", nargs="+", required=True, help="CAM folders to compare")
@@ -81,9 +118,23 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=int, default=6, help="number of images (rows)")
     s.add_argument("--ids", nargs="*", default=[], help="image ids to show instead of the first n")
     s = sub.add_parser("params", help="Print the resolved params as YAML (or the reference table).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     _common(s)
     s.add_argument("--reference", action="store_true", help="print the params reference (Markdown) instead")
+    s = sub.add_parser("visualize", help="Overlay PNG of one image: image, ground truth, CAM, AdvCAM, pseudo "
+                       "label, prediction (the ones that exist).", formatter_class=HelpFormatter)
+    _common(s)
+    s.add_argument("image_id", help="image id (file name without extension)")
+    s.add_argument("--data", default=None, help="prepared dataset folder (default: data/<dataset.name>)")
+    s.add_argument("--cams", default="cams", help="folder of <id>.npz CAM files")
+    s.add_argument("--pseudo", default="pseudo", help="folder of <id>.png pseudo labels")
+    s.add_argument("--classifier", default="models/classifier.pt", help="classifier checkpoint (CAM and AdvCAM)")
+    s.add_argument("--segmenter", default="models/segmenter.pt", help="segmenter checkpoint (prediction)")
+    s.add_argument("--out", default=None, help="PNG to write (default: plots/visualize/<image_id>.png)")
+    s = sub.add_parser("info", help="Print the resolved params, the device, the C++/CUDA extension's build "
+                       "status and a summary of the prepared dataset.", formatter_class=HelpFormatter)
+    _common(s)
+    s.add_argument("--data", default=None, help="prepared dataset folder (default: data/<dataset.name>)")
     return p
 
 
@@ -94,6 +145,17 @@ def _common(s: argparse.ArgumentParser) -> None:
                    help="override one param, e.g. --set cam.scales=[1.0]")
     s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show tracebacks and debug logs")
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's own message on one line. An error raised in a DataLoader worker arrives re-raised with the
+    worker's traceback in its message ("Caught ... Original Traceback ..."): keep its last line's message."""
+    text = str(exc).strip()
+    if "\nOriginal Traceback" in text:
+        last = text.splitlines()[-1]
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        text = last[len(name):] if last.startswith(name) else last
+    return " ".join(text.split("\n"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,6 +171,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             import yaml
             sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
+        if args.stage == "visualize":
+            from advcam.steps import figures
+            data = Path(args.data or f"data/{cfg.dataset.name}")
+            figures.visualize(cfg, data, args.image_id, Path(args.out or f"plots/visualize/{args.image_id}.png"),
+                              Path(args.cams), Path(args.pseudo), Path(args.classifier), Path(args.segmenter))
+            return 0
+        if args.stage == "info":
+            from advcam.steps import info
+            sys.stdout.write(info.report(cfg, Path(args.data or f"data/{cfg.dataset.name}")))
+            return 0
         if args.stage == "compare":
             from advcam.steps import compare
             compare.run(cfg, Path(args.data or f"data/{cfg.dataset.name}"), [Path(c) for c in args.cams],
@@ -116,13 +188,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         paths = {opt.replace("-", "_"): Path(getattr(args, opt.replace("-", "_")) or default(cfg))
                  for opt, default, _ in STAGES[args.stage][1]}
+        if args.stage in SHARDED:
+            from advcam.steps.shards import parse_shard
+            paths.update(shard=parse_shard(args.shard) if args.shard else None,
+                         gather=[Path(g) for g in args.gather])
         step = importlib.import_module(f"advcam.steps.{args.stage.replace('-', '_')}")
         step.run(cfg, **paths)
         return 0
     except AdvcamError as exc:
         if debug:
             raise
-        print(f"advcam {args.stage}: error: {exc}", file=sys.stderr)
+        print(f"advcam {args.stage}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:

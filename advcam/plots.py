@@ -98,3 +98,82 @@ def plot_threshold_curve(thresholds: Sequence[float], mious: Sequence[float], pa
     ax.set_ylabel("seed mIoU")
     ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+# ---- report figures (fixed pixel size: figsize x dpi, no tight bounding box) ---------------------------------
+REPORT_DPI = 100
+
+
+def _save_fixed(fig: "plt.Figure", path: str | Path) -> None:
+    """Save at exactly ``figsize * REPORT_DPI`` pixels (the layout engine keeps labels inside)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=REPORT_DPI)
+    plt.close(fig)
+
+
+def plot_curves(series: dict[str, tuple[Sequence[float], Sequence[float | None]]], path: str | Path, *,
+                xlabel: str, ylabel: str, title: str = "", best: dict[str, float] | None = None) -> None:
+    """Several named curves on one axis (missing y values skipped); ``best`` marks an x per curve.
+
+    600 x 400 px. Used for the seed mIoU-vs-threshold curves of one or several runs.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for i, (name, (xs, ys)) in enumerate(series.items()):
+        pts = [(float(x), float(y)) for x, y in zip(xs, ys) if y is not None and np.isfinite(y)]
+        if not pts:
+            continue
+        line, = ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+        if best and best.get(name) is not None:
+            ax.axvline(best[name], color=line.get_color(), ls="--", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    ax.set_title(title or ylabel)
+    _save_fixed(fig, path)
+
+
+def plot_grouped_bars(names: Sequence[str], groups: dict[str, Sequence[float | None]], path: str | Path, *,
+                      ylabel: str, title: str = "") -> None:
+    """One group of bars per name (e.g. per class), one bar per series (e.g. seeds / pseudo / val); None = no bar.
+
+    Width ``max(6, 0.6 * len(names) + 2)`` inches, height 4 inches.
+    """
+    k, n = len(names), max(1, len(groups))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * k + 2), 4), layout="constrained")
+    width = 0.8 / n
+    for j, (label, values) in enumerate(groups.items()):
+        xs = [i + (j - (n - 1) / 2) * width for i, v in enumerate(values) if v is not None]
+        ax.bar(xs, [v for v in values if v is not None], width=width, label=label)
+    ax.set_xticks(range(k), names, rotation=45 if k > 8 else 0, ha="right" if k > 8 else "center")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    if groups:
+        ax.legend(fontsize=8, ncols=min(n, 4))
+    ax.set_title(title)
+    _save_fixed(fig, path)
+
+
+def plot_training_curves(curves: dict[str, dict[str, list[float]]], path: str | Path) -> None:
+    """One panel per training run: loss against step (left axis) and the learning rate (right axis, dashed).
+
+    ``curves[name]`` holds the columns ``step``, ``loss``, ``lr`` of a curves CSV. 450 px wide per panel, 350 px high.
+    """
+    n = max(1, len(curves))
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.5), squeeze=False, layout="constrained")
+    for ax, (name, cols) in zip(axes[0], curves.items()):
+        marker = "o" if len(cols["step"]) <= 30 else None  # a short run still shows its points
+        ax.plot(cols["step"], cols["loss"], lw=1, color="tab:blue", marker=marker, ms=3)
+        ax.set_xlabel("step (batches)")
+        ax.set_ylabel("loss", color="tab:blue")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if cols.get("lr"):
+            twin = ax.twinx()
+            twin.plot(cols["step"], cols["lr"], lw=1, ls="--", color="tab:orange", marker=marker, ms=3)
+            twin.set_ylabel("learning rate", color="tab:orange")
+    if not curves:
+        axes[0, 0].text(0.5, 0.5, "no training curves", ha="center", va="center", transform=axes[0, 0].transAxes)
+    _save_fixed(fig, path)

@@ -192,7 +192,7 @@ def stage(tmp_path, monkeypatch):
     monkeypatch.setattr(cams, "normalize", normalize)
     loads = []
 
-    def load(path, map_location="cpu", num_classes=None):
+    def load(path, map_location="cpu", num_classes=None, classes=None):
         loads.append(path)
         return model
 

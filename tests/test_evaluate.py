@@ -42,8 +42,8 @@ def stage(tmp_path, monkeypatch):
     return evaluate, paths, info
 
 
-def run(evaluate, paths, gallery_size=2):
-    cfg = config.load(None, ["device=cpu", f"evaluation.gallery_size={gallery_size}"])
+def run(evaluate, paths, gallery_size=2, extra=()):
+    cfg = config.load(None, ["device=cpu", f"evaluation.gallery_size={gallery_size}", *extra])
     evaluate.run(cfg, **paths)
     return json.loads(paths["metrics"].read_text())
 
@@ -84,3 +84,31 @@ def test_val_image_without_mask_is_an_error(stage):
     info.mask_path("img2").unlink()
     with pytest.raises(AdvcamError, match="img2"):
         run(evaluate, paths)
+
+
+def test_evaluate_reports_miou_with_and_without_crf(stage):
+    evaluate, paths, info = stage
+    m = run(evaluate, paths, extra=["evaluation.scales=[1.0, 0.5]", "evaluation.flip=true"])
+    assert m["val_miou"] == pytest.approx(1.0)
+    assert 0.0 <= m["val_miou_crf"] <= 1.0 and 0.0 <= m["val_pixel_accuracy_crf"] <= 1.0
+    assert {f"val_iou_crf_{c}" for c in ("background", "red", "green", "blue")} <= set(m)
+    with Image.open(paths["plots"] / "gallery.png") as im:
+        with_crf = im.size
+    m = run(evaluate, paths, extra=["evaluation.crf.enabled=false"])
+    assert "val_miou_crf" not in m and not any(k.startswith("val_iou_crf_") for k in m)
+    with Image.open(paths["plots"] / "gallery.png") as im:
+        assert im.size[0] < with_crf[0]  # one column fewer
+
+
+def test_crf_postprocess_keeps_a_confident_prediction():
+    from advcam.steps.evaluate import crf_postprocess
+
+    image = np.zeros((16, 20, 3), np.uint8)
+    image[:, 10:] = 255
+    label = np.zeros((16, 20), np.int64)
+    label[:, 10:] = 2
+    prob = np.full((3, 16, 20), 0.01, np.float32)
+    np.put_along_axis(prob, label[None], 0.98, axis=0)
+    np.testing.assert_array_equal(crf_postprocess(image, prob), label)
+    with pytest.raises(ValueError, match="does not match"):
+        crf_postprocess(image[:8], prob)

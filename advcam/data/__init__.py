@@ -66,9 +66,23 @@ def _read_role(folder: Path, role: str) -> list[str]:
     path = folder / "lists" / f"{role}.txt"
     if not path.is_file():
         raise AdvcamError(f"{folder}: missing {path.relative_to(folder)}; run `advcam prepare` first")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    for n, image_id in enumerate(ids, 1):
-        voc.check_id(image_id, f"{path}:{n}")
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdvcamError(f"{path}: cannot read list ({exc})") from None
+    ids: list[str] = []
+    seen: dict[str, int] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        image_id = voc.check_id(line.strip(), f"{path}:{n}")
+        if image_id in seen:
+            raise AdvcamError(f"{path}:{n}: duplicate id {image_id!r} (first on line {seen[image_id]}); "
+                              "run `advcam prepare` again")
+        seen[image_id] = n
+        ids.append(image_id)
+    if not ids:
+        raise AdvcamError(f"{path}: list is empty; run `advcam prepare` again")
     return ids
 
 

@@ -8,9 +8,19 @@ Masks: palette (``P``) and plain index (``L``) PNGs are read as class indices (0
 one of the first C+1 palette colours or the ignore colour (224, 224, 192); any other colour is refused,
 naming the file and the colour. Anything else outside 0..C / 255 is refused, naming the value and C.
 
-Images are always returned as RGB uint8 ``(H, W, 3)``: grayscale, palette, RGBA (alpha dropped), CMYK and
-16-bit images go through PIL's ``convert("RGB")``. EXIF orientation is ignored on purpose: VOC masks are
-aligned with the stored pixel grid, not with the displayed orientation.
+Images are always returned as RGB uint8 ``(H, W, 3)``; every other kind is *converted*, the same way in
+:func:`check_image` (prepare) and :func:`read_image` (every later stage):
+
+- grayscale (``L``, ``1``, ``LA``), palette (``P``), RGBA (alpha dropped, not composited), CMYK (PIL's
+  profile-free conversion; Adobe's inverted CMYK JPEGs are handled by PIL) and YCbCr: PIL's ``convert("RGB")``;
+- 16-bit grayscale (``I;16*``, and 32-bit ``I`` with values in 0..65535): scaled to 8 bits as
+  ``round(v * 255 / 65535)`` (a fixed scale, so a dark image stays dark), repeated over the three channels;
+  16-bit RGB PNGs are reduced to 8 bits per channel by PIL when they are opened.
+
+Refused, naming the file: floating-point images (``F``: no agreed value range), 32-bit integer images with
+values outside 0..65535, modes PIL cannot convert to RGB, zero-byte, truncated or corrupt files, and images
+over PIL's decompression-bomb limit. EXIF orientation is ignored on purpose: VOC masks are aligned with the
+stored pixel grid, not with the displayed orientation.
 """
 from __future__ import annotations
 
@@ -44,13 +54,23 @@ def palette() -> list[int]:
     return out
 
 
+MAX_ID_BYTES = 200  # leaves room for advcam's temporary names (".tmp-<id>.png.<random>.png") within 255 bytes
+
+
 def check_id(image_id: str, where: str) -> str:
-    """Refuse ids that could reach outside the dataset root (separators, ``..``, empty, whitespace)."""
-    bad = (not image_id or "/" in image_id or "\\" in image_id or image_id in (".", "..")
-           or ".." in image_id or image_id != image_id.strip() or "\x00" in image_id)
+    """Refuse ids that could reach outside the dataset root or clash with advcam's own files.
+
+    Refused: empty ids, path separators (``/``, ``\\``), ``..`` anywhere, a leading ``.`` (hidden files: the
+    names of advcam's temporaries and records), surrounding whitespace, control characters and ids longer
+    than :data:`MAX_ID_BYTES` bytes.
+    """
+    bad = (not image_id or "/" in image_id or "\\" in image_id or ".." in image_id or image_id.startswith(".")
+           or image_id != image_id.strip() or any(ord(ch) < 32 or ord(ch) == 127 for ch in image_id)
+           or len(image_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES)
     if bad:
-        raise AdvcamError(f"{where}: invalid image id {image_id!r} (ids must be plain file stems, without "
-                          "path separators or '..')")
+        raise AdvcamError(f"{where}: invalid image id {image_id!r} (ids must be plain file stems of at most "
+                          f"{MAX_ID_BYTES} bytes, without path separators, '..', a leading '.' or control "
+                          "characters)")
     return image_id
 
 
@@ -96,25 +116,39 @@ def mask_path(root: Path, mask_dir: str, image_id: str) -> Path:
     return Path(root) / mask_dir / f"{image_id}.png"
 
 
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
+
+
+def _rgb(im: Image.Image, path: Path) -> np.ndarray:
+    """The pixels of an open image as RGB uint8 ``(H, W, 3)``, following the module's conversion policy."""
+    if im.mode in WIDE_GREY_MODES:
+        wide = np.asarray(im).astype(np.int64)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise AdvcamError(f"{path}: {im.mode} image has values outside 0..65535 ({int(wide.min())}.."
+                              f"{int(wide.max())}); only 8- and 16-bit images are supported, convert it to 8-bit RGB")
+        grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        raise AdvcamError(f"{path}: floating-point image (mode F) is not supported (no agreed value range); "
+                          "convert it to 8-bit RGB")
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def read_image(path: Path) -> np.ndarray:
     """Decode an image file fully into RGB uint8 ``(H, W, 3)``; AdvcamError names an unreadable file."""
     try:
         with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits, not clip
-                arr = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-                grey = np.clip(arr * 255.0 / top, 0, 255).astype(np.uint8)
-                return np.repeat(grey[:, :, None], 3, axis=2)
-            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            rgb = _rgb(im, path)
     except FileNotFoundError:
         raise AdvcamError(f"image not found: {path}") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for corrupt/truncated files
+    except IMAGE_ERRORS as exc:  # PIL raises these for corrupt/truncated/oversized files
         raise AdvcamError(f"{path}: unreadable image ({exc})") from None
     return np.ascontiguousarray(rgb)
 
 
 def check_image(path: Path, full: bool = True) -> tuple[int, int]:
-    """Check that ``path`` decodes; return its ``(H, W)``.
+    """Check that ``path`` decodes (and would convert to RGB); return its ``(H, W)``.
 
     ``full=False`` decodes a JPEG at 1/8 scale (PIL draft mode): the whole stream is still read, so
     truncation is caught, at a fraction of the cost of a full decode.
@@ -125,9 +159,13 @@ def check_image(path: Path, full: bool = True) -> tuple[int, int]:
             if not full and im.format == "JPEG":
                 im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
             im.load()
+            if im.mode in WIDE_GREY_MODES or im.mode == "F":
+                _rgb(im, path)  # the refusals of read_image, found now rather than in a later stage
+            elif im.mode not in ("RGB", "L", "P", "RGBA", "CMYK", "1", "LA", "YCbCr", "RGBX", "PA", "La"):
+                im.convert("RGB")  # an unusual mode: make sure it converts
     except FileNotFoundError:
         raise AdvcamError(f"image not found: {path}") from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except IMAGE_ERRORS as exc:
         raise AdvcamError(f"{path}: unreadable image ({exc})") from None
     return h, w
 
@@ -181,7 +219,7 @@ def read_mask(path: Path, num_classes: int) -> np.ndarray:
                 raise AdvcamError(f"{path}: mask mode {mode} is not supported (expected a palette or index PNG)")
     except FileNotFoundError:
         raise AdvcamError(f"mask not found: {path}") from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except IMAGE_ERRORS as exc:
         raise AdvcamError(f"{path}: unreadable mask ({exc})") from None
     return check_mask(arr, num_classes, path)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,25 +93,30 @@ def build_classifier(arch: str, num_classes: int, pretrained: str | Path | None 
 
 
 def load_model_checkpoint(path: str | Path, kind: str, build: Callable[[str, int], nn.Module],
-                          num_classes: int | None, map_location: str | torch.device) -> tuple[nn.Module, dict]:
+                          num_classes: int | None, map_location: str | torch.device,
+                          loaded: tuple[dict, dict] | None = None) -> tuple[nn.Module, dict]:
     """Read an advcam checkpoint of ``kind``, rebuild it with ``build(arch, n)`` and load its weights.
 
-    Raises :class:`AdvcamError` naming the file on a wrong kind, an unexpected class count (when
-    ``num_classes`` is given) or weights that do not fit the architecture. Returns (model in eval mode, header).
+    Raises :class:`AdvcamError` naming the file on a wrong kind, a damaged header, an unexpected class count
+    (when ``num_classes`` is given) or weights that do not fit the architecture. ``loaded`` = the
+    ``(header, state)`` of :func:`load_checkpoint` when the caller has read the file already. Returns
+    (model in eval mode, header).
     """
-    header, state = load_checkpoint(path, map_location=map_location)
+    header, state = loaded if loaded is not None else load_checkpoint(path, map_location=map_location)
     got = header.get("kind")
     if got != kind:
         raise AdvcamError(f"{path}: is a {got or 'unknown'} checkpoint, expected a {kind} checkpoint")
     for key in ("arch", "num_classes"):
         if key not in header:
             raise AdvcamError(f"{path}: checkpoint header has no {key!r}")
-    n = int(header["num_classes"])
+    n, arch = header["num_classes"], header["arch"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or not isinstance(arch, str):
+        raise AdvcamError(f"{path}: damaged checkpoint header (arch {arch!r}, num_classes {n!r})")
     if num_classes is not None and n != num_classes:
         raise AdvcamError(f"{path}: {kind} has {n} output classes, expected {num_classes} "
                           f"(trained on a different dataset?)")
     try:
-        model = build(header["arch"], n)
+        model = build(arch, n)
     except AdvcamError as exc:
         raise AdvcamError(f"{path}: {exc}") from None
     weights = state.get("model")
@@ -119,9 +124,9 @@ def load_model_checkpoint(path: str | Path, kind: str, build: Callable[[str, int
         raise AdvcamError(f"{path}: checkpoint has no model weights")
     try:
         model.load_state_dict(weights)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as exc:  # a tampered state dict
         first = str(exc).strip().splitlines()[0]
-        raise AdvcamError(f"{path}: weights do not fit arch {header['arch']!r} ({first})") from None
+        raise AdvcamError(f"{path}: weights do not fit arch {arch!r} ({first})") from None
     model.to(map_location)
     return model.eval(), header
 
@@ -144,12 +149,28 @@ def builder_for(method: str) -> Callable[..., nn.Module]:
 
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu",
-                    num_classes: int | None = None) -> CAMNet:
-    """Load a classifier written by ``advcam train-cls`` (any method), in eval mode; ``.header`` holds its header."""
-    header, _ = load_checkpoint(path, map_location="cpu")
+                    num_classes: int | None = None, classes: Sequence[str] | None = None) -> CAMNet:
+    """Load a classifier written by ``advcam train-cls`` (any method), in eval mode; ``.header`` holds its header.
+
+    ``num_classes`` / ``classes`` (the dataset's foreground class names, in label order), when given, must
+    match the checkpoint's: a classifier of another dataset is refused, naming the file and both counts or
+    class lists. Wrong kinds (a segmenter, an affinity net), files that are not advcam checkpoints and
+    weights of another architecture are refused too (:func:`load_model_checkpoint`).
+    """
+    header, state = load_checkpoint(path, map_location="cpu")
     method = str(header.get("method", "cam")) if header.get("kind") == "classifier" else "cam"
-    build = builder_for(method)
-    model, header = load_model_checkpoint(path, "classifier", build, num_classes, map_location)
+    try:
+        build = builder_for(method)
+    except AdvcamError as exc:
+        raise AdvcamError(f"{path}: {exc}") from None
+    if header.get("kind") == "classifier" and classes is not None:
+        saved = header.get("classes")
+        if isinstance(saved, list) and saved and list(saved) != list(classes):
+            if num_classes is None or len(saved) == num_classes:  # a count mismatch gets its own message
+                raise AdvcamError(f"{path}: classifier was trained on classes {saved}, but the dataset has "
+                                  f"{list(classes)} (trained on a different dataset?)")
+    model, header = load_model_checkpoint(path, "classifier", build, num_classes, map_location,
+                                          loaded=(header, state))
     model.header = header  # type: ignore[assignment]
     model.classes = list(header.get("classes") or [])  # type: ignore[assignment]
     return model  # type: ignore[return-value]

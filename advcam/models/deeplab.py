@@ -5,12 +5,17 @@ backbone features straight to the C+1 class scores, summed (no BN, no 1x1 branch
 DeepLab-v3). Weights N(0, 0.01), biases 0, as in DeepLab-v2. ``forward`` upsamples the logits bilinearly to the
 input size.
 
-- ``deeplab_resnet50``: ResNet-50, strides (2, 2, 1, 1), dilations (1, 1, 2, 4) -> output stride 8, ASPP
-  rates (6, 12, 18, 24), BatchNorm frozen completely (statistics and affine parameters; DeepLab-v2 trains with
-  frozen BN). Loads torchvision ImageNet weights for the backbone.
+- ``deeplab_resnet50`` / ``deeplab_resnet101``: ResNet-50/101, strides (2, 2, 1, 1), dilations (1, 1, 2, 4)
+  -> output stride 8, ASPP rates (6, 12, 18, 24), BatchNorm frozen completely (statistics and affine
+  parameters; DeepLab-v2 trains with frozen BN). Loads torchvision ImageNet weights for the backbone.
+  ResNet-101 is the reference DeepLab-v2 backbone (the AdvCAM authors retrain it from ImageNet weights).
 - ``deeplab_small``: the small ResNet (trainable BN, from scratch), output stride 8 (96 px -> 12x12), ASPP rates
   (2, 4, 6, 8): the reference rates scaled to the much smaller feature maps (a 321 px VOC crop gives 41x41
   maps at output stride 8; rate 24 there is about 0.6 of the map side, rate 8 here about 0.7 of 12).
+
+Inference (:func:`multiscale_logits`) follows DeepLab-v2's MSC: the image is run at each scale (and, if
+asked, flipped), every logit map is resized bilinearly to the image size, and the maps are fused by their
+pixel-wise maximum (deeplab-pytorch: scales 1.0, 0.75, 0.5, no flip).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from advcam.models import resnet
 from advcam.models.classifier import freeze_batchnorm_stats, load_model_checkpoint
 from advcam.utils.errors import AdvcamError
 
-SEGMENTER_ARCHS = ("deeplab_resnet50", "deeplab_small")
+SEGMENTER_ARCHS = ("deeplab_resnet50", "deeplab_resnet101", "deeplab_small")
 
 
 class ASPP(nn.Module):
@@ -74,11 +79,20 @@ class DeepLab(nn.Module):
         """(trainable backbone parameters, head parameters): the head gets 10x the lr."""
         return ([p for p in self.backbone.parameters() if p.requires_grad], list(self.aspp.parameters()))
 
+    def deeplab_param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+        """DeepLab-v2's three groups: (backbone, ASPP weights, ASPP biases) at 1x, 10x and 20x the lr."""
+        head = [b for b in self.aspp.branches]
+        return ([p for p in self.backbone.parameters() if p.requires_grad], [c.weight for c in head],
+                [c.bias for c in head])
+
 
 def build_segmenter(arch: str, num_classes_with_bg: int, pretrained: str | Path | None = None) -> DeepLab:
     """A fresh segmenter; ``pretrained`` = a local torchvision-format weight file for the backbone."""
     if arch == "deeplab_resnet50":
         backbone, rates, frozen = resnet.resnet50(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4)), (6, 12, 18, 24), True
+    elif arch == "deeplab_resnet101":
+        backbone = resnet.ResNet(resnet.Bottleneck, (3, 4, 23, 3), strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4))
+        rates, frozen = (6, 12, 18, 24), True
     elif arch == "deeplab_small":
         backbone, rates, frozen = resnet.resnet_small(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4)), (2, 4, 6, 8), False
     else:
@@ -101,3 +115,30 @@ def segmenter_header(model: DeepLab, classes: list[str], params: dict) -> dict:
     """The JSON header of a segmenter checkpoint (``classes`` = foreground names; num_classes = C + 1)."""
     return {"kind": "segmenter", "arch": model.arch, "method": "deeplab", "classes": list(classes),
             "num_classes": model.num_classes, "params": dict(params)}
+
+
+def multiscale_logits(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.0,),
+                      flip: bool = False) -> torch.Tensor:
+    """Fused logits ``(K, H, W)`` of a normalised ``(3, H, W)`` image: pixel-wise max over the scales (and
+    flips) of the logits, each resized bilinearly to ``(H, W)`` (DeepLab-v2 MSC). No gradients are kept.
+
+    With ``scales=(1.0,)`` and ``flip=False`` this is ``model(image[None])[0]``. With ``flip=True`` the
+    result is flip-equivariant: the logits of the flipped image are the flipped logits.
+    """
+    if not scales:
+        raise ValueError("multiscale_logits: no scales given")
+    size = image.shape[-2:]
+    x = image[None]
+    fused: torch.Tensor | None = None
+    with torch.inference_mode():
+        for scale in scales:
+            xs = x if scale == 1.0 else F.interpolate(
+                x, size=(max(1, round(size[0] * scale)), max(1, round(size[1] * scale))), mode="bilinear",
+                align_corners=False)
+            out = model(torch.cat([xs, xs.flip(-1)]) if flip else xs).float()
+            if out.shape[-2:] != size:
+                out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+            out = torch.maximum(out[0], out[1].flip(-1)) if flip else out[0]
+            fused = out if fused is None else torch.maximum(fused, out)
+    assert fused is not None
+    return fused

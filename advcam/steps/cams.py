@@ -7,23 +7,32 @@ the old files of the list are removed and everything is recomputed, so a resumed
 results of two settings. Seeds are the argmax over a constant
 background plane (each threshold of ``cam.thresholds``) and the ``high_res`` maps, compared with the
 ground-truth masks of the infer list (images without a mask are left out of the score).
+
+Scale-out (:mod:`advcam.steps.shards`): ``shard=(I, N)`` computes only shard ``I`` of ``N`` of the list into
+``out`` (no scoring); ``gather=[folders]`` links the shards' files into ``out`` and scores the seeds over the
+whole list, byte-identical to one unsharded run. On a node with several visible GPUs (``device`` cuda or
+auto), the images are split across them, one process per GPU (``CUDA_VISIBLE_DEVICES`` selects them).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from advcam.attribution.cam import compute_maps, is_valid_cam, load_cam, save_cam
+from advcam.config import Config
 from advcam.data import load_info
 from advcam.data.transforms import normalize
 from advcam.metrics import finite_or_none, mean_iou, iou_from_confusion, per_class, seed_confusions
 from advcam.models import load_classifier
+from advcam.steps import shards as sharding
 from advcam.utils.device import resolve_device
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import clean_stale_temps, read_json, write_json, write_text
+from advcam.utils.io import check_free_space, clean_stale_temps, read_json, write_json, write_text
 from advcam.utils.progress import log, progress
 
 
@@ -55,8 +64,12 @@ def file_stamp(path: Path) -> dict:
     return {"path": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def invalidate_if_changed(out: Path, fingerprint: dict, ids: list[str], suffix: str) -> None:
-    """Remove ``out/<id><suffix>`` when ``out`` was filled with another fingerprint; record the new one."""
+def invalidate_if_changed(out: Path, fingerprint: dict, ids: list[str], suffix: str,
+                          check: Callable[[], Any] | None = None) -> None:
+    """Remove ``out/<id><suffix>`` when ``out`` was filled with another fingerprint; record the new one.
+
+    ``check()`` runs before anything is removed (e.g. the new classifier loads): a bad input raises there and
+    costs none of the old files."""
     path = out / FINGERPRINT
     try:
         old = read_json(path) if path.is_file() else None
@@ -64,6 +77,8 @@ def invalidate_if_changed(out: Path, fingerprint: dict, ids: list[str], suffix: 
         old = {"unreadable": str(path)}
     if old is not None and old != fingerprint:
         stale = [out / f"{i}{suffix}" for i in ids if (out / f"{i}{suffix}").exists()]
+        if stale and check is not None:
+            check()
         log.warning("%s: params or inputs changed since its files were written; recomputing %d file(s)",
                     out, len(stale))
         for p in stale:
@@ -72,24 +87,28 @@ def invalidate_if_changed(out: Path, fingerprint: dict, ids: list[str], suffix: 
         write_json(path, fingerprint)
 
 
-def compute_all(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path) -> int:
-    """Write ``out/<id>.npz`` for every id without a valid file; return how many were computed."""
-    out.mkdir(parents=True, exist_ok=True)
-    removed = clean_stale_temps(out)
-    if removed:
-        log.info("cams: removed %d stale temporary file(s) in %s", removed, out)
+def record_for(cfg: Any, info: Any, model_path: Path) -> dict:
+    """What the CAM files depend on (``.advcam-params.json``): map params, classifier and labels stamps."""
     maps_params = {k: v for k, v in cfg.cam.to_dict().items() if k not in ("thresholds", "eval_threshold")}
     labels = Path(info.folder) / "labels.json"
-    record = {"cam": maps_params, "model": file_stamp(model_path),
-              "labels": file_stamp(labels) if labels.is_file() else None}
-    invalidate_if_changed(out, record, ids, ".npz")
-    todo = [i for i in ids if not is_valid_cam(out / f"{i}.npz", image_size(info, i))]
-    log.info("cams: %d of %d images to compute (%d done already)", len(todo), len(ids), len(ids) - len(todo))
-    if not todo:
-        return 0
-    device = resolve_device(cfg.device)
-    model = load_classifier(model_path, map_location=device, num_classes=info.num_classes).to(device).eval()
-    for image_id in progress(todo, desc=f"cams ({cfg.cam.method})", unit="img"):
+    return {"cam": maps_params, "model": file_stamp(model_path),
+            "labels": file_stamp(labels) if labels.is_file() else None}
+
+
+def cam_devices(name: str) -> list[str]:
+    """Devices to split the images across: every visible GPU for cuda (or auto with CUDA), else one."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [str(device)]
+
+
+def compute_ids(cfg: Any, info: Any, ids: Sequence[str], model_path: Path, out: Path, device: str,
+                desc: str = "") -> None:
+    """Write ``out/<id>.npz`` for ``ids`` on one device (no checks of existing files)."""
+    model = load_classifier(model_path, map_location=device, num_classes=info.num_classes,
+                            classes=info.classes).to(device).eval()
+    for image_id in progress(ids, desc=f"cams ({cfg.cam.method}){desc}", unit="img"):
         image = normalize(info.read_image(image_id))
         try:
             maps = compute_maps(model, image, image_classes(info, image_id), cfg.cam)
@@ -98,7 +117,72 @@ def compute_all(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path
         if not (np.isfinite(maps["high_res"]).all() and np.isfinite(maps["cam"]).all()):
             raise AdvcamError(f"image {image_id}: the classifier {model_path} produced non-finite class maps")
         save_cam(out / f"{image_id}.npz", maps)
+
+
+def _device_worker(rank: int, cfg_json: str, data: str, groups: list[list[str]], model_path: str, out: str,
+                   devices: list[str], threads: int) -> None:
+    """One process of :func:`compute_on_devices`: the ``rank``-th group of images on ``devices[rank]``."""
+    if devices[rank].startswith("cuda"):
+        torch.cuda.set_device(torch.device(devices[rank]))
+    else:
+        torch.set_num_threads(threads)  # as the parent: the same CPU kernels, the same bytes
+    info = load_info(Path(data))
+    compute_ids(Config(json.loads(cfg_json)), info, groups[rank], Path(model_path), Path(out), devices[rank],
+                f" [{devices[rank]}]")
+
+
+def compute_on_devices(cfg: Any, info: Any, ids: Sequence[str], model_path: Path, out: Path,
+                       devices: Sequence[str]) -> None:
+    """Split ``ids`` into ``len(devices)`` shards (:func:`advcam.steps.shards.split`), one process each."""
+    groups = sharding.split(list(ids), len(devices))
+    log.info("cams: %d images over %d devices (%s)", len(ids), len(devices), ", ".join(devices))
+    try:
+        torch.multiprocessing.spawn(_device_worker, nprocs=len(devices), join=True, args=(
+            json.dumps(cfg.to_dict()), str(info.folder), groups, str(model_path), str(out), list(devices),
+            torch.get_num_threads()))
+    except torch.multiprocessing.ProcessRaisedException as exc:
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        raise AdvcamError(f"cams: a device process failed: {lines[-1] if lines else exc}") from None
+
+
+def cam_nbytes(size: tuple[int, int], n: int) -> int:
+    """Bytes of one CAM file: float32 ``high_res`` (n, H, W) + ``cam`` at stride 4, keys and .npz headers."""
+    h, w = size
+    return 4 * n * (h * w + ((h + 3) // 4) * ((w + 3) // 4)) + 8 * n + 1024
+
+
+def compute_all(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path) -> int:
+    """Write ``out/<id>.npz`` for every id without a valid file; return how many were computed."""
+    out.mkdir(parents=True, exist_ok=True)
+    removed = clean_stale_temps(out)
+    if removed:
+        log.info("cams: removed %d stale temporary file(s) in %s", removed, out)
+    invalidate_if_changed(out, record_for(cfg, info, model_path), ids, ".npz", check=lambda: load_classifier(
+        model_path, num_classes=info.num_classes, classes=info.classes))
+    todo = [i for i in ids if not is_valid_cam(out / f"{i}.npz", image_size(info, i))]
+    log.info("cams: %d of %d images to compute (%d done already)", len(todo), len(ids), len(ids) - len(todo))
+    if not todo:
+        return 0
+    check_free_space(out, sum(cam_nbytes(image_size(info, i), len(image_classes(info, i))) for i in todo),
+                     f"cams: {len(todo)} CAM files")
+    devices = cam_devices(cfg.device)
+    if len(devices) > 1 and len(todo) > 1:
+        compute_on_devices(cfg, info, todo, model_path, out, devices)
+    else:
+        compute_ids(cfg, info, todo, model_path, out, devices[0])
     return len(todo)
+
+
+def gather_shards(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path,
+                  folders: Sequence[Path]) -> None:
+    """Link the CAM files of the shard folders (``folders[k]`` = shard ``k+1`` of ``len(folders)``) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
+    record = record_for(cfg, info, model_path)
+    invalidate_if_changed(out, record, ids, ".npz")
+    n = sharding.gather([Path(f) for f in folders], ids, ".npz", out,
+                        lambda p, i: is_valid_cam(p, image_size(info, i)), record, "cams")
+    log.info("cams: gathered %d CAM files from %d shard(s) into %s", n, len(folders), out)
 
 
 def evaluate_seeds(cfg: Any, info: Any, ids: list[str], cams: Path) -> tuple[dict, list[tuple[float, float]]]:
@@ -133,13 +217,27 @@ def evaluate_seeds(cfg: Any, info: Any, ids: list[str], cams: Path) -> tuple[dic
     return metrics, curve
 
 
-def run(cfg: Any, data: Path, model: Path, out: Path, metrics: Path, curve: Path) -> None:
-    """Compute (or resume) the CAM files of the infer list, then score the seeds."""
+def run(cfg: Any, data: Path, model: Path, out: Path, metrics: Path, curve: Path,
+        shard: tuple[int, int] | None = None, gather: Sequence[Path] = ()) -> None:
+    """Compute (or resume) the CAM files of the infer list, then score the seeds.
+
+    ``shard=(I, N)``: compute only shard I of N into ``out`` and stop (no metrics). ``gather``: take the CAM
+    files from these shard folders (shard k = the k-th folder) instead of computing them, then score."""
     info = load_info(data)
     ids = list(info.lists.get("infer", []))
     if not ids:
         raise AdvcamError(f"{data}: the infer list is empty")
-    compute_all(cfg, info, ids, Path(model), Path(out))
+    if shard is not None and gather:
+        raise AdvcamError("cams: --shard and --gather exclude each other")
+    if shard is not None:
+        part = sharding.shard_items(ids, *shard)
+        log.info("cams: shard %d/%d: %d of %d images", shard[0], shard[1], len(part), len(ids))
+        compute_all(cfg, info, part, Path(model), Path(out))
+        return
+    if gather:
+        gather_shards(cfg, info, ids, Path(model), Path(out), gather)
+    else:
+        compute_all(cfg, info, ids, Path(model), Path(out))
     result, points = evaluate_seeds(cfg, info, ids, Path(out))
     write_json(metrics, result)
     write_text(curve, "threshold,miou\n" + "".join(

@@ -6,6 +6,11 @@ layout). Everything it indexes is validated first (lists, ids, images, masks; se
 folder is built under a temporary name next to ``out`` and renamed at the end, replacing an existing
 ``out``: a failed or killed run leaves the previous ``out`` (or nothing) and no partial folder.
 
+Every image of the classifier's training list (``dataset.train_list``) must have a foreground class in its
+mask: one without is refused, named, unless ``dataset.allow_background_only`` is true (such images then train
+the classifier as pure negatives). An all-background mask in a training list is usually a wrong
+``dataset.mask_dir`` or class list. Before generating the synthetic dataset, the free disk space is checked.
+
 Images: images of the infer and val lists (used at full resolution later) are fully decoded; images only
 in the train list are decoded in JPEG draft mode (1/8 scale), which reads the whole file and so still
 catches truncation, at a fraction of the cost. Masks are read in full (they give the labels).
@@ -22,10 +27,31 @@ from typing import Any
 from advcam.data import ROLES, DatasetInfo, load_info, voc
 from advcam.data.synthetic import generate
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import TMP_PREFIX, write_json, write_text
+from advcam.utils.io import TMP_PREFIX, check_free_space, write_json, write_text
 from advcam.utils.progress import log, progress
 
 MAX_REPORTED = 5  # problems listed in one error message
+SYNTHETIC_BYTES_PER_PIXEL = 6  # upper bound on disk: JPEG (<= 3 B/px at quality 95 + headers), two PNGs (<= 1 B/px)
+
+
+def _check_mask_dir(mask_dir: str) -> str:
+    """``dataset.mask_dir`` must name a folder inside the dataset root (no absolute path, no ``..``)."""
+    parts = Path(mask_dir).parts
+    if not mask_dir or Path(mask_dir).is_absolute() or ".." in parts or "\\" in mask_dir:
+        raise AdvcamError(f"dataset.mask_dir: {mask_dir!r} must be a folder inside dataset.root "
+                          "(e.g. SegmentationClass), not an absolute path or one with '..'")
+    return mask_dir
+
+
+def _check_foreground(lists: dict[str, list[str]], labels: dict[str, list[int]], list_file: Path,
+                      mask_of: Any) -> None:
+    """Refuse classifier-training images whose mask has no foreground class (see the module docstring)."""
+    empty = [i for i in lists["train"] if not labels[i]]
+    if empty:
+        raise AdvcamError(f"{list_file}: {len(empty)} image(s) of the classifier's training list have no foreground "
+                          f"class in their mask, e.g. id {empty[0]!r} ({mask_of(empty[0])}); check dataset.mask_dir "
+                          "and dataset.classes, remove them from the list, or set dataset.allow_background_only=true "
+                          "to train on them as pure negatives")
 
 
 def _check_one(root: Path, mask_dir: str, num_classes: int, image_id: str, list_file: Path,
@@ -105,6 +131,9 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
         if ds.mask_dir != "SegmentationClass":
             log.warning("dataset.mask_dir=%s ignored for the synthetic dataset (it writes SegmentationClass)",
                         ds.mask_dir)
+        n_images = int(syn.num_train_aug) + int(syn.num_val)
+        check_free_space(tmp, n_images * int(syn.image_size) ** 2 * SYNTHETIC_BYTES_PER_PIXEL,
+                         f"prepare: {n_images} synthetic images")
         generated = generate(syn.to_dict(), tmp / "voc")
         root, root_ref, mask_dir = tmp / "voc", "voc", "SegmentationClass"
         classes = list(ds.classes) if ds.classes is not None else generated.classes
@@ -113,9 +142,12 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
                  syn.num_classes, syn.image_size)
     else:
         root = Path(ds.root).expanduser().absolute()
-        root_ref, mask_dir = str(root), ds.mask_dir
+        root_ref, mask_dir = str(root), _check_mask_dir(ds.mask_dir)
         classes = list(ds.classes) if ds.classes is not None else list(voc.VOC_CLASSES)
     lists, labels = index(root, mask_dir, classes, list_names)
+    if not ds.get("allow_background_only", False):
+        _check_foreground(lists, labels, voc.list_path(root, list_names["train"]),
+                          lambda i: voc.mask_path(root, mask_dir, i))
     meta.update({"root": root_ref, "mask_dir": mask_dir, "classes": classes, "lists": list_names,
                  "counts": {role: len(ids) for role, ids in lists.items()},
                  "class_counts": {role: _class_counts(ids, labels, classes) for role, ids in lists.items()}})

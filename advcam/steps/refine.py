@@ -14,11 +14,16 @@ record (``.advcam-params.json``) changed since (then the list's labels are recom
 all pixels that got a label (0 or a class). Both describe the final labels; ``pseudo_miou_crf`` and
 ``pseudo_labelled_fraction_crf`` describe the CRF labels (before the random walk; equal to the final ones
 for ``crf``).
+
+Scale-out (:mod:`advcam.steps.shards`): the CRF labels, the costly CPU part, are what shards compute.
+``shard=(I, N)`` writes the CRF labels of shard I of N to ``out`` and stops. ``gather=[folders]`` links the
+shards' labels into ``out`` (``crf``) or ``out/.crf/`` (``randomwalk``) and then runs the rest once, over all
+images: the scores, and for ``randomwalk`` the affinity training (once, on all CRF labels) and the walk.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -29,7 +34,8 @@ from advcam.attribution.cam import load_cam
 from advcam.data import load_info
 from advcam.data.datasets import SegmentationDataset
 from advcam.data.transforms import normalize
-from advcam.steps.cams import FINGERPRINT, invalidate_if_changed
+from advcam.steps import shards as sharding
+from advcam.steps.cams import FINGERPRINT, image_size, invalidate_if_changed
 from advcam.data.voc import palette
 from advcam.metrics import confusion, finite_or_none, iou_from_confusion, mean_iou, per_class
 from advcam.refine.affinity import AffinityNet, batch_loss, build_affinity_net, pairwise_affinity
@@ -41,7 +47,7 @@ from advcam.train.segmentation import pseudo_label_reader
 from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import clean_stale_temps, read_json, save_png, write_json
+from advcam.utils.io import check_free_space, clean_stale_temps, read_json, save_png, write_json
 from advcam.utils.progress import log, progress
 
 RefineFn = Callable[[np.ndarray, dict, Any], np.ndarray]
@@ -86,6 +92,10 @@ def label_all(info: Any, ids: list[str], cams: Path, folder: Path, fn: LabelFn, 
     k = info.num_classes + 1
     conf = np.zeros((k, k), np.int64)
     labelled = total = scored = computed = 0
+    todo = [i for i in ids if not (folder / f"{i}.png").is_file()]
+    if todo:  # a PNG of uint8 labels is at most about H*W bytes
+        check_free_space(folder, sum(h * w + 1024 for h, w in (image_size(info, i) for i in todo)),
+                         f"refine: {len(todo)} pseudo labels")
     for image_id in progress(ids, desc=desc, unit="img"):
         image = info.read_image(image_id)
         size = image.shape[:2]
@@ -169,8 +179,27 @@ def walker(model_fn: Callable[[], AffinityNet], cfg_rw: Any, device: torch.devic
     return fn
 
 
-def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path) -> None:
-    """Write a pseudo label for every infer image (resuming), then score them against the masks."""
+def crf_labels(cfg: Any, info: Any, ids: list[str], cams: Path, folder: Path, record: dict,
+               shards: Sequence[Path] = ()) -> dict[str, Any]:
+    """The CRF labels of ``ids`` in ``folder`` (linked from ``shards`` when given, else computed where
+    missing), scored as :func:`label_all` does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(folder)
+    invalidate_if_changed(folder, record, ids, ".png")
+    if shards:
+        n = sharding.gather([Path(f) for f in shards], ids, ".png", folder,
+                            lambda p, i: read_label(p, image_size(info, i)) is not None, record, "refine")
+        log.info("refine: gathered %d CRF labels from %d shard(s) into %s", n, len(shards), folder)
+    return label_all(info, ids, cams, folder, lambda im, maps: METHODS["crf"](im, maps, cfg.refine),
+                     "refine (crf labels)")
+
+
+def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple[int, int] | None = None,
+        gather: Sequence[Path] = ()) -> None:
+    """Write a pseudo label for every infer image (resuming), then score them against the masks.
+
+    ``shard=(I, N)``: only the CRF labels of shard I of N, into ``out`` (no metrics). ``gather``: the CRF
+    labels come from these shard folders (shard k = the k-th folder) instead of being computed here."""
     method = str(cfg.refine.method)
     if method not in METHODS and method not in STAGED:
         known = sorted({*METHODS, *STAGED})
@@ -179,26 +208,33 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path) -> None:
     ids = list(info.lists.get("infer", []))
     if not ids:
         raise AdvcamError(f"{data}: the infer list is empty")
+    if shard is not None and gather:
+        raise AdvcamError("refine: --shard and --gather exclude each other")
     cams, out = Path(cams), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if clean_stale_temps(out):
         log.info("refine: removed stale temporary files in %s", out)
     cams_record = read_json(cams / FINGERPRINT) if (cams / FINGERPRINT).is_file() else None
+    crf_keys = {k: v for k, v in cfg.refine.to_dict().items() if k in ("fg_threshold", "bg_threshold", "crf")}
+    crf_record = {"refine": crf_keys, "cams": cams_record}
+    if shard is not None:
+        part = sharding.shard_items(ids, *shard)
+        log.info("refine: shard %d/%d: CRF labels of %d of %d images", shard[0], shard[1], len(part), len(ids))
+        crf_labels(cfg, info, part, cams, out, crf_record)
+        return
     record: dict[str, Any] = {"refine": cfg.refine.to_dict(), "cams": cams_record}
     if method in STAGED:
         record["affinity"] = {"arch": cfg.classifier.arch, "pretrained": cfg.classifier.pretrained, "seed": cfg.seed}
     invalidate_if_changed(out, record, ids, ".png")
     if method == "crf":
+        if gather:  # the shards' CRF labels are the final labels; the out record stays the full one
+            sharding.gather([Path(f) for f in gather], ids, ".png", out,
+                            lambda p, i: read_label(p, image_size(info, i)) is not None, crf_record, "refine")
         final = crf = label_all(info, ids, cams, out, lambda im, maps: METHODS[method](im, maps, cfg.refine),
                                 f"refine ({method})")
     else:
         labels = out / CRF_DIR
-        labels.mkdir(exist_ok=True)
-        clean_stale_temps(labels)
-        crf_keys = {k: v for k, v in cfg.refine.to_dict().items() if k in ("fg_threshold", "bg_threshold", "crf")}
-        invalidate_if_changed(labels, {"refine": crf_keys, "cams": cams_record}, ids, ".png")
-        crf = label_all(info, ids, cams, labels, lambda im, maps: METHODS["crf"](im, maps, cfg.refine),
-                        "refine (crf labels)")
+        crf = crf_labels(cfg, info, ids, cams, labels, crf_record, gather)
         device = resolve_device(cfg.device)
         fn = walker(lambda: affinity_model(cfg, info, ids, labels, out, device), cfg.refine.randomwalk, device)
         final = label_all(info, ids, cams, out, fn, "refine (random walk)")

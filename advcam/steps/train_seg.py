@@ -1,4 +1,8 @@
-"""Stage train_seg: train the segmenter on the infer list's pseudo labels; write the checkpoint and curves."""
+"""Stage train_seg: train the segmenter on the infer list's pseudo labels; write the checkpoint and curves.
+
+Semi-supervised mode: the images chosen by ``segmentation.gt_ids`` / ``segmentation.gt_fraction`` train on
+their ground-truth masks instead of their pseudo labels (their pseudo labels are not needed).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -10,45 +14,70 @@ from advcam.data.datasets import SegmentationDataset
 from advcam.models.deeplab import build_segmenter, segmenter_header
 from advcam.steps.train_cls import ids_digest, images_digest
 from advcam.train import loop
-from advcam.train.segmentation import check_pseudo_labels, pseudo_label_reader, train_segmenter
+from advcam.train.segmentation import (check_gt_masks, check_pseudo_labels, class_weights, select_gt_ids,
+                                       train_segmenter, training_label_reader)
 from advcam.utils.checkpoint import save_checkpoint
-from advcam.utils.io import clean_stale_temps_for
 from advcam.utils.device import resolve_device, seed_everything
+from advcam.utils.errors import AdvcamError
+from advcam.utils.io import clean_stale_temps_for
 from advcam.utils.progress import log
 
 
+def files_digest(paths: list[Path]) -> str:
+    """Content hash of label files, so a resume file never continues on other labels."""
+    h = hashlib.sha1()
+    for path in paths:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()
+
 
 def pseudo_digest(pseudo: Path, ids: list[str]) -> str:
-    """Content hash of the pseudo labels, so a resume file never continues on other labels."""
-    h = hashlib.sha1()
-    for image_id in ids:
-        h.update((pseudo / f"{image_id}.png").read_bytes())
-    return h.hexdigest()
+    """Content hash of the pseudo labels of ``ids``."""
+    return files_digest([pseudo / f"{image_id}.png" for image_id in ids])
+
+
+def _scale_range(s: Config) -> tuple[float, float]:
+    low, high = (float(v) for v in s.get("scale_range", (0.5, 1.5)))
+    if not 0 < low <= high:
+        raise AdvcamError(f"segmentation.scale_range must be [low, high] with 0 < low <= high, got {[low, high]}")
+    return low, high
 
 
 def run(cfg: Config, data: Path, pseudo: Path, out: Path, curves: Path) -> None:
     info = load_info(data)
     ids = info.lists["infer"]
     s = cfg.segmentation
-    check_pseudo_labels(info, ids, pseudo)
-    momentum = s.momentum
+    gt_ids = select_gt_ids(ids, s.get("gt_ids", []), float(s.get("gt_fraction", 0.0)), cfg.seed)
+    gt_set = set(gt_ids)
+    pseudo_ids = [i for i in ids if i not in gt_set]
+    check_gt_masks(info, gt_ids)
+    check_pseudo_labels(info, pseudo_ids, pseudo)
+    scale_range = _scale_range(s)
     params = {**s.to_dict(), "seed": cfg.seed}
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = build_segmenter(s.arch, info.num_classes + 1, s.pretrained).to(device)
-    dataset = SegmentationDataset(info, ids, pseudo_label_reader(info, pseudo), s.crop_size, train=True,
-                                  seed=cfg.seed)
-    log.info("train-seg: %s, %d images of %s (list infer) with pseudo labels from %s, %d epochs on %s",
-             s.arch, len(ids), data, pseudo, s.epochs, device)
+    label_fn = training_label_reader(info, pseudo, gt_ids)
+    weight = class_weights(label_fn, ids, info.num_classes + 1) if s.get("balanced_ce", False) else None
+    if weight is not None:
+        log.info("train-seg: balanced cross-entropy, class weights %s",
+                 ", ".join(f"{n} {w:.3g}" for n, w in zip(["background", *info.classes], weight)))
+    dataset = SegmentationDataset(info, ids, label_fn, s.crop_size, train=True, seed=cfg.seed,
+                                  scale_range=scale_range)
+    log.info("train-seg: %s, %d images of %s (list infer): %d with pseudo labels from %s, %d with ground truth; "
+             "%d epochs on %s", s.arch, len(ids), data, len(pseudo_ids), pseudo, len(gt_ids), s.epochs, device)
     resume = loop.resume_path_for(out)
     if clean_stale_temps_for([out, resume]):
         log.info("train-seg: removed the temporary files of a killed run next to %s", out)
     fingerprint = {"stage": "train_seg", "params": params, "classes": list(info.classes), "ids": ids_digest(ids),
-                   "images": images_digest(info, ids), "pseudo": pseudo_digest(pseudo, ids)}
+                   "images": images_digest(info, ids), "pseudo": pseudo_digest(pseudo, pseudo_ids),
+                   "gt_ids": ids_digest(gt_ids), "gt": files_digest([Path(info.mask_path(i)) for i in gt_ids])}
     train_segmenter(model, dataset, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
-                    weight_decay=s.weight_decay, momentum=momentum, seed=cfg.seed, workers=cfg.workers,
-                    resume=resume, curves=curves, fingerprint=fingerprint)
+                    weight_decay=s.weight_decay, momentum=s.momentum, seed=cfg.seed, workers=cfg.workers,
+                    resume=resume, curves=curves, fingerprint=fingerprint, class_weight=weight)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
-    save_checkpoint(out, segmenter_header(model, list(info.classes), params), model=state)
+    header = segmenter_header(model, list(info.classes), params)
+    header["num_gt_images"] = len(gt_ids)
+    save_checkpoint(out, header, model=state)
     loop.finish(resume)
     log.info("wrote %s", out)

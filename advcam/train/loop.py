@@ -5,6 +5,15 @@ optimizer, finished epochs, RNG states, curve so far, a fingerprint of the param
 atomically. A run that is killed and started again continues from the last finished epoch and ends with the
 same weights as an uninterrupted run (on CPU): the data order and the augmentation of epoch ``e`` depend only
 on ``(seed, e)``, and the global RNG states are restored.
+
+Data-parallel training: under ``torchrun`` (``WORLD_SIZE`` > 1), :func:`fit` joins the process group (gloo on
+CPU, nccl on CUDA, one GPU per process by ``LOCAL_RANK``), wraps the loss in ``DistributedDataParallel`` and
+makes BatchNorm layers that train use the statistics of the whole global batch. Every process draws the same
+global batches (``batch_size`` is the global batch) and works on its own contiguous slice of each, so N
+processes follow the loss curve of one process within float tolerance (the same maths for losses that
+average over images, as the classifier's; a loss normalised per pixel, as the segmenter's, becomes the mean
+of the processes' per-pixel means, weighted by their image counts). Rank 0 writes the curves and the resume
+file. The EADER trainer has its own loop and does not use this (it trains unsharded in every process).
 """
 from __future__ import annotations
 
@@ -16,9 +25,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from advcam.train import live
+from advcam.train.distributed import GlobalBatchSlices, data_parallel, global_loss, join_process_group, world
 from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import write_text
@@ -53,12 +65,20 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max
 
 def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, workers: int = 0) -> DataLoader:
     """A shuffled loader whose order depends only on ``(seed, epoch)``; drops the last partial batch (IRN)
-    unless the dataset is smaller than one batch."""
+    unless the dataset is smaller than one batch. In distributed training, this process's slices of the same
+    global batches (:class:`GlobalBatchSlices`)."""
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)  # type: ignore[attr-defined]
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    drop_last = len(dataset) >= batch_size  # type: ignore[arg-type]
+    rank, size = world()
+    if size > 1:
+        sampler = GlobalBatchSlices(len(dataset), batch_size, generator, drop_last, rank, size)  # type: ignore[arg-type]
+        # the generator also seeds the loader (as a shuffled loader does, before the permutation is drawn)
+        return DataLoader(dataset, batch_sampler=sampler, generator=generator, num_workers=workers,
+                          persistent_workers=False)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=workers,
-                      drop_last=len(dataset) >= batch_size, persistent_workers=False)  # type: ignore[arg-type]
+                      drop_last=drop_last, persistent_workers=False)  # type: ignore[arg-type]
 
 
 def rng_state() -> dict[str, Any]:
@@ -86,6 +106,7 @@ def write_curves(path: Path, rows: Iterable[Sequence[float]]) -> None:
     for epoch, step, loss, lr in rows:
         writer.writerow([int(epoch), int(step), f"{loss:.6f}", f"{lr:.8g}"])
     write_text(path, buf.getvalue())
+    live.log_curves(path, rows)  # dvclive mirror for `dvc plots` (a no-op without dvclive)
 
 
 def resume_path_for(out: Path) -> Path:
@@ -121,11 +142,17 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader_for_epoch: Ca
     ``loss_fn(model, batch)`` returns the scalar loss of one batch. The caller saves the final checkpoint and
     then calls :func:`finish` to delete the resume file.
     """
+    distributed = join_process_group(model)
     steps_per_epoch = len(loader_for_epoch(0))
     if steps_per_epoch == 0:
         raise AdvcamError(f"{desc}: the training list is empty")
     max_step = steps_per_epoch * epochs
     start, rows = _try_resume(resume, fingerprint, model, optimizer)
+    rank, size = world()
+    step_fn = data_parallel(model, loss_fn) if distributed else None
+    if distributed:
+        log.info("%s: process %d of %d (%s), global batch sliced across processes", desc, rank + 1, size,
+                 dist.get_backend())
     for epoch in range(start, epochs):
         model.train()
         total, count = 0.0, 0
@@ -134,23 +161,32 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader_for_epoch: Ca
         for i, batch in enumerate(bar):
             step = epoch * steps_per_epoch + i
             lr = set_poly_lr(optimizer, base_lr, step, max_step)
-            loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise AdvcamError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+            if step_fn is None:
+                loss = loss_fn(model, batch)
+                value = loss.item()
+            else:
+                loss, value = global_loss(step_fn, batch, size)
+            if not np.isfinite(value):
+                raise AdvcamError(f"{desc}: loss became {value} at epoch {epoch + 1}, step {step + 1}; "
                                   f"lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, count = total + loss.item(), count + 1
-            rows.append([epoch + 1, step + 1, loss.item(), lr])
+            total, count = total + value, count + 1
+            rows.append([epoch + 1, step + 1, value, lr])
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")  # type: ignore[attr-defined]
         log.info("%s epoch %d/%d: mean loss %.4f", desc, epoch + 1, epochs, total / max(count, 1))
-        save_checkpoint(resume, {"kind": "resume", "fingerprint": dict(fingerprint)}, model=model.state_dict(),
-                        optimizer=optimizer.state_dict(), epoch=epoch + 1, rng=rng_state(), curve=rows)
+        if rank == 0:
+            save_checkpoint(resume, {"kind": "resume", "fingerprint": dict(fingerprint)}, model=model.state_dict(),
+                            optimizer=optimizer.state_dict(), epoch=epoch + 1, rng=rng_state(), curve=rows)
+            write_curves(curves, rows)
+    if rank == 0:
         write_curves(curves, rows)
-    write_curves(curves, rows)
-    log.info("wrote %s (%d steps)", curves, len(rows))
+        log.info("wrote %s (%d steps)", curves, len(rows))
+    if distributed:
+        dist.barrier()  # every process has the final weights before any writes or ends
+        dist.destroy_process_group()
     return rows
 
 

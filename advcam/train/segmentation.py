@@ -1,13 +1,21 @@
-"""Segmentation training on pseudo labels: pixel cross-entropy (255 ignored), SGD, poly LR, head at 10x lr.
+"""Segmentation training on pseudo labels, as the references' DeepLab-v2 retraining (deeplab-pytorch).
+
+- Loss: pixel cross-entropy, 255 ignored; optionally class-balanced (:func:`class_weights`).
+- Optimiser: SGD, poly LR (power 0.9), backbone at 1x, ASPP weights at 10x, ASPP biases at 20x without
+  weight decay (DeepLab-v2's ``lr_mult``/``decay_mult``).
+- Augmentation (``SegmentationDataset``): random scale, horizontal flip, crop padded with 255.
 
 Pseudo labels are index PNGs ``<pseudo>/<id>.png`` (0 = background, 1..C, 255 = not confident), the same
 size as their image. :func:`check_pseudo_labels` checks every one up front (existence and size, from the
 headers) so a bad folder fails before training starts; :func:`pseudo_label_reader` checks the values.
+
+Semi-supervised mode (the AdvCAM paper's): :func:`select_gt_ids` picks the images trained on their
+ground-truth masks; :func:`training_label_reader` reads those masks and the pseudo labels of the rest.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +27,7 @@ from advcam.data import DatasetInfo
 from advcam.models.deeplab import DeepLab
 from advcam.train import loop
 from advcam.utils.errors import AdvcamError
+from advcam.utils.progress import progress
 
 IGNORE = 255
 
@@ -70,20 +79,128 @@ def pseudo_label_reader(info: DatasetInfo, pseudo: Path) -> Callable[[str], np.n
     return read
 
 
-def segmentation_loss(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """Mean cross-entropy over the labelled pixels (0 when a batch has none)."""
+def select_gt_ids(ids: Sequence[str], gt_ids: Iterable[str] = (), gt_fraction: float = 0.0,
+                  seed: int = 0) -> list[str]:
+    """The images trained on ground truth: ``gt_ids`` plus ``round(gt_fraction * len(ids))`` ids drawn
+    without replacement from ``ids`` by ``seed`` (the draw ignores ``gt_ids``, so the two may overlap).
+
+    The draw is a permutation of the sorted ids, so it does not depend on list order. Returned in the order
+    of ``ids``. AdvcamError naming the id when ``gt_ids`` names an image outside ``ids``.
+    """
+    known = set(ids)
+    chosen = set()
+    for image_id in gt_ids:
+        if image_id not in known:
+            raise AdvcamError(f"segmentation.gt_ids: image {image_id!r} is not in the training (infer) list")
+        chosen.add(image_id)
+    if not 0.0 <= gt_fraction <= 1.0:
+        raise AdvcamError(f"segmentation.gt_fraction must be in [0, 1], got {gt_fraction}")
+    n = int(round(gt_fraction * len(ids)))
+    if n:
+        pool = sorted(known)
+        order = np.random.default_rng(int(seed)).permutation(len(pool))
+        chosen.update(pool[i] for i in order[:n])
+    return [i for i in ids if i in chosen]
+
+
+def _gt_path(info: DatasetInfo, image_id: str) -> Path:
+    path = Path(info.mask_path(image_id))
+    if not path.is_file():
+        raise AdvcamError(f"image {image_id}: semi-supervised mode needs its ground-truth mask, "
+                          f"but {path} does not exist (segmentation.gt_ids / gt_fraction)")
+    return path
+
+
+def gt_mask_reader(info: DatasetInfo) -> Callable[[str], np.ndarray]:
+    """``label_fn(id)`` reading the ground-truth mask; AdvcamError naming the id when it has none."""
+
+    def read(image_id: str) -> np.ndarray:
+        _gt_path(info, image_id)
+        return info.read_mask(image_id)
+
+    return read
+
+
+def check_gt_masks(info: DatasetInfo, ids: Sequence[str]) -> None:
+    """Every id has a ground-truth mask of its image's size (from the headers)."""
+    for image_id in ids:
+        path = _gt_path(info, image_id)
+        got, want = _size(path, "ground-truth mask"), _size(info.image_path(image_id), "image")
+        if got != want:
+            raise AdvcamError(f"{path}: ground-truth mask is {got[0]}x{got[1]} but image {image_id} is "
+                              f"{want[0]}x{want[1]} (W x H)")
+
+
+def training_label_reader(info: DatasetInfo, pseudo: Path, gt_ids: Iterable[str] = ()) -> Callable[[str], np.ndarray]:
+    """``label_fn(id)``: the ground-truth mask for ids in ``gt_ids``, the pseudo label for the others."""
+    gt = frozenset(gt_ids)
+    read_gt, read_pseudo = gt_mask_reader(info), pseudo_label_reader(info, pseudo)
+    return lambda image_id: read_gt(image_id) if image_id in gt else read_pseudo(image_id)
+
+
+def class_weights(label_fn: Callable[[str], np.ndarray], ids: Sequence[str], num_classes: int) -> np.ndarray:
+    """Median frequency balancing (Eigen & Fergus 2015) over the training labels, ``(num_classes,)`` float32.
+
+    With ``n_c`` = pixels labelled c over all ``ids`` and ``P_c`` = labelled (not 255) pixels of the images
+    that contain c, the frequency of c is ``f_c = n_c / P_c`` and its weight ``w_c = median(f) / f_c``, the
+    median taken over the classes that occur. A class that never occurs gets weight 1 (it is never a target).
+    """
+    n = np.zeros(num_classes, np.float64)
+    p = np.zeros(num_classes, np.float64)
+    for image_id in progress(ids, desc="class weights", unit="img"):
+        label = np.asarray(label_fn(image_id))
+        counts = np.bincount(label[label != IGNORE].ravel(), minlength=num_classes)[:num_classes]
+        n += counts
+        p[counts > 0] += counts.sum()
+    present = n > 0
+    weights = np.ones(num_classes, np.float64)
+    if present.any():
+        freq = n[present] / p[present]
+        weights[present] = np.median(freq) / freq
+    return weights.astype(np.float32)
+
+
+def segmentation_loss(model: torch.nn.Module, batch: Mapping[str, Any],
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy over the labelled pixels (0 when a batch has none).
+
+    Unweighted: the mean over labelled pixels. With class ``weight``: ``sum_i w_{y_i} l_i / sum_i w_{y_i}``
+    (PyTorch's weighted mean), so the loss stays on the same scale.
+    """
     device = next(model.parameters()).device
     logits = model(batch["image"].to(device))
     mask = batch["mask"].to(device).long()
-    total = F.cross_entropy(logits, mask, ignore_index=IGNORE, reduction="sum")
-    return total / (mask != IGNORE).sum().clamp(min=1)
+    labelled = mask != IGNORE
+    if weight is None:
+        total = F.cross_entropy(logits, mask, ignore_index=IGNORE, reduction="sum")
+        return total / labelled.sum().clamp(min=1)
+    weight = weight.to(device=device, dtype=logits.dtype)
+    total = F.cross_entropy(logits, mask, weight=weight, ignore_index=IGNORE, reduction="sum")
+    return total / weight[mask[labelled]].sum().clamp(min=1e-12)
+
+
+def make_deeplab_sgd(model: DeepLab, lr: float, weight_decay: float, momentum: float) -> torch.optim.SGD:
+    """SGD with DeepLab-v2's groups: backbone 1x, ASPP weights 10x, ASPP biases 20x and no weight decay."""
+    backbone, weights, biases = model.deeplab_param_groups()
+    return torch.optim.SGD([{"params": backbone, "lr": lr, "lr_mult": 1.0},
+                            {"params": weights, "lr": 10 * lr, "lr_mult": 10.0},
+                            {"params": biases, "lr": 20 * lr, "lr_mult": 20.0, "weight_decay": 0.0}],
+                           lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def train_segmenter(model: DeepLab, dataset: Dataset, *, epochs: int, batch_size: int, lr: float,
                     weight_decay: float, momentum: float, seed: int, workers: int, resume: Path, curves: Path,
-                    fingerprint: Mapping[str, Any]) -> list[list[float]]:
-    """Train ``model`` in place (backbone at ``lr``, ASPP head at 10x ``lr``); return the curve rows."""
-    optimizer = loop.make_sgd(model.param_groups(), lr, weight_decay, momentum)
+                    fingerprint: Mapping[str, Any], class_weight: np.ndarray | None = None) -> list[list[float]]:
+    """Train ``model`` in place (see the module docstring for the recipe); return the curve rows.
+
+    ``class_weight`` (from :func:`class_weights`) switches on the balanced cross-entropy.
+    """
+    optimizer = make_deeplab_sgd(model, lr, weight_decay, momentum)
+    weight = None if class_weight is None else torch.as_tensor(np.asarray(class_weight, np.float32))
+
+    def loss_fn(m: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        return segmentation_loss(m, batch, weight)
+
     return loop.fit(model, optimizer, lambda e: loop.epoch_loader(dataset, batch_size, seed, e, workers),
-                    segmentation_loss, epochs=epochs, base_lr=lr, resume=resume, curves=curves,
+                    loss_fn, epochs=epochs, base_lr=lr, resume=resume, curves=curves,
                     fingerprint=fingerprint, desc="train-seg")

@@ -1,7 +1,34 @@
+# Class maps, scattered over `workflow.shards` image shards (one job each; a GPU job under the SLURM
+# profile) and gathered by `cams`, which links the shards' files into cams/ and scores the seeds over all
+# images. Any number of shards gives byte-identical results (advcam/steps/shards.py).
+
+
+rule cams_shard:
+    input:
+        data=DATA,
+        model="models/classifier.pt",
+    output:
+        temp(directory("shards/cams/{shard}-of-{n}")),
+    wildcard_constraints:
+        shard=r"\d+",
+        n=r"\d+",
+    params:
+        cfg=params_json("dataset", "cam"),
+    log:
+        "logs/cams_shard/{shard}-of-{n}.log",
+    resources:
+        gpu=1,
+    conda:
+        "../envs/advcam.yaml"
+    shell:
+        "advcam cams --params-json {params.cfg:q} --data {input.data} --model {input.model} --shard {wildcards.shard}/{wildcards.n} --out {output} 2>&1 | tee {log}"
+
+
 rule cams:
     input:
         data=DATA,
         model="models/classifier.pt",
+        shards=shard_folders("cams"),
     output:
         cams=directory("cams"),
         metrics="metrics/seeds.json",
@@ -10,9 +37,7 @@ rule cams:
         cfg=params_json("dataset", "cam"),
     log:
         "logs/cams.log",
-    resources:
-        gpu=1,
     conda:
         "../envs/advcam.yaml"
     shell:
-        "advcam cams --params-json {params.cfg:q} --data {input.data} --model {input.model} --out {output.cams} --metrics {output.metrics} --curve {output.curve} 2>&1 | tee {log}"
+        "advcam cams --params-json {params.cfg:q} --data {input.data} --model {input.model} --gather {input.shards} --out {output.cams} --metrics {output.metrics} --curve {output.curve} 2>&1 | tee {log}"

@@ -21,3 +21,11 @@ def params_json(*sections):
     its own params changes (a CAM param does not retrain the classifier).
     """
     return json.dumps({k: config[k] for k in COMMON + list(sections)}, sort_keys=True)
+
+
+SHARDS = int(config["workflow"]["shards"])
+
+
+def shard_folders(stage):
+    """The scatter outputs that a gather job reads (shards/<stage>/<I>-of-<N>, I = 1..N; workflow.shards)."""
+    return [f"shards/{stage}/{i}-of-{SHARDS}" for i in range(1, SHARDS + 1)]

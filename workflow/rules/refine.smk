@@ -1,15 +1,43 @@
-rule refine:
+# Pseudo labels. The dense CRF (the costly CPU part) is scattered over `workflow.shards` image shards;
+# `refine` gathers the CRF labels, then (refine.method randomwalk) trains the affinity network once on all
+# of them and walks every image (a GPU job then), and scores the pseudo labels over all images.
+
+
+rule refine_shard:
     input:
         data=DATA,
         cams="cams",
     output:
-        pseudo=directory("pseudo"),
-        metrics="metrics/pseudo.json",
+        temp(directory("shards/refine/{shard}-of-{n}")),
+    wildcard_constraints:
+        shard=r"\d+",
+        n=r"\d+",
     params:
         cfg=params_json("dataset", "refine"),
     log:
-        "logs/refine.log",
+        "logs/refine_shard/{shard}-of-{n}.log",
     conda:
         "../envs/advcam.yaml"
     shell:
-        "advcam refine --params-json {params.cfg:q} --data {input.data} --cams {input.cams} --out {output.pseudo} --metrics {output.metrics} 2>&1 | tee {log}"
+        "advcam refine --params-json {params.cfg:q} --data {input.data} --cams {input.cams} --shard {wildcards.shard}/{wildcards.n} --out {output} 2>&1 | tee {log}"
+
+
+rule refine:
+    input:
+        data=DATA,
+        cams="cams",
+        shards=shard_folders("refine"),
+    output:
+        pseudo=directory("pseudo"),
+        metrics="metrics/pseudo.json",
+    params:
+        # classifier: the affinity network of refine.method randomwalk uses classifier.arch / pretrained
+        cfg=params_json("dataset", "refine", "classifier"),
+    log:
+        "logs/refine.log",
+    resources:
+        gpu=1 if config["refine"]["method"] == "randomwalk" else 0,
+    conda:
+        "../envs/advcam.yaml"
+    shell:
+        "advcam refine --params-json {params.cfg:q} --data {input.data} --cams {input.cams} --gather {input.shards} --out {output.pseudo} --metrics {output.metrics} 2>&1 | tee {log}"

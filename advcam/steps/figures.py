@@ -1,0 +1,247 @@
+"""Stage ``figures``: the report's tables and figures from a finished run (``snakemake --report``).
+
+Reads what the pipeline wrote (``metrics/{seeds,pseudo,segmentation}.json``, ``plots/*.csv``, ``cams/``,
+``pseudo/``, the two checkpoints) and writes into ``out/``:
+
+* ``methods.html`` / ``methods.csv``: one row per run (this run, then every ``runs/<label>/`` folder holding a
+  copy of another run's ``seeds.json``, ``pseudo.json``, ``segmentation.json`` and ``seeds_threshold.csv``):
+  seed mIoU (best threshold), pseudo-label mIoU and labelled fraction, final val mIoU, in percent.
+* ``threshold.png``: seed mIoU against the background threshold, one curve per run.
+* ``per_class_iou.png`` / ``per_class_iou.csv``: IoU per class of the seeds, the pseudo labels and the val
+  predictions of this run.
+* ``training.png``: loss and learning rate of every training run (classifier, affinity net, segmenter).
+* ``gallery.png``: one row per image (the images of the evaluation gallery): image, ground truth, CAM, AdvCAM,
+  pseudo label, prediction. The configured ``cam.method``'s maps come from ``cams/``; the other method's maps
+  are computed here for the gallery images only, with the same classifier and ``cam`` params.
+
+:func:`visualize` (``advcam visualize <id>``) draws the same row for one image.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from advcam.attribution.cam import compute_maps, load_cam
+from advcam.config import Config
+from advcam.data import load_info
+from advcam.data.transforms import normalize
+from advcam.data.voc import palette
+from advcam.plots import (cam_overlay, colorize, plot_curves, plot_gallery, plot_grouped_bars,
+                          plot_training_curves)
+from advcam.steps.cams import image_classes
+from advcam.steps.evaluate import _gallery_ids, predict
+from advcam.steps.refine import AFFINITY_CURVE, read_label
+from advcam.utils.device import resolve_device
+from advcam.utils.errors import AdvcamError
+from advcam.utils.io import read_json, write_text
+from advcam.utils.progress import log, progress
+
+OUTPUTS = ("methods.html", "methods.csv", "threshold.png", "per_class_iou.png", "per_class_iou.csv",
+           "training.png", "gallery.png")
+GALLERY_COLUMNS = ("image", "ground truth", "CAM", "AdvCAM", "pseudo label", "prediction")
+METHOD_TITLES = {"cam": "CAM", "advcam": "AdvCAM"}
+TABLE_COLUMNS = ("run", "classifier", "attribution", "refinement", "seed mIoU %", "best threshold",
+                 "pseudo mIoU %", "labelled %", "val mIoU %")
+METRIC_FILES = ("seeds.json", "pseudo.json", "segmentation.json")
+
+
+# ---- tables ------------------------------------------------------------------------------------------------
+def read_metrics(folder: Path, required: bool = True) -> dict[str, Any]:
+    """The three metric JSONs of a run merged into one flat dict (missing files: error, or skipped)."""
+    merged: dict[str, Any] = {}
+    for name in METRIC_FILES:
+        path = Path(folder) / name
+        if not path.is_file():
+            if required:
+                raise AdvcamError(f"figures: metrics file not found: {path} (run the pipeline first)")
+            continue
+        merged.update(read_json(path))
+    return merged
+
+
+def read_csv_columns(path: Path) -> dict[str, list[float]]:
+    """A numeric CSV (header row) as ``{column: values}``; empty cells become NaN."""
+    try:
+        rows = list(csv.DictReader(Path(path).read_text().splitlines()))
+    except OSError as exc:
+        raise AdvcamError(f"figures: cannot read {path} ({exc})") from None
+    cols: dict[str, list[float]] = {}
+    for r, row in enumerate(rows, start=2):
+        for key, value in row.items():
+            try:
+                cols.setdefault(key, []).append(float(value) if value not in ("", None) else float("nan"))
+            except ValueError:
+                raise AdvcamError(f"figures: {path}, line {r}: column {key!r} is not a number: {value!r}") from None
+    return cols
+
+
+def _pct(value: Any) -> str:
+    return "" if value is None else f"{100 * float(value):.1f}"
+
+
+def table_row(label: str, methods: Mapping[str, str], m: Mapping[str, Any]) -> list[str]:
+    """One row of the method table (percent with one decimal; empty where a stage has no number)."""
+    thr = m.get("seed_best_threshold")
+    return [label, methods.get("classifier", ""), methods.get("cam", ""), methods.get("refine", ""),
+            _pct(m.get("seed_miou")), "" if thr is None else f"{float(thr):g}", _pct(m.get("pseudo_miou")),
+            _pct(m.get("pseudo_labelled_fraction")), _pct(m.get("val_miou"))]
+
+
+def table_html(rows: list[list[str]], caption: str) -> str:
+    """A small standalone HTML page with the table (the report shows it in a frame)."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in TABLE_COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>\n" for row in rows)
+    style = ("body{font-family:sans-serif;font-size:14px}table{border-collapse:collapse}"
+             "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}"
+             "td:nth-child(-n+4){text-align:left}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>methods</title><style>{style}</style>"
+            f"</head><body><table><caption>{html.escape(caption)}</caption><tr>{head}</tr>\n{body}</table>"
+            "</body></html>\n")
+
+
+def table_csv(rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(TABLE_COLUMNS)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def other_runs(runs: Path) -> dict[str, Path]:
+    """``runs/<label>/`` folders that hold at least one metrics JSON, sorted by label."""
+    runs = Path(runs)
+    if not runs.is_dir():
+        return {}
+    return {p.name: p for p in sorted(runs.iterdir())
+            if p.is_dir() and any((p / f).is_file() for f in METRIC_FILES)}
+
+
+def per_class_groups(classes: list[str], m: Mapping[str, Any]) -> dict[str, list[float | None]]:
+    """IoU per class (background first) of seeds, pseudo labels and val predictions, from the flat metrics."""
+    from advcam.metrics import safe_name
+
+    names = ["background", *classes]
+    groups = {}
+    for label, prefix in (("seeds", "seed_iou"), ("pseudo labels", "pseudo_iou"), ("val prediction", "val_iou")):
+        values = [m.get(f"{prefix}_{safe_name(n)}") for n in names]
+        if any(v is not None for v in values):
+            groups[label] = values
+    return groups
+
+
+# ---- gallery -------------------------------------------------------------------------------------------------
+def image_row(info: Any, image_id: str, *, cams: Path | None, pseudo: Path | None, cam_method: str,
+              classifier: torch.nn.Module | None = None, cfg_cam: Any = None,
+              segmenter: torch.nn.Module | None = None, device: torch.device | None = None,
+              cfg_eval: Any = None) -> dict[str, Any]:
+    """Gallery row of one image: every column of :data:`GALLERY_COLUMNS` that can be drawn (others: None).
+
+    The ``cam_method`` column comes from ``cams/<id>.npz``; with a ``classifier``, the other attribution method
+    is computed for this image with ``cfg_cam`` (and the method column too, when the file is missing).
+    """
+    if not Path(info.image_path(image_id)).is_file():
+        raise AdvcamError(f"image {image_id}: not found ({info.image_path(image_id)})")
+    image = info.read_image(image_id)
+    size = image.shape[:2]
+    pal = palette()
+    row: dict[str, Any] = {"id": image_id, "image": image}
+    if Path(info.mask_path(image_id)).is_file():
+        row["ground truth"] = colorize(info.read_mask(image_id), pal)
+    if cams is not None and (Path(cams) / f"{image_id}.npz").is_file():
+        row[METHOD_TITLES.get(cam_method, "CAM")] = cam_overlay(image, load_cam(Path(cams) / f"{image_id}.npz",
+                                                                                size)["high_res"])
+    if classifier is not None:
+        for method, title in METHOD_TITLES.items():
+            if title not in row:
+                cfg = Config({**cfg_cam.to_dict(), "method": method})
+                maps = compute_maps(classifier, normalize(image), image_classes(info, image_id), cfg)
+                row[title] = cam_overlay(image, maps["high_res"])
+    label = read_label(Path(pseudo) / f"{image_id}.png", size) if pseudo is not None else None
+    if label is not None:
+        row["pseudo label"] = colorize(label, pal)
+    if segmenter is not None:
+        # as evaluate scores it: evaluation.scales, max-fused, + flip if evaluation.flip (CRF not applied)
+        scales = tuple(float(v) for v in (cfg_eval or {}).get("scales", (1.0,)))
+        flip = bool((cfg_eval or {}).get("flip", False))
+        row["prediction"] = colorize(predict(segmenter, image, device or torch.device("cpu"), scales, flip), pal)
+    return row
+
+
+def _load_models(cfg: Any, info: Any, classifier: Path | None, segmenter: Path | None
+                 ) -> tuple[torch.device, Any, Any]:
+    from advcam.models import load_classifier, load_segmenter
+
+    device = resolve_device(cfg.device)
+    cls = seg = None
+    if classifier is not None and Path(classifier).is_file():
+        cls = load_classifier(classifier, map_location=device, num_classes=info.num_classes).to(device).eval()
+    if segmenter is not None and Path(segmenter).is_file():
+        seg = load_segmenter(segmenter, map_location=device, num_classes=info.num_classes + 1).to(device).eval()
+    return device, cls, seg
+
+
+# ---- stage -----------------------------------------------------------------------------------------------------
+def run(cfg: Any, data: Path, classifier: Path, segmenter: Path, cams: Path, pseudo: Path, metrics_dir: Path,
+        plots: Path, runs: Path, out: Path) -> None:
+    """Write every file of :data:`OUTPUTS` into ``out``."""
+    info = load_info(data)
+    out, plots, pseudo = Path(out), Path(plots), Path(pseudo)
+    here = {"classifier": str(cfg.classifier.method), "cam": str(cfg.cam.method), "refine": str(cfg.refine.method)}
+    this = read_metrics(metrics_dir)
+    label = "+".join(here.values())
+    rows = [table_row(f"{label} (this run)", here, this)]
+    curves = {label: read_csv_columns(plots / "seeds_threshold.csv")}
+    best = {label: this.get("seed_best_threshold")}
+    for name, folder in other_runs(runs).items():
+        m = read_metrics(folder, required=False)
+        rows.append(table_row(name, {}, m))
+        if (folder / "seeds_threshold.csv").is_file():
+            curves[name] = read_csv_columns(folder / "seeds_threshold.csv")
+            best[name] = m.get("seed_best_threshold")
+    caption = f"{info.kind} dataset {cfg.dataset.name}: mIoU in percent (seeds and pseudo labels: infer list, " \
+              f"val: val list)"
+    write_text(out / "methods.html", table_html(rows, caption))
+    write_text(out / "methods.csv", table_csv(rows))
+    plot_curves({k: (c.get("threshold", []), c.get("miou", [])) for k, c in curves.items()}, out / "threshold.png",
+                xlabel="background threshold", ylabel="seed mIoU", title="seed mIoU vs threshold", best=best)
+    groups = per_class_groups(list(info.classes), this)
+    names = ["background", *info.classes]
+    plot_grouped_bars(names, groups, out / "per_class_iou.png", ylabel="IoU", title="IoU per class")
+    write_text(out / "per_class_iou.csv", "class," + ",".join(groups) + "\n" + "".join(
+        f"{n}," + ",".join("" if g[i] is None else f"{g[i]:.6f}" for g in groups.values()) + "\n"
+        for i, n in enumerate(names)))
+    training = {}
+    for title, path in (("classifier", plots / "train_cls.csv"), ("affinity net", pseudo / AFFINITY_CURVE),
+                        ("segmenter", plots / "train_seg.csv")):
+        if path.is_file():
+            training[title] = read_csv_columns(path)
+    plot_training_curves(training, out / "training.png")
+    device, cls, seg = _load_models(cfg, info, classifier, segmenter)
+    ids = _gallery_ids(info, Path(cams), pseudo, int(cfg.evaluation.gallery_size))
+    gallery = [image_row(info, i, cams=Path(cams), pseudo=pseudo, cam_method=str(cfg.cam.method), classifier=cls,
+                         cfg_cam=cfg.cam, segmenter=seg, device=device, cfg_eval=cfg.evaluation)
+               for i in progress(ids, desc="figures (gallery)", unit="img")]
+    plot_gallery(gallery, out / "gallery.png", columns=GALLERY_COLUMNS,
+                 title="" if gallery else "evaluation.gallery_size is 0: no images shown")
+    log.info("figures: wrote %s", ", ".join(str(out / f) for f in OUTPUTS))
+
+
+def visualize(cfg: Any, data: Path, image_id: str, out: Path, cams: Path | None = None, pseudo: Path | None = None,
+              classifier: Path | None = None, segmenter: Path | None = None) -> list[str]:
+    """One image as a row of panels (what exists of :data:`GALLERY_COLUMNS`); return the columns drawn.
+
+    Missing inputs are left out; with ``classifier`` both CAM and AdvCAM are drawn (computed if needed).
+    """
+    info = load_info(data)
+    device, cls, seg = _load_models(cfg, info, classifier, segmenter)
+    row = image_row(info, image_id, cams=cams, pseudo=pseudo, cam_method=str(cfg.cam.method), classifier=cls,
+                    cfg_cam=cfg.cam, segmenter=seg, device=device, cfg_eval=cfg.evaluation)
+    columns = [c for c in GALLERY_COLUMNS if row.get(c) is not None]
+    plot_gallery([row], out, columns=columns)
+    log.info("wrote %s (%s)", out, ", ".join(columns))
+    return columns

@@ -1,0 +1,92 @@
+"""Image shards: split a list for scatter jobs, and gather their per-image files into one folder.
+
+A shard is written ``I/N`` (1-based: ``2/3`` is the second of three). Shard ``I`` of ``N`` holds every
+``N``-th id of the list starting at position ``I - 1``, so the shards are disjoint, cover the list, differ in
+size by at most one image, and mix images from the whole list (lists sorted by source do not give one shard
+all the large images). Every per-image result depends only on its image, so gathering the shards' files gives
+the same bytes as one unsharded run.
+
+Gathering hard-links each file into the target folder (a copy where links are not possible, e.g. across
+file systems), under a temporary name renamed into place, so a killed gather leaves the shards intact and
+never a partial file.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+from advcam.utils.errors import AdvcamError
+from advcam.utils.io import atomic_path, read_json
+
+T = TypeVar("T")
+_SHARD = re.compile(r"^\s*(\d+)\s*(?:/|-of-)\s*(\d+)\s*$")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` (or Snakemake's ``"I-of-N"``) -> ``(I, N)`` with ``1 <= I <= N``."""
+    m = _SHARD.match(str(text))
+    if not m:
+        raise AdvcamError(f"--shard: expected I/N (e.g. 2/3), got {text!r}")
+    index, count = int(m.group(1)), int(m.group(2))
+    if count < 1 or not 1 <= index <= count:
+        raise AdvcamError(f"--shard {text}: I must be in 1..N and N >= 1")
+    return index, count
+
+
+def shard_items(items: Sequence[T], index: int, count: int) -> list[T]:
+    """The items of shard ``index`` (1-based) of ``count``: every ``count``-th item from ``index - 1``."""
+    if count < 1 or not 1 <= index <= count:
+        raise AdvcamError(f"shard {index}/{count}: I must be in 1..N and N >= 1")
+    return list(items[index - 1::count])
+
+
+def split(items: Sequence[T], count: int) -> list[list[T]]:
+    """All ``count`` shards of ``items`` (some may be empty when there are fewer items than shards)."""
+    return [shard_items(items, i, count) for i in range(1, count + 1)]
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Publish ``src`` as ``dst`` atomically: a hard link when possible, else a copy."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # linked by an earlier gather (a rename onto the same file would leave the temporary name)
+    with atomic_path(dst, durable=False) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def gather(shards: Sequence[Path], ids: Sequence[str], suffix: str, out: Path,
+           is_valid: Callable[[Path, str], bool], fingerprint: dict | None, what: str) -> int:
+    """Link ``<shard>/<id><suffix>`` of shard ``k`` (the ``k``-th of ``len(shards)``) into ``out``.
+
+    Each shard folder must hold every id of its shard (as :func:`shard_items` assigns them), unless ``out``
+    already has a valid file for it; when ``fingerprint`` is given, each shard's ``.advcam-params.json``
+    must equal it (shards computed with other params or inputs are never mixed in). Returns the number of
+    files linked; raises AdvcamError naming the shard folder and the first missing image."""
+    from advcam.steps.cams import FINGERPRINT  # local: cams imports this module
+
+    linked = 0
+    for k, folder in enumerate(shards, start=1):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise AdvcamError(f"{what}: shard folder {folder} not found (shard {k} of {len(shards)})")
+        if fingerprint is not None:
+            record = folder / FINGERPRINT
+            got = read_json(record) if record.is_file() else None
+            if got != fingerprint:
+                raise AdvcamError(f"{what}: shard folder {folder} was computed with other params or inputs "
+                                  f"({record} differs from this run's); recompute that shard")
+        for image_id in shard_items(ids, k, len(shards)):
+            src, dst = folder / f"{image_id}{suffix}", out / f"{image_id}{suffix}"
+            if src.is_file() and is_valid(src, image_id):
+                link_or_copy(src, dst)
+                linked += 1
+            elif not is_valid(dst, image_id):
+                raise AdvcamError(f"{what}: image {image_id}: {src} is missing or invalid (shard {k} of "
+                                  f"{len(shards)}); recompute that shard")
+    return linked

@@ -1,0 +1,136 @@
+"""Data-parallel training under ``torchrun``: process group, global-batch slices, DDP, global BatchNorm.
+
+Used by :func:`advcam.train.loop.fit` (see its module docstring for the contract): every process draws the
+same global batches and trains on its contiguous slice of each; the loss of each process is weighted by its
+share of the global batch, so DDP's gradient average is the gradient of the global batch's mean loss.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Sampler
+
+from advcam.utils.errors import AdvcamError
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of the joined process group; ``(0, 1)`` outside distributed training."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class GlobalBatchSlices(Sampler[list[int]]):
+    """Batches of one process: its contiguous slice (sizes differ by at most one) of each global batch.
+
+    The global batches are the shuffled loader's: ``torch.randperm(n)`` from ``generator``, cut into
+    ``batch_size`` pieces (the last partial one dropped when ``drop_last``)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, drop_last: bool, rank: int,
+                 size: int) -> None:
+        if min(batch_size, n) < size:
+            raise AdvcamError(f"batch size {min(batch_size, n)} is smaller than the {size} training processes; "
+                              f"every process needs at least one image per batch")
+        self.n, self.batch_size, self.generator, self.drop_last = n, batch_size, generator, drop_last
+        self.rank, self.size = rank, size
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        for b in range(len(self)):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield batch[self.rank * len(batch) // self.size:(self.rank + 1) * len(batch) // self.size]
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training statistics are those of the global batch over all processes.
+
+    For gloo on CPU, where ``nn.SyncBatchNorm`` is not available; the same parameters, buffers and maths
+    (biased variance to normalise, unbiased for the running estimate). The all-reduces are differentiable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        count = torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device)
+        dist.all_reduce(count)
+        mean = all_reduce(x.sum((0, 2, 3))) / count
+        centred = x - mean[None, :, None, None]
+        var = all_reduce((centred * centred).sum((0, 2, 3))) / count
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                self.running_var.mul_(1 - m).add_(var * count / (count - 1).clamp(min=1), alpha=m)
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+
+class LossStep(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``: what DDP wraps, so any loss function (one that calls
+    ``model.features`` or ``model.seam_forward`` as well as ``model(x)``) runs inside DDP's forward."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def join_process_group(model: nn.Module) -> bool:
+    """Under torchrun (``WORLD_SIZE`` > 1): put the model on this process's GPU (``LOCAL_RANK``) when it is
+    on CUDA and join the process group (nccl on CUDA, gloo on CPU). False when not distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_available():
+        raise AdvcamError("WORLD_SIZE > 1 (torchrun) but this PyTorch build has no torch.distributed")
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        model.to(device)  # in place: the optimizer keeps the same parameter objects
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def data_parallel(model: nn.Module, loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
+                  ) -> DistributedDataParallel:
+    """DDP around :class:`LossStep`, after making the BatchNorm layers global-batch ones."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the children in place (the root is no BN)
+    else:
+        for m in model.modules():
+            if type(m) is nn.BatchNorm2d:
+                m.__class__ = GlobalBatchNorm2d  # same state, global statistics
+    return DistributedDataParallel(LossStep(model, loss_fn), device_ids=[device] if device.type == "cuda" else None)
+
+
+def _batch_len(batch: Any) -> int:
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    return next(len(v) for v in values if isinstance(v, torch.Tensor))
+
+
+def global_loss(step: nn.Module, batch: Mapping[str, Any], size: int) -> tuple[torch.Tensor, float]:
+    """This process's loss, weighted by its share of the global batch (so that DDP's gradient average is the
+    gradient of the global batch's mean loss), and that global mean loss (for the curve)."""
+    loss = step(batch)
+    n = float(_batch_len(batch))
+    stats = torch.stack([loss.detach() * n, torch.tensor(n, dtype=loss.dtype, device=loss.device)])
+    dist.all_reduce(stats)
+    total = float(stats[1])
+    weight = n * size / total
+    return (loss if weight == 1.0 else loss * weight), float(stats[0]) / total

@@ -1,0 +1,91 @@
+"""Mirror the training-curve CSVs into dvclive folders, for ``dvc plots`` and ``dvc exp show``.
+
+Every training loop (classifier, segmenter, affinity network) writes its curve CSV (epoch, step, loss, lr)
+through :func:`advcam.train.loop.write_curves`, which calls :func:`log_curves`. That rewrites
+``<csv folder>/dvclive/<csv name>/`` from the full curve so far: ``plots/metrics/{loss,lr,epoch}.tsv`` (x = the
+training step) and ``metrics.json`` (the last row). A run that resumes therefore ends with the same folder as an
+uninterrupted one. The folder is built under a temporary name and renamed into place, so a killed run never
+leaves half a folder.
+
+dvclive is optional: without it (or with ``ADVCAM_DVCLIVE=0``) this is a no-op. It is created with
+``dvcyaml=None`` and ``save_dvc_exp=False``: dvclive never rewrites ``dvc.yaml`` nor makes experiments itself;
+``dvc.yaml``'s top-level ``plots:`` and ``metrics:`` point at these folders.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+log = logging.getLogger("advcam")
+
+ENV_SWITCH = "ADVCAM_DVCLIVE"
+
+
+def live_dir(curves: str | Path) -> Path:
+    """``plots/train_cls.csv`` -> ``plots/dvclive/train_cls``; ``pseudo/.affinity.csv`` -> ``pseudo/dvclive/affinity``."""
+    curves = Path(curves)
+    return curves.parent / "dvclive" / (curves.stem.lstrip(".") or "curves")
+
+
+def enabled() -> bool:
+    """True when dvclive is importable and not switched off with ``ADVCAM_DVCLIVE=0``."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        import dvclive  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def log_curves(curves: str | Path, rows: Iterable[Sequence[float]]) -> Path | None:
+    """Write the dvclive folder of a curve (rows of epoch, step, loss, lr); return it, or None when disabled.
+
+    dvclive failures are logged as warnings and never stop training.
+    """
+    if not enabled():
+        return None
+    rows = [list(r) for r in rows]
+    target = live_dir(curves)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        _write(tmp, rows)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; give it the mode of a normal folder
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    except Exception as exc:  # a logging side channel: warn, keep training
+        log.warning("dvclive: could not write %s (%s: %s)", target, type(exc).__name__, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write(folder: Path, rows: list[list[float]]) -> None:
+    from dvclive import Live
+
+    live = Live(dir=str(folder), resume=False, report=None, save_dvc_exp=False, dvcyaml=None,
+                monitor_system=False)
+    try:
+        for epoch, step, loss, lr in rows:
+            live.step = int(step)
+            live.log_metric("loss", float(loss))
+            live.log_metric("lr", float(lr))
+            live.log_metric("epoch", int(epoch))
+            live.next_step()
+    finally:
+        live.end()

@@ -1,0 +1,332 @@
+"""Segmentation recipe: augmentation alignment, balanced CE, DeepLab param groups, multi-scale + flip
+inference, CRF post-processing, semi-supervised label selection, and a short training run."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.ndimage import maximum_filter, minimum_filter
+
+from advcam.data.datasets import SegmentationDataset
+from advcam.data.transforms import denormalize
+from advcam.models.deeplab import build_segmenter, multiscale_logits
+from advcam.train import loop
+from advcam.train.segmentation import (check_gt_masks, class_weights, make_deeplab_sgd, segmentation_loss,
+                                       select_gt_ids, train_segmenter, training_label_reader)
+from advcam.utils.errors import AdvcamError
+
+COLOURS = np.array([[0, 0, 0], [230, 40, 40], [40, 200, 40], [40, 40, 230]], np.uint8)
+IGNORE_COLOUR = np.array([255, 255, 255], np.uint8)
+
+
+def blocks(seed: int, size: tuple[int, int] = (40, 48), block: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """A label map of ``block``-sized squares (classes 0..3 and 255) and the image painting each class."""
+    rng = np.random.default_rng(seed)
+    cells = rng.choice([0, 1, 2, 3, 255], size=(size[0] // block, size[1] // block), p=[.4, .15, .15, .15, .15])
+    label = np.kron(cells, np.ones((block, block), np.int64)).astype(np.uint8)
+    image = np.where((label == 255)[..., None], IGNORE_COLOUR, COLOURS[np.minimum(label, 3)])
+    return image.astype(np.uint8), label
+
+
+class BlockInfo:
+    """The DatasetInfo interface over PNGs of :func:`blocks`; pseudo labels are written separately."""
+
+    classes = ["red", "green", "blue"]
+    num_classes = 3
+
+    def __init__(self, folder: Path, n: int = 4, size: tuple[int, int] = (40, 48)) -> None:
+        self.folder = self.root = folder
+        self.ids = [f"im{i}" for i in range(n)]
+        self.lists = {"infer": self.ids, "val": self.ids}
+        (folder / "img").mkdir(parents=True)
+        (folder / "gt").mkdir()
+        for i, image_id in enumerate(self.ids):
+            image, label = blocks(i, size)
+            Image.fromarray(image).save(self.image_path(image_id))
+            Image.fromarray(label).save(self.mask_path(image_id))
+
+    def image_path(self, image_id: str) -> Path:
+        return self.folder / "img" / f"{image_id}.png"
+
+    def mask_path(self, image_id: str) -> Path:
+        return self.folder / "gt" / f"{image_id}.png"
+
+    def read_image(self, image_id: str) -> np.ndarray:
+        return np.array(Image.open(self.image_path(image_id)).convert("RGB"))
+
+    def read_mask(self, image_id: str) -> np.ndarray:
+        return np.array(Image.open(self.mask_path(image_id)))
+
+
+# ---------------------------------------------------------------- augmentation
+def test_augmentation_keeps_image_and_label_aligned(tmp_path: Path):
+    info = BlockInfo(tmp_path, n=3)
+    data = SegmentationDataset(info, info.ids, info.read_mask, crop_size=32, train=True, seed=1,
+                               scale_range=(0.5, 1.5))
+    pads_seen = checked = 0
+    for epoch in range(4):
+        data.set_epoch(epoch)
+        for i in range(len(data)):
+            item = data[i]
+            mask = item["mask"].numpy()
+            assert item["image"].shape == (3, 32, 32) and mask.shape == (32, 32)
+            assert set(np.unique(mask)) <= {0, 1, 2, 3, 255}
+            rgb = denormalize(item["image"]).astype(np.int64)
+            padding = np.all(item["image"].numpy() == 0.0, axis=0)  # normalised 0 = padding
+            pads_seen += int(padding.any())
+            assert np.all(mask[padding] == 255), "padding must be ignored"
+            # inside a block (5x5 neighbourhood of one label, no padding) the colour names the label: an
+            # image/label misalignment (scale, flip or crop) breaks this, and 255 keeps its own colour
+            interior = (maximum_filter(mask, 5) == minimum_filter(mask, 5)) & ~maximum_filter(padding, 5)
+            expect = np.where((mask == 255)[..., None], IGNORE_COLOUR, COLOURS[np.minimum(mask, 3)])
+            close = np.abs(rgb - expect).max(axis=-1) <= 12
+            assert close[interior].sum() >= 0.98 * interior.sum(), (epoch, i, close[interior].mean())
+            checked += int(interior.sum())
+            white = np.all(rgb > 245, axis=-1) & interior
+            assert np.all(mask[white] == 255)
+    assert pads_seen > 0 and checked > 1000
+
+
+def test_augmentation_flip_moves_image_and_label_together(tmp_path: Path):
+    info = BlockInfo(tmp_path, n=1, size=(32, 32))
+    data = SegmentationDataset(info, info.ids, info.read_mask, crop_size=32, train=True, seed=0,
+                               scale_range=(1.0, 1.0))
+    gt, flipped_seen, plain_seen = info.read_mask("im0"), False, False
+    for epoch in range(12):
+        data.set_epoch(epoch)
+        mask = data[0]["mask"].numpy()
+        rgb = denormalize(data[0]["image"])
+        if np.array_equal(mask, gt[:, ::-1]):
+            flipped_seen = True
+            np.testing.assert_array_equal(rgb, info.read_image("im0")[:, ::-1])
+        elif np.array_equal(mask, gt):
+            plain_seen = True
+            np.testing.assert_array_equal(rgb, info.read_image("im0"))
+    assert flipped_seen and plain_seen
+
+
+# ---------------------------------------------------------------- balanced cross-entropy
+def test_class_weights_are_median_frequency_balancing():
+    labels = {"a": np.array([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], np.uint8),
+              "b": np.array([[0, 0, 2, 2], [0, 0, 2, 2], [0, 0, 2, 2], [255, 255, 2, 2]], np.uint8)}
+    w = class_weights(labels.__getitem__, ["a", "b"], num_classes=5)
+    # n = (12 + 6, 4, 8, 0, 0); P = (16 + 14, 16, 14); f = (0.6, 0.25, 8/14); median f = 8/14
+    f = np.array([18 / 30, 4 / 16, 8 / 14])
+    np.testing.assert_allclose(w[:3], np.median(f) / f, rtol=1e-6)
+    np.testing.assert_allclose(w[3:], 1.0)
+    assert w[1] > w[2] > w[0]  # the rarest class weighs most
+
+
+def test_weighted_loss_is_the_weighted_mean():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5)
+
+    class Fixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return logits + 0 * self.p
+
+    mask = torch.randint(0, 3, (2, 4, 5))
+    mask[0, 0] = 255
+    batch = {"image": torch.zeros(2, 3, 4, 5), "mask": mask}
+    w = torch.tensor([0.5, 2.0, 1.0])
+    per_pixel = torch.nn.functional.cross_entropy(logits, mask, ignore_index=255, reduction="none")
+    keep = mask != 255
+    expect = (per_pixel * w[mask.clamp(max=2)])[keep].sum() / w[mask[keep]].sum()
+    assert segmentation_loss(Fixed(), batch, w).item() == pytest.approx(expect.item(), rel=1e-5)
+    assert segmentation_loss(Fixed(), batch, torch.ones(3)).item() == pytest.approx(
+        segmentation_loss(Fixed(), batch).item(), rel=1e-6)
+    assert segmentation_loss(Fixed(), {"image": batch["image"], "mask": torch.full_like(mask, 255)}, w).item() == 0
+
+
+def test_deeplab_param_groups_and_poly_lr():
+    model = build_segmenter("deeplab_small", 4)
+    opt = make_deeplab_sgd(model, 0.01, 5e-4, 0.9)
+    backbone, weights, biases = opt.param_groups
+    assert len(weights["params"]) == len(biases["params"]) == 4
+    assert all(p.dim() == 4 for p in weights["params"]) and all(p.dim() == 1 for p in biases["params"])
+    assert weights["weight_decay"] == 5e-4 and biases["weight_decay"] == 0.0
+    loop.set_poly_lr(opt, 0.01, 50, 100)
+    base = 0.01 * 0.5 ** 0.9
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([base, 10 * base, 20 * base])
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_resnet101_backbone_has_torchvision_names():
+    model = build_segmenter("deeplab_resnet101", 21)
+    keys = model.backbone.state_dict().keys()
+    assert "layer3.22.conv3.weight" in keys and "layer3.23.conv1.weight" not in keys
+    assert model.backbone.output_stride == 8 and not any(
+        p.requires_grad for n, p in model.backbone.named_parameters() if "bn" in n)
+
+
+# ---------------------------------------------------------------- inference
+@pytest.fixture(scope="module")
+def small_net():
+    torch.manual_seed(0)
+    net = build_segmenter("deeplab_small", 4)
+    for conv in net.aspp.branches:  # a visible head (the DeepLab init is N(0, 0.01))
+        torch.nn.init.normal_(conv.weight, std=0.3)
+    return net.eval()
+
+
+def test_single_scale_without_flip_is_the_plain_forward(small_net):
+    x = torch.randn(3, 30, 38)
+    with torch.inference_mode():
+        plain = small_net(x[None])[0]
+    torch.testing.assert_close(multiscale_logits(small_net, x, (1.0,), flip=False), plain)
+
+
+def test_multiscale_is_max_fused_and_flip_equivariant(small_net):
+    x = torch.randn(3, 30, 38)
+    scales = (1.0, 0.75, 0.5, 1.25)
+    fused = multiscale_logits(small_net, x, scales, flip=True)
+    assert fused.shape == (4, 30, 38)
+    for s in scales:  # the max is at least every single map
+        assert torch.all(fused >= multiscale_logits(small_net, x, (s,), flip=False) - 1e-5)
+    mirrored = multiscale_logits(small_net, x.flip(-1), scales, flip=True)
+    torch.testing.assert_close(mirrored, fused.flip(-1), atol=1e-4, rtol=1e-4)
+    no_flip = multiscale_logits(small_net, x, scales, flip=False)
+    assert not torch.allclose(no_flip.flip(-1), multiscale_logits(small_net, x.flip(-1), scales, flip=False))
+
+
+def test_crf_postprocessing_pulls_a_noisy_prediction_to_the_image_edges():
+    from advcam.steps.evaluate import DEEPLAB_CRF, crf_postprocess
+
+    h, w = 40, 48
+    image = np.zeros((h, w, 3), np.uint8)
+    image[:, 20:] = (200, 60, 60)  # the object starts at column 20
+    truth = np.zeros((h, w), np.int64)
+    truth[:, 20:] = 1
+    rng = np.random.default_rng(0)
+    pred = np.zeros((h, w), np.int64)
+    pred[:, 24:] = 1  # boundary 4 px off ...
+    flip = rng.random((h, w)) < 0.15  # ... and 15 % salt-and-pepper
+    pred[flip] = 1 - pred[flip]
+    prob = np.where(pred == 1, 0.65, 0.35).astype(np.float32)
+    prob = np.stack([1 - prob, prob])
+    before = (pred == truth).mean()
+    after = (crf_postprocess(image, prob, DEEPLAB_CRF) == truth).mean()
+    assert before < 0.8 and after > 0.97, (before, after)
+
+
+# ---------------------------------------------------------------- semi-supervised mode
+def test_select_gt_ids_is_deterministic_and_validated():
+    ids = [f"x{i}" for i in range(20)]
+    assert select_gt_ids(ids) == []
+    a = select_gt_ids(ids, gt_fraction=0.1, seed=3)
+    assert len(a) == 2 and a == select_gt_ids(list(reversed(ids)), gt_fraction=0.1, seed=3)[::-1]
+    assert a != select_gt_ids(ids, gt_fraction=0.1, seed=4) or a != select_gt_ids(ids, gt_fraction=0.1, seed=5)
+    assert set(select_gt_ids(ids, ["x7"], 0.1, 3)) == set(a) | {"x7"}
+    assert select_gt_ids(ids, gt_fraction=1.0) == ids
+    with pytest.raises(AdvcamError, match="segmentation.gt_ids.*nope"):
+        select_gt_ids(ids, ["nope"])
+
+
+def test_gt_ids_read_ground_truth_and_the_rest_pseudo_labels(tmp_path: Path):
+    info = BlockInfo(tmp_path / "data", n=3)
+    pseudo = tmp_path / "pseudo"
+    pseudo.mkdir()
+    for image_id in info.ids:  # pseudo labels that differ from the ground truth everywhere it is labelled
+        gt = info.read_mask(image_id)
+        Image.fromarray(np.where(gt == 255, 0, 255).astype(np.uint8)).save(pseudo / f"{image_id}.png")
+    read = training_label_reader(info, pseudo, ["im1"])
+    np.testing.assert_array_equal(read("im1"), info.read_mask("im1"))
+    for other in ("im0", "im2"):
+        np.testing.assert_array_equal(read(other), np.array(Image.open(pseudo / f"{other}.png")))
+        assert not np.array_equal(read(other), info.read_mask(other))
+    check_gt_masks(info, ["im1"])
+    Image.fromarray(np.zeros((5, 6), np.uint8)).save(info.mask_path("im2"))
+    with pytest.raises(AdvcamError, match=r"im2\.png: ground-truth mask is 6x5 but image im2 is 48x40"):
+        check_gt_masks(info, ["im2"])
+    info.mask_path("im2").unlink()
+    with pytest.raises(AdvcamError, match="image im2: semi-supervised mode needs its ground-truth mask"):
+        training_label_reader(info, pseudo, ["im2"])("im2")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from advcam import config
+    from advcam.steps import prepare
+
+    cfg = config.load(None, ["device=cpu", "synthetic.image_size=32", "synthetic.num_train_aug=10",
+                             "synthetic.num_train=10", "synthetic.num_val=2", "synthetic.num_classes=3",
+                             "segmentation.epochs=1", "segmentation.batch_size=5", "segmentation.crop_size=32"])
+    out = tmp_path_factory.mktemp("prepared") / "synthetic"
+    prepare.run(cfg, out)
+    return cfg, out
+
+
+def test_train_seg_stage_uses_ground_truth_for_gt_ids(prepared, tmp_path: Path, monkeypatch, caplog):
+    from advcam import config
+    from advcam.data import load_info
+    from advcam.steps import train_seg
+
+    cfg, data = prepared
+    info = load_info(data)
+    ids = info.lists["infer"]
+    pseudo = tmp_path / "pseudo"
+    pseudo.mkdir()
+    gt_ids = ids[:3]
+    for image_id in ids[3:]:  # all-background pseudo labels; the GT images have none at all
+        Image.fromarray(np.zeros(info.read_mask(image_id).shape, np.uint8)).save(pseudo / f"{image_id}.png")
+    seen = {}
+
+    def spy(model, dataset, **kw):
+        seen["labels"] = {i: dataset.label_fn(i) for i in ids}
+        seen["fingerprint"] = kw["fingerprint"]
+        seen["weight"] = kw["class_weight"]
+        return []
+
+    monkeypatch.setattr(train_seg, "train_segmenter", spy)
+    semi = config.load(None, [*_overrides(cfg), f"segmentation.gt_ids={list(gt_ids)}".replace("'", '"'),
+                              "segmentation.balanced_ce=true"])
+    with caplog.at_level(logging.INFO, logger="advcam"):
+        train_seg.run(semi, data, pseudo, tmp_path / "seg.pt", tmp_path / "seg.csv")
+    assert "7 with pseudo labels" in caplog.text and "3 with ground truth" in caplog.text
+    for image_id in gt_ids:
+        np.testing.assert_array_equal(seen["labels"][image_id], info.read_mask(image_id))
+        assert seen["labels"][image_id].max() > 0
+    for image_id in ids[3:]:
+        assert seen["labels"][image_id].max() == 0
+    assert seen["weight"] is not None and seen["weight"].shape == (4,)
+    semi_fp = seen["fingerprint"]
+    frac = config.load(None, [*_overrides(cfg), "segmentation.gt_fraction=0.3"])
+    for image_id in ids[:3]:
+        Image.fromarray(np.zeros(info.read_mask(image_id).shape, np.uint8)).save(pseudo / f"{image_id}.png")
+    train_seg.run(frac, data, pseudo, tmp_path / "seg.pt", tmp_path / "seg.csv")
+    assert sum(int(seen["labels"][i].max() > 0) for i in ids) >= 1 and seen["weight"] is None
+    assert seen["fingerprint"]["gt_ids"] != semi_fp["gt_ids"] or seen["fingerprint"]["params"] != semi_fp["params"]
+
+    victim = ids[5]  # a pseudo label of the wrong size stops the stage, naming it
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(pseudo / f"{victim}.png")
+    with pytest.raises(AdvcamError, match=rf"{victim}\.png: pseudo label is 12x10 but image {victim} is 32x32"):
+        train_seg.run(semi, data, pseudo, tmp_path / "seg.pt", tmp_path / "seg.csv")
+
+
+def _overrides(cfg) -> list[str]:
+    return ["device=cpu", "segmentation.epochs=1", "segmentation.batch_size=5", "segmentation.crop_size=32",
+            f"seed={cfg.seed}"]
+
+
+# ---------------------------------------------------------------- a short run
+def test_short_training_run_lowers_the_loss(tmp_path: Path):
+    torch.manual_seed(0)
+    info = BlockInfo(tmp_path / "data", n=8, size=(32, 32))
+    data = SegmentationDataset(info, info.ids, info.read_mask, crop_size=32, train=True, seed=0)
+    model = build_segmenter("deeplab_small", 4)
+    weight = class_weights(info.read_mask, info.ids, 4)
+    rows = train_segmenter(model, data, epochs=12, batch_size=4, lr=0.003, weight_decay=1e-4, momentum=0.9, seed=0,
+                           workers=0, resume=tmp_path / "r.pt", curves=tmp_path / "c.csv", fingerprint={"t": 1},
+                           class_weight=weight)
+    losses = [r[2] for r in rows]
+    assert len(rows) == 24 and all(np.isfinite(losses))
+    assert np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4]), losses

@@ -1,0 +1,156 @@
+"""Sharded cams / refine: real Snakemake runs with workflow.shards = 1, 2, 3 give byte-identical files and
+metrics; the splitting, gathering and multi-device helpers on their own."""
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from advcam import config
+from advcam.steps import shards
+from advcam.utils.errors import AdvcamError
+from conftest import REPO, TINY
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "ADVCAM_PROGRESS": "0",
+       "OMP_NUM_THREADS": "1"}
+# 10 infer images: 3 shards do not divide them. Few climbing steps keep the runs short.
+OVERRIDES = [*TINY, "cam.advcam.steps=3", "cam.advcam.backend=fallback"]
+OUTPUTS = ["cams", "pseudo", "metrics/seeds.json", "metrics/pseudo.json", "plots/seeds_threshold.csv"]
+TARGETS = ["pseudo", "metrics/pseudo.json"]
+
+
+# --- helpers, no workflow ------------------------------------------------------------------------------------------
+def test_parse_shard_accepts_both_spellings_and_rejects_bad_ones():
+    assert shards.parse_shard("2/3") == (2, 3) and shards.parse_shard("3-of-3") == (3, 3)
+    for bad in ("0/3", "4/3", "1/0", "a/b", "2"):
+        with pytest.raises(AdvcamError, match="shard"):
+            shards.parse_shard(bad)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7, 12])
+def test_shards_are_disjoint_cover_the_list_and_balanced(count):
+    ids = [f"im{i:02d}" for i in range(10)]
+    parts = shards.split(ids, count)
+    assert len(parts) == count
+    assert sorted(i for p in parts for i in p) == ids
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def _fingerprinted(folder: Path, record: dict) -> Path:
+    folder.mkdir(parents=True)
+    (folder / ".advcam-params.json").write_text(__import__("json").dumps(record))
+    return folder
+
+
+def test_gather_names_the_missing_image_and_refuses_foreign_shards(tmp_path):
+    ids = ["a", "b", "c"]
+    record = {"cam": 1}
+    one = _fingerprinted(tmp_path / "1-of-2", record)
+    two = _fingerprinted(tmp_path / "2-of-2", record)
+    (one / "a.npz").write_bytes(b"A")  # shard 1 holds a and c, shard 2 holds b
+    (two / "b.npz").write_bytes(b"B")
+    out = tmp_path / "out"
+    out.mkdir()
+    valid = lambda p, i: p.is_file()  # noqa: E731
+    with pytest.raises(AdvcamError, match=r"image c: .*1-of-2/c\.npz"):
+        shards.gather([one, two], ids, ".npz", out, valid, record, "cams")
+    (one / "c.npz").write_bytes(b"C")
+    assert shards.gather([one, two], ids, ".npz", out, valid, record, "cams") == 3
+    assert [(out / f"{i}.npz").read_bytes() for i in ids] == [b"A", b"B", b"C"]
+    assert not list(out.glob(".tmp-*"))
+    with pytest.raises(AdvcamError, match="other params"):
+        shards.gather([one, two], ids, ".npz", out, valid, {"cam": 2}, "cams")
+
+
+# --- real Snakemake runs --------------------------------------------------------------------------------------------
+no_snakemake = pytest.mark.skipif(shutil.which("snakemake", path=ENV["PATH"]) is None,
+                                  reason="snakemake is not installed (pip install -e .[test])")
+
+
+def snakemake(root: Path, *args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(["snakemake", "--cores", "2", *args], cwd=root, env=ENV, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, Path]:
+    """One project; classifier trained once; cams + refine run with 1, 2 and 3 shards, outputs kept per N."""
+    root = tmp_path_factory.mktemp("shards")
+    shutil.copytree(REPO / "workflow", root / "workflow")
+    (root / "params.yaml").write_text(yaml.safe_dump(config.load(None, OVERRIDES).to_dict(), sort_keys=False))
+    kept: dict[int, Path] = {}
+    for n in (1, 2, 3):
+        for out in OUTPUTS:
+            path = root / out
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        r = snakemake(root, "--config", f"workflow={{shards: {n}}}", "--", *TARGETS)
+        log = r.stdout + r.stderr
+        assert log.count("rule cams_shard:") == n and log.count("rule refine_shard:") == n, log[-3000:]
+        assert "rule train_cls:" not in log or n == 1, "the classifier is trained once"
+        assert not (root / "shards" / "cams").exists() or not any((root / "shards" / "cams").iterdir()), \
+            "shard folders are temporary"
+        kept[n] = root / f"run{n}"
+        for out in OUTPUTS:
+            dest = kept[n] / out
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if (root / out).is_dir() else shutil.copy)(root / out, dest)
+    kept[0] = root
+    return kept
+
+
+def _same_tree(a: Path, b: Path) -> list[str]:
+    """Relative paths of files that differ (or exist on one side only), comparing bytes."""
+    names = {p.relative_to(a) for p in a.rglob("*") if p.is_file()} | {p.relative_to(b) for p in b.rglob("*")
+                                                                       if p.is_file()}
+    return sorted(str(n) for n in names if not ((a / n).is_file() and (b / n).is_file()
+                                                and filecmp.cmp(a / n, b / n, shallow=False)))
+
+
+@no_snakemake
+@pytest.mark.parametrize("n", [2, 3])
+def test_sharded_outputs_are_byte_identical_to_one_shard(runs, n):
+    one, many = runs[1], runs[n]
+    ids = (runs[0] / "data/synthetic/lists/infer.txt").read_text().split()
+    assert len(ids) % 3 != 0
+    assert sorted(p.stem for p in (one / "cams").glob("*.npz")) == sorted(ids)
+    assert sorted(p.stem for p in (one / "pseudo").glob("*.png")) == sorted(ids)
+    for out in OUTPUTS:
+        a, b = one / out, many / out
+        diff = _same_tree(a, b) if a.is_dir() else ([] if filecmp.cmp(a, b, shallow=False) else [out])
+        assert diff == [], f"{n} shards: {out} differs from 1 shard: {diff[:5]}"
+
+
+@no_snakemake
+def test_workflow_is_up_to_date_after_sharded_run(runs):
+    r = snakemake(runs[0], "-n", "--config", "workflow={shards: 3}", "--", *TARGETS)
+    assert "Nothing to be done" in r.stdout + r.stderr, r.stdout
+
+
+@no_snakemake
+def test_devices_split_gives_the_same_cam_files(runs, tmp_path):
+    """Multi-GPU generation's splitting, run on two CPU 'devices' (two processes)."""
+    import torch
+
+    from advcam.data import load_info
+    from advcam.steps import cams
+
+    root = runs[0]
+    cfg = config.load(None, OVERRIDES)
+    info = load_info(root / "data/synthetic")
+    ids = info.lists["infer"][:3]
+    torch.set_num_threads(1)
+    cams.compute_on_devices(cfg, info, ids, root / "models/classifier.pt", tmp_path, ["cpu", "cpu"])
+    for image_id in ids:
+        assert filecmp.cmp(tmp_path / f"{image_id}.npz", runs[1] / "cams" / f"{image_id}.npz", shallow=False)
+    with pytest.raises(AdvcamError, match="device process failed"):
+        cams.compute_on_devices(cfg, info, ids, root / "missing.pt", tmp_path / "x", ["cpu", "cpu"])
