@@ -217,6 +217,18 @@ def test_cams_stage_writes_files_and_perfect_seeds(stage):
     assert m["seed_iou_background"] == pytest.approx(1.0) and m["seed_iou_red"] == pytest.approx(1.0)
     lines = paths["curve"].read_text().splitlines()
     assert lines[0] == "threshold,miou" and len(lines) == 4 and lines[1].startswith("0.1,1.0")
+    assert "seed_miou_reference_range" not in m  # no swept threshold within 0.15..0.34
+
+
+def test_seed_metrics_also_report_the_papers_threshold_range(stage):
+    cams, cfg, paths, model, loads, info = stage
+    cfg = config.load(None, ["device=cpu", "cam.method=cam", "cam.scales=[1.0]",
+                             "cam.thresholds=[0.1, 0.2, 0.3, 0.5]", "cam.eval_threshold=0.5"])
+    cams.run(cfg, **paths)
+    m = json.loads(paths["metrics"].read_text())
+    assert m["seed_best_threshold"] == 0.1  # ties: the first best of the whole sweep
+    assert m["seed_best_threshold_reference_range"] == 0.2  # the first best within 0.15..0.34
+    assert m["seed_miou_reference_range"] == pytest.approx(1.0)
 
 
 def test_cams_stage_resumes(stage):
