@@ -66,24 +66,7 @@ def _read_role(folder: Path, role: str) -> list[str]:
     path = folder / "lists" / f"{role}.txt"
     if not path.is_file():
         raise AdvcamError(f"{folder}: missing {path.relative_to(folder)}; run `advcam prepare` first")
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AdvcamError(f"{path}: cannot read list ({exc})") from None
-    ids: list[str] = []
-    seen: dict[str, int] = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        image_id = voc.check_id(line.strip(), f"{path}:{n}")
-        if image_id in seen:
-            raise AdvcamError(f"{path}:{n}: duplicate id {image_id!r} (first on line {seen[image_id]}); "
-                              "run `advcam prepare` again")
-        seen[image_id] = n
-        ids.append(image_id)
-    if not ids:
-        raise AdvcamError(f"{path}: list is empty; run `advcam prepare` again")
-    return ids
+    return voc.parse_list_file(path, hint="; run `advcam prepare` again")
 
 
 def load_info(folder: str | Path) -> DatasetInfo:

@@ -88,6 +88,13 @@ def read_list(root: Path, name: str) -> list[str]:
     if not path.is_file():
         have = sorted(p.stem for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
         raise AdvcamError(f"list file not found: {path} (lists there: {', '.join(have) or 'none'})")
+    return parse_list_file(path, first_field=True)
+
+
+def parse_list_file(path: Path, first_field: bool = False, hint: str = "") -> list[str]:
+    """Ids of a list file, one per line (blank lines skipped): each checked by :func:`check_id`, no duplicates,
+    at least one. ``first_field``: use the first whitespace-separated field of a line (else the whole line).
+    ``hint`` is appended to the error messages."""
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -95,16 +102,15 @@ def read_list(root: Path, name: str) -> list[str]:
     ids: list[str] = []
     seen: dict[str, int] = {}
     for n, line in enumerate(lines, 1):
-        fields = line.split()
-        if not fields:
+        if not line.strip():
             continue
-        image_id = check_id(fields[0], f"{path}:{n}")
+        image_id = check_id(line.split()[0] if first_field else line.strip(), f"{path}:{n}")
         if image_id in seen:
-            raise AdvcamError(f"{path}:{n}: duplicate id {image_id!r} (first on line {seen[image_id]})")
+            raise AdvcamError(f"{path}:{n}: duplicate id {image_id!r} (first on line {seen[image_id]}){hint}")
         seen[image_id] = n
         ids.append(image_id)
     if not ids:
-        raise AdvcamError(f"{path}: list is empty")
+        raise AdvcamError(f"{path}: list is empty{hint}")
     return ids
 
 

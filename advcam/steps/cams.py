@@ -234,11 +234,7 @@ def run(cfg: Any, data: Path, model: Path, out: Path, metrics: Path, curve: Path
     ``shard=(I, N)``: compute only shard I of N into ``out`` and stop (no metrics). ``gather``: take the CAM
     files from these shard folders (shard k = the k-th folder) instead of computing them, then score."""
     info = load_info(data)
-    ids = list(info.lists.get("infer", []))
-    if not ids:
-        raise AdvcamError(f"{data}: the infer list is empty")
-    if shard is not None and gather:
-        raise AdvcamError("cams: --shard and --gather exclude each other")
+    ids = sharding.infer_ids("cams", info, data, shard, gather)
     if shard is not None:
         part = sharding.shard_items(ids, *shard)
         log.info("cams: shard %d/%d: %d of %d images", shard[0], shard[1], len(part), len(ids))

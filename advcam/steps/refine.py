@@ -205,11 +205,7 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
         known = sorted({*METHODS, *STAGED})
         raise AdvcamError(f"refine.method: unknown method {method!r} (known: {', '.join(known)})")
     info = load_info(data)
-    ids = list(info.lists.get("infer", []))
-    if not ids:
-        raise AdvcamError(f"{data}: the infer list is empty")
-    if shard is not None and gather:
-        raise AdvcamError("refine: --shard and --gather exclude each other")
+    ids = sharding.infer_ids("refine", info, data, shard, gather)
     cams, out = Path(cams), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if clean_stale_temps(out):

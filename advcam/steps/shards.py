@@ -16,13 +16,24 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import atomic_path, read_json
 
 T = TypeVar("T")
 _SHARD = re.compile(r"^\s*(\d+)\s*(?:/|-of-)\s*(\d+)\s*$")
+
+
+def infer_ids(stage: str, info: Any, data: Path, shard: tuple[int, int] | None, gather: Sequence[Path]) -> list[str]:
+    """The infer list of a per-image stage, after checking it is not empty and that ``--shard`` and
+    ``--gather`` are not both given."""
+    ids = list(info.lists.get("infer", []))
+    if not ids:
+        raise AdvcamError(f"{data}: the infer list is empty")
+    if shard is not None and gather:
+        raise AdvcamError(f"{stage}: --shard and --gather exclude each other")
+    return ids
 
 
 def parse_shard(text: str) -> tuple[int, int]:

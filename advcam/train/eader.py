@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from advcam.models.eader import EADERNet, attention_maps, erase, soft_mask
 from advcam.train import loop
-from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
+from advcam.utils.checkpoint import save_checkpoint
 from advcam.utils.device import frozen
 from advcam.utils.errors import AdvcamError
 from advcam.utils.progress import log, progress
@@ -128,15 +128,8 @@ def _optimisers(model: EADERNet, cfg: Any) -> tuple[torch.optim.SGD, torch.optim
 def _try_resume(path: Path, fingerprint: Mapping[str, Any], model: EADERNet, opt_loc: torch.optim.Optimizer,
                 opt_adv: torch.optim.Optimizer | None) -> tuple[int, list[list[float]]]:
     """Restore a resume file of the same fingerprint; return (finished epochs, curve rows)."""
-    if not path.is_file():
-        return 0, []
-    try:
-        header, state = load_checkpoint(path)
-    except AdvcamError as exc:
-        log.warning("ignoring unreadable resume file (%s)", exc)
-        return 0, []
-    if header.get("kind") != "resume" or header.get("fingerprint") != dict(fingerprint):
-        log.info("ignoring resume file %s: written with different params; training from scratch", path)
+    state = loop.read_resume(path, fingerprint)
+    if state is None:
         return 0, []
     try:
         model.load_state_dict(state["model"])

@@ -113,18 +113,27 @@ def resume_path_for(out: Path) -> Path:
     return out.with_name(out.name + ".resume.pt")
 
 
-def _try_resume(path: Path, fingerprint: Mapping[str, Any], model: nn.Module,
-                optimizer: torch.optim.Optimizer) -> tuple[int, list[list[float]]]:
-    """Restore a resume file written with the same fingerprint; return (finished epochs, curve rows)."""
+def read_resume(path: Path, fingerprint: Mapping[str, Any]) -> dict | None:
+    """The state of a resume file written with the same fingerprint; None (logged) when absent, unreadable
+    or written with other params or data."""
     if not path.is_file():
-        return 0, []
+        return None
     try:
         header, state = load_checkpoint(path)
     except AdvcamError as exc:
         log.warning("ignoring unreadable resume file (%s)", exc)
-        return 0, []
+        return None
     if header.get("kind") != "resume" or header.get("fingerprint") != dict(fingerprint):
         log.info("ignoring resume file %s: written with different params; training from scratch", path)
+        return None
+    return state
+
+
+def _try_resume(path: Path, fingerprint: Mapping[str, Any], model: nn.Module,
+                optimizer: torch.optim.Optimizer) -> tuple[int, list[list[float]]]:
+    """Restore a resume file written with the same fingerprint; return (finished epochs, curve rows)."""
+    state = read_resume(path, fingerprint)
+    if state is None:
         return 0, []
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
