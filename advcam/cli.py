@@ -37,7 +37,7 @@ STAGES: dict[str, tuple[str, list[tuple[str, PathDefault, str]]]] = {
         ("metrics", lambda c: "metrics/seeds.json", "seed metrics JSON"),
         ("curve", lambda c: "plots/seeds_threshold.csv", "mIoU-vs-threshold CSV"),
     ]),
-    "refine": ("Refine CAMs into pseudo labels with a dense CRF.", [
+    "refine": ("Refine CAMs into pseudo labels (dense CRF, or random walk over learned affinities).", [
         ("data", lambda c: f"data/{c.dataset.name}", "prepared dataset folder"),
         ("cams", lambda c: "cams", "folder of <id>.npz CAM files"),
         ("out", lambda c: "pseudo", "folder of <id>.png pseudo labels"),
