@@ -250,7 +250,8 @@ def test_resume_file_is_not_used_on_another_dataset(tmp_path, caplog, monkeypatc
 def test_sigint_stops_cleanly_and_keeps_finished_work(ref, tmp_path):
     """Ctrl-C in the middle of the climbing loop: exit 130, one clean line, finished CAM files kept."""
     r = ref["ref"]
-    slow = json.dumps(config.load(None, [*OVERRIDES, "cam.advcam.steps=40"]).to_dict())
+    # 150 climbing steps: seconds per image, room for the signal to arrive before the last one
+    slow = json.dumps(config.load(None, [*OVERRIDES, "cam.advcam.steps=150"]).to_dict())
     out = tmp_path / "cams"
     proc = subprocess.Popen([sys.executable, "-m", "advcam.cli", *stage_args(
         "cams", slow, data=ref["data"], model=r / "classifier.pt", out=out, metrics=tmp_path / "s.json",
