@@ -169,8 +169,9 @@ def save_as(path: Path, arr: np.ndarray, mode: str | None = None, fmt: str = "PN
 
 # ------------------------------------------------------------------ image files
 @pytest.mark.parametrize("what", ["truncated", "zero-byte", "garbage"])
-def test_damaged_image_is_named_by_prepare(work, what):
-    victim = work.ids()[1]
+@pytest.mark.parametrize("role", ["train", "val"])  # train-only images: 1/8-scale draft decode; val: full decode
+def test_damaged_image_is_named_by_prepare(work, what, role):
+    victim = work.ids(role)[1]
     path = work.image(victim)
     data = path.read_bytes()
     path.write_bytes({"truncated": data[: len(data) // 2], "zero-byte": b"", "garbage": b"\xff\xd8 no jpeg"}[what])
@@ -536,13 +537,24 @@ def test_full_disk_stops_prepare_and_training(work, monkeypatch):
     work.prepared()
     fill_disk(monkeypatch)
     work.refused("train-cls", "not enough free disk space", "classifier.pt")
+    monkeypatch.undo()
+    work.pseudo_from_masks()
+    fill_disk(monkeypatch)
+    work.refused("train-seg", "not enough free disk space", "segmenter.pt")
 
 
 @pytest.mark.parametrize("stage", ["cams", "refine"])
 def test_full_disk_stops_per_image_stages_before_writing(work, stage, monkeypatch):
-    work.prepared()
+    """A rerun with one output left to compute: refused before writing, naming the folder, the space needed and
+    the space free; the finished files (and the previous metrics) stay as they were."""
+    ids = work.prepared()
     work.classifier()
+    work.ok("cams")
     if stage == "refine":
-        work.ok("cams")
+        work.ok("refine")
+    out = work.paths[stage]["out"]
+    suffix = ".npz" if stage == "cams" else ".png"
+    (out / f"{ids[-1]}{suffix}").unlink()
     fill_disk(monkeypatch)
-    work.refused(stage, "not enough free disk space")
+    work.refused(stage, "not enough free disk space", f"in {out}:", "needs about", "only 1.0 MiB free")
+    assert sorted(p.name for p in out.glob(f"*{suffix}")) == sorted(f"{i}{suffix}" for i in ids[:-1])

@@ -71,6 +71,40 @@ def test_help_shows_the_real_defaults(capsys):
     assert "(default: None)" not in out and "advcam params --reference" in out
 
 
+def _subparsers():
+    import argparse
+
+    actions = [a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(actions) == 1
+    return actions[0].choices
+
+
+# Options with no default by design: inputs given only when wanted, or required ones.
+NO_DEFAULT = {"params_json", "overrides", "shard", "gather", "ids"}
+
+
+@pytest.mark.parametrize("stage", sorted(_subparsers()))
+def test_help_states_every_default(stage, capsys):
+    """Every option that has a default shows it in --help with its real value (never "None"); the path options
+    whose default depends on the params show the layout (e.g. data/<dataset.name>)."""
+    parser = _subparsers()[stage]
+    formatter = cli.HelpFormatter(prog=f"advcam {stage}")
+    for action in parser._actions:
+        if (not action.option_strings or action.nargs == 0 or action.required or action.dest in NO_DEFAULT
+                or action.help is None):
+            continue  # positionals, flags (--help, --debug, --reference), required and default-less options
+        text = formatter._expand_help(action)
+        assert "(default: " in text and "(default: None)" not in text, f"{stage} {action.option_strings[0]}: {text}"
+        if action.default is not None:
+            assert f"(default: {action.default})" in text, text
+    with pytest.raises(SystemExit):
+        cli.main([stage, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in out and "(default: [])" not in out
+    if stage in cli.STAGES:  # the params' units are in the epilog of every pipeline stage
+        assert "pixels" in out and "fractions in [0, 1]" in out and "advcam params --reference" in out
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     from conftest import TINY

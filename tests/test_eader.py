@@ -16,7 +16,8 @@ from advcam import config
 from advcam.models.classifier import classifier_header, load_classifier
 from advcam.models.eader import EADERNet, attention_maps, build_eader, erase, soft_mask
 from advcam.train import loop
-from advcam.train.eader import ADVERSARY, LOCALISER, eader_losses, phase_at, train_eader, train_step
+from advcam.train.eader import (ADVERSARY, LOCALISER, eader_losses, eader_params, phase_at, train_eader,
+                                train_step)
 from advcam.utils.checkpoint import save_checkpoint
 
 TERMS = {"alpha": 0.05, "beta": 1e-5, "omega": 100.0, "sigma": 0.5}
@@ -98,6 +99,32 @@ def test_attention_map_is_the_references_gradcam():
         gcam = (gcam - gcam.min()) / (gcam - gcam.min()).max()
         torch.testing.assert_close(ours[p], gcam, atol=1e-5, rtol=1e-4)
     assert ours.amin() == 0 and torch.allclose(ours.flatten(1).amax(1), torch.ones(3))
+
+
+def test_losses_follow_the_reference_formulas_and_defaults():
+    assert eader_params({}) == {"alpha": 0.05, "beta": 1e-5, "omega": 100.0, "sigma": 0.5, "phase_steps": 200,
+                                "share_weights": False}
+    torch.manual_seed(0)
+    model = build_eader("resnet_small", 3).eval()
+    batch = _batch(4)
+    x, y = batch["image"], batch["label"]
+    terms = {"alpha": 0.7, "beta": 0.3, "omega": 10.0, "sigma": 0.3}  # every term visible
+    loc = model.localiser
+    with torch.no_grad():
+        feats = loc.features(x)
+        bce = F.binary_cross_entropy(torch.sigmoid(loc(x)), y)
+        rows, classes = y.nonzero(as_tuple=True)
+        att = attention_maps(feats, loc.classifier.weight, rows, classes, (32, 32))
+        erased = x[rows] * (1 - torch.sigmoid(10.0 * (att - 0.3)))[:, None]
+        probs = torch.sigmoid(model.adversary(erased))
+        want_loc = bce + 0.3 * att.mean() + 0.7 * probs[torch.arange(len(rows)), classes].mean()
+        want_adv = F.binary_cross_entropy(probs, y[rows])  # the image's classes, on its erased copies
+        got_loc = eader_losses(model, x, y, LOCALISER, **terms)
+        got_adv = eader_losses(model, x, y, ADVERSARY, **terms)
+    assert len(rows) > len(x)  # some image has two classes: one erased copy per (image, class)
+    torch.testing.assert_close(got_loc["loss"], want_loc, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_adv["loss"], want_adv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_loc["adversary"], want_adv, atol=1e-5, rtol=1e-5)
 
 
 def test_phases_alternate_and_update_one_network_only():

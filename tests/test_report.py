@@ -162,6 +162,50 @@ def test_training_curves_are_logged_with_dvclive(project):
         assert summary["step"] == int(steps[-1])
 
 
+def test_report_is_self_contained(project):
+    """Nothing is fetched when the report opens: every script, style, image and frame is inline or a data: URI
+    (the report is one file that works offline), the method table's frame included."""
+    results, _ = embedded(project)
+    pages = {"report.html": (project / "report.html").read_text(),
+             "methods.html": decode(results["figures/methods.html"]["data_uri"]).decode()}
+    for name, page in pages.items():
+        # the markup, with inline script bodies dropped (the embedded libraries hold HTML snippets in strings)
+        text = re.sub(r"(<script\b[^>]*>).*?</script>", r"\1</script>", page, flags=re.S | re.I)
+        refs = re.findall(r"<(?:script|link|img|iframe|source|embed)\b[^>]*?\s(?:src|href)\s*=\s*[\"']?([^\"'\s>]+)",
+                          text, re.I)
+        assert [r for r in refs if not r.startswith("data:")] == [], name
+        assert not re.search(r"@import\s+url\(\s*[\"']?https?:", text, re.I), name
+    assert len(pages["report.html"]) > 100_000  # React, Vega and the figures are embedded, not linked
+
+
+def test_dvc_plots_show_gives_threshold_per_class_and_loss_curves(project, tmp_path):
+    """`dvc plots show` on this repo's dvc.yaml over a finished run: the seed threshold curve, the per-class IoU
+    bars and both training loss curves, each with the run's numbers (what `dvc plots diff` compares)."""
+    if shutil.which("dvc", path=ENV["PATH"]) is None:
+        pytest.skip("dvc is not installed (pip install -e .[test])")
+    for name in ("figures", "plots", "metrics", "params.yaml"):
+        (shutil.copytree if (project / name).is_dir() else shutil.copy)(project / name, tmp_path / name)
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    sh("dvc", "init", "--no-scm", "-q", cwd=tmp_path)
+    shown = json.loads(sh("dvc", "plots", "show", "--json", cwd=tmp_path).stdout)
+    plots = shown.get("data", shown)
+
+    def values(name: str) -> list[dict]:
+        (entry,) = [e for e in plots[name] if e.get("type") == "vega"]
+        return entry["content"]["data"]["values"]
+
+    curve = list(csv.DictReader((project / "plots/seeds_threshold.csv").read_text().splitlines()))
+    threshold = values("seed mIoU vs background threshold")
+    assert [(v["threshold"], v["miou"]) for v in threshold] == [(r["threshold"], r["miou"]) for r in curve]
+    classes = [r["class"] for r in csv.DictReader((project / "figures/per_class_iou.csv").read_text().splitlines())]
+    for stage in ("seeds", "pseudo labels", "val prediction"):
+        bars = values(f"per-class IoU of the {stage.replace('val prediction', 'val predictions')}")
+        assert [v["class"] for v in bars] == classes and all(stage in v for v in bars), stage
+    for name in ("train_cls", "train_seg"):
+        rows = list(csv.DictReader((project / f"plots/{name}.csv").read_text().splitlines()))
+        assert [(v["step"], v["loss"]) for v in values(f"plots/{name}.csv")] == [(r["step"], r["loss"]) for r in rows]
+
+
 def test_zip_report_holds_the_files(project):
     sh("snakemake", "--report", "report.zip", cwd=project)
     names = zipfile.ZipFile(project / "report.zip").namelist()
@@ -171,7 +215,10 @@ def test_zip_report_holds_the_files(project):
 
 # ---- a real browser -----------------------------------------------------------------------------------------
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000"]
+# --disable-dev-shm-usage: containers often have a 64 MB /dev/shm, too small for a renderer with the report's
+# embedded images.
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--virtual-time-budget=15000"]
 # Injected into a copy of the report: record errors, then click every category and view every image.
 HARNESS_HEAD = """<script>window.__errors=[];
 window.addEventListener('error',e=>__errors.push('error: '+e.message));

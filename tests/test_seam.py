@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from advcam.models.seam import SEAMNet, build_seam, pcm_input, pcm_refine, pixel_affinity
-from advcam.train.seam import ecr_loss, max_onehot, seam_losses, top_fraction_mean, train_seam
+from advcam.train.seam import ecr_loss, max_onehot, seam_losses, seam_params, top_fraction_mean, train_seam
 from conftest import REPO, TINY
 
 
@@ -81,6 +82,75 @@ def test_er_is_zero_for_an_equivariant_model_and_positive_otherwise():
         assert seam_losses(net, ramp_image(), labels)["er"].item() > 1e-3
 
 
+def _minmax(p: torch.Tensor) -> torch.Tensor:
+    """Per-(image, channel) min-max of ReLU(p), with the reference's 1e-5 offsets."""
+    p = F.relu(p)
+    lo, hi = p.amin((2, 3), keepdim=True), p.amax((2, 3), keepdim=True)
+    return F.relu(p - lo - 1e-5) / (hi - lo + 1e-5)
+
+
+def _reference_losses(model, x: torch.Tensor, y: torch.Tensor, s: float = 0.3) -> dict[str, torch.Tensor]:
+    """The losses of ``train_SEAM.py`` written out independently, on the reference's (1 + C)-channel layout."""
+    n, c = y.shape
+    hs, ws = int(x.shape[2] * s), int(x.shape[3] * s)
+    lab = torch.cat([torch.ones(n, 1), y], 1)[..., None, None]
+    branches = []
+    for img in (x, F.interpolate(x, size=(hs, ws), mode="bilinear", align_corners=True)):
+        cam, rv = model.seam_forward(img, detach=True)
+        cam, rv = (F.interpolate(t, size=img.shape[-2:], mode="bilinear", align_corners=True) for t in (cam, rv))
+        branches.append((torch.cat([torch.zeros_like(cam[:, :1]), cam], 1), rv))  # a dummy background channel
+    (cam1, rv1), (cam2, rv2) = branches
+    cls = sum(F.multilabel_soft_margin_loss(cm.mean((2, 3))[:, 1:], y) for cm, _ in branches) / 2
+
+    def low_quarter(t):  # mean ReLU of the lowest quarter of the per-pixel maximum
+        k = t.shape[2] * t.shape[3] // 4
+        return F.relu(t.amax(1).flatten(1).sort(1).values[:, :k]).sum() / (k * n)
+
+    rvmin = (low_quarter((rv1 * lab)[:, 1:]) + low_quarter((rv2 * lab)[:, 1:])) / 2
+    down = lambda t: F.interpolate(t, size=(hs, ws), mode="bilinear", align_corners=True)  # noqa: E731
+    c1, r1, c2, r2 = down(_minmax(cam1)) * lab, down(_minmax(rv1)) * lab, _minmax(cam2) * lab, _minmax(rv2) * lab
+    er = (c1[:, 1:] - c2[:, 1:]).abs().mean()
+    ecr = 0
+    for cam_other, rv_own in ((c2, r1), (c1, r2)):
+        t = cam_other.detach().clone()
+        t[:, 0] = 1 - t[:, 1:].amax(1)  # background = 1 - max of the foreground maps
+        t[:, 1:] = torch.where(t[:, 1:] == t[:, 1:].amax(1, keepdim=True), t[:, 1:], torch.zeros_like(t[:, 1:]))
+        k = int((1 + c) * hs * ws * 0.2)
+        ecr = ecr + (t - rv_own).abs().flatten(1).sort(1, descending=True).values[:, :k].mean()
+    return {"cls": cls, "rvmin": rvmin, "er": er, "ecr": ecr, "total": cls + rvmin + er + ecr}
+
+
+def test_losses_match_the_reference_formulas_and_defaults():
+    assert seam_params(None) == {"downscale": 0.3, "ecr_top_fraction": 0.2, "er_weight": 1.0, "ecr_weight": 1.0,
+                                 "pcm": True}
+    torch.manual_seed(0)
+    x, y = toy_batch(4, 48)
+    model = PixelLinear(3, blur=2)
+    ours, ref = seam_losses(model, x, y), _reference_losses(model, x, y)
+    for name in ("cls", "rvmin", "er", "ecr", "total"):
+        assert ref[name].item() > 1e-3, name  # every term is active on this input
+        torch.testing.assert_close(ours[name], ref[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_gradients_flow_as_in_the_reference():
+    """ER and cls train the backbone and the classifier, never the PCM; ECR and rvmin train only the PCM layers
+    (the reference computes the PCM input under no_grad and detaches the two stages' features)."""
+    torch.manual_seed(0)
+    model = build_seam("resnet_small", 3).train()
+    x, y = toy_batch(2, 48)
+    losses = seam_losses(model, x, y)
+    pcm = {id(p) for m in (model.pcm_proj2, model.pcm_proj3, model.pcm_embed) for p in m.parameters()}
+
+    def touched(name: str) -> tuple[bool, bool]:
+        model.zero_grad(set_to_none=True)
+        losses[name].backward(retain_graph=True)
+        hit = [id(p) for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        return any(i in pcm for i in hit), any(i not in pcm for i in hit)
+
+    assert touched("er") == (False, True) and touched("cls") == (False, True)
+    assert touched("ecr") == (True, False) and touched("rvmin") == (True, False)
+
+
 # ------------------------------------------------------------------------------------------------ PCM
 def test_pcm_rows_sum_to_one_negatives_clipped_and_constant_maps_unchanged():
     torch.manual_seed(0)
@@ -147,6 +217,8 @@ def test_short_training_lowers_every_loss(tmp_path: Path):
         after = {k: v.item() for k, v in seam_losses(model, data.x, data.y).items()}
     for name in ("cls", "er", "ecr", "total"):
         assert after[name] < 0.7 * before[name], (name, before, after)
+    # the reference's loss_cls includes rvmin (which alone needs more steps than this to fall)
+    assert after["cls"] + after["rvmin"] < 0.7 * (before["cls"] + before["rvmin"]), (before, after)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint
@@ -203,6 +275,12 @@ def test_cam_and_advcam_run_on_a_seam_model():
     assert climbed.shape == (2, 5, 5) and torch.isfinite(climbed).all() and (climbed >= 0).all()
     adv = compute_maps(model, image, [1], _cam_cfg("advcam", steps=2))
     assert adv["high_res"].shape == (1, 40, 36) and adv["high_res"].max() > 0.9
+    # inference goes through the PCM: its foreground output, not the raw CAM
+    with torch.no_grad():
+        torch.testing.assert_close(model.cam(image[None]), model.seam_forward(image[None])[1][:, 1:])
+        model.use_pcm = False
+        raw = compute_maps(model, image, [0, 2], _cam_cfg("cam"))
+    assert not np.allclose(raw["high_res"], maps["high_res"], atol=1e-3)
 
 
 def _cam_cfg(method: str, **advcam):

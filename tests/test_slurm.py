@@ -1,6 +1,7 @@
-"""The SLURM profile: a dry run checks every job's resources; where `slurmctld`/`slurmd` are installed (Debian:
-`apt-get install slurm-wlm`), a single-node cluster on loopback runs the sharded cams stage through the SLURM
-executor plugin (otherwise that test is skipped, with the reason)."""
+"""The SLURM profile: a dry run checks every job's resources (through the SLURM executor plugin where it is
+installed, else with the profile's resources on the local executor); where `slurmctld`/`slurmd` are installed
+(Debian: `apt-get install slurm-wlm`), a single-node cluster on loopback runs the sharded cams and refine stages
+through the SLURM executor plugin (otherwise that test is skipped, with the reason)."""
 from __future__ import annotations
 
 import getpass
@@ -26,16 +27,29 @@ ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "
 PROFILE = REPO / "workflow/profiles/slurm"
 GPU_RULES = {"train_cls", "cams_shard", "train_seg", "evaluate"}
 CPU_RULES = {"prepare", "cams", "refine_shard", "refine"}
-pytestmark = [
-    pytest.mark.skipif(shutil.which("snakemake", path=ENV["PATH"]) is None, reason="snakemake is not installed"),
-    pytest.mark.skipif(importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
-                       reason="snakemake-executor-plugin-slurm is not installed (pip install -e .[workflow])"),
-]
+HAS_PLUGIN = importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
+pytestmark = pytest.mark.skipif(shutil.which("snakemake", path=ENV["PATH"]) is None,
+                                reason="snakemake is not installed")
+needs_plugin = pytest.mark.skipif(not HAS_PLUGIN, reason="snakemake-executor-plugin-slurm is not installed "
+                                  "(pip install -e .[workflow])")
 
 
-def job_resources(*config_args: str) -> dict[str, list[dict[str, str]]]:
+@pytest.fixture(scope="module")
+def profile_dir(tmp_path_factory) -> Path:
+    """The SLURM profile; without the executor plugin, a copy of it minus `executor: slurm`, so that the dry run
+    still resolves the profile's default- and set-resources for every job (on the local executor)."""
+    if HAS_PLUGIN:
+        return PROFILE
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    assert profile.pop("executor") == "slurm"
+    d = tmp_path_factory.mktemp("profile")
+    (d / "config.yaml").write_text(yaml.safe_dump(profile))
+    return d
+
+
+def job_resources(profile: Path, *config_args: str) -> dict[str, list[dict[str, str]]]:
     """`snakemake -n --profile slurm --forceall`: rule -> the resources of each of its jobs."""
-    r = subprocess.run(["snakemake", "-n", "--forceall", "--profile", str(PROFILE), "--config", *config_args],
+    r = subprocess.run(["snakemake", "-n", "--forceall", "--profile", str(profile), "--config", *config_args],
                        cwd=REPO, env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     jobs: dict[str, list[dict[str, str]]] = {}
@@ -44,8 +58,8 @@ def job_resources(*config_args: str) -> dict[str, list[dict[str, str]]]:
     return jobs
 
 
-def test_profile_dry_run_gives_gpus_to_training_and_climbing_only():
-    jobs = job_resources("workflow={shards: 3}")
+def test_profile_dry_run_gives_gpus_to_training_and_climbing_only(profile_dir):
+    jobs = job_resources(profile_dir, "workflow={shards: 3}")
     assert len(jobs["cams_shard"]) == 3 and len(jobs["refine_shard"]) == 3
     for rule, runs in jobs.items():
         if rule == "all":
@@ -57,8 +71,8 @@ def test_profile_dry_run_gives_gpus_to_training_and_climbing_only():
     assert int(jobs["train_cls"][0]["mem_mb"]) >= 16000 and int(jobs["train_cls"][0]["runtime"]) >= 360
 
 
-def test_randomwalk_refine_asks_for_a_gpu():
-    jobs = job_resources("workflow={shards: 2}", "refine={method: randomwalk}")
+def test_randomwalk_refine_asks_for_a_gpu(profile_dir):
+    jobs = job_resources(profile_dir, "workflow={shards: 2}", "refine={method: randomwalk}")
     assert int(jobs["refine"][0]["gpu"]) == 1
     assert all(int(j.get("gpu", 0)) == 0 for j in jobs["refine_shard"])
 
@@ -95,9 +109,16 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MinJobAge=600
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=8000 State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
+
+
+def node_memory_mb() -> int:
+    """RealMemory for the loopback node: at most 8 GB and at most half of this machine's memory (slurmd drains a
+    node whose configured memory exceeds what it finds); the test's jobs ask for 500 MB each."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    return max(1000, min(8000, total // 2))
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +134,8 @@ def slurm_cluster(tmp_path_factory):
     (d / "spool").mkdir()
     conf = d / "slurm.conf"
     conf.write_text(SLURM_CONF.format(host=socket.gethostname().split(".")[0], ctld_port=free_port(),
-                                      d_port=free_port(), user=getpass.getuser(), d=d, cpus=os.cpu_count() or 2))
+                                      d_port=free_port(), user=getpass.getuser(), d=d, cpus=os.cpu_count() or 2,
+                                      mem=node_memory_mb()))
     # The job-step plugin drops SLURM_* variables before its inner `srun`, so SLURM_CONF would not reach it
     # (real clusters use /etc/slurm/slurm.conf): an `srun` wrapper first on PATH brings it back.
     (d / "bin").mkdir()
@@ -146,9 +168,11 @@ def slurm_cluster(tmp_path_factory):
                     pass
 
 
-def test_sharded_cams_run_as_slurm_jobs(slurm_cluster, tmp_path):
-    """The 2 cams shards and their gather, each one sbatch job on the loopback cluster (the data and the
-    classifier are made locally first, to keep the test short)."""
+@needs_plugin
+def test_sharded_cams_and_refine_run_as_slurm_jobs(slurm_cluster, tmp_path):
+    """The 2 cams shards (climbing) and their gather, the 2 refine shards (dense CRF) and their gather: each one
+    sbatch job on the loopback cluster (the data and the classifier are made locally first, to keep the test
+    short)."""
     env = slurm_cluster
     shutil.copytree(REPO / "workflow", tmp_path / "workflow", ignore=shutil.ignore_patterns("profiles"))
     params = config.load(None, [*TINY, "cam.method=cam", "workflow.shards=2"]).to_dict()
@@ -163,11 +187,15 @@ def test_sharded_cams_run_as_slurm_jobs(slurm_cluster, tmp_path):
     (tmp_path / "prof").mkdir()
     (tmp_path / "prof/config.yaml").write_text(yaml.safe_dump(profile))
     r = subprocess.run(["snakemake", "--profile", "prof", "--slurm-status-command", "squeue",
-                        "--slurm-init-seconds-before-status-checks", "1", "--", "cams"],
+                        "--slurm-init-seconds-before-status-checks", "1", "--", "pseudo", "metrics/pseudo.json"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-6000:]
-    assert len(re.findall(r"Job \d+ has been submitted with SLURM jobid \d+", log)) == 3, log[-4000:]
+    assert len(re.findall(r"Job \d+ has been submitted with SLURM jobid \d+", log)) == 6, log[-4000:]
+    for rule, count in (("cams_shard", 2), ("cams", 1), ("refine_shard", 2), ("refine", 1)):
+        assert len(re.findall(rf"^rule {rule}:$", log, re.M)) == count, (rule, log[-4000:])
     ids = (tmp_path / "data/synthetic/lists/infer.txt").read_text().split()
     assert sorted(p.stem for p in (tmp_path / "cams").glob("*.npz")) == sorted(ids)
-    assert (tmp_path / "metrics/seeds.json").is_file() and not (tmp_path / "shards/cams/1-of-2").exists()
+    assert sorted(p.stem for p in (tmp_path / "pseudo").glob("*.png")) == sorted(ids)
+    assert (tmp_path / "metrics/seeds.json").is_file() and (tmp_path / "metrics/pseudo.json").is_file()
+    assert not (tmp_path / "shards/cams/1-of-2").exists() and not (tmp_path / "shards/refine/1-of-2").exists()
