@@ -16,9 +16,10 @@ from advcam import config
 from advcam.models.classifier import classifier_header, load_classifier
 from advcam.models.eader import EADERNet, attention_maps, build_eader, erase, soft_mask
 from advcam.train import loop
-from advcam.train.eader import (ADVERSARY, LOCALISER, eader_losses, eader_params, phase_at, train_eader,
+from advcam.train.eader import (_optimisers, lr_at, ADVERSARY, LOCALISER, eader_losses, eader_params, phase_at, train_eader,
                                 train_step)
 from advcam.utils.checkpoint import save_checkpoint
+from advcam.utils.errors import AdvcamError
 
 TERMS = {"alpha": 0.05, "beta": 1e-5, "omega": 100.0, "sigma": 0.5}
 
@@ -53,7 +54,8 @@ class Squares(Dataset):
 
 
 def _cfg(epochs: int = 2, **eader):
-    over = ["classifier.lr=0.05", "classifier.momentum=0.9", "classifier.batch_size=8", f"classifier.epochs={epochs}"]
+    eader = {"lr": 0.05, **eader}  # a few dozen steps: a higher lr than the reference's 0.01
+    over = ["classifier.batch_size=8", f"classifier.epochs={epochs}"]
     over += [f"classifier.eader.{k}={v}" for k, v in eader.items()]
     return config.load(None, over).classifier
 
@@ -102,8 +104,10 @@ def test_attention_map_is_the_references_gradcam():
 
 
 def test_losses_follow_the_reference_formulas_and_defaults():
+    # the reference's train.py / load_optimizer: SGD lr 0.01 constant, momentum 0.9, weight decay 1e-4
     assert eader_params({}) == {"alpha": 0.05, "beta": 1e-5, "omega": 100.0, "sigma": 0.5, "phase_steps": 200,
-                                "share_weights": False}
+                                "share_weights": False, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
+                                "lr_schedule": "constant", "head_lr_mult": 1.0}
     torch.manual_seed(0)
     model = build_eader("resnet_small", 3).eval()
     batch = _batch(4)
@@ -251,3 +255,16 @@ def test_train_cls_cli_with_eader(tiny_overrides, tmp_path: Path):
                  "--model", str(out), "--out", str(tmp_path / "cams"), "--metrics", str(tmp_path / "seeds.json"),
                  "--curve", str(tmp_path / "seeds.csv")]) == 0
     assert (tmp_path / "seeds.json").is_file()
+
+
+def test_optimisers_follow_the_reference_and_poly_is_an_option():
+    model = build_eader("resnet_small", 3)
+    hp = eader_params({})
+    for opt in _optimisers(model, hp):
+        assert [g["lr"] for g in opt.param_groups] == [0.01, 0.01]
+        assert all(g["momentum"] == 0.9 and g["weight_decay"] == 1e-4 for g in opt.param_groups)
+    assert lr_at(hp, 0, 100) == lr_at(hp, 99, 100) == 0.01
+    poly = {**hp, "lr_schedule": "poly"}
+    assert lr_at(poly, 0, 100) == 0.01 and 0 < lr_at(poly, 50, 100) < 0.01
+    with pytest.raises(AdvcamError, match="lr_schedule"):
+        lr_at({**hp, "lr_schedule": "cosine"}, 0, 100)

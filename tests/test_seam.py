@@ -121,8 +121,9 @@ def _reference_losses(model, x: torch.Tensor, y: torch.Tensor, s: float = 0.3) -
 
 
 def test_losses_match_the_reference_formulas_and_defaults():
+    # the reference's train_SEAM.py defaults (lr, wt_dec; PolyOptimizer's momentum slot gets wt_dec; dropout7)
     assert seam_params(None) == {"downscale": 0.3, "ecr_top_fraction": 0.2, "er_weight": 1.0, "ecr_weight": 1.0,
-                                 "pcm": True}
+                                 "pcm": True, "lr": 0.01, "weight_decay": 5e-4, "momentum": 5e-4, "dropout": 0.5}
     torch.manual_seed(0)
     x, y = toy_batch(4, 48)
     model = PixelLinear(3, blur=2)
@@ -206,9 +207,9 @@ def test_short_training_lowers_every_loss(tmp_path: Path):
     with torch.no_grad():
         before = {k: v.item() for k, v in seam_losses(model, data.x, data.y).items()}
 
-    class Cfg:  # the classifier section's fields train_seam reads
-        epochs, batch_size, lr, momentum, weight_decay = 8, 8, 0.05, 0.9, 1e-4
-        seam = {"pcm": False}
+    class Cfg:  # the classifier section's fields train_seam reads (SEAM's optimiser is in its own section)
+        epochs, batch_size = 8, 8
+        seam = {"pcm": False, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "dropout": 0.0}
 
     rows = train_seam(model, data, cfg=Cfg, seed=0, workers=0, resume=tmp_path / "r.pt", curves=tmp_path / "c.csv",
                       fingerprint={"t": 1})
@@ -219,6 +220,23 @@ def test_short_training_lowers_every_loss(tmp_path: Path):
         assert after[name] < 0.7 * before[name], (name, before, after)
     # the reference's loss_cls includes rvmin (which alone needs more steps than this to fall)
     assert after["cls"] + after["rvmin"] < 0.7 * (before["cls"] + before["rvmin"]), (before, after)
+
+
+def test_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    model = build_seam("resnet_small", 3)
+    model.dropout = 0.5
+    x = torch.randn(2, 3, 48, 48)
+    model.train()
+    assert not torch.equal(model.seam_forward(x)[0], model.seam_forward(x)[0])
+    model.eval()
+    torch.testing.assert_close(model.seam_forward(x)[0], model.seam_forward(x)[0])
+    model.dropout = 0.0
+    model.train()
+    torch.manual_seed(1)
+    first = model.seam_forward(x)[0]
+    torch.manual_seed(1)
+    torch.testing.assert_close(model.seam_forward(x)[0], first)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint

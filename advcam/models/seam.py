@@ -26,7 +26,9 @@ Deviations from the reference, by design:
   CAM grid before the projection;
 - no background channel in the classifier: the reference's ``fc8`` has 21 outputs but its background map
   is always replaced by ``1 - max`` (foreground) and never receives a gradient;
-- no ``Dropout2d(0.5)`` before the classifier (IRN's CAM network has none);
+- ``Dropout2d`` before the classifier in training is ``dropout`` (0.5, the reference's ``dropout7``; set by
+  the trainer from ``classifier.seam.dropout``; never active in eval mode, so inference and climbing are
+  unaffected);
 - ``cam(x)`` keeps the autograd graph through the PCM input and the features (the reference computes the
   PCM input under ``no_grad`` and detaches the stage features, which only matters in training:
   :meth:`SEAMNet.seam_forward` with ``detach=True`` does that), so adversarial climbing gets input gradients.
@@ -98,6 +100,7 @@ class SEAMNet(CAMNet):
                  use_pcm: bool = True) -> None:
         super().__init__(backbone, num_classes, arch, frozen_bn)
         self.use_pcm = bool(use_pcm)
+        self.dropout = 0.0  # training-only Dropout2d before the classifier (set by advcam.train.seam)
         self.pcm_proj2 = nn.Conv2d(_channels(backbone.layer2), PROJ_CHANNELS[0], 1, bias=False)
         self.pcm_proj3 = nn.Conv2d(_channels(backbone.layer3), PROJ_CHANNELS[1], 1, bias=False)
         self.pcm_embed = nn.Conv2d(3 + sum(PROJ_CHANNELS), EMBED_CHANNELS, 1, bias=False)
@@ -137,6 +140,8 @@ class SEAMNet(CAMNet):
         (only the projections and the embedding learn from the PCM output).
         """
         x2, x3, x4 = self.stages(x)
+        if self.dropout > 0:
+            x4 = F.dropout2d(x4, self.dropout, training=self.training)
         cam = F.conv2d(x4, self.classifier.weight)
         src = cam.detach() if detach else cam
         if detach:

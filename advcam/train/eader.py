@@ -14,9 +14,13 @@ resting network's BatchNorm statistics still update with ``resnet_small``). With
 localiser is its own adversary (reference ``--share_weights``): every step is a localiser step. BCE is the
 multilabel soft-margin loss, identical to the reference's ``BCELoss`` on sigmoid outputs.
 
-Differences from the reference: SGD with the pipeline's ``classifier`` params and IRN's poly schedule (10x lr
-on each classifier layer) for both networks, where the reference uses a constant lr 0.01, momentum 0.9; the
-poly lr follows the global step, so each network's lr decays over the whole run. The adversary is a CAM network
+Optimiser: EADER's own, as in the reference: for each network SGD with ``classifier.eader``'s ``lr`` (0.01),
+``momentum`` (0.9) and ``weight_decay`` (1e-4), one lr for every layer (``head_lr_mult`` 1) and a constant lr
+(``lr_schedule: constant``). Options: ``lr_schedule: poly`` (IRN's poly decay over the global step) and
+``head_lr_mult: 10`` (IRN's 10x lr on the classifier layer). Epochs, batch and crop are the ``classifier``
+section's (the reference: 10 epochs, batch 16, crop 448).
+
+Differences from the reference: the adversary is a CAM network
 of the same arch (the reference uses a torchvision ResNet with a biased fc). In the shared-weights mode the
 adversarial term is the probability of the erased class (the reference's shared branch averages raw logits).
 
@@ -44,7 +48,9 @@ from advcam.utils.progress import log, progress
 
 LOCALISER, ADVERSARY = "localiser", "adversary"
 DEFAULTS: dict[str, Any] = {"alpha": 0.05, "beta": 1e-5, "omega": 100.0, "sigma": 0.5, "phase_steps": 200,
-                            "share_weights": False}
+                            "share_weights": False, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
+                            "lr_schedule": "constant", "head_lr_mult": 1.0}
+LR_SCHEDULES = ("constant", "poly")
 
 
 def eader_params(cfg: Any) -> dict[str, Any]:
@@ -118,11 +124,18 @@ def train_step(model: EADERNet, optimizer: torch.optim.Optimizer, batch: Mapping
     return out
 
 
-def _optimisers(model: EADERNet, cfg: Any) -> tuple[torch.optim.SGD, torch.optim.SGD | None]:
-    loc = loop.make_sgd(model.localiser.param_groups(), cfg.lr, cfg.weight_decay, cfg.momentum)
-    adv = None if model.adversary is None else loop.make_sgd(model.adversary.param_groups(), cfg.lr,
-                                                              cfg.weight_decay, cfg.momentum)
-    return loc, adv
+def _optimisers(model: EADERNet, hp: Mapping[str, Any]) -> tuple[torch.optim.SGD, torch.optim.SGD | None]:
+    def sgd(net: nn.Module) -> torch.optim.SGD:
+        return loop.make_sgd(net.param_groups(), hp["lr"], hp["weight_decay"], hp["momentum"], hp["head_lr_mult"])
+
+    return sgd(model.localiser), None if model.adversary is None else sgd(model.adversary)
+
+
+def lr_at(hp: Mapping[str, Any], step: int, max_step: int) -> float:
+    """The backbone lr at global ``step``: ``hp["lr"]`` (constant) or its poly decay."""
+    if hp["lr_schedule"] not in LR_SCHEDULES:
+        raise AdvcamError(f"classifier.eader.lr_schedule: {hp['lr_schedule']!r} is not one of {', '.join(LR_SCHEDULES)}")
+    return hp["lr"] if hp["lr_schedule"] == "constant" else loop.poly_lr(hp["lr"], step, max_step)
 
 
 def _try_resume(path: Path, fingerprint: Mapping[str, Any], model: EADERNet, opt_loc: torch.optim.Optimizer,
@@ -153,7 +166,7 @@ def train_eader(model: EADERNet, dataset: Dataset, *, cfg: Any, seed: int, worke
     hp = eader_params(cfg)
     if hp["share_weights"]:
         model.drop_adversary()
-    opt_loc, opt_adv = _optimisers(model, cfg)
+    opt_loc, opt_adv = _optimisers(model, hp)
     loader_for = lambda e: loop.epoch_loader(dataset, cfg.batch_size, seed, e, workers)  # noqa: E731
     steps_per_epoch = len(loader_for(0))
     if steps_per_epoch == 0:
@@ -175,7 +188,9 @@ def train_eader(model: EADERNet, dataset: Dataset, *, cfg: Any, seed: int, worke
             phase = phase_at(step, n, opt_adv is not None)
             opt = opt_loc if phase == LOCALISER else opt_adv
             assert opt is not None
-            lr = loop.set_poly_lr(opt, cfg.lr, step, max_step)
+            lr = lr_at(hp, step, max_step)
+            for group in opt.param_groups:
+                group["lr"] = lr * group.get("lr_mult", 1.0)
             out = train_step(model, opt, batch, phase, terms)
             if "loss" in out:
                 if not torch.isfinite(out["loss"]):

@@ -16,9 +16,12 @@ Per batch of crops ``x`` (size ``H x W``) with multi-hot labels ``y`` (foregroun
   ``1 - max_c`` and foreground zeroed off the per-pixel maximum, no gradient through it (:func:`ecr_loss`);
 - total = cls + rvmin + er_weight * er + ecr_weight * ecr (the reference: weights 1, rvmin inside its cls).
 
-The optimiser is the shared one (SGD, poly, 10x lr on the new layers: classifier and PCM) with the
-``classifier`` section's lr, momentum and weight decay. The reference uses lr 0.01, weight decay 5e-4 (on
-weights only) and, through the same PolyOptimizer quirk as IRN, momentum 5e-4; batch 8, crop 448, 8 epochs.
+The optimiser is SEAM's own: SGD with the poly schedule and 10x lr on the new layers (classifier and PCM), with
+``classifier.seam``'s ``lr`` (0.01), ``weight_decay`` (5e-4) and ``momentum`` (5e-4: the reference's
+PolyOptimizer passes its weight decay in SGD's momentum slot, as IRN's does), and ``Dropout2d(dropout = 0.5)``
+before the classifier in training. Epochs, batch and crop stay the ``classifier`` section's (the reference: 8
+epochs, batch 8, crop 448). Deviation: weight decay applies to every trained parameter (the reference: weights
+only).
 
 Deviations: the classification logits are the GAP of the upsampled CAM as in the reference, while the
 model's ``forward`` pools at feature resolution (the interface's logits); see :mod:`advcam.models.seam` for
@@ -39,7 +42,7 @@ from advcam.utils.progress import log
 
 EPS = 1e-5
 DEFAULTS: dict[str, Any] = {"downscale": 0.3, "ecr_top_fraction": 0.2, "er_weight": 1.0, "ecr_weight": 1.0,
-                            "pcm": True}
+                            "pcm": True, "lr": 0.01, "weight_decay": 5e-4, "momentum": 5e-4, "dropout": 0.5}
 LOSS_NAMES = ("cls", "rvmin", "er", "ecr", "total")
 
 
@@ -170,10 +173,13 @@ def train_seam(model: torch.nn.Module, dataset: Dataset, *, cfg: Any, seed: int,
                           f"build it with advcam.models.seam.build_seam")
     params = seam_params(getattr(cfg, "seam", None))
     model.use_pcm = bool(params["pcm"])  # type: ignore[assignment]
-    optimizer = loop.make_sgd(model.param_groups(), cfg.lr, cfg.weight_decay, cfg.momentum)  # type: ignore[operator]
+    model.dropout = float(params["dropout"])  # type: ignore[assignment]
+    lr = float(params["lr"])
+    optimizer = loop.make_sgd(model.param_groups(), lr, float(params["weight_decay"]),  # type: ignore[operator]
+                              float(params["momentum"]))
     loader = lambda e: loop.epoch_loader(dataset, cfg.batch_size, seed, e, workers)  # noqa: E731
     loss_fn = _SeamLoss(params, len(loader(0)))
-    return loop.fit(model, optimizer, loader, loss_fn, epochs=cfg.epochs, base_lr=cfg.lr, resume=resume,
+    return loop.fit(model, optimizer, loader, loss_fn, epochs=cfg.epochs, base_lr=lr, resume=resume,
                     curves=curves, fingerprint=fingerprint, desc="train-cls seam")
 
 
