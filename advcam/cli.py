@@ -1,14 +1,17 @@
 """``advcam <stage>``: one thin subcommand per pipeline stage; the work is in ``advcam.steps``.
 
 Every subcommand reads the params (``--params FILE``, or ``--params-json`` from Snakemake) plus
-``--set KEY=VALUE`` overrides, validates them, and calls ``advcam.steps.<stage>.run``. Errors caused by
-input print one line and exit with status 2 (``--debug`` shows the traceback).
+``--set KEY=VALUE`` overrides, validates them, and calls ``advcam.steps.<stage>.run``. Every error prints one
+line: errors caused by input exit with status 2, unexpected ones (a bug, a full disk) with status 1, Ctrl-C with
+130; ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
+import select
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -97,10 +100,14 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name, (help_text, paths) in STAGES.items():
-        s = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                           formatter_class=HelpFormatter)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=HelpFormatter)
         _common(s)
+        return s
+
+    for name, (help_text, paths) in STAGES.items():
+        s = add(name, help_text)
         for opt, _default, opt_help in paths:
             s.add_argument(f"--{opt}", default=None, help=f"{opt_help} (default: {_default(_LAYOUT)})")
         if name in SHARDED:
@@ -108,22 +115,17 @@ def _parser() -> argparse.ArgumentParser:
                            help="compute only shard I of N (1-based) of the infer list into --out; no metrics")
             s.add_argument("--gather", nargs="+", default=[], metavar="DIR",
                            help="shard folders (shard 1 first) to gather into --out before scoring")
-    s = sub.add_parser("compare", help="Gallery of several CAM folders side by side (e.g. CAM vs AdvCAM).",
-                       formatter_class=HelpFormatter)
-    _common(s)
+    s = add("compare", "Gallery of several CAM folders side by side (e.g. CAM vs AdvCAM).")
     s.add_argument("--data", default=None, help="prepared dataset folder (default: data/<dataset.name>)")
     s.add_argument("--cams", nargs="+", required=True, help="CAM folders to compare")
     s.add_argument("--labels", nargs="+", required=True, help="one column title per CAM folder")
     s.add_argument("--out", default="plots/compare.png", help="gallery PNG to write")
     s.add_argument("-n", type=int, default=6, help="number of images (rows)")
     s.add_argument("--ids", nargs="*", default=[], help="image ids to show instead of the first n")
-    s = sub.add_parser("params", help="Print the resolved params as YAML (or the reference table).",
-                       formatter_class=HelpFormatter)
-    _common(s)
+    s = add("params", "Print the resolved params as YAML (or the reference table).")
     s.add_argument("--reference", action="store_true", help="print the params reference (Markdown) instead")
-    s = sub.add_parser("visualize", help="Overlay PNG of one image: image, ground truth, CAM, AdvCAM, pseudo "
-                       "label, prediction (the ones that exist).", formatter_class=HelpFormatter)
-    _common(s)
+    s = add("visualize", "Overlay PNG of one image: image, ground truth, CAM, AdvCAM, pseudo label, prediction "
+            "(the ones that exist).")
     s.add_argument("image_id", help="image id (file name without extension)")
     s.add_argument("--data", default=None, help="prepared dataset folder (default: data/<dataset.name>)")
     s.add_argument("--cams", default="cams", help="folder of <id>.npz CAM files")
@@ -131,9 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--classifier", default="models/classifier.pt", help="classifier checkpoint (CAM and AdvCAM)")
     s.add_argument("--segmenter", default="models/segmenter.pt", help="segmenter checkpoint (prediction)")
     s.add_argument("--out", default=None, help="PNG to write (default: plots/visualize/<image_id>.png)")
-    s = sub.add_parser("info", help="Print the resolved params, the device, the C++/CUDA extension's build "
-                       "status and a summary of the prepared dataset.", formatter_class=HelpFormatter)
-    _common(s)
+    s = add("info", "Print the resolved params, the device, the C++/CUDA extension's build status and a summary "
+            "of the prepared dataset.")
     s.add_argument("--data", default=None, help="prepared dataset folder (default: data/<dataset.name>)")
     return p
 
@@ -158,6 +159,22 @@ def one_line(exc: BaseException) -> str:
     return " ".join(text.split("\n"))
 
 
+def _write(text: str) -> None:
+    """Print to stdout now, so that a reader that has gone shows up here rather than at exit."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _stdout_is_a_closed_pipe() -> bool:
+    """True when stdout is a pipe whose reader has gone (``advcam params | head``)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), 0)  # POLLERR is reported whatever the mask
+        return any(event & select.POLLERR for _, event in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no real file behind sys.stdout (e.g. captured in tests)
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
@@ -165,11 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config.load(None if args.params_json else args.params, args.overrides, args.params_json)
         if args.stage == "params" and args.reference:
-            sys.stdout.write(config.markdown_reference())
+            _write(config.markdown_reference())
             return 0
         if args.stage == "params":
             import yaml
-            sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            _write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
         if args.stage == "visualize":
             from advcam.steps import figures
@@ -179,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.stage == "info":
             from advcam.steps import info
-            sys.stdout.write(info.report(cfg, Path(args.data or f"data/{cfg.dataset.name}")))
+            _write(info.report(cfg, Path(args.data or f"data/{cfg.dataset.name}")))
             return 0
         if args.stage == "compare":
             from advcam.steps import compare
@@ -205,6 +222,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"advcam {args.stage}: interrupted; finished work is kept, run again to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or the system (disk full, out of memory): still one line, no traceback
+        if debug:
+            raise
+        if isinstance(exc, BrokenPipeError) and _stdout_is_a_closed_pipe():
+            # the reader of our output stopped early (`| head`): nothing to report, and the flush at exit must
+            # not fail either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE, as a shell reports it
+        message = one_line(exc)
+        print(f"advcam {args.stage}: error: {type(exc).__name__}{': ' + message if message else ''} "
+              "(unexpected; --debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

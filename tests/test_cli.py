@@ -1,6 +1,8 @@
-"""The CLI: one-line errors with exit 2, params printing, help for every subcommand."""
+"""The CLI: one-line errors (exit 2 for bad input, 1 for anything else), params printing, help for every subcommand."""
 from __future__ import annotations
 
+import errno
+import os
 import re
 import subprocess
 import sys
@@ -101,8 +103,9 @@ def test_help_states_every_default(stage, capsys):
         cli.main([stage, "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in out and "(default: [])" not in out
-    if stage in cli.STAGES:  # the params' units are in the epilog of every pipeline stage
-        assert "pixels" in out and "fractions in [0, 1]" in out and "advcam params --reference" in out
+    # what the subcommand does, and the params' units in the epilog of every subcommand
+    assert parser.description and " ".join(parser.description.split()) in out, out[:300]
+    assert "pixels" in out and "fractions in [0, 1]" in out and "advcam params --reference" in out
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +166,79 @@ def test_visualize_unknown_image_is_one_line(prepared, tmp_path):
     assert r.returncode == 2 and "no_such_image" in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+# ---- errors that are not the input's fault: still one line, exit 1; --debug shows the traceback --------------------
+UNEXPECTED = [
+    (OSError(errno.ENOSPC, "No space left on device", "cams/img_1.npz"),
+     "OSError: [Errno 28] No space left on device: 'cams/img_1.npz'"),
+    (ValueError("operands could not be broadcast\ntogether with shapes (3,) (4,)"),
+     "ValueError: operands could not be broadcast together with shapes (3,) (4,)"),
+    (KeyError("img_7"), "KeyError: 'img_7'"),
+    (RuntimeError(), "RuntimeError"),
+]
+
+
+def _error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("[advcam ")]  # minus log lines
+
+
+@pytest.mark.parametrize("exc, shown", UNEXPECTED, ids=[type(e).__name__ for e, _ in UNEXPECTED])
+def test_unexpected_error_in_a_stage_is_one_line_exit_1(exc, shown, monkeypatch, tmp_path, capsys):
+    from advcam.steps import prepare
+
+    def boom(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(prepare, "run", boom)
+    assert cli.main(["prepare", "--params-json", "{}", "--out", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert _error_lines(err) == [f"advcam prepare: error: {shown} (unexpected; --debug shows the traceback)"], err
+    assert "Traceback" not in err
+    with pytest.raises(type(exc)):  # --debug: the exception itself, hence Python's traceback
+        cli.main(["prepare", "--params-json", "{}", "--out", str(tmp_path / "d"), "--debug"])
+
+
+def test_unexpected_error_in_a_helper_is_one_line_exit_1(monkeypatch, capsys):
+    from advcam.steps import info
+
+    monkeypatch.setattr(info, "report", lambda *a: [][1])
+    assert cli.main(["info", "--params-json", "{}"]) == 1
+    assert _error_lines(capsys.readouterr().err) == [
+        "advcam info: error: IndexError: list index out of range (unexpected; --debug shows the traceback)"]
+
+
+# `advcam <argv>` as a real process, with advcam.steps.prepare.run replaced by one that raises OSError.
+FAILING = """import errno, sys
+from advcam.steps import prepare
+def run(*args, **kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied", "data/synthetic/labels.json")
+prepare.run = run
+from advcam.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_unexpected_error_in_a_real_process(tmp_path):
+    """What a user sees: one line and exit 1; with --debug, the traceback down to the failing call."""
+    argv = [sys.executable, "-c", FAILING, "prepare", "--params-json", "{}", "--out", str(tmp_path / "d")]
+    plain = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "ADVCAM_PROGRESS": "0"})
+    assert plain.returncode == 1, plain.stderr
+    assert _error_lines(plain.stderr) == [
+        "advcam prepare: error: PermissionError: [Errno 13] Permission denied: 'data/synthetic/labels.json' "
+        "(unexpected; --debug shows the traceback)"], plain.stderr
+    debug = subprocess.run([*argv, "--debug"], capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr, debug.stderr
+    assert "in main" in debug.stderr and 'File "<string>", line 4, in run' in debug.stderr, debug.stderr
+
+
+def test_output_cut_short_by_its_reader_is_quiet():
+    """`advcam params --reference | head -1`: the reader leaves early; no error, no traceback, exit 141 (SIGPIPE)."""
+    read, write = os.pipe()
+    os.close(read)  # no reader at all: the first write fails
+    try:
+        r = subprocess.run([sys.executable, "-m", "advcam.cli", "params", "--params", str(REPO / "params.yaml"),
+                            "--reference"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert r.returncode == 141 and r.stderr == "", r.stderr

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import base64
 import csv
+import fcntl
 import io
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -215,75 +219,262 @@ def test_zip_report_holds_the_files(project):
 
 # ---- a real browser -----------------------------------------------------------------------------------------
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-# --disable-dev-shm-usage: containers often have a 64 MB /dev/shm, too small for a renderer with the report's
-# embedded images.
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--virtual-time-budget=15000"]
-# Injected into a copy of the report: record errors, then click every category and view every image.
-HARNESS_HEAD = """<script>window.__errors=[];
-window.addEventListener('error',e=>__errors.push('error: '+e.message));
-window.addEventListener('unhandledrejection',e=>__errors.push('rejection: '+e.reason));
-(function(){const o=console.error;console.error=function(){__errors.push('console.error: '+
-Array.from(arguments).join(' '));o.apply(console,arguments);};})();</script>"""
-HARNESS_TAIL = """<script>
-const sleep=ms=>new Promise(r=>setTimeout(r,ms));
-const links=()=>Array.from(document.querySelectorAll('#app a'));
-async function open(cat){
-  const back=links().find(x=>x.textContent.trim()==='Results'); if(back){back.click(); await sleep(200);}
-  const a=links().find(x=>x.textContent.trim()===cat); if(!a) return false;
-  a.click(); await sleep(300); return true;
-}
-async function check(){
-  const out={errors:__errors,shown:{},frames:[]};
-  try{
-    await sleep(500);
-    for(const cat of CATEGORIES){
-      if(!await open(cat)){out.errors.push('no menu entry '+cat);continue;}
-      out.shown[cat]=[];
-      const n=document.querySelectorAll('#app table a').length;
-      for(let i=0;i<n;i++){
-        await open(cat);
-        document.querySelectorAll('#app table a')[i].click(); await sleep(300);
-        for(const im of Array.from(document.querySelectorAll('#app img')).filter(m=>m.src.startsWith('data:image/png'))){
-          if(!im.complete) await new Promise(r=>{im.onload=r;im.onerror=r;});
-          out.shown[cat].push([im.naturalWidth,im.naturalHeight]);
-        }
-        for(const f of document.querySelectorAll('#app iframe')) out.frames.push(f.src.slice(0,30));
-      }
+VIEWPORT = (1600, 1000)
+# Headless, without the sandbox (containers run as root) or a GPU. --disable-dev-shm-usage: containers often have
+# a 64 MB /dev/shm, too small for a renderer with the report's embedded images. No network: every host name
+# resolves to nothing (loopback excepted) and Chromium's own background traffic is off, so the page sees what it
+# would see offline.
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--no-default-browser-check", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--disable-extensions", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost",
+                "--remote-debugging-pipe", f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}"]
+LOCAL_URL = ("file:", "data:", "blob:", "about:")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install chromium)")
+
+
+class DevTools:
+    """Headless Chromium driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`: NUL-terminated JSON
+    on fds 3 and 4, so no port and no websocket library). It records what DevTools' console shows, with levels
+    (console calls, uncaught exceptions, the browser's own errors such as failed loads) and every request a page
+    makes. All waits share one deadline; close() kills the browser's process group."""
+
+    def __init__(self, workdir: Path, timeout: float = 90.0):
+        ends = os.pipe() + os.pipe()  # (we -> chromium) read, write; (chromium -> we) read, write
+        # fds >= 10, so that `3<&A 4>&B` cannot overwrite one end with the other (bash: dash takes one digit only)
+        self._in, self._out, self._read, self._write = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in ends)
+        for fd in ends:
+            os.close(fd)
+        self.log = workdir / "chromium.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                ["bash", "-c", f'exec "$0" "$@" 3<&{self._in} 4>&{self._write}', CHROMIUM, *CHROME_FLAGS,
+                 f"--user-data-dir={workdir / 'profile'}", "about:blank"],
+                pass_fds=(self._in, self._write), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)
+        os.close(self._in)
+        os.close(self._write)
+        self.deadline = time.monotonic() + timeout
+        self.events: list[dict] = []
+        self._buffer, self._id, self.session = b"", 0, None
+
+    def close(self) -> None:
+        for fd in (self._out, self._read):
+            os.close(fd)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def _post(self, method: str, session: str | None, params: dict) -> int:
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        os.write(self._out, json.dumps(message).encode() + b"\0")
+        return self._id
+
+    def _next(self) -> dict:
+        while b"\0" not in self._buffer:
+            left = self.deadline - time.monotonic()
+            if left <= 0 or not select.select([self._read], [], [], left)[0]:
+                raise AssertionError(f"chromium: no answer in time\n{self.log.read_text(errors='replace')[-3000:]}")
+            chunk = os.read(self._read, 1 << 20)
+            if not chunk:
+                raise AssertionError(f"chromium exited ({self.proc.poll()})\n"
+                                     f"{self.log.read_text(errors='replace')[-3000:]}")
+            self._buffer += chunk
+        raw, self._buffer = self._buffer.split(b"\0", 1)
+        message = json.loads(raw)
+        if "method" in message:
+            self.events.append(message)
+            if message["method"] == "Target.attachedToTarget":  # a frame or worker in its own process
+                child = message["params"]["sessionId"]
+                for method, params in (("Runtime.enable", {}), ("Log.enable", {}), ("Network.enable", {}),
+                                       ("Target.setAutoAttach", {"autoAttach": True, "flatten": True,
+                                                                 "waitForDebuggerOnStart": True}),
+                                       ("Runtime.runIfWaitingForDebugger", {})):
+                    self._post(method, child, params)
+        return message
+
+    def send(self, method: str, **params) -> dict:
+        session = params.pop("session", self.session)
+        wanted = self._post(method, session, params)
+        while True:
+            message = self._next()
+            if message.get("id") == wanted:
+                if "error" in message:
+                    raise AssertionError(f"{method}: {message['error']}")
+                return message.get("result", {})
+
+    def wait_for(self, event: str) -> dict:
+        seen = len(self.events)
+        while True:
+            for message in self.events[seen:]:
+                if message["method"] == event:
+                    return message["params"]
+            seen = len(self.events)
+            self._next()
+
+    def open(self, url: str, width: int, height: int) -> None:
+        target = self.send("Target.createTarget", url="about:blank", session=None)["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True, session=None)["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            self.send(f"{domain}.enable")
+        self.send("Target.setAutoAttach", autoAttach=True, waitForDebuggerOnStart=True, flatten=True)
+        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        self.send("Page.navigate", url=url)
+        self.wait_for("Page.loadEventFired")
+
+    def evaluate(self, expression: str):
+        result = self.send("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def screenshot(self) -> Image.Image:
+        return Image.open(io.BytesIO(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"])))
+
+    def console(self, *levels: str) -> list[str]:
+        """Console entries at these levels, as DevTools' console would list them."""
+        out = []
+        for event in self.events:
+            method, p = event["method"], event["params"]
+            if method == "Runtime.consoleAPICalled" and ("error" if p["type"] == "assert" else p["type"]) in levels:
+                out.append(f"console.{p['type']}: " + " ".join(str(a.get("value", a.get("description", "")))
+                                                              for a in p["args"]))
+            elif method == "Runtime.exceptionThrown" and "error" in levels:
+                details = p["exceptionDetails"]
+                out.append("uncaught: " + details.get("exception", {}).get("description", details["text"]))
+            elif method == "Log.entryAdded" and p["entry"]["level"] in levels:
+                out.append(f"{p['entry']['source']} {p['entry']['level']}: {p['entry']['text']} "
+                           f"{p['entry'].get('url', '')}".rstrip())
+        return out
+
+    def requests(self) -> list[str]:
+        return [e["params"]["request"]["url"] for e in self.events if e["method"] == "Network.requestWillBeSent"]
+
+
+@pytest.fixture
+def browser(tmp_path):
+    tools = DevTools(tmp_path)
+    yield tools
+    tools.close()
+
+
+# Run in the report as it is (nothing injected): open every category and, for every entry in it, its figure (eye
+# icon) and its details (info icon), as a reader would. For each entry: the images and frames on screen (file name
+# from the data: URI, size in the file, size and place on screen) and the details' text. Ends on the first entry of
+# the last category, shown.
+VISIT = """(async (categories) => {
+  // resolves once the page has not changed for 60 ms (at most 5 s), after the next frame is drawn
+  const settle = () => new Promise(resolve => {
+    let quiet, limit;
+    const done = () => {
+      observer.disconnect(); clearTimeout(quiet); clearTimeout(limit);
+      requestAnimationFrame(() => requestAnimationFrame(resolve));
+    };
+    const observer = new MutationObserver(() => { clearTimeout(quiet); quiet = setTimeout(done, 60); });
+    observer.observe(document.body, {subtree: true, childList: true, attributes: true, characterData: true});
+    quiet = setTimeout(done, 60); limit = setTimeout(done, 5000);
+  });
+  const links = () => Array.from(document.querySelectorAll('#app a'));
+  const file = src => (src.match(/;filename=([^;,]+)/) || [, src.slice(0, 40)])[1];
+  async function open(cat) {
+    const back = links().find(x => x.textContent.trim() === 'Results'); if (back) { back.click(); await settle(); }
+    const a = links().find(x => x.textContent.trim() === cat); if (!a) return false;
+    a.click(); await settle(); return true;
+  }
+  async function click(cat, row, icon) {
+    await open(cat);
+    document.querySelectorAll('#app table tbody tr')[row].querySelector(`a[iconname="${icon}"]`).click();
+    await settle();
+  }
+  async function screen() {
+    const images = [];
+    for (const im of document.querySelectorAll('#app img')) {
+      if (!im.src.startsWith('data:image/png')) continue;
+      if (!im.complete) await new Promise(r => { im.onload = r; im.onerror = r; });
+      await im.decode().catch(() => {});
+      const r = im.getBoundingClientRect(), style = getComputedStyle(im);
+      images.push({file: file(im.src), natural: [im.naturalWidth, im.naturalHeight], box: [r.x, r.y, r.width, r.height],
+                   visible: style.visibility === 'visible' && style.display !== 'none' && +style.opacity > 0});
     }
-  }catch(e){out.errors.push('harness: '+e);}
-  const pre=document.createElement('pre');pre.id='advcam-check';pre.textContent=JSON.stringify(out);
-  document.body.appendChild(pre);
-}
-window.addEventListener('load',()=>check());
-</script>"""
+    const frames = Array.from(document.querySelectorAll('#app iframe')).map(f => {
+      const r = f.getBoundingClientRect(); return {file: file(f.src), box: [r.x, r.y, r.width, r.height]}; });
+    return {images, frames};
+  }
+  const out = {missing: [], entries: {}};
+  for (const cat of categories) {
+    if (!await open(cat)) { out.missing.push(cat); continue; }
+    const rows = Array.from(document.querySelectorAll('#app table tbody tr')).map(r => r.textContent.trim());
+    out.entries[cat] = [];
+    for (let i = 0; i < rows.length; i++) {
+      await click(cat, i, 'eye');
+      const shown = await screen();
+      await click(cat, i, 'information-circle');
+      out.entries[cat].push({title: rows[i], ...shown, details: document.querySelector('#app').innerText});
+    }
+  }
+  await click(categories[categories.length - 1], 0, 'eye');
+  out.last = await screen();
+  out.viewport = [innerWidth, innerHeight];
+  return out;
+})"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install chromium)")
-def test_report_loads_in_chromium_and_shows_the_gallery(project, tmp_path):
-    run = lambda page: subprocess.run([CHROMIUM, *CHROME_FLAGS, "--enable-logging=stderr", "--v=0", "--dump-dom",
-                                       page.as_uri()], capture_output=True, text=True, timeout=120)
-    plain = run(project / "report.html")
-    console = [line for line in plain.stderr.splitlines() if ":CONSOLE" in line]
-    assert not [c for c in console if re.search(r"Uncaught|Error|Failed", c)], console
-    assert "4. Gallery" in plain.stdout
-    text = (project / "report.html").read_text()
-    head = text.index("<head>") + len("<head>")
-    tail = text.rindex("</body>")
-    harness = tmp_path / "harness.html"
-    script = HARNESS_TAIL.replace("CATEGORIES", json.dumps(sorted(CATEGORIES)))
-    harness.write_text(text[:head] + HARNESS_HEAD + text[head:tail] + script + text[tail:])
-    dom = run(harness).stdout
-    found = re.search(r'<pre id="advcam-check">(.*?)</pre>', dom, re.S)
-    assert found, dom[-2000:]
-    out = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    assert out["errors"] == [], out
-    gallery = Image.open(project / "figures/gallery.png").size
-    assert list(gallery) in out["shown"]["4. Gallery"], out
-    assert any(f.startswith("data:text/html") for f in out["frames"]), out  # the method table
-    for path, size in SIZES.items():
-        cat = next(c for c, paths in CATEGORIES.items() if path in paths)
-        assert list(size) in out["shown"][cat], (path, out)
+@needs_chromium
+def test_the_browser_check_sees_console_errors_and_outside_requests(browser, tmp_path):
+    """The checker below is not blind: a page with each kind of problem shows each one."""
+    page = tmp_path / "bad.html"
+    page.write_text("<html><head><script>console.warn('just a warning'); console.error('an error');</script></head>"
+                    "<body><img src='missing.png'><img src='http://example.com/x.png'>"
+                    "<script>setTimeout(() => { throw new TypeError('boom') }, 0)</script></body></html>")
+    browser.open(page.as_uri(), 800, 600)
+    browser.evaluate("new Promise(r => setTimeout(r, 300))")
+    errors = "\n".join(browser.console("error"))
+    assert "console.error: an error" in errors and "TypeError: boom" in errors, errors
+    assert "missing.png" in errors and "example.com" in errors, errors  # failed loads, as DevTools lists them
+    assert browser.console("warning") == ["console.warning: just a warning"]
+    assert [u for u in browser.requests() if not u.startswith(LOCAL_URL)] == ["http://example.com/x.png"]
+
+
+@needs_chromium
+def test_report_loads_in_chromium_and_shows_the_gallery(project, browser, tmp_path):
+    """The report as a reader sees it in Chromium: no console errors while it loads and while every category and
+    figure is opened, nothing requested from outside the file, and every figure drawn whole at its own size (the
+    gallery checked pixel by pixel on a screenshot)."""
+    browser.open((project / "report.html").as_uri(), *VIEWPORT)
+    out = browser.evaluate(f"{VISIT}({json.dumps(sorted(CATEGORIES))})")
+    errors = browser.console("error")
+    assert errors == [], errors
+    assert [u for u in browser.requests() if not u.startswith(LOCAL_URL)] == []
+    assert out["missing"] == [] and out["viewport"] == list(VIEWPORT), out
+    results, _ = embedded(project)
+    sizes = {**SIZES, "figures/gallery.png": Image.open(project / "figures/gallery.png").size}
+    for cat, paths in CATEGORIES.items():
+        entries = out["entries"][cat]
+        assert sorted(e["title"] for e in entries) == sorted(results[p]["labels"]["figure"] for p in paths), entries
+        for path in paths:
+            (entry,) = [e for e in entries if e["title"] == results[path]["labels"]["figure"]]
+            caption = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", results[path]["caption"])).strip()
+            assert caption[:60] in re.sub(r"\s+", " ", entry["details"]), (path, entry["details"][:500])
+            if path.endswith(".html"):  # the method table, in a frame
+                assert [f["file"] for f in entry["frames"]] == [Path(path).name], entry
+                assert min(entry["frames"][0]["box"][2:]) > 100, entry
+                continue
+            # the figure alone, whole, at its own size pixel for pixel, visible without scrolling
+            (image,) = entry["images"]
+            (x, y, w, h), size = image["box"], list(sizes[path])
+            assert image["file"] == Path(path).name and image["visible"], (path, image)
+            assert image["natural"] == size and abs(w - size[0]) < 1 and abs(h - size[1]) < 1, (path, image)
+            assert 0 <= x and x + w <= VIEWPORT[0] and 0 <= y and y + h <= VIEWPORT[1], (path, image)
+    # What a reader sees last is the gallery: the screen shows the file's pixels.
+    shot = browser.screenshot().convert("RGB")
+    shot.save(tmp_path / "report.png")
+    (image,) = out["last"]["images"]
+    assert image["file"] == "gallery.png", out["last"]
+    x, y, w, h = (round(v) for v in image["box"])
+    shown = np.asarray(shot.crop((x, y, x + w, y + h)), dtype=float)
+    expected = np.asarray(Image.open(project / "figures/gallery.png").convert("RGB"), dtype=float)
+    assert shown.shape == expected.shape and np.abs(shown - expected).mean() < 2, np.abs(shown - expected).mean()
 
 
 def test_dvclive_mirror_is_rewritten_whole_and_can_be_switched_off(tmp_path, monkeypatch):
