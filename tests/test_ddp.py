@@ -89,3 +89,62 @@ def test_two_gloo_processes_follow_the_single_process_curve(tmp_path):
             rel = float((b["model"][key] - value).norm() / value.norm())
             assert rel < 1e-4, f"{key}: weights differ by {rel:.2e} (relative)"
     assert not list((tmp_path / "two").glob(".tmp-*")) and not (tmp_path / "two/c.pt.resume.pt").exists()
+
+
+def write_pseudo_labels(data: Path, out: Path) -> None:
+    """Pseudo labels = the ground truth with a random share (0-90 %) of each image set to 255 (not confident),
+    so the processes' slices hold very different numbers of labelled pixels."""
+    from PIL import Image
+
+    from advcam.data import load_info
+
+    info = load_info(data)
+    rng = np.random.default_rng(0)
+    out.mkdir()
+    for image_id in info.lists["infer"]:
+        mask = info.read_mask(image_id).copy()
+        mask[rng.random(mask.shape) < rng.uniform(0.0, 0.9)] = 255
+        Image.fromarray(mask.astype(np.uint8)).save(out / f"{image_id}.png")
+
+
+# 16 infer images, global batch 8 (4 per process), 3 epochs = 6 steps; deeplab_small's BatchNorm trains. Before
+# the fix of the per-pixel normalisation (each process dividing by its own pixel count) the curves differed by up
+# to 9 % (at lr 0.01); now by ~1e-7. lr 0.001: the loss first falls (at 0.01 the noisy labels make it climb).
+SEG_PARAMS = [*TINY, "synthetic.num_train=16", "segmentation.epochs=3", "segmentation.lr=0.001"]
+
+
+def set_args(params: list[str]) -> list[str]:
+    return ["--params-json", json.dumps({})] + [a for p in params for a in ("--set", p)]
+
+
+@pytest.fixture(scope="module")
+def seg_work(tmp_path_factory) -> Path:
+    """A prepared dataset (`data/`) and its pseudo labels (`pseudo/`)."""
+    work = tmp_path_factory.mktemp("seg")
+    run("advcam", "prepare", *set_args(SEG_PARAMS), "--out", "data", cwd=work)
+    write_pseudo_labels(work / "data", work / "pseudo")
+    return work
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=ENV["PATH"]) is None, reason="torchrun not found")
+@pytest.mark.parametrize("balanced", [False, True], ids=["mean", "balanced"])
+def test_segmentation_two_gloo_processes_follow_the_single_process_curve(seg_work, balanced):
+    """The segmenter's loss is a mean over labelled pixels (class-weighted with balanced_ce): under DDP the
+    processes' pixel sums are divided by the count over all processes, so 2 processes give 1 process's curve."""
+    args = set_args([*SEG_PARAMS, f"segmentation.balanced_ce={str(balanced).lower()}"])
+    common = ["train-seg", *args, "--data", "data", "--pseudo", "pseudo"]
+    one_dir, two_dir = seg_work / f"one-{balanced}", seg_work / f"two-{balanced}"
+    run("advcam", *common, "--out", f"{one_dir}/s.pt", "--curves", f"{one_dir}/s.csv", cwd=seg_work)
+    run("torchrun", "--standalone", "--nproc-per-node", "2", "-m", "advcam.cli", *common, "--out",
+        f"{two_dir}/s.pt", "--curves", f"{two_dir}/s.csv", cwd=seg_work)
+    one, two = curve(one_dir / "s.csv"), curve(two_dir / "s.csv")
+    assert one.shape == two.shape == (6, 3)
+    np.testing.assert_array_equal(one[:, [0, 2]], two[:, [0, 2]])  # the same steps and learning rates
+    np.testing.assert_allclose(two[:, 1], one[:, 1], rtol=1e-5, atol=2e-6)
+    assert not np.allclose(one[1:, 1], one[1, 1]), "the loss moves: the check is not vacuous"
+    (_, a), (_, b) = load_checkpoint(one_dir / "s.pt"), load_checkpoint(two_dir / "s.pt")
+    for key, value in a["model"].items():
+        if value.is_floating_point() and value.norm() > 0:
+            rel = float((b["model"][key] - value).norm() / value.norm())
+            assert rel < 1e-4, f"{key}: weights differ by {rel:.2e} (relative)"
+    assert not list(two_dir.glob(".tmp-*")) and not (two_dir / "s.pt.resume.pt").exists()

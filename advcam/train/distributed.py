@@ -1,8 +1,10 @@
 """Data-parallel training under ``torchrun``: process group, global-batch slices, DDP, global BatchNorm.
 
 Used by :func:`advcam.train.loop.fit` (see its module docstring for the contract): every process draws the
-same global batches and trains on its contiguous slice of each; the loss of each process is weighted by its
-share of the global batch, so DDP's gradient average is the gradient of the global batch's mean loss.
+same global batches and trains on its contiguous slice of each. A loss that is a mean over images is weighted
+by the process's share of the global batch; a loss that is a sum over elements divided by their count (a
+:class:`SumOverCount`, e.g. a mean over the labelled pixels) is divided by the count over all processes. Either
+way DDP's gradient average is the gradient of the global batch's loss, and the curve is that loss.
 """
 from __future__ import annotations
 
@@ -77,15 +79,36 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return y
 
 
+class SumOverCount:
+    """A loss ``sum / max(count, min_count)`` over the elements of a batch (pixels, say), where the number of
+    elements differs between images (ignored pixels): :meth:`parts` gives ``(sum, count)``, a call the loss.
+
+    Under DDP, :func:`global_loss` divides each process's sum by the count over **all** processes, so N
+    processes train on one process's loss (sum of the per-element losses over all processes / total count), not
+    on the mean of the processes' means. ``count`` may be a total weight (a class-weighted mean)."""
+
+    min_count: float = 1.0
+
+    def parts(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        total, count = self.parts(model, batch)
+        return total / count.to(total.dtype).clamp(min=self.min_count)
+
+
 class LossStep(nn.Module):
-    """``forward(batch) = loss_fn(model, batch)``: what DDP wraps, so any loss function (one that calls
-    ``model.features`` or ``model.seam_forward`` as well as ``model(x)``) runs inside DDP's forward."""
+    """``forward(batch) = loss_fn(model, batch)`` (``loss_fn.parts(model, batch)`` for a :class:`SumOverCount`):
+    what DDP wraps, so any loss function (one that calls ``model.features`` or ``model.seam_forward`` as well as
+    ``model(x)``) runs inside DDP's forward."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
 
-    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+    def forward(self, batch: Mapping[str, Any]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.loss_fn, SumOverCount):
+            return self.loss_fn.parts(self.model, batch)
         return self.loss_fn(self.model, batch)
 
 
@@ -125,9 +148,19 @@ def _batch_len(batch: Any) -> int:
 
 
 def global_loss(step: nn.Module, batch: Mapping[str, Any], size: int) -> tuple[torch.Tensor, float]:
-    """This process's loss, weighted by its share of the global batch (so that DDP's gradient average is the
-    gradient of the global batch's mean loss), and that global mean loss (for the curve)."""
+    """This process's share of the global batch's loss, scaled so that DDP's gradient average is the gradient of
+    the global batch's loss, and that global loss (for the curve).
+
+    A mean over images is weighted by the process's share of the images; a :class:`SumOverCount` loss is this
+    process's sum times the number of processes over the count of all processes."""
     loss = step(batch)
+    if isinstance(loss, tuple):
+        total, count = loss
+        stats = torch.stack([total.detach(), count.detach().to(total.dtype)])
+        dist.all_reduce(stats)
+        loss_fn = step.module.loss_fn if isinstance(step, DistributedDataParallel) else step.loss_fn
+        norm = stats[1].clamp(min=loss_fn.min_count)
+        return total * (size / norm), float(stats[0] / norm)
     n = float(_batch_len(batch))
     stats = torch.stack([loss.detach() * n, torch.tensor(n, dtype=loss.dtype, device=loss.device)])
     dist.all_reduce(stats)

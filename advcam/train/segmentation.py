@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from advcam.data import DatasetInfo
 from advcam.models.deeplab import DeepLab
 from advcam.train import loop
+from advcam.train.distributed import SumOverCount
 from advcam.utils.errors import AdvcamError
 from advcam.utils.progress import progress
 
@@ -160,23 +161,36 @@ def class_weights(label_fn: Callable[[str], np.ndarray], ids: Sequence[str], num
     return weights.astype(np.float32)
 
 
+class SegmentationLoss(SumOverCount):
+    """Cross-entropy over the labelled pixels (0 when a batch has none), as ``(sum, count)`` parts.
+
+    Unweighted: the mean over labelled pixels (``count`` = labelled pixels). With class ``weight``:
+    ``sum_i w_{y_i} l_i / sum_i w_{y_i}`` (PyTorch's weighted mean, ``count`` = the labelled pixels' total
+    weight), so the loss stays on the same scale. Under torchrun both sums run over all processes
+    (:class:`~advcam.train.distributed.SumOverCount`), so N processes train on one process's loss.
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None) -> None:
+        self.weight = weight
+        self.min_count = 1.0 if weight is None else 1e-12
+
+    def parts(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(model.parameters()).device
+        logits = model(batch["image"].to(device))
+        mask = batch["mask"].to(device).long()
+        labelled = mask != IGNORE
+        if self.weight is None:
+            total = F.cross_entropy(logits, mask, ignore_index=IGNORE, reduction="sum")
+            return total, labelled.sum().to(total.dtype)
+        weight = self.weight.to(device=device, dtype=logits.dtype)
+        total = F.cross_entropy(logits, mask, weight=weight, ignore_index=IGNORE, reduction="sum")
+        return total, weight[mask[labelled]].sum()
+
+
 def segmentation_loss(model: torch.nn.Module, batch: Mapping[str, Any],
                       weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy over the labelled pixels (0 when a batch has none).
-
-    Unweighted: the mean over labelled pixels. With class ``weight``: ``sum_i w_{y_i} l_i / sum_i w_{y_i}``
-    (PyTorch's weighted mean), so the loss stays on the same scale.
-    """
-    device = next(model.parameters()).device
-    logits = model(batch["image"].to(device))
-    mask = batch["mask"].to(device).long()
-    labelled = mask != IGNORE
-    if weight is None:
-        total = F.cross_entropy(logits, mask, ignore_index=IGNORE, reduction="sum")
-        return total / labelled.sum().clamp(min=1)
-    weight = weight.to(device=device, dtype=logits.dtype)
-    total = F.cross_entropy(logits, mask, weight=weight, ignore_index=IGNORE, reduction="sum")
-    return total / weight[mask[labelled]].sum().clamp(min=1e-12)
+    """The loss of :class:`SegmentationLoss` for one batch."""
+    return SegmentationLoss(weight)(model, batch)
 
 
 def make_deeplab_sgd(model: DeepLab, lr: float, weight_decay: float, momentum: float) -> torch.optim.SGD:
@@ -197,10 +211,6 @@ def train_segmenter(model: DeepLab, dataset: Dataset, *, epochs: int, batch_size
     """
     optimizer = make_deeplab_sgd(model, lr, weight_decay, momentum)
     weight = None if class_weight is None else torch.as_tensor(np.asarray(class_weight, np.float32))
-
-    def loss_fn(m: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-        return segmentation_loss(m, batch, weight)
-
     return loop.fit(model, optimizer, lambda e: loop.epoch_loader(dataset, batch_size, seed, e, workers),
-                    loss_fn, epochs=epochs, base_lr=lr, resume=resume, curves=curves,
+                    SegmentationLoss(weight), epochs=epochs, base_lr=lr, resume=resume, curves=curves,
                     fingerprint=fingerprint, desc="train-seg")
