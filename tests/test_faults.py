@@ -9,6 +9,11 @@ exact and meaningful. ``k`` and before/after are drawn at random for each run; a
 seed (``ADVCAM_FAULT_SEED=<seed>`` replays it). References are uninterrupted runs of the same stages (in this
 process) with the same params and seed; the same inputs feed both, so every output must be byte-identical
 (training: same checkpoint tensors and curve CSV).
+
+The workflow tests run ``snakemake`` itself on a tiny project, with that wrapper as the ``advcam`` on its PATH,
+SIGKILL Snakemake's whole process group at the pause (Snakemake, the shell, ``tee`` and ``advcam`` die at once),
+and run ``snakemake`` again: Snakemake deletes the killed job's outputs, but the per-image work lives in the work
+folder (``.advcam-work/``, :mod:`advcam.steps.shards`) and must not be redone.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,10 +32,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import yaml
+
 from advcam import cli, config
 from advcam.utils.checkpoint import load_checkpoint
 from advcam.utils.io import TMP_PREFIX
-from conftest import TINY
+from conftest import REPO, TINY
 
 SEED = int(os.environ.get("ADVCAM_FAULT_SEED", random.SystemRandom().randrange(10**6)))
 EPOCHS = 3
@@ -39,25 +47,36 @@ OVERRIDES = [*TINY, "synthetic.num_train_aug=16", "synthetic.num_train=6", "synt
 ENV = {**os.environ, "ADVCAM_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 # Runs ``advcam.cli.main(argv)``, pausing at the FAULT_COUNT-th rename onto a name matching FAULT_PATTERN
-# (FAULT_WHEN = before | after the rename); it then creates FAULT_READY and sleeps until it is killed.
+# (FAULT_WHEN = before | after the rename, or during: at the next training step after it); it then creates
+# FAULT_READY and sleeps until it is killed (or interrupted). Without FAULT_PATTERN it is plain ``advcam``.
 WRAPPER = r"""
 import fnmatch, os, sys, time
-pattern, count, when, ready = (os.environ["FAULT_PATTERN"], int(os.environ["FAULT_COUNT"]),
-                               os.environ["FAULT_WHEN"], os.environ["FAULT_READY"])
-real_replace, seen = os.replace, [0]
-def pause():
-    open(ready, "w").close()
-    time.sleep(300)
-def replace(src, dst, *args, **kwargs):
-    hit = fnmatch.fnmatch(os.path.basename(os.fspath(dst)), pattern)
-    if hit and when == "before" and seen[0] + 1 == count:
-        pause()
-    real_replace(src, dst, *args, **kwargs)
-    if hit:
-        seen[0] += 1
-        if when == "after" and seen[0] == count:
+if os.environ.get("FAULT_PATTERN"):
+    pattern, count, when, ready = (os.environ["FAULT_PATTERN"], int(os.environ["FAULT_COUNT"]),
+                                   os.environ["FAULT_WHEN"], os.environ["FAULT_READY"])
+    real_replace, seen, armed = os.replace, [0], [False]
+    def pause():
+        open(ready, "w").close()
+        time.sleep(300)
+    def replace(src, dst, *args, **kwargs):
+        hit = fnmatch.fnmatch(os.path.basename(os.fspath(dst)), pattern)
+        if hit and when == "before" and seen[0] + 1 == count:
             pause()
-os.replace = replace
+        real_replace(src, dst, *args, **kwargs)
+        if hit:
+            seen[0] += 1
+            if when == "after" and seen[0] == count:
+                pause()
+            armed[0] = when == "during" and seen[0] >= count
+    os.replace = replace
+    if when == "during":
+        from advcam.train import loop
+        real_lr = loop.set_poly_lr
+        def set_poly_lr(*args, **kwargs):
+            if armed[0]:
+                pause()
+            return real_lr(*args, **kwargs)
+        loop.set_poly_lr = set_poly_lr
 from advcam.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -76,22 +95,39 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def kill_at(args: list[str], pattern: str, count: int, when: str, work: Path) -> None:
-    """Start ``advcam <args>``, let it run to the kill point, SIGKILL it."""
+def fault_env(pattern: str, count: int, when: str, work: Path) -> tuple[dict, Path]:
     ready = work / f"ready-{pattern.strip('*.')}-{count}-{when}"
-    env = {**ENV, "FAULT_PATTERN": pattern, "FAULT_COUNT": str(count), "FAULT_WHEN": when, "FAULT_READY": str(ready)}
-    with open(work / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", WRAPPER, *args], env=env, stdout=log, stderr=log)
+    return {**ENV, "FAULT_PATTERN": pattern, "FAULT_COUNT": str(count), "FAULT_WHEN": when,
+            "FAULT_READY": str(ready)}, ready
+
+
+def stop_at(cmd: list[str], env: dict, ready: Path, log_path: Path, sig: int, what: str, cwd: Path | None = None,
+            group: bool = False) -> int:
+    """Start ``cmd``, wait until the wrapper pauses at the fault point (``ready`` exists), send ``sig`` (to the
+    whole process group with ``group``); return the exit status."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=cwd, start_new_session=group)
         deadline = time.monotonic() + 240
         while not ready.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL) if group and proc.poll() is None else proc.kill()
                 proc.wait()
-                pytest.fail(f"never reached the kill point ({when} #{count} {pattern}); exit {proc.returncode}:\n"
-                            + (work / "killed.log").read_text()[-3000:])
+                pytest.fail(f"never reached the fault point ({what}); exit {proc.returncode}:\n"
+                            + log_path.read_text()[-3000:])
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        return proc.wait(timeout=60)
+
+
+def kill_at(args: list[str], pattern: str, count: int, when: str, work: Path) -> None:
+    """Start ``advcam <args>``, let it run to the kill point, SIGKILL it."""
+    env, ready = fault_env(pattern, count, when, work)
+    code = stop_at([sys.executable, "-c", WRAPPER, *args], env, ready, work / "killed.log", signal.SIGKILL,
+                   f"{when} #{count} {pattern}")
+    assert code == -signal.SIGKILL
 
 
 def temps(folder: Path) -> list[str]:
@@ -284,3 +320,135 @@ def test_same_seed_same_bytes_in_another_process(ref, tmp_path):
     same_bytes(tmp_path / "cams", r / "cams", ".npz")
     for name in ("cls.csv", "seeds.json", "seeds.csv"):
         assert (tmp_path / name).read_bytes() == (r / name).read_bytes(), name
+
+
+def test_sigint_stops_training_cleanly_and_it_resumes(ref, tmp_path):
+    """Ctrl-C in the middle of an epoch of train-cls (k finished epochs, k random): exit 130, one clean line, no
+    traceback; the resume file of epoch k is kept and the rerun ends with the uninterrupted run's weights."""
+    r = ref["ref"]
+    k = random.Random(f"{SEED}-sigint").randint(1, EPOCHS - 1)
+    where = f"[SIGINT in epoch {k + 1} of train-cls; replay with ADVCAM_FAULT_SEED={SEED}]"
+    out = tmp_path / "model.pt"
+    args = stage_args("train-cls", ref["js"], data=ref["data"], out=out, curves=tmp_path / "curves.csv")
+    env, ready = fault_env("model.pt.resume.pt", k, "during", tmp_path)
+    code = stop_at([sys.executable, "-c", WRAPPER, *args], env, ready, tmp_path / "int.log", signal.SIGINT, where)
+    err = (tmp_path / "int.log").read_text()
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("[advcam ")]
+    assert code == 130, f"{where}\n{err[-2000:]}"
+    assert "Traceback" not in err and lines == [
+        "advcam train-cls: interrupted; finished work is kept, run again to resume"], f"{where}\n{err[-2000:]}"
+    resume = tmp_path / "model.pt.resume.pt"
+    assert load_checkpoint(resume)[1]["epoch"] == k and not out.exists() and temps(tmp_path) == [], where
+
+    again = run_cli(args)
+    assert again.returncode == 0, f"{where}\n{again.stderr[-3000:]}"
+    assert f"after epoch {k}" in again.stderr, where
+    trained = [int(e) for e in re.findall(rf"epoch (\d+)/{EPOCHS}: mean loss", again.stderr)]
+    assert trained == list(range(k + 1, EPOCHS + 1)), where
+    same_checkpoint(out, r / "classifier.pt")
+    assert (tmp_path / "curves.csv").read_bytes() == (r / "cls.csv").read_bytes(), where
+    assert not resume.exists()
+
+
+@pytest.mark.parametrize("stage", ["train-cls", "train-seg"])
+def test_full_disk_stops_training_before_the_first_epoch(ref, tmp_path, stage, monkeypatch, capsys):
+    """The checkpoints' space is checked before epoch 1 (not at the first checkpoint, an epoch later)."""
+    from collections import namedtuple
+
+    import advcam.utils.io as io
+    from advcam.train import loop
+
+    steps = []
+    real_lr = loop.set_poly_lr
+    monkeypatch.setattr(loop, "set_poly_lr", lambda *a, **k: steps.append(1) or real_lr(*a, **k))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))
+    inputs = {"data": ref["data"]} if stage == "train-cls" else {"data": ref["data"], "pseudo": ref["ref"] / "pseudo"}
+    out = tmp_path / "model.pt"
+    assert cli.main(stage_args(stage, ref["js"], **inputs, out=out, curves=tmp_path / "c.csv")) == 2
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith(f"advcam {stage}: error:")]
+    assert line and "not enough free disk space" in line[0] and "model.pt" in line[0], err
+    assert "only 1.0 MiB free" in line[0] and "needs about" in line[0], line
+    assert steps == [], "a training step ran before the disk check"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --- the workflow: Snakemake killed while cams / refine run, then run again ------------------------------------------
+WF_OVERRIDES = [*TINY, "cam.advcam.steps=2", "cam.advcam.backend=fallback", "workflow.shards=2"]
+WF_TARGETS = {"cams": ["cams", "metrics/seeds.json", "plots/seeds_threshold.csv"],
+              "refine": ["pseudo", "metrics/pseudo.json"]}
+WF_WORK = {"cams": (".advcam-work/cams", ".npz"), "refine": (".advcam-work/refine-crf", ".png")}
+WF_ENV = {**ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def snakemake(root: Path, *args: str, env: dict | None = None) -> str:
+    r = subprocess.run(["snakemake", "--cores", "1", *args], cwd=root, env=env or WF_ENV, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, f"snakemake {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
+    return r.stdout + r.stderr
+
+
+def tree(root: Path, targets: list[str]) -> dict[str, bytes]:
+    """Bytes of every file of the targets (Snakemake's own .snakemake_timestamp left out)."""
+    files = {}
+    for t in targets:
+        for p in ([root / t] if (root / t).is_file() else sorted((root / t).rglob("*"))):
+            if p.is_file() and p.name != ".snakemake_timestamp":
+                files[str(p.relative_to(root))] = p.read_bytes()
+    return files
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny Snakemake project run once to the pseudo labels (the reference), with a faulting ``advcam``."""
+    if shutil.which("snakemake", path=WF_ENV["PATH"]) is None:
+        pytest.skip("snakemake is not installed (pip install -e .[test])")
+    root = tmp_path_factory.mktemp("wfproj")
+    shutil.copytree(REPO / "workflow", root / "workflow")
+    (root / "params.yaml").write_text(yaml.safe_dump(config.load(None, WF_OVERRIDES).to_dict(), sort_keys=False))
+    snakemake(root, "--", *WF_TARGETS["refine"])
+    fake = root.parent / f"{root.name}-bin"
+    fake.mkdir()
+    (fake / "advcam").write_text(f"#!{sys.executable}\n{WRAPPER}")
+    (fake / "advcam").chmod(0o755)
+    ref = {stage: tree(root, targets) for stage, targets in WF_TARGETS.items()}
+    n = len((root / "data/synthetic/lists/infer.txt").read_text().split())
+    return {"root": root, "ref": ref, "n": n, "fake_path": f"{fake}{os.pathsep}{WF_ENV['PATH']}"}
+
+
+@pytest.mark.parametrize("stage", ["cams", "refine"])
+def test_workflow_killed_midway_resumes_without_redoing_images(project, tmp_path, stage):
+    """SIGKILL of Snakemake's process group while a cams_shard / refine_shard job is at its k-th image file (k random,
+    before or after the rename); `snakemake --rerun-incomplete --nolock` (what dvc.yaml runs) then ends with the
+    bytes of the uninterrupted run, and the image files finished before the kill are the same files (inode, mtime)."""
+    root, targets, n = project["root"], WF_TARGETS[stage], project["n"]
+    work_dir, suffix = WF_WORK[stage]
+    for t in targets:  # start the stage afresh: no outputs, no work
+        shutil.rmtree(root / t) if (root / t).is_dir() else (root / t).unlink()
+    assert not (root / work_dir).exists()
+    rng = random.Random(f"{SEED}-workflow-{stage}")
+    when = rng.choice(["before", "after"])
+    k = rng.randint(2 if when == "before" else 1, n // 2 - 1)  # two shards of n // 2 or more images: one is midway
+    where = f"[kill snakemake {when} {stage} file #{k}; replay with ADVCAM_FAULT_SEED={SEED}]"
+    env, ready = fault_env(f"*{suffix}", k, when, tmp_path)
+    env["PATH"] = project["fake_path"]
+    code = stop_at(["snakemake", "--cores", "1", "--nolock", "--", *targets], env, ready, tmp_path / "snakemake.log",
+                   signal.SIGKILL, where, cwd=root, group=True)
+    assert code == -signal.SIGKILL, where
+    (work,) = list((root / work_dir).iterdir())  # one folder: this record's
+    finished = stamps(work, suffix)
+    assert len(finished) >= (k if when == "after" else k - 1) and len(finished) < n, where
+    assert bool(temps(work)) == (when == "before"), where
+
+    log = snakemake(root, "--rerun-incomplete", "--nolock", "--", *targets)
+    assert f"rule {stage}_shard:" in log, where
+    # the final outputs are hard links to the work files: a file finished before the kill is the very same file
+    final = stamps(root / targets[0], suffix)
+    assert len(final) == n and {name: final[name] for name in finished} == finished, \
+        f"finished per-image work was redone {where}"
+    assert not (root / work_dir).exists(), "the work folder goes once the stage's outputs are written"
+    got = tree(root, targets)
+    assert sorted(got) == sorted(project["ref"][stage]), where
+    assert [f for f in got if got[f] != project["ref"][stage][f]] == [], f"outputs differ {where}"
+    assert "Nothing to be done" in snakemake(root, "-n", "--", *targets), where

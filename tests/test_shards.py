@@ -93,6 +93,7 @@ def runs(tmp_path_factory) -> dict[int, Path]:
         for out in OUTPUTS:
             path = root / out
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        shutil.rmtree(root / ".advcam-work", ignore_errors=True)  # each N computes every image itself
         r = snakemake(root, "--config", f"workflow={{shards: {n}}}", "--", *TARGETS)
         log = r.stdout + r.stderr
         assert log.count("rule cams_shard:") == n and log.count("rule refine_shard:") == n, log[-3000:]
@@ -134,6 +135,38 @@ def test_sharded_outputs_are_byte_identical_to_one_shard(runs, n):
 def test_workflow_is_up_to_date_after_sharded_run(runs):
     r = snakemake(runs[0], "-n", "--config", "workflow={shards: 3}", "--", *TARGETS)
     assert "Nothing to be done" in r.stdout + r.stderr, r.stdout
+
+
+@no_snakemake
+def test_work_folder_is_ignored_by_git_and_gone_after_the_run(runs):
+    """The per-image work (.advcam-work/<stage>/<key>/, ADVCAM_WORK_DIR) is removed once the gather wrote the outputs,
+    which hold the same files (hard links); its root tells git to ignore it."""
+    work = runs[0] / ".advcam-work"
+    assert (work / ".gitignore").read_text().splitlines()[-1] == "*"
+    assert sorted(p.name for p in work.iterdir()) == [".gitignore"]
+
+
+@no_snakemake
+def test_randomwalk_through_work_folders_equals_a_plain_run(runs, tmp_path, monkeypatch):
+    """refine.method randomwalk as the workflow runs it (two CRF shards and the gather, with ADVCAM_WORK_DIR): the
+    same files as one plain run without a work folder, and the work folders are gone at the end."""
+    from advcam.steps import refine
+
+    root = runs[0]
+    cfg = config.load(None, [*OVERRIDES, "refine.method=randomwalk", "refine.randomwalk.epochs=1",
+                             "refine.randomwalk.batch_size=4", "refine.randomwalk.crop_size=32"])
+    data, cams = root / "data/synthetic", runs[1] / "cams"
+    refine.run(cfg, data, cams, tmp_path / "plain", tmp_path / "plain.json")
+    monkeypatch.setenv(shards.WORK_ENV, str(tmp_path / "work"))
+    for k in (1, 2):
+        refine.run(cfg, data, cams, tmp_path / f"shard{k}", tmp_path / "unused.json", shard=(k, 2))
+    assert len(list((tmp_path / "work/refine-crf").iterdir())) == 1  # both shards in one folder (one record)
+    refine.run(cfg, data, cams, tmp_path / "pseudo", tmp_path / "pseudo.json",
+               gather=[tmp_path / "shard1", tmp_path / "shard2"])
+    assert _same_tree(tmp_path / "plain", tmp_path / "pseudo") == []
+    assert (tmp_path / "plain" / ".affinity.pt").is_file() and (tmp_path / "pseudo" / ".crf").is_dir()
+    assert filecmp.cmp(tmp_path / "plain.json", tmp_path / "pseudo.json", shallow=False)
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [".gitignore"]
 
 
 @no_snakemake

@@ -91,7 +91,7 @@ def test_dvc_stages_match_snakemake_dag():
     for rule in stages:
         job, st = jobs[rule], stages[rule]
         group = SCATTER.get(rule, []) + [rule]
-        assert st["cmd"] == (f"snakemake --cores all --allowed-rules {' '.join(group)} -- "
+        assert st["cmd"] == (f"snakemake --cores all --rerun-incomplete --nolock --allowed-rules {' '.join(group)} -- "
                              f"{' '.join(job['output'])}"), rule
         inner = {o for r in group for o in jobs[r]["output"]}
         inputs = {i for r in group for i in jobs[r]["input"]} - inner

@@ -4,9 +4,13 @@ Resumable: stale temporary files are removed first, and an image whose CAM file 
 its image size is not recomputed (a truncated or corrupt file is). The folder records what made its files
 (``.advcam-params.json``: the ``cam`` params, the size and time of the classifier and of ``labels.json``); when that changes,
 the old files of the list are removed and everything is recomputed, so a resumed run never mixes the
-results of two settings. Seeds are the argmax over a constant
-background plane (each threshold of ``cam.thresholds``) and the ``high_res`` maps, compared with the
-ground-truth masks of the infer list (images without a mask are left out of the score).
+results of two settings. With ``ADVCAM_WORK_DIR`` set (the workflow's rules set it), the CAM files are computed
+in a work folder keyed by that record and linked into the output folder, so that a rerun of a killed job keeps
+them although Snakemake and DVC delete the output folder first (:mod:`advcam.steps.shards`).
+
+Seeds are the argmax over a constant background plane (each threshold of ``cam.thresholds``) and the
+``high_res`` maps, compared with the ground-truth masks of the infer list (images without a mask are left out of
+the score).
 
 Scale-out (:mod:`advcam.steps.shards`): ``shard=(I, N)`` computes only shard ``I`` of ``N`` of the list into
 ``out`` (no scoring); ``gather=[folders]`` links the shards' files into ``out`` and scores the seeds over the
@@ -152,10 +156,13 @@ def cam_nbytes(size: tuple[int, int], n: int) -> int:
     return 4 * n * (h * w + ((h + 3) // 4) * ((w + 3) // 4)) + 8 * n + 1024
 
 
-def compute_all(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path) -> int:
-    """Write ``out/<id>.npz`` for every id without a valid file; return how many were computed."""
+def compute_all(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path, shared: bool = False) -> int:
+    """Write ``out/<id>.npz`` for every id without a valid file; return how many were computed.
+
+    ``shared``: other jobs may write other ids into ``out`` now (shards sharing a work folder), so only the
+    temporaries of ``ids`` are removed."""
     out.mkdir(parents=True, exist_ok=True)
-    removed = clean_stale_temps(out)
+    removed = clean_stale_temps(out, [f"{i}.npz" for i in ids] if shared else None)
     if removed:
         log.info("cams: removed %d stale temporary file(s) in %s", removed, out)
     invalidate_if_changed(out, record_for(cfg, info, model_path), ids, ".npz", check=lambda: load_classifier(
@@ -172,6 +179,18 @@ def compute_all(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path
     else:
         compute_ids(cfg, info, todo, model_path, out, devices[0])
     return len(todo)
+
+
+def compute(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path) -> int:
+    """:func:`compute_all` into ``out``; with ``ADVCAM_WORK_DIR`` set, into the work folder of this record
+    (:mod:`advcam.steps.shards`), whose files are then linked into ``out``."""
+    record = record_for(cfg, info, model_path)
+    work = sharding.work_folder("cams", record)
+    if work is None:
+        return compute_all(cfg, info, ids, model_path, out)
+    n = compute_all(cfg, info, ids, model_path, work, shared=True)
+    sharding.publish(work, out, [f"{i}.npz" for i in ids] + [FINGERPRINT])
+    return n
 
 
 def gather_shards(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path,
@@ -238,16 +257,17 @@ def run(cfg: Any, data: Path, model: Path, out: Path, metrics: Path, curve: Path
     if shard is not None:
         part = sharding.shard_items(ids, *shard)
         log.info("cams: shard %d/%d: %d of %d images", shard[0], shard[1], len(part), len(ids))
-        compute_all(cfg, info, part, Path(model), Path(out))
+        compute(cfg, info, part, Path(model), Path(out))
         return
     if gather:
         gather_shards(cfg, info, ids, Path(model), Path(out), gather)
     else:
-        compute_all(cfg, info, ids, Path(model), Path(out))
+        compute(cfg, info, ids, Path(model), Path(out))
     result, points = evaluate_seeds(cfg, info, ids, Path(out))
     write_json(metrics, result)
     write_text(curve, "threshold,miou\n" + "".join(
         f"{t:g},{'' if not np.isfinite(m) else f'{m:.6f}'}\n" for t, m in points))
+    sharding.discard_work("cams")  # every output written: the work folder's files live on in out
     if result.get("seed_miou") is not None:
         log.info("cams: seed mIoU %.4f at threshold %g (%.4f at %g)", result["seed_miou"],
                  result["seed_best_threshold"], result["seed_miou_fixed"], cfg.cam.eval_threshold)

@@ -15,6 +15,10 @@ all pixels that got a label (0 or a class). Both describe the final labels; ``ps
 ``pseudo_labelled_fraction_crf`` describe the CRF labels (before the random walk; equal to the final ones
 for ``crf``).
 
+With ``ADVCAM_WORK_DIR`` set (the workflow's rules set it), the labels, the affinity network and its resume file are
+written to a work folder keyed by the record and linked into ``out`` at the end, so that a rerun of a killed job
+keeps them although Snakemake and DVC delete ``out`` first (:mod:`advcam.steps.shards`).
+
 Scale-out (:mod:`advcam.steps.shards`): the CRF labels, the costly CPU part, are what shards compute.
 ``shard=(I, N)`` writes the CRF labels of shard I of N to ``out`` and stops. ``gather=[folders]`` links the
 shards' labels into ``out`` (``crf``) or ``out/.crf/`` (``randomwalk``) and then runs the rest once, over all
@@ -43,6 +47,7 @@ from advcam.refine.crf import CRFParams, cam_to_label
 from advcam.refine.randomwalk import walk_labels
 from advcam.steps.train_seg import pseudo_digest
 from advcam.train import loop
+from advcam.train.live import live_dir
 from advcam.train.segmentation import pseudo_label_reader
 from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
 from advcam.utils.device import resolve_device, seed_everything
@@ -180,11 +185,12 @@ def walker(model_fn: Callable[[], AffinityNet], cfg_rw: Any, device: torch.devic
 
 
 def crf_labels(cfg: Any, info: Any, ids: list[str], cams: Path, folder: Path, record: dict,
-               shards: Sequence[Path] = ()) -> dict[str, Any]:
+               shards: Sequence[Path] = (), shared: bool = False) -> dict[str, Any]:
     """The CRF labels of ``ids`` in ``folder`` (linked from ``shards`` when given, else computed where
-    missing), scored as :func:`label_all` does."""
+    missing), scored as :func:`label_all` does. ``shared``: other jobs may write other ids into ``folder`` now
+    (shards sharing a work folder), so only the temporaries of ``ids`` are removed."""
     folder.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(folder)
+    clean_stale_temps(folder, [f"{i}.png" for i in ids] if shared else None)
     invalidate_if_changed(folder, record, ids, ".png")
     if shards:
         n = sharding.gather([Path(f) for f in shards], ids, ".png", folder,
@@ -216,24 +222,39 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
     if shard is not None:
         part = sharding.shard_items(ids, *shard)
         log.info("refine: shard %d/%d: CRF labels of %d of %d images", shard[0], shard[1], len(part), len(ids))
-        crf_labels(cfg, info, part, cams, out, crf_record)
+        work = sharding.work_folder("refine-crf", crf_record)
+        crf_labels(cfg, info, part, cams, work or out, crf_record, shared=work is not None)
+        if work is not None:
+            sharding.publish(work, out, [f"{i}.png" for i in part] + [FINGERPRINT])
         return
     record: dict[str, Any] = {"refine": cfg.refine.to_dict(), "cams": cams_record}
     if method in STAGED:
         record["affinity"] = {"arch": cfg.classifier.arch, "pretrained": cfg.classifier.pretrained, "seed": cfg.seed}
-    invalidate_if_changed(out, record, ids, ".png")
+    # per-image work of this job (the labels unless gathered, the affinity training and the walk) goes to the work
+    # folder when there is one (ADVCAM_WORK_DIR), and is linked into out at the end
+    work = sharding.work_folder("refine", record) if method in STAGED or not gather else None
+    dest = work or out
+    invalidate_if_changed(dest, record, ids, ".png")
     if method == "crf":
         if gather:  # the shards' CRF labels are the final labels; the out record stays the full one
-            sharding.gather([Path(f) for f in gather], ids, ".png", out,
+            sharding.gather([Path(f) for f in gather], ids, ".png", dest,
                             lambda p, i: read_label(p, image_size(info, i)) is not None, crf_record, "refine")
-        final = crf = label_all(info, ids, cams, out, lambda im, maps: METHODS[method](im, maps, cfg.refine),
+        final = crf = label_all(info, ids, cams, dest, lambda im, maps: METHODS[method](im, maps, cfg.refine),
                                 f"refine ({method})")
     else:
-        labels = out / CRF_DIR
+        labels = dest / CRF_DIR
         crf = crf_labels(cfg, info, ids, cams, labels, crf_record, gather)
         device = resolve_device(cfg.device)
-        fn = walker(lambda: affinity_model(cfg, info, ids, labels, out, device), cfg.refine.randomwalk, device)
-        final = label_all(info, ids, cams, out, fn, "refine (random walk)")
+        fn = walker(lambda: affinity_model(cfg, info, ids, labels, dest, device), cfg.refine.randomwalk, device)
+        final = label_all(info, ids, cams, dest, fn, "refine (random walk)")
+    if work is not None:
+        names = [f"{i}.png" for i in ids]
+        if method in STAGED:
+            names += [f"{CRF_DIR}/{i}.png" for i in ids] + [f"{CRF_DIR}/{FINGERPRINT}"]
+            names += [n for n in (AFFINITY_FILE, AFFINITY_CURVE) if (work / n).is_file()]
+            live = live_dir(work / AFFINITY_CURVE)  # the curve's dvclive mirror, when dvclive is installed
+            names += sorted(str(f.relative_to(work)) for f in live.rglob("*") if f.is_file()) if live.is_dir() else []
+        sharding.publish(work, out, names + [FINGERPRINT])
     computed = final["computed"]
     log.info("refine: %d pseudo labels computed, %d kept from an earlier run", computed, len(ids) - computed)
     result = scores(final, "pseudo", info.classes)
@@ -247,6 +268,8 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
         log.info("refine: pseudo-label mIoU %.4f on labelled pixels (%.1f%% labelled)",
                  result["pseudo_miou"] or float("nan"), 100 * result["pseudo_labelled_fraction"])
     write_json(metrics, {"num_images": len(ids), **result})
+    for stage in ("refine", "refine-crf"):  # every output written: the work folders' files live on in out
+        sharding.discard_work(stage)
 
 
 def scores(s: dict[str, Any], prefix: str, classes: list[str]) -> dict[str, Any]:

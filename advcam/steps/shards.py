@@ -9,9 +9,22 @@ the same bytes as one unsharded run.
 Gathering hard-links each file into the target folder (a copy where links are not possible, e.g. across
 file systems), under a temporary name renamed into place, so a killed gather leaves the shards intact and
 never a partial file.
+
+Work folders (``ADVCAM_WORK_DIR``, set by the workflow's rules): Snakemake deletes a job's outputs before it
+runs it (and after it fails), and DVC deletes a stage's outputs before it reproduces it, so per-image work
+written straight into a declared output folder is lost when a killed job is run again. With
+``ADVCAM_WORK_DIR`` set, a stage computes its per-image files in ``$ADVCAM_WORK_DIR/<stage>/<key>/`` instead,
+``<key>`` being a hash of the params record the files depend on (so a folder only ever holds files of one
+record, and shards running at the same time share it safely), then publishes them into its declared output
+by :func:`publish` (hard links). A rerun finds the finished files there and computes only the rest. When the
+stage's final (gather) job has written all its outputs, :func:`discard_work` removes the stage's work folder
+(the outputs hold the same files). The work root holds a ``.gitignore`` of ``*``, so git never sees it; it is
+outside every DVC output.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -19,10 +32,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import atomic_path, read_json
+from advcam.utils.io import atomic_path, clean_stale_temps, read_json, write_text
 
 T = TypeVar("T")
 _SHARD = re.compile(r"^\s*(\d+)\s*(?:/|-of-)\s*(\d+)\s*$")
+WORK_ENV = "ADVCAM_WORK_DIR"
 
 
 def infer_ids(stage: str, info: Any, data: Path, shard: tuple[int, int] | None, gather: Sequence[Path]) -> list[str]:
@@ -101,3 +115,46 @@ def gather(shards: Sequence[Path], ids: Sequence[str], suffix: str, out: Path,
                 raise AdvcamError(f"{what}: image {image_id}: {src} is missing or invalid (shard {k} of "
                                   f"{len(shards)}); recompute that shard")
     return linked
+
+
+def work_key(record: dict) -> str:
+    """The name of the work folder of ``record``: a hash of its canonical JSON."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def work_folder(stage: str, record: dict) -> Path | None:
+    """``$ADVCAM_WORK_DIR/<stage>/<key of record>`` (created), or None when ``ADVCAM_WORK_DIR`` is unset."""
+    root = os.environ.get(WORK_ENV, "").strip()
+    if not root:
+        return None
+    root_path = Path(root)
+    folder = root_path / stage / work_key(record)
+    folder.mkdir(parents=True, exist_ok=True)
+    ignore = root_path / ".gitignore"
+    if not ignore.is_file():
+        write_text(ignore, "# advcam's resumable per-image work (advcam/steps/shards.py); never committed\n*\n")
+    return folder
+
+
+def publish(work: Path, out: Path, names: Sequence[str]) -> None:
+    """Link ``work/<name>`` into ``out/<name>`` for each name, in order (atomically, a copy where links fail).
+    Callers list the params record last, so ``out`` never holds a record newer than its files."""
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
+    for name in names:
+        src = work / name
+        if not src.is_file():
+            raise AdvcamError(f"{work}: {name} is missing from the work folder; run the stage again")
+        link_or_copy(src, out / name)
+
+
+def discard_work(stage: str) -> bool:
+    """Remove ``$ADVCAM_WORK_DIR/<stage>`` (every record's folder); True if there was one. Called when the stage's
+    final job has written all its outputs: they hold the files now (hard links), so keeping the work would only
+    cost disk space once DVC replaces the outputs by copies from its cache. A no-op without ``ADVCAM_WORK_DIR``."""
+    root = os.environ.get(WORK_ENV, "").strip()
+    folder = Path(root) / stage if root else None
+    if folder is None or not folder.is_dir():
+        return False
+    shutil.rmtree(folder)
+    return True

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from advcam.train import live
 from advcam.train.distributed import GlobalBatchSlices, data_parallel, global_loss, join_process_group, world
-from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
+from advcam.utils.checkpoint import ZIP_OVERHEAD, load_checkpoint, save_checkpoint, state_nbytes
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import write_text
+from advcam.utils.io import check_free_space, write_text
 from advcam.utils.progress import log, progress
 
 POLY_POWER = 0.9  # IRN / DeepLab poly schedule: lr = base * (1 - step / max_step) ** 0.9
@@ -143,14 +143,28 @@ def _try_resume(path: Path, fingerprint: Mapping[str, Any], model: nn.Module,
     return epoch, [list(r) for r in state["curve"]]
 
 
+def check_checkpoint_space(model: nn.Module, optimizer: torch.optim.Optimizer, resume: Path, desc: str) -> int:
+    """Fail before training when its checkpoints will not fit on the disk (AdvcamError naming the folder and both
+    sizes): the resume file (weights + one optimizer buffer per parameter), its next version written beside it
+    before the rename, and the final checkpoint. Returns the bytes needed."""
+    weights = state_nbytes(model.state_dict())
+    buffers = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+    need = int((2 * (weights + buffers) + weights) * ZIP_OVERHEAD)
+    out = resume.name[:-len(".resume.pt")] if resume.name.endswith(".resume.pt") else resume.name
+    check_free_space(resume.parent, need, f"{desc}: the checkpoints of {out} (resume file and final weights)")
+    return need
+
+
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader_for_epoch: Callable[[int], DataLoader],
         loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor], *, epochs: int, base_lr: float,
         resume: Path, curves: Path, fingerprint: Mapping[str, Any], desc: str) -> list[list[float]]:
     """Train ``epochs`` epochs (resuming from ``resume`` if it fits); return the curve rows.
 
     ``loss_fn(model, batch)`` returns the scalar loss of one batch. The caller saves the final checkpoint and
-    then calls :func:`finish` to delete the resume file.
+    then calls :func:`finish` to delete the resume file. Before the first epoch it checks that the checkpoints
+    will fit on the disk (:func:`check_checkpoint_space`), so a full disk fails in seconds, not after an epoch.
     """
+    check_checkpoint_space(model, optimizer, resume, desc)
     distributed = join_process_group(model)
     steps_per_epoch = len(loader_for_epoch(0))
     if steps_per_epoch == 0:

@@ -120,14 +120,29 @@ def save_png(path: str | Path, array: np.ndarray, palette: list[int] | None = No
         img.save(tmp, format="PNG")
 
 
-def clean_stale_temps(folder: str | Path) -> int:
-    """Remove temporary files a killed run left in ``folder``; return how many."""
+def temp_target(name: str, names: set[str]) -> str | None:
+    """The output name (one of ``names``) that the temporary file name ``name`` was written for, or None."""
+    if not name.startswith(TMP_PREFIX):
+        return None
+    rest = name[len(TMP_PREFIX):]
+    for i, ch in enumerate(rest):
+        if ch == "." and rest[:i] in names:
+            return rest[:i]
+    return None
+
+
+def clean_stale_temps(folder: str | Path, names: Iterable[str] | None = None) -> int:
+    """Remove temporary files a killed run left in ``folder``; return how many.
+
+    With ``names``, only the temporaries of those output names: safe while other jobs write other files into
+    the same folder (shards sharing a work folder). One listing of the folder either way."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
+    only = None if names is None else set(names)
     n = 0
     for p in folder.glob(TMP_PREFIX + "*"):
-        if p.is_file():
+        if p.is_file() and (only is None or temp_target(p.name, only) is not None):
             p.unlink(missing_ok=True)
             n += 1
     return n

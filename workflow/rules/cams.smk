@@ -1,6 +1,8 @@
 # Class maps, scattered over `workflow.shards` image shards (one job each; a GPU job under the SLURM
 # profile) and gathered by `cams`, which links the shards' files into cams/ and scores the seeds over all
-# images. Any number of shards gives byte-identical results (advcam/steps/shards.py).
+# images. Any number of shards gives byte-identical results (advcam/steps/shards.py). A shard computes into the
+# work folder (WORK, rules/common.smk) and links its files into its output, so a killed shard's rerun keeps the
+# finished images although Snakemake empties the output first (docs/reliability.md).
 
 
 rule cams_shard:
@@ -14,6 +16,7 @@ rule cams_shard:
         n=r"\d+",
     params:
         cfg=params_json("dataset", "cam"),
+        work=WORK,
     log:
         "logs/cams_shard/{shard}-of-{n}.log",
     resources:
@@ -21,7 +24,7 @@ rule cams_shard:
     conda:
         "../envs/advcam.yaml"
     shell:
-        "advcam cams --params-json {params.cfg:q} --data {input.data} --model {input.model} --shard {wildcards.shard}/{wildcards.n} --out {output} 2>&1 | tee {log}"
+        "ADVCAM_WORK_DIR={params.work:q} advcam cams --params-json {params.cfg:q} --data {input.data} --model {input.model} --shard {wildcards.shard}/{wildcards.n} --out {output} 2>&1 | tee {log}"
 
 
 rule cams:
@@ -35,9 +38,10 @@ rule cams:
         curve="plots/seeds_threshold.csv",
     params:
         cfg=params_json("dataset", "cam"),
+        work=WORK,
     log:
         "logs/cams.log",
     conda:
         "../envs/advcam.yaml"
     shell:
-        "advcam cams --params-json {params.cfg:q} --data {input.data} --model {input.model} --gather {input.shards} --out {output.cams} --metrics {output.metrics} --curve {output.curve} 2>&1 | tee {log}"
+        "ADVCAM_WORK_DIR={params.work:q} advcam cams --params-json {params.cfg:q} --data {input.data} --model {input.model} --gather {input.shards} --out {output.cams} --metrics {output.metrics} --curve {output.curve} 2>&1 | tee {log}"

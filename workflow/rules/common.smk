@@ -25,6 +25,12 @@ def params_json(*sections):
 
 SHARDS = int(config["workflow"]["shards"])
 
+# Resumable per-image work of cams and refine (ADVCAM_WORK_DIR, advcam/steps/shards.py): Snakemake deletes a job's
+# outputs before it runs it, so the stages compute into this undeclared folder, keyed by their params record, and
+# hard-link the files into their declared outputs; a rerun of a killed job keeps the finished images. It ignores
+# itself in git (its own .gitignore) and lies outside every DVC output. docs/reliability.md.
+WORK = ".advcam-work"
+
 
 def shard_folders(stage):
     """The scatter outputs that a gather job reads (shards/<stage>/<I>-of-<N>, I = 1..N; workflow.shards)."""

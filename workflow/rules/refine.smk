@@ -1,6 +1,8 @@
 # Pseudo labels. The dense CRF (the costly CPU part) is scattered over `workflow.shards` image shards;
 # `refine` gathers the CRF labels, then (refine.method randomwalk) trains the affinity network once on all
-# of them and walks every image (a GPU job then), and scores the pseudo labels over all images.
+# of them and walks every image (a GPU job then), and scores the pseudo labels over all images. The per-image
+# work (and the affinity resume file) goes to the work folder (WORK, rules/common.smk) first, so a rerun after a
+# kill keeps it although Snakemake empties the outputs (docs/reliability.md).
 
 
 rule refine_shard:
@@ -14,12 +16,13 @@ rule refine_shard:
         n=r"\d+",
     params:
         cfg=params_json("dataset", "refine"),
+        work=WORK,
     log:
         "logs/refine_shard/{shard}-of-{n}.log",
     conda:
         "../envs/advcam.yaml"
     shell:
-        "advcam refine --params-json {params.cfg:q} --data {input.data} --cams {input.cams} --shard {wildcards.shard}/{wildcards.n} --out {output} 2>&1 | tee {log}"
+        "ADVCAM_WORK_DIR={params.work:q} advcam refine --params-json {params.cfg:q} --data {input.data} --cams {input.cams} --shard {wildcards.shard}/{wildcards.n} --out {output} 2>&1 | tee {log}"
 
 
 rule refine:
@@ -33,6 +36,7 @@ rule refine:
     params:
         # classifier: the affinity network of refine.method randomwalk uses classifier.arch / pretrained
         cfg=params_json("dataset", "refine", "classifier"),
+        work=WORK,
     log:
         "logs/refine.log",
     resources:
@@ -40,4 +44,4 @@ rule refine:
     conda:
         "../envs/advcam.yaml"
     shell:
-        "advcam refine --params-json {params.cfg:q} --data {input.data} --cams {input.cams} --gather {input.shards} --out {output.pseudo} --metrics {output.metrics} 2>&1 | tee {log}"
+        "ADVCAM_WORK_DIR={params.work:q} advcam refine --params-json {params.cfg:q} --data {input.data} --cams {input.cams} --gather {input.shards} --out {output.pseudo} --metrics {output.metrics} 2>&1 | tee {log}"
