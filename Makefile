@@ -29,4 +29,4 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf data models cams pseudo metrics plots logs .snakemake
+	rm -rf data models cams pseudo metrics plots logs .snakemake .advcam-work

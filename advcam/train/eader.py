@@ -167,6 +167,7 @@ def train_eader(model: EADERNet, dataset: Dataset, *, cfg: Any, seed: int, worke
     if hp["share_weights"]:
         model.drop_adversary()
     opt_loc, opt_adv = _optimisers(model, hp)
+    loop.check_checkpoint_space(model, opt_loc, resume, "train-cls (eader)")
     loader_for = lambda e: loop.epoch_loader(dataset, cfg.batch_size, seed, e, workers)  # noqa: E731
     steps_per_epoch = len(loader_for(0))
     if steps_per_epoch == 0:

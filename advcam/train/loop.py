@@ -11,8 +11,8 @@ CPU, nccl on CUDA, one GPU per process by ``LOCAL_RANK``), wraps the loss in ``D
 makes BatchNorm layers that train use the statistics of the whole global batch. Every process draws the same
 global batches (``batch_size`` is the global batch) and works on its own contiguous slice of each, so N
 processes follow the loss curve of one process within float tolerance (the same maths for losses that
-average over images, as the classifier's; a loss normalised per pixel, as the segmenter's, becomes the mean
-of the processes' per-pixel means, weighted by their image counts). Rank 0 writes the curves and the resume
+average over images, as the classifier's; a loss that is a sum over pixels divided by their count, as the
+segmenter's (``SumOverCount``), is divided by the count over all processes). Rank 0 writes the curves and the resume
 file. The EADER trainer has its own loop and does not use this (it trains unsharded in every process).
 """
 from __future__ import annotations
