@@ -1,6 +1,8 @@
 """Snakemake and DVC, for real: a tiny run of the whole workflow, a DVC experiment, and drift checks."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -162,3 +164,13 @@ def test_cam_param_experiment_reruns_cams_not_classifier(dvc_project):
     changed = json.loads(diff)
     keys = {k for f in changed.values() for k in f}
     assert {"seed_miou", "pseudo_miou", "val_miou"} & keys, diff
+    # the experiment beside its baseline: its param and the metrics of both rows
+    table = sh("dvc", "exp", "show", "--csv", "--no-pager", cwd=root).stdout
+    rows = [r for r in csv.DictReader(io.StringIO(table)) if r.get("cam.scales")]
+    assert len({r["cam.scales"] for r in rows}) >= 2 and "[1.0]" in {r["cam.scales"] for r in rows}, table
+    assert all(0 <= float(r["seed_miou"]) <= 1 for r in rows), table  # metrics are in git: every row has them
+    # the threshold curve across the two revisions: one HTML page holding both revisions' data
+    out = root / "plots-diff"
+    sh("dvc", "plots", "diff", "HEAD", "-o", str(out), cwd=root)
+    page = (out / "index.html").read_text()
+    assert "seeds_threshold.csv" in page and "HEAD" in page and "workspace" in page
