@@ -47,7 +47,7 @@ rule figures:
             f"{FIGURES}/gallery.png",
             caption="../report/gallery.rst",
             category="4. Gallery",
-            labels={"figure": "image, CAM, AdvCAM, pseudo label, prediction"},
+            labels={"figure": "image, ground truth, CAM, AdvCAM, pseudo label, prediction"},
         ),
     params:
         cfg=params_json("dataset", "classifier", "cam", "refine", "evaluation"),
