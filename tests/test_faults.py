@@ -101,12 +101,20 @@ def fault_env(pattern: str, count: int, when: str, work: Path) -> tuple[dict, Pa
             "FAULT_READY": str(ready)}, ready
 
 
+def interruptible() -> None:
+    """Child setup: SIGINT back to its default action. A shell without job control starts background jobs with
+    SIGINT ignored, and the children of such a test run would inherit that (Python then installs no
+    KeyboardInterrupt handler); a user's Ctrl-C in a terminal always arrives with the default action."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop_at(cmd: list[str], env: dict, ready: Path, log_path: Path, sig: int, what: str, cwd: Path | None = None,
             group: bool = False) -> int:
     """Start ``cmd``, wait until the wrapper pauses at the fault point (``ready`` exists), send ``sig`` (to the
     whole process group with ``group``); return the exit status."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=cwd, start_new_session=group)
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=cwd, start_new_session=group,
+                                preexec_fn=interruptible)
         deadline = time.monotonic() + 240
         while not ready.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -291,7 +299,8 @@ def test_sigint_stops_cleanly_and_keeps_finished_work(ref, tmp_path):
     out = tmp_path / "cams"
     proc = subprocess.Popen([sys.executable, "-m", "advcam.cli", *stage_args(
         "cams", slow, data=ref["data"], model=r / "classifier.pt", out=out, metrics=tmp_path / "s.json",
-        curve=tmp_path / "s.csv")], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        curve=tmp_path / "s.csv")], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=interruptible)
     deadline = time.monotonic() + 240
     finished = lambda: [p for p in out.glob("*.npz") if not p.name.startswith(TMP_PREFIX)]  # noqa: E731
     while not finished() and proc.poll() is None and time.monotonic() < deadline:  # a whole file, not a temporary
