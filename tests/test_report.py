@@ -219,7 +219,7 @@ def test_zip_report_holds_the_files(project):
 
 # ---- a real browser -----------------------------------------------------------------------------------------
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-VIEWPORT = (1600, 1000)
+VIEWPORT = (1920, 1080)  # room for the 1059 px gallery beside the sidebar, whatever the fonts
 # Headless, without the sandbox (containers run as root) or a GPU. --disable-dev-shm-usage: containers often have
 # a 64 MB /dev/shm, too small for a renderer with the report's embedded images. No network: every host name
 # resolves to nothing (loopback excepted) and Chromium's own background traffic is off, so the page sees what it
