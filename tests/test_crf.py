@@ -143,6 +143,27 @@ def test_refine_stage_writes_palette_pngs_and_metrics(stage):
     assert m["pseudo_iou_c"] > 0.95 and m["pseudo_iou_a"] is None  # class a is in neither: NaN -> null
 
 
+def test_refine_stage_scores_unsure_pixels_as_background_too(stage, monkeypatch):
+    """pseudo_miou leaves 255 out; pseudo_miou_unsure_as_background scores every pixel, 255 as background."""
+    from advcam.metrics import confusion, mean_iou
+
+    refine, cfg, paths, info = stage
+    labels = {}
+    for i in info.lists["infer"]:  # the truth, with every object pixel of the top rows unsure
+        label = info.read_mask(i).copy()
+        label[: H // 2][label[: H // 2] > 0] = 255
+        labels[i] = label
+    queue = iter(info.lists["infer"])  # label_all labels the list in order
+    monkeypatch.setitem(refine.METHODS, "crf", lambda *a: labels[next(queue)].copy())
+    refine.run(cfg, **paths)
+    m = json.loads(paths["metrics"].read_text())
+    full = sum(confusion(np.where(labels[i] == 255, 0, labels[i]), info.read_mask(i), 4) for i in labels)
+    assert m["pseudo_miou"] == pytest.approx(1.0)  # every labelled pixel is right
+    assert m["pseudo_miou_unsure_as_background"] == pytest.approx(mean_iou(full))
+    assert m["pseudo_miou_unsure_as_background"] < 0.9
+    assert m["pseudo_miou_unsure_as_background_crf"] == m["pseudo_miou_unsure_as_background"]
+
+
 def test_refine_stage_resumes_and_checks_sizes(stage, monkeypatch):
     refine, cfg, paths, info = stage
     refine.run(cfg, **paths)

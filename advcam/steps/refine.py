@@ -11,7 +11,8 @@ Resumable: stale temporary files are removed, and a pseudo label that opens and 
 kept (read back for the metrics) instead of recomputed, unless the ``refine`` params or the CAM folder's
 record (``.advcam-params.json``) changed since (then the list's labels are recomputed). Scores count labelled pixels only:
 ``pseudo_miou`` and ``pseudo_iou_<class>`` leave 255 out; ``pseudo_labelled_fraction`` is the share of
-all pixels that got a label (0 or a class). Both describe the final labels; ``pseudo_miou_crf`` and
+all pixels that got a label (0 or a class). ``pseudo_miou_unsure_as_background`` counts every pixel, 255 as
+background: a full-coverage score, comparable with the seeds' and the segmenter's. Both describe the final labels; ``pseudo_miou_crf`` and
 ``pseudo_labelled_fraction_crf`` describe the CRF labels (before the random walk; equal to the final ones
 for ``crf``).
 
@@ -96,6 +97,7 @@ def label_all(info: Any, ids: list[str], cams: Path, folder: Path, fn: LabelFn, 
     pal = palette()
     k = info.num_classes + 1
     conf = np.zeros((k, k), np.int64)
+    conf_full = np.zeros((k, k), np.int64)  # unsure pixels counted as background: full coverage, like the seeds
     labelled = total = scored = computed = 0
     todo = [i for i in ids if not (folder / f"{i}.png").is_file()]
     if todo:  # a PNG of uint8 labels is at most about H*W bytes
@@ -114,9 +116,12 @@ def label_all(info: Any, ids: list[str], cams: Path, folder: Path, fn: LabelFn, 
         labelled += int((label != 255).sum())
         total += label.size
         if Path(info.mask_path(image_id)).is_file():
-            conf += confusion(label, info.read_mask(image_id), k)
+            mask = info.read_mask(image_id)
+            conf += confusion(label, mask, k)
+            conf_full += confusion(np.where(label == 255, 0, label), mask, k)
             scored += 1
-    return {"conf": conf, "labelled": labelled, "total": total, "scored": scored, "computed": computed}
+    return {"conf": conf, "conf_full": conf_full, "labelled": labelled, "total": total, "scored": scored,
+            "computed": computed}
 
 
 def affinity_fingerprint(cfg: Any, labels: Path, ids: list[str]) -> dict[str, Any]:
@@ -260,6 +265,7 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
     result = scores(final, "pseudo", info.classes)
     before = scores(crf, "pseudo", info.classes)
     result.update(pseudo_miou_crf=before["pseudo_miou"],
+                  pseudo_miou_unsure_as_background_crf=before["pseudo_miou_unsure_as_background"],
                   pseudo_labelled_fraction_crf=before["pseudo_labelled_fraction"])
     if final["scored"]:
         if method != "crf":
@@ -276,7 +282,9 @@ def scores(s: dict[str, Any], prefix: str, classes: list[str]) -> dict[str, Any]
     """Flat metrics of :func:`label_all`'s counts: ``<prefix>_miou``, ``_labelled_fraction``, ``_iou_<class>``."""
     out: dict[str, Any] = {"num_images_scored": s["scored"],
                            f"{prefix}_labelled_fraction": s["labelled"] / s["total"] if s["total"] else None,
-                           f"{prefix}_miou": finite_or_none(mean_iou(s["conf"])) if s["scored"] else None}
+                           f"{prefix}_miou": finite_or_none(mean_iou(s["conf"])) if s["scored"] else None,
+                           f"{prefix}_miou_unsure_as_background":
+                               finite_or_none(mean_iou(s["conf_full"])) if s["scored"] else None}
     if s["scored"]:
         out.update(per_class(f"{prefix}_iou", iou_from_confusion(s["conf"]), classes))
     return out
