@@ -119,6 +119,8 @@ def test_method_table_matches_the_metrics(project):
     assert len(rows) == 1 and rows[0]["attribution"] == "advcam"
     assert rows[0]["seed mIoU %"] == f"{100 * seeds['seed_miou']:.1f}"
     assert rows[0]["val mIoU %"] == f"{100 * seg['val_miou']:.1f}"
+    pseudo = json.loads((project / "metrics/pseudo.json").read_text())
+    assert rows[0]["pseudo mIoU % (unsure = bg)"] == f"{100 * pseudo['pseudo_miou_unsure_as_background']:.1f}"
     assert f"<td>{rows[0]['val mIoU %']}</td>" in page and "<table>" in page
     per_class = list(csv.DictReader((project / "figures/per_class_iou.csv").read_text().splitlines()))
     assert [r["class"] for r in per_class][0] == "background" and len(per_class) == 4  # bg + 3 classes

@@ -46,7 +46,7 @@ OUTPUTS = ("methods.html", "methods.csv", "threshold.png", "per_class_iou.png", 
 GALLERY_COLUMNS = ("image", "ground truth", "CAM", "AdvCAM", "pseudo label", "prediction")
 METHOD_TITLES = {"cam": "CAM", "advcam": "AdvCAM"}
 TABLE_COLUMNS = ("run", "classifier", "attribution", "refinement", "seed mIoU %", "best threshold",
-                 "pseudo mIoU %", "labelled %", "val mIoU %")
+                 "pseudo mIoU % (labelled px)", "labelled %", "pseudo mIoU % (unsure = bg)", "val mIoU %")
 METRIC_FILES = ("seeds.json", "pseudo.json", "segmentation.json")
 
 
@@ -89,7 +89,8 @@ def table_row(label: str, methods: Mapping[str, str], m: Mapping[str, Any]) -> l
     thr = m.get("seed_best_threshold")
     return [label, methods.get("classifier", ""), methods.get("cam", ""), methods.get("refine", ""),
             _pct(m.get("seed_miou")), "" if thr is None else f"{float(thr):g}", _pct(m.get("pseudo_miou")),
-            _pct(m.get("pseudo_labelled_fraction")), _pct(m.get("val_miou"))]
+            _pct(m.get("pseudo_labelled_fraction")), _pct(m.get("pseudo_miou_unsure_as_background")),
+            _pct(m.get("val_miou"))]
 
 
 def table_html(rows: list[list[str]], caption: str) -> str:

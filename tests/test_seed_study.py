@@ -1,0 +1,67 @@
+"""benchmarks/seed_study.py: its CAM row agrees with the cams stage, and it splits accuracy by region."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from advcam import config
+from advcam.data import load_info
+from advcam.models.classifier import build_classifier, classifier_header
+from advcam.steps import cams, prepare
+from advcam.utils.checkpoint import save_checkpoint
+from conftest import REPO, TINY
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("seed_study", REPO / "benchmarks" / "seed_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    cfg = config.load(None, TINY)
+    info = prepare.run(cfg, tmp_path / "data")
+    torch.manual_seed(0)
+    model = build_classifier("resnet_small", info.num_classes)
+    path = tmp_path / "classifier.pt"
+    save_checkpoint(path, classifier_header(model, list(info.classes), {}), model=model.state_dict())
+    return cfg, tmp_path / "data", path
+
+
+def test_cam_row_matches_the_cams_stage_and_regions_partition_the_objects(prepared, tmp_path):
+    cfg, data, model = prepared
+    info = load_info(data)
+    ids = info.lists["infer"]
+    cams.run(config.load(None, [*TINY, "cam.method=cam"]), data, model, tmp_path / "cams",
+             tmp_path / "seeds.json", tmp_path / "curve.csv")
+    stage = json.loads((tmp_path / "seeds.json").read_text())
+    out = tmp_path / "study.json"
+    study = load_study()
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    assert study.main(["--data", str(data), "--model", str(model), "--params", str(tmp_path / "none.yaml"),
+                       "--images", str(len(ids)), *sets, "--variant", "cam=cam.method=cam",
+                       "--variant", "advcam=cam.method=advcam;cam.advcam.steps=2", "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["cam"]["seed_miou"] == pytest.approx(stage["seed_miou"], abs=1e-9)
+    assert rows["cam"]["best_threshold"] == pytest.approx(stage["seed_best_threshold"])
+    for row in rows.values():
+        assert all(0.0 <= row["accuracy"][r] <= 1.0 for r in ("background", "body", "part")), row
+    # the regions are the generator's: every object pixel not on the ignore ring is body or part
+    first = ids[0]
+    gt = info.read_mask(first)
+    regions = study.region_masks(info.root, first, gt)
+    assert not (regions["body"] & regions["part"]).any()
+    assert ((regions["body"] | regions["part"]) == ((gt > 0) & (gt != 255))).all()
+    assert (regions["background"] == (gt == 0)).all()
+
+
+def test_bad_variant_is_named():
+    with pytest.raises(SystemExit, match="--variant 'oops'"):
+        load_study().parse_variant("oops")
