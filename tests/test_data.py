@@ -49,6 +49,28 @@ def test_generator_is_byte_deterministic(syn, tmp_path):
     assert _digest(syn.root) != _digest(other.root)
 
 
+def test_body_contrast_scales_the_body_stripes_only(syn, tmp_path):
+    """synthetic.body_contrast is the stripes' amplitude: 16 (the default) reproduces the default bytes; a higher
+    value spreads the body pixels' grey levels and leaves the masks as they were."""
+    same = generate({**TINY, "body_contrast": 16.0}, tmp_path / "same")
+    files = lambda root: {k: v for k, v in _digest(root).items() if k != "synthetic.json"}  # noqa: E731
+    assert files(syn.root) == files(same.root)  # synthetic.json records the params as given
+    strong = generate({**TINY, "body_contrast": 48.0}, tmp_path / "strong")
+    spread = {}
+    for name, data in (("default", syn), ("strong", strong)):
+        values = []
+        for image_id in data.lists["train_aug"]:
+            parts = np.array(Image.open(data.root / "SegmentationPart" / f"{image_id}.png"))
+            rgb = np.array(Image.open(data.root / "JPEGImages" / f"{image_id}.jpg")).astype(float)
+            values.append(rgb[parts == 1].std(axis=0).mean())
+        spread[name] = float(np.mean(values))
+        masks = sorted((data.root / "SegmentationClass").iterdir())
+        assert [m.name for m in masks] == [m.name for m in sorted((syn.root / "SegmentationClass").iterdir())]
+    assert spread["strong"] > 1.5 * spread["default"], spread
+    for m in sorted((syn.root / "SegmentationClass").iterdir()):
+        assert m.read_bytes() == (strong.root / "SegmentationClass" / m.name).read_bytes(), m.name
+
+
 def test_val_images_do_not_depend_on_train_size(syn, tmp_path):
     bigger = generate({**TINY, "num_train_aug": 30}, tmp_path / "bigger")
     first = syn.lists["val"][0]

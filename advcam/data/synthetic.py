@@ -6,7 +6,8 @@ CAM lights the part and leaves most of the body cold (the headroom AdvCAM's clim
 
 - part: about a tenth of the object's area, a saturated colour and a filled shape (disc, square, triangle,
   diamond, plus, hexagon); the (colour, shape) pair is unique per class and no other pixel is saturated.
-- body: a muted tint shared by every 4th class, with low-contrast stripes at a class-specific angle
+- body: a muted tint shared by every 4th class, with low-contrast stripes at a class-specific angle (amplitude
+  `synthetic.body_contrast`, 16 grey levels)
   (weak evidence: classes sharing a tint differ only in the stripe angle).
 - distractors: unlabelled clutter (ellipses, rectangles, triangles) drawn first; half of them wear a random
   class's body texture, some are headless bodies, so body texture alone is not a reliable cue.
@@ -21,7 +22,7 @@ files and changing ``num_val`` does not change the training images. PIL and nump
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -278,6 +279,7 @@ def generate(params: Mapping[str, Any], root: str | Path, style: Style | None = 
     n_aug, n_train = int(_param(params, "num_train_aug", 480)), int(_param(params, "num_train", 120))
     n_val, max_obj = int(_param(params, "num_val", 80)), int(_param(params, "max_objects", 3))
     n_dist = int(_param(params, "distractors", 3))
+    style = replace(style or STYLE, body_amp=float(_param(params, "body_contrast", (style or STYLE).body_amp)))
     if not 1 <= num_classes <= len(CLASS_NAMES):
         raise ValueError(f"synthetic.num_classes must be 1..{len(CLASS_NAMES)}, got {num_classes}")
     lists = {split: [f"{PREFIX[split]}_{i:05d}" for i in range(n)]
@@ -289,7 +291,7 @@ def generate(params: Mapping[str, Any], root: str | Path, style: Style | None = 
     jobs = [(split, i, image_id) for split in ("train_aug", "val") for i, image_id in enumerate(lists[split])]
     for split, i, image_id in progress(jobs, desc="generate synthetic", unit="img"):
         rng = np.random.default_rng([seed, SPLITS[split], i])
-        rgb, label, parts, objs = render(rng, size, num_classes, max_obj, n_dist, style or STYLE)
+        rgb, label, parts, objs = render(rng, size, num_classes, max_obj, n_dist, style)
         _save_jpeg(voc.image_path(root, image_id), rgb)
         save_png(voc.mask_path(root, "SegmentationClass", image_id), label, pal)
         save_png(voc.mask_path(root, "SegmentationPart", image_id), parts)
