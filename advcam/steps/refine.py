@@ -9,12 +9,13 @@ then frozen as IRN's backbone); it is retrained only when its params, the seed o
 
 Resumable: stale temporary files are removed, and a pseudo label that opens and has its image's size is
 kept (read back for the metrics) instead of recomputed, unless the ``refine`` params or the CAM folder's
-record (``.advcam-params.json``) changed since (then the list's labels are recomputed). Scores count labelled pixels only:
-``pseudo_miou`` and ``pseudo_iou_<class>`` leave 255 out; ``pseudo_labelled_fraction`` is the share of
-all pixels that got a label (0 or a class). ``pseudo_miou_unsure_as_background`` counts every pixel, 255 as
-background: a full-coverage score, comparable with the seeds' and the segmenter's. Both describe the final labels; ``pseudo_miou_crf`` and
-``pseudo_labelled_fraction_crf`` describe the CRF labels (before the random walk; equal to the final ones
-for ``crf``).
+record (``.advcam-params.json``) changed since (then the list's labels are recomputed). Scores:
+``pseudo_miou`` and ``pseudo_iou_<class>`` leave 255 out (labelled pixels only); ``pseudo_labelled_fraction``
+is the share of all pixels that got a label (0 or a class); ``pseudo_miou_unsure_as_background`` counts every
+pixel, 255 as background (full coverage, comparable with the seeds' and the segmenter's scores). All describe
+the final labels; ``pseudo_miou_crf``, ``pseudo_miou_unsure_as_background_crf`` and
+``pseudo_labelled_fraction_crf`` describe the CRF labels (before the random walk; equal to the final ones for
+``crf``).
 
 With ``ADVCAM_WORK_DIR`` set (the workflow's rules set it), the labels, the affinity network and its resume file are
 written to a work folder keyed by the record and linked into ``out`` at the end, so that a rerun of a killed job
