@@ -14,7 +14,7 @@ the clutter (background accuracy down).
 
 ``--set`` overrides apply to every variant, before the variant's own.
 
-Writes ``benchmarks/results/seed_study-<date>.json`` (or ``--out``) and prints a table.
+Writes ``benchmarks/results/seed_study/<date>.json`` (or ``--out``) and prints a table.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from advcam.metrics import mean_iou, seed_confusions, seeds_from_cams
 from advcam.models import load_classifier
 from advcam.utils.progress import progress
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "seed_study"
 REGIONS = ("background", "body", "part")
 
 
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[], help="NAME=key=value[;key=value...] (repeatable)")
     ap.add_argument("--set", action="append", default=[], help="key=value for every variant (repeatable)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/seed_study-<date>.json)")
+    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/seed_study/<date>.json)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               + " ".join(f"{r} {'-' if acc[r] is None else f'{acc[r]:.2f}'}" for r in REGIONS)
               + f" | {result['seconds_per_image']:.2f} s/img", flush=True)
     today = dt.date.today().isoformat()
-    out = Path(args.out) if args.out else RESULTS / f"seed_study-{today}.json"
+    out = Path(args.out) if args.out else RESULTS / f"{today}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": today, "device": platform.processor() or platform.machine(),
                                "torch": torch.__version__, "threads": torch.get_num_threads(),
