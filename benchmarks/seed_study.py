@@ -72,7 +72,7 @@ def study(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any,
         maps[image_id] = m
     seconds = time.perf_counter() - start
     mious = [mean_iou(c) for c in confs]
-    best = int(np.argmax(mious))
+    best = int(np.nanargmax(np.asarray(mious, dtype=np.float64)))  # as advcam.steps.cams.evaluate_seeds
     hits = {r: [0, 0] for r in REGIONS}
     for image_id, m in maps.items():
         gt = info.read_mask(image_id)

@@ -189,9 +189,7 @@ def train_eader(model: EADERNet, dataset: Dataset, *, cfg: Any, seed: int, worke
             phase = phase_at(step, n, opt_adv is not None)
             opt = opt_loc if phase == LOCALISER else opt_adv
             assert opt is not None
-            lr = lr_at(hp, step, max_step)
-            for group in opt.param_groups:
-                group["lr"] = lr * group.get("lr_mult", 1.0)
+            lr = loop.set_lr(opt, lr_at(hp, step, max_step))
             out = train_step(model, opt, batch, phase, terms)
             if "loss" in out:
                 if not torch.isfinite(out["loss"]):

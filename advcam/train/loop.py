@@ -55,12 +55,16 @@ def make_sgd(groups: tuple[Sequence[nn.Parameter], Sequence[nn.Parameter]], lr: 
                            lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max_step: int) -> float:
-    """Set every group's lr to ``lr_mult * poly_lr(...)``; return the base (backbone) lr."""
-    lr = poly_lr(base_lr, step, max_step)
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Set every group's lr to ``lr_mult * lr``; return ``lr`` (the base, backbone lr)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
     return lr
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max_step: int) -> float:
+    """Set every group's lr to ``lr_mult * poly_lr(...)``; return the base (backbone) lr."""
+    return set_lr(optimizer, poly_lr(base_lr, step, max_step))
 
 
 def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, workers: int = 0) -> DataLoader:
