@@ -74,21 +74,27 @@ def curve(path: Path) -> np.ndarray:
 def test_two_gloo_processes_follow_the_single_process_curve(tmp_path):
     args = ["--params-json", json.dumps({})] + [a for p in PARAMS for a in ("--set", p)]
     run("advcam", "prepare", *args, "--out", "data", cwd=tmp_path)
-    common = ["train-cls", *args, "--data", "data"]
-    run("advcam", *common, "--out", "one/c.pt", "--curves", "one/c.csv", cwd=tmp_path)
-    run("torchrun", "--standalone", "--nproc-per-node", "2", "-m", "advcam.cli", *common, "--out", "two/c.pt",
-        "--curves", "two/c.csv", cwd=tmp_path)
-    one, two = curve(tmp_path / "one/c.csv"), curve(tmp_path / "two/c.csv")
+    one_and_two_processes_agree(["train-cls", *args, "--data", "data"], tmp_path / "one", tmp_path / "two", "c",
+                                tmp_path)
+
+
+def one_and_two_processes_agree(command: list[str], one_dir: Path, two_dir: Path, name: str, cwd: Path) -> None:
+    """Run ``advcam <command>`` in one process and under torchrun with two (writing ``<dir>/<name>.pt`` and
+    ``.csv``); both follow the same loss curve and end with the same weights, and nothing temporary is left."""
+    run("advcam", *command, "--out", f"{one_dir}/{name}.pt", "--curves", f"{one_dir}/{name}.csv", cwd=cwd)
+    run("torchrun", "--standalone", "--nproc-per-node", "2", "-m", "advcam.cli", *command, "--out",
+        f"{two_dir}/{name}.pt", "--curves", f"{two_dir}/{name}.csv", cwd=cwd)
+    one, two = curve(one_dir / f"{name}.csv"), curve(two_dir / f"{name}.csv")
     assert one.shape == two.shape == (6, 3)
     np.testing.assert_array_equal(one[:, [0, 2]], two[:, [0, 2]])  # the same steps and learning rates
     np.testing.assert_allclose(two[:, 1], one[:, 1], rtol=1e-5, atol=2e-6)
     assert not np.allclose(one[1:, 1], one[1, 1]), "the loss moves: the check is not vacuous"
-    (_, a), (_, b) = load_checkpoint(tmp_path / "one/c.pt"), load_checkpoint(tmp_path / "two/c.pt")
+    (_, a), (_, b) = load_checkpoint(one_dir / f"{name}.pt"), load_checkpoint(two_dir / f"{name}.pt")
     for key, value in a["model"].items():
         if value.is_floating_point() and value.norm() > 0:
             rel = float((b["model"][key] - value).norm() / value.norm())
             assert rel < 1e-4, f"{key}: weights differ by {rel:.2e} (relative)"
-    assert not list((tmp_path / "two").glob(".tmp-*")) and not (tmp_path / "two/c.pt.resume.pt").exists()
+    assert not list(two_dir.glob(".tmp-*")) and not (two_dir / f"{name}.pt.resume.pt").exists()
 
 
 def write_pseudo_labels(data: Path, out: Path) -> None:
@@ -133,18 +139,4 @@ def test_segmentation_two_gloo_processes_follow_the_single_process_curve(seg_wor
     processes' pixel sums are divided by the count over all processes, so 2 processes give 1 process's curve."""
     args = set_args([*SEG_PARAMS, f"segmentation.balanced_ce={str(balanced).lower()}"])
     common = ["train-seg", *args, "--data", "data", "--pseudo", "pseudo"]
-    one_dir, two_dir = seg_work / f"one-{balanced}", seg_work / f"two-{balanced}"
-    run("advcam", *common, "--out", f"{one_dir}/s.pt", "--curves", f"{one_dir}/s.csv", cwd=seg_work)
-    run("torchrun", "--standalone", "--nproc-per-node", "2", "-m", "advcam.cli", *common, "--out",
-        f"{two_dir}/s.pt", "--curves", f"{two_dir}/s.csv", cwd=seg_work)
-    one, two = curve(one_dir / "s.csv"), curve(two_dir / "s.csv")
-    assert one.shape == two.shape == (6, 3)
-    np.testing.assert_array_equal(one[:, [0, 2]], two[:, [0, 2]])  # the same steps and learning rates
-    np.testing.assert_allclose(two[:, 1], one[:, 1], rtol=1e-5, atol=2e-6)
-    assert not np.allclose(one[1:, 1], one[1, 1]), "the loss moves: the check is not vacuous"
-    (_, a), (_, b) = load_checkpoint(one_dir / "s.pt"), load_checkpoint(two_dir / "s.pt")
-    for key, value in a["model"].items():
-        if value.is_floating_point() and value.norm() > 0:
-            rel = float((b["model"][key] - value).norm() / value.norm())
-            assert rel < 1e-4, f"{key}: weights differ by {rel:.2e} (relative)"
-    assert not list(two_dir.glob(".tmp-*")) and not (two_dir / "s.pt.resume.pt").exists()
+    one_and_two_processes_agree(common, seg_work / f"one-{balanced}", seg_work / f"two-{balanced}", "s", seg_work)
