@@ -2,7 +2,8 @@
 
 A prepared folder ``data/<name>/`` holds ``dataset.json`` (kind, root, mask_dir, classes, which source list
 each role came from), ``labels.json`` (id -> 0-based foreground class ids) and ``lists/<role>.txt`` for the
-roles ``train``, ``infer`` and ``val``. :func:`load_info` reads it back as a :class:`DatasetInfo`.
+roles ``train`` (the classifier's images), ``infer`` (seeds and pseudo labels are scored on it), ``seg`` (the
+segmenter trains on its pseudo labels) and ``val``. :func:`load_info` reads it back as a :class:`DatasetInfo`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from advcam.data import voc
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import read_json
 
-ROLES: tuple[str, ...] = ("train", "infer", "val")
+ROLES: tuple[str, ...] = ("train", "infer", "seg", "val")
+OPTIONAL_ROLES: dict[str, str] = {"seg": "infer"}  # folders prepared before the seg role: seg = infer
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,17 @@ class DatasetInfo:
         vec[classes] = 1.0
         return vec
 
+    def map_ids(self) -> list[str]:
+        """The images CAMs and pseudo labels are made for: :func:`map_ids` of the lists."""
+        return map_ids(self.lists)
+
+
+def map_ids(lists: dict[str, list[str]]) -> list[str]:
+    """The images CAMs and pseudo labels are made for: the infer list, then the seg list's other images."""
+    infer = list(lists.get("infer", []))
+    seen = set(infer)
+    return infer + [i for i in lists.get("seg", []) if i not in seen]
+
 
 def _read_role(folder: Path, role: str) -> list[str]:
     path = folder / "lists" / f"{role}.txt"
@@ -92,7 +105,10 @@ def load_info(folder: str | Path) -> DatasetInfo:
             raise AdvcamError(f"{folder / 'labels.json'}: image id {image_id!r} has labels {cls!r} outside "
                               f"0..{len(classes) - 1}")
         labels[image_id] = cls
-    lists = {role: _read_role(folder, role) for role in ROLES}
+    lists = {role: _read_role(folder, role) for role in ROLES
+             if role not in OPTIONAL_ROLES or (folder / "lists" / f"{role}.txt").is_file()}
+    for role, fallback in OPTIONAL_ROLES.items():
+        lists.setdefault(role, list(lists[fallback]))
     for role, ids in lists.items():
         unlabelled = [i for i in ids if i not in labels]
         if unlabelled:
@@ -101,4 +117,4 @@ def load_info(folder: str | Path) -> DatasetInfo:
                        mask_dir=str(meta["mask_dir"]), lists=lists, labels=labels, meta=meta)
 
 
-__all__ = ["DatasetInfo", "load_info", "ROLES"]
+__all__ = ["DatasetInfo", "load_info", "map_ids", "ROLES"]

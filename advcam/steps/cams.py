@@ -248,12 +248,12 @@ def evaluate_seeds(cfg: Any, info: Any, ids: list[str], cams: Path) -> tuple[dic
 
 def run(cfg: Any, data: Path, model: Path, out: Path, metrics: Path, curve: Path,
         shard: tuple[int, int] | None = None, gather: Sequence[Path] = ()) -> None:
-    """Compute (or resume) the CAM files of the infer list, then score the seeds.
+    """Compute (or resume) the CAM files of the infer and seg lists, then score the seeds (infer list).
 
     ``shard=(I, N)``: compute only shard I of N into ``out`` and stop (no metrics). ``gather``: take the CAM
     files from these shard folders (shard k = the k-th folder) instead of computing them, then score."""
     info = load_info(data)
-    ids = sharding.infer_ids("cams", info, data, shard, gather)
+    ids = sharding.map_ids("cams", info, data, shard, gather)
     if shard is not None:
         part = sharding.shard_items(ids, *shard)
         log.info("cams: shard %d/%d: %d of %d images", shard[0], shard[1], len(part), len(ids))
@@ -263,7 +263,7 @@ def run(cfg: Any, data: Path, model: Path, out: Path, metrics: Path, curve: Path
         gather_shards(cfg, info, ids, Path(model), Path(out), gather)
     else:
         compute(cfg, info, ids, Path(model), Path(out))
-    result, points = evaluate_seeds(cfg, info, ids, Path(out))
+    result, points = evaluate_seeds(cfg, info, list(info.lists["infer"]), Path(out))
     write_json(metrics, result)
     write_text(curve, "threshold,miou\n" + "".join(
         f"{t:g},{'' if not np.isfinite(m) else f'{m:.6f}'}\n" for t, m in points))

@@ -121,7 +121,8 @@ def _class_counts(ids: list[str], labels: dict[str, list[int]], classes: list[st
 
 def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
     ds = cfg.dataset
-    list_names = {"train": ds.train_list, "infer": ds.infer_list, "val": ds.val_list}
+    list_names = {"train": ds.train_list, "infer": ds.infer_list, "seg": ds.get("seg_list") or ds.infer_list,
+                  "val": ds.val_list}
     meta: dict[str, Any] = {"kind": ds.kind}
     if ds.kind == "synthetic":
         syn = cfg.synthetic

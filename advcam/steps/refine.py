@@ -7,6 +7,9 @@ while training, curve ``<out>/.affinity.csv``), then walks the stride-4 CAMs ove
 (:mod:`advcam.refine.randomwalk`). The affinity network uses ``classifier.arch`` (and ``classifier.pretrained``,
 then frozen as IRN's backbone); it is retrained only when its params, the seed or the CRF labels change.
 
+Pseudo labels are made for the infer list and the seg list (``dataset.seg_list``, what the segmenter trains
+on); the scores are of the infer list only, as the references score them on VOC train.
+
 Resumable: stale temporary files are removed, and a pseudo label that opens and has its image's size is
 kept (read back for the metrics) instead of recomputed, unless the ``refine`` params or the CAM folder's
 record (``.advcam-params.json``) changed since (then the list's labels are recomputed). Scores:
@@ -29,7 +32,7 @@ images: the scores, and for ``randomwalk`` the affinity training (once, on all C
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 from PIL import Image
@@ -90,11 +93,14 @@ def read_label(path: Path, size: tuple[int, int]) -> np.ndarray | None:
         return None
 
 
-def label_all(info: Any, ids: list[str], cams: Path, folder: Path, fn: LabelFn, desc: str) -> dict[str, Any]:
+def label_all(info: Any, ids: list[str], cams: Path, folder: Path, fn: LabelFn, desc: str,
+              score: Collection[str] | None = None) -> dict[str, Any]:
     """Write ``folder/<id>.png`` = ``fn(image, maps)`` where missing (a valid file is kept) and score them.
 
-    Returns ``conf`` (confusion matrix), ``labelled``, ``total`` (pixels), ``scored`` (images with a mask)
-    and ``computed`` (labels written now)."""
+    ``score``: the ids to score (default all; the stage scores the infer list only). Returns ``conf``
+    (confusion matrix), ``labelled``, ``total`` (pixels of the scored images), ``scored`` (scored images with a
+    mask) and ``computed`` (labels written now)."""
+    score = set(ids) if score is None else set(score)
     pal = palette()
     k = info.num_classes + 1
     conf = np.zeros((k, k), np.int64)
@@ -114,6 +120,8 @@ def label_all(info: Any, ids: list[str], cams: Path, folder: Path, fn: LabelFn, 
             label = fn(image, maps)
             save_png(path, label, pal)
             computed += 1
+        if image_id not in score:
+            continue
         labelled += int((label != 255).sum())
         total += label.size
         if Path(info.mask_path(image_id)).is_file():
@@ -191,7 +199,8 @@ def walker(model_fn: Callable[[], AffinityNet], cfg_rw: Any, device: torch.devic
 
 
 def crf_labels(cfg: Any, info: Any, ids: list[str], cams: Path, folder: Path, record: dict,
-               shards: Sequence[Path] = (), shared: bool = False) -> dict[str, Any]:
+               shards: Sequence[Path] = (), shared: bool = False,
+               score: Collection[str] | None = None) -> dict[str, Any]:
     """The CRF labels of ``ids`` in ``folder`` (linked from ``shards`` when given, else computed where
     missing), scored as :func:`label_all` does. ``shared``: other jobs may write other ids into ``folder`` now
     (shards sharing a work folder), so only the temporaries of ``ids`` are removed."""
@@ -203,12 +212,13 @@ def crf_labels(cfg: Any, info: Any, ids: list[str], cams: Path, folder: Path, re
                             lambda p, i: read_label(p, image_size(info, i)) is not None, record, "refine")
         log.info("refine: gathered %d CRF labels from %d shard(s) into %s", n, len(shards), folder)
     return label_all(info, ids, cams, folder, lambda im, maps: METHODS["crf"](im, maps, cfg.refine),
-                     "refine (crf labels)")
+                     "refine (crf labels)", score)
 
 
 def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple[int, int] | None = None,
         gather: Sequence[Path] = ()) -> None:
-    """Write a pseudo label for every infer image (resuming), then score them against the masks.
+    """Write a pseudo label for every image of the infer and seg lists (resuming), then score the infer list's
+    against their masks.
 
     ``shard=(I, N)``: only the CRF labels of shard I of N, into ``out`` (no metrics). ``gather``: the CRF
     labels come from these shard folders (shard k = the k-th folder) instead of being computed here."""
@@ -217,7 +227,8 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
         known = sorted({*METHODS, *STAGED})
         raise AdvcamError(f"refine.method: unknown method {method!r} (known: {', '.join(known)})")
     info = load_info(data)
-    ids = sharding.infer_ids("refine", info, data, shard, gather)
+    ids = sharding.map_ids("refine", info, data, shard, gather)
+    scored = set(info.lists["infer"])
     cams, out = Path(cams), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if clean_stale_temps(out):
@@ -246,13 +257,13 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
             sharding.gather([Path(f) for f in gather], ids, ".png", dest,
                             lambda p, i: read_label(p, image_size(info, i)) is not None, crf_record, "refine")
         final = crf = label_all(info, ids, cams, dest, lambda im, maps: METHODS[method](im, maps, cfg.refine),
-                                f"refine ({method})")
+                                f"refine ({method})", scored)
     else:
         labels = dest / CRF_DIR
-        crf = crf_labels(cfg, info, ids, cams, labels, crf_record, gather)
+        crf = crf_labels(cfg, info, ids, cams, labels, crf_record, gather, score=scored)
         device = resolve_device(cfg.device)
         fn = walker(lambda: affinity_model(cfg, info, ids, labels, dest, device), cfg.refine.randomwalk, device)
-        final = label_all(info, ids, cams, dest, fn, "refine (random walk)")
+        final = label_all(info, ids, cams, dest, fn, "refine (random walk)", scored)
     if work is not None:
         names = [f"{i}.png" for i in ids]
         if method in STAGED:
@@ -274,7 +285,7 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
                      100 * before["pseudo_labelled_fraction"])
         log.info("refine: pseudo-label mIoU %.4f on labelled pixels (%.1f%% labelled)",
                  result["pseudo_miou"] or float("nan"), 100 * result["pseudo_labelled_fraction"])
-    write_json(metrics, {"num_images": len(ids), **result})
+    write_json(metrics, {"num_images": len(scored), **result})
     for stage in ("refine", "refine-crf"):  # every output written: the work folders' files live on in out
         sharding.discard_work(stage)
 

@@ -31,6 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
+from advcam.data import map_ids as map_ids_of
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import atomic_path, clean_stale_temps, read_json, write_text
 
@@ -39,11 +40,12 @@ _SHARD = re.compile(r"^\s*(\d+)\s*(?:/|-of-)\s*(\d+)\s*$")
 WORK_ENV = "ADVCAM_WORK_DIR"
 
 
-def infer_ids(stage: str, info: Any, data: Path, shard: tuple[int, int] | None, gather: Sequence[Path]) -> list[str]:
-    """The infer list of a per-image stage, after checking it is not empty and that ``--shard`` and
+def map_ids(stage: str, info: Any, data: Path, shard: tuple[int, int] | None, gather: Sequence[Path]) -> list[str]:
+    """The images of a per-image stage (the infer list, then the seg list's other images:
+    :func:`advcam.data.map_ids`), after checking that the infer list is not empty and that ``--shard`` and
     ``--gather`` are not both given."""
-    ids = list(info.lists.get("infer", []))
-    if not ids:
+    ids = map_ids_of(info.lists)
+    if not info.lists.get("infer"):
         raise AdvcamError(f"{data}: the infer list is empty")
     if shard is not None and gather:
         raise AdvcamError(f"{stage}: --shard and --gather exclude each other")

@@ -1,4 +1,6 @@
-"""Stage train_seg: train the segmenter on the infer list's pseudo labels; write the checkpoint and curves.
+"""Stage train_seg: train the segmenter on the seg list's pseudo labels; write the checkpoint and curves.
+
+The seg list is ``dataset.seg_list`` (null: the infer list); the references train on train_aug.
 
 Semi-supervised mode: the images chosen by ``segmentation.gt_ids`` / ``segmentation.gt_fraction`` train on
 their ground-truth masks instead of their pseudo labels (their pseudo labels are not needed).
@@ -45,7 +47,8 @@ def _scale_range(s: Config) -> tuple[float, float]:
 
 def run(cfg: Config, data: Path, pseudo: Path, out: Path, curves: Path) -> None:
     info = load_info(data)
-    ids = info.lists["infer"]
+    ids = info.lists["seg"]
+    source = (info.meta.get("lists") or {}).get("seg") or "seg"
     s = cfg.segmentation
     gt_ids = select_gt_ids(ids, s.get("gt_ids", []), float(s.get("gt_fraction", 0.0)), cfg.seed)
     gt_set = set(gt_ids)
@@ -64,8 +67,9 @@ def run(cfg: Config, data: Path, pseudo: Path, out: Path, curves: Path) -> None:
                  ", ".join(f"{n} {w:.3g}" for n, w in zip(["background", *info.classes], weight)))
     dataset = SegmentationDataset(info, ids, label_fn, s.crop_size, train=True, seed=cfg.seed,
                                   scale_range=scale_range)
-    log.info("train-seg: %s, %d images of %s (list infer): %d with pseudo labels from %s, %d with ground truth; "
-             "%d epochs on %s", s.arch, len(ids), data, len(pseudo_ids), pseudo, len(gt_ids), s.epochs, device)
+    log.info("train-seg: %s, %d images of %s (list %s): %d with pseudo labels from %s, %d with ground truth; "
+             "%d epochs on %s", s.arch, len(ids), data, source, len(pseudo_ids), pseudo, len(gt_ids), s.epochs,
+             device)
     resume = loop.resume_path_for(out)
     if clean_stale_temps_for([out, resume]):
         log.info("train-seg: removed the temporary files of a killed run next to %s", out)

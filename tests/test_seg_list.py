@@ -1,0 +1,92 @@
+"""dataset.seg_list: the segmenter trains on the pseudo labels of its own list (the references' train_aug),
+while seeds and pseudo labels are still scored on the infer list."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from advcam.utils.errors import AdvcamError
+
+from conftest import TINY
+
+
+def _cfg(*extra: str):
+    from advcam import config
+
+    return config.load(None, [*TINY, "cam.method=cam", *extra])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One classifier; cams + refine once with the default seg list (= infer) and once with train_aug."""
+    from advcam.steps import cams, prepare, refine, train_cls
+
+    root = tmp_path_factory.mktemp("seg_list")
+    out = {}
+    for name, extra in (("infer", ()), ("aug", ("dataset.seg_list=train_aug",))):
+        cfg = _cfg(*extra)
+        d = root / name
+        prepare.run(cfg, d / "data")
+        if name == "infer":
+            train_cls.run(cfg, d / "data", root / "cls.pt", root / "cls.csv")
+        cams.run(cfg, d / "data", root / "cls.pt", d / "cams", d / "seeds.json", d / "curve.csv")
+        refine.run(cfg, d / "data", d / "cams", d / "pseudo", d / "pseudo.json")
+        out[name] = (cfg, d)
+    return out
+
+
+def test_seg_list_gets_maps_and_labels_but_scores_stay_on_the_infer_list(runs):
+    from advcam.data import load_info
+
+    _, plain = runs["infer"]
+    _, aug = runs["aug"]
+    info = load_info(aug / "data")
+    infer, seg = info.lists["infer"], info.lists["seg"]
+    assert len(infer) == 10 and len(seg) == 24 and set(infer) < set(seg)
+    assert load_info(plain / "data").lists["seg"] == infer  # null = the infer list
+    assert sorted(p.stem for p in (aug / "cams").glob("*.npz")) == sorted(seg)
+    assert sorted(p.stem for p in (aug / "pseudo").glob("*.png")) == sorted(seg)
+    assert sorted(p.stem for p in (plain / "cams").glob("*.npz")) == sorted(infer)
+    for name in ("seeds.json", "pseudo.json"):  # per-image results: the extra images change no score
+        a, b = json.loads((plain / name).read_text()), json.loads((aug / name).read_text())
+        assert a == b and a["num_images"] == 10
+    for image_id in infer:
+        np.testing.assert_array_equal(np.array(Image.open(plain / "pseudo" / f"{image_id}.png")),
+                                      np.array(Image.open(aug / "pseudo" / f"{image_id}.png")))
+
+
+def test_train_seg_trains_on_the_seg_list(runs, tmp_path: Path, monkeypatch):
+    from advcam.data import load_info
+    from advcam.steps import train_seg
+
+    cfg, aug = runs["aug"]
+    seg = load_info(aug / "data").lists["seg"]
+    seen = {}
+
+    def spy(model, dataset, **kw):
+        seen["ids"] = list(dataset.ids)
+        return []
+
+    monkeypatch.setattr(train_seg, "train_segmenter", spy)
+    train_seg.run(cfg, aug / "data", aug / "pseudo", tmp_path / "seg.pt", tmp_path / "seg.csv")
+    assert seen["ids"] == seg
+    victim = next(i for i in seg if i not in load_info(aug / "data").lists["infer"])
+    pseudo = tmp_path / "pseudo"
+    pseudo.mkdir()
+    for image_id in seg:
+        if image_id != victim:
+            (pseudo / f"{image_id}.png").write_bytes((aug / "pseudo" / f"{image_id}.png").read_bytes())
+    with pytest.raises(AdvcamError, match=victim):  # a seg-only image without its pseudo label stops the stage
+        train_seg.run(cfg, aug / "data", pseudo, tmp_path / "seg.pt", tmp_path / "seg.csv")
+
+
+def test_unknown_seg_list_is_named(tmp_path: Path):
+    from advcam.steps import prepare
+
+    with pytest.raises(AdvcamError, match="nope"):
+        prepare.run(_cfg("dataset.seg_list=nope"), tmp_path / "data")
+    assert not (tmp_path / "data").exists()
