@@ -37,10 +37,11 @@ def test_prepare_synthetic(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "labels.json", "lists", "voc"]
     meta = json.loads((out / "dataset.json").read_text())
     assert meta["root"] == "voc" and meta["kind"] == "synthetic" and meta["classes"] == ["owl", "fox", "crab"]
-    assert meta["lists"] == {"train": "train_aug", "infer": "train", "val": "val"}
+    assert meta["lists"] == {"train": "train_aug", "infer": "train", "seg": "train", "val": "val"}
     again = load_info(out)
     assert again.root == out / "voc" and again.num_classes == 3
-    assert {r: len(v) for r, v in again.lists.items()} == {"train": 10, "infer": 4, "val": 3}
+    assert {r: len(v) for r, v in again.lists.items()} == {"train": 10, "infer": 4, "seg": 4, "val": 3}
+    assert again.lists["seg"] == again.lists["infer"]  # dataset.seg_list null: the segmenter trains on infer
     assert set(again.lists["infer"]) <= set(again.lists["train"])
     for i in again.lists["val"]:
         assert again.labels[i] == voc.labels_from_mask(again.read_mask(i)) and again.labels[i]

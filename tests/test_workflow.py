@@ -50,7 +50,8 @@ def make_project(root: Path, overrides: list[str]) -> Path:
 
 # --- drift between the Snakemake DAG and dvc.yaml ---------------------------------------------------------------
 def snakemake_jobs(cwd: Path) -> dict[str, dict]:
-    """Parse `snakemake -n -p --forceall`: per rule its inputs, outputs and the param sections it passes."""
+    """Parse `snakemake -n -p --forceall`: per rule its inputs, outputs and the param sections it passes (the
+    union over the rule's jobs)."""
     out = sh("snakemake", "-n", "-p", "--forceall", cwd=cwd).stdout
     jobs: dict[str, dict] = {}
     for block in re.split(r"\n(?=\[.*\]\nrule )", out):
@@ -63,7 +64,9 @@ def snakemake_jobs(cwd: Path) -> dict[str, dict]:
         params = []
         if shell and "--params-json" in shell.group(1):
             params = sorted(json.loads(re.search(r"--params-json '(\{.*?\})'", shell.group(1)).group(1)))
-        jobs[m.group(1)] = {"input": field("input"), "output": field("output"), "params": params}
+        job = jobs.setdefault(m.group(1), {"input": [], "output": [], "params": []})
+        for key, values in (("input", field("input")), ("output", field("output")), ("params", params)):
+            job[key] += [v for v in values if v not in job[key]]  # a scatter rule has one job per shard
     return jobs
 
 
