@@ -12,7 +12,10 @@ the clutter (background accuracy down).
         --variant cam=cam.method=cam --variant advcam=cam.method=advcam \\
         --variant 'lam0=cam.method=advcam;cam.advcam.lam=0' --set 'cam.scales=[1.0]'
 
-``--set`` overrides apply to every variant, before the variant's own.
+``--set`` overrides apply to every variant, before the variant's own. ``--trace`` adds, per AdvCAM variant,
+what one climb at scale 1 does on average: the class score and the other classes' scores at the first and
+last step, how far the image moved, and how the max-normalised map grows in the class's part and body pixels
+and in the background.
 
 Writes ``benchmarks/results/seed_study/<date>.json`` (or ``--out``) and prints a table.
 """
@@ -32,6 +35,7 @@ import torch
 from PIL import Image
 
 from advcam import config
+from advcam.attribution.advcam import advcam_params, climb
 from advcam.attribution.cam import compute_maps
 from advcam.data import load_info
 from advcam.data.transforms import normalize
@@ -88,6 +92,68 @@ def study(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any,
             "seconds_per_image": seconds / max(len(ids), 1)}
 
 
+def trace(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any) -> dict[str, Any]:
+    """What one climb at scale 1 does, averaged over the (image, class) pairs of ``ids``.
+
+    ``score`` / ``others``: y_c and the other classes' summed y (average-pooled ReLU maps, summed over the
+    flips) at the first and the last step; ``l1``: the masked L1 term at the last step; ``dx``: mean and max
+    |x_last - x_0| (normalised units); ``relative_map``: per region (the class's part and body pixels, and the
+    background), the mean of the max-normalised map A(x_t) at the first and last step and of the accumulated
+    map (what AdvCAM returns). Needs ``SegmentationPart`` for the regions (else they are NaN)."""
+    p = advcam_params(cfg_cam.advcam)
+    sums: dict[str, list[float]] = {}
+
+    def add(key: str, *values: float) -> None:
+        row = sums.setdefault(key, [0.0] * (len(values) + 1))
+        for k, v in enumerate(values):
+            if np.isfinite(v):
+                row[k] += v
+        row[-1] += 1
+
+    for image_id in progress(ids, desc="trace (advcam, scale 1)", unit="img"):
+        classes = info.labels[image_id]
+        if not classes:
+            continue
+        steps: list[dict[str, torch.Tensor]] = []
+        acc = climb(model, normalize(info.read_image(image_id)), classes, steps=int(p["steps"]), xi=float(p["xi"]),
+                    lam=float(p["lam"]), tau=float(p["tau"]), flip=bool(cfg_cam.flip),
+                    sign_steps=bool(p["sign_steps"]), cumulative_mask=bool(p["cumulative_mask"]),
+                    suppress_image_classes_only=bool(p["suppress_image_classes_only"]),
+                    callback=lambda t, state: steps.append(state))
+        first, last = steps[0], steps[-1]
+        gt = info.read_mask(image_id)
+        parts_path = Path(info.root) / "SegmentationPart" / f"{image_id}.png"
+        parts = np.array(Image.open(parts_path)) if parts_path.is_file() else None
+        dx = (last["x"] - first["x"]).abs().flatten(1).view(len(classes), -1)
+        for k, c in enumerate(classes):
+            add("score", float(first["score"][k]), float(last["score"][k]))
+            add("others", float(first["others"][k]), float(last["others"][k]))
+            add("l1", float(last["l1"][k]))
+            add("dx", float(dx[k].mean()), float(dx[k].max()))
+            if parts is None:
+                continue
+            maps = [first["map"][k], last["map"][k], acc[k]]
+            up = [torch.nn.functional.interpolate(m[None, None], size=gt.shape, mode="bilinear",
+                                                  align_corners=False)[0, 0].numpy() for m in maps]
+            up = [m / m.max() if m.max() > 0 else m for m in up]
+            obj = gt == c + 1
+            for region, sel in (("part", obj & (parts == 2)), ("body", obj & (parts == 1)),
+                                ("background", gt == 0)):
+                if sel.any():
+                    add(f"relative_map.{region}", *(float(m[sel].mean()) for m in up))
+    out: dict[str, Any] = {"pairs": int(sums.get("score", [0, 0, 0])[-1])}
+    for key, row in sums.items():
+        means = [v / row[-1] for v in row[:-1]] if row[-1] else []
+        head, _, region = key.partition(".")
+        if region:
+            out.setdefault(head, {})[region] = dict(zip(("first", "last", "accumulated"), means))
+        elif key == "dx":
+            out[key] = dict(zip(("mean", "max"), means))
+        else:
+            out[key] = dict(zip(("first", "last"), means)) if len(means) == 2 else means[0]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="prepared dataset folder (advcam prepare --out)")
@@ -97,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[], help="NAME=key=value[;key=value...] (repeatable)")
     ap.add_argument("--set", action="append", default=[], help="key=value for every variant (repeatable)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--trace", action="store_true",
+                    help="also trace one climb at scale 1 per advcam variant (score, others, |dx|, map per region)")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/seed_study/<date>.json)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -115,6 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:20s} seed mIoU {100 * result['seed_miou']:5.1f} @ {result['best_threshold']:.2f} | accuracy "
               + " ".join(f"{r} {'-' if acc[r] is None else f'{acc[r]:.2f}'}" for r in REGIONS)
               + f" | {result['seconds_per_image']:.2f} s/img", flush=True)
+        if args.trace and cfg.cam.method == "advcam":
+            tr = rows[-1]["trace"] = trace(model, info, ids, cfg.cam)
+            rel = tr.get("relative_map", {})
+            print(f"{'':20s} climb: score {tr['score']['first']:.2f} -> {tr['score']['last']:.2f}, others "
+                  f"{tr['others']['first']:.2f} -> {tr['others']['last']:.2f}, mean |dx| {tr['dx']['mean']:.3f} | "
+                  "relative map first/last/accumulated "
+                  + " ".join(f"{r} {v['first']:.2f}/{v['last']:.2f}/{v['accumulated']:.2f}" for r, v in rel.items()),
+                  flush=True)
     today = dt.date.today().isoformat()
     out = Path(args.out) if args.out else RESULTS / f"{today}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

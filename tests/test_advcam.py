@@ -163,3 +163,23 @@ def test_multiscale_driver(model64, image64):
     assert cam.shape == (2, 7, 9) and high.shape == (2, 27, 33)
     peak = high.amax((1, 2))  # max / (max + 1e-5): below 1 by the eps only
     assert bool((peak <= 1).all()) and bool((peak > 0.99).all())
+
+
+def test_callback_sees_every_step_and_changes_nothing(model64, image64):
+    classes = [1, 3]
+    states = []
+    traced = climb(model64, image64, classes, steps=5, callback=lambda t, s: states.append((t, s)))
+    assert torch.equal(traced, climb(model64, image64, classes, steps=5))
+    assert [t for t, _ in states] == list(range(5))
+    first, last = states[0][1], states[-1][1]
+    both = torch.stack([image64, image64.flip(-1)])
+    assert torch.equal(first["x"], both.repeat(2, 1, 1, 1))  # x_0: each class climbs its own copy, with the flip
+    assert not torch.equal(last["x"], first["x"])  # the copies are not overwritten by later steps
+    with torch.no_grad():
+        pooled = F.relu(model64.cam(both)).mean((-2, -1))  # (2 flips, C)
+    for k, c in enumerate(classes):
+        assert first["score"][k] == pytest.approx(float(pooled[:, c].sum()), rel=1e-10)
+        assert first["others"][k] == pytest.approx(float(pooled.sum() - pooled[:, c].sum()), rel=1e-10)
+    assert torch.equal(first["l1"], torch.zeros(2, dtype=torch.float64))  # A(x_0) - A(x_0)
+    assert (last["score"] - last["others"] > first["score"] - first["others"]).all()  # the ascent climbs
+    assert torch.allclose(sum(s["map"] for _, s in states), traced)  # the returned map accumulates the maps

@@ -11,6 +11,8 @@ from PIL import Image
 
 from advcam import config
 from advcam.data import load_info
+from advcam.data.transforms import normalize
+from advcam.models import load_classifier
 from advcam.models.classifier import build_classifier, classifier_header
 from advcam.steps import cams, prepare
 from advcam.utils.checkpoint import save_checkpoint
@@ -60,6 +62,26 @@ def test_cam_row_matches_the_cams_stage_and_regions_partition_the_objects(prepar
     assert not (regions["body"] & regions["part"]).any()
     assert ((regions["body"] | regions["part"]) == ((gt > 0) & (gt != 255))).all()
     assert (regions["background"] == (gt == 0)).all()
+
+
+def test_trace_averages_one_climb_per_image_and_class(prepared):
+    cfg, data, model_path = prepared
+    info = load_info(data)
+    ids = info.lists["infer"][:3]
+    model = load_classifier(model_path).eval()
+    tr = load_study().trace(model, info, ids, config.load(None, [*TINY, "cam.advcam.steps=3"]).cam)
+    assert tr["pairs"] == sum(len(info.labels[i]) for i in ids)
+    scores = []  # y_c of the clean image (pooled ReLU map, both flips), per (image, class)
+    for image_id in ids:
+        x = normalize(info.read_image(image_id))
+        with torch.no_grad():
+            pooled = torch.relu(model.cam(torch.stack([x, x.flip(-1)]))).mean((-2, -1))
+        scores += [float(pooled[:, c].sum()) for c in info.labels[image_id]]
+    assert tr["score"]["first"] == pytest.approx(sum(scores) / len(scores), rel=1e-5)
+    assert tr["others"]["first"] >= 0 and tr["dx"]["max"] > 0
+    for region in ("part", "body", "background"):
+        assert set(tr["relative_map"][region]) == {"first", "last", "accumulated"}
+        assert all(0.0 <= v <= 1.0 for v in tr["relative_map"][region].values())
 
 
 def test_bad_variant_is_named():

@@ -39,7 +39,7 @@ from advcam.utils.errors import AdvcamError
 DEFAULTS: dict[str, Any] = {"steps": 27, "xi": 0.08, "lam": 7.0, "tau": 0.5, "half_steps_at_half_scale": True,
                             "sign_steps": False, "cumulative_mask": False, "suppress_image_classes_only": False,
                             "backend": "auto"}
-OPTIONS = ("flip", "sign_steps", "cumulative_mask", "suppress_image_classes_only", "backend")
+OPTIONS = ("flip", "sign_steps", "cumulative_mask", "suppress_image_classes_only", "backend", "callback")
 
 
 def gradcam_scale(cam_c: torch.Tensor, weight_c: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,11 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
 
     ``image`` is a normalised ``(3, H, W)`` tensor (already resized to the scale) on the model's device; the
     model should be in eval mode. Options: ``flip`` (True; climb the flip as well), ``sign_steps``,
-    ``cumulative_mask``, ``suppress_image_classes_only`` (all False), ``backend`` (auto|extension|fallback).
+    ``cumulative_mask``, ``suppress_image_classes_only`` (all False), ``backend`` (auto|extension|fallback),
+    ``callback``: called as ``callback(t, state)`` at every step ``t`` with detached copies, one row per
+    class: ``x`` (the images x_t, ``(n * nf, 3, H, W)``), ``map`` (A(x_t), ``(n, h, w)``), ``score`` and
+    ``others`` (y_c and the sum of the other classes' y, summed over the flips, ``(n,)``) and ``l1`` (the
+    masked L1 term, ``(n,)``); for diagnostics (``benchmarks/seed_study.py --trace``), it changes nothing.
     Returns ``(n, h, w)`` in the image's dtype, unnormalised. Raises AdvcamError on bad input and on
     non-finite maps or gradients (naming the step).
     """
@@ -90,6 +94,7 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
     sign_steps = bool(options.get("sign_steps", False))
     cumulative = bool(options.get("cumulative_mask", False))
     image_only = bool(options.get("suppress_image_classes_only", False))
+    callback = options.get("callback")
     n, steps = len(classes), int(steps)
     if n == 0:
         with torch.no_grad():
@@ -124,11 +129,14 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
                     mask = torch.zeros_like(a0, dtype=torch.bool) if cumulative else None
                 l1 = masked_l1(a, a0, tau, acc=acc, backend=backend, mask=mask)
                 finite.append(torch.isfinite(a.detach()).all())
-                if last:
-                    break
                 y = F.relu(cams).mean((-2, -1))  # (n, nf, C)
                 y_c = y[rows, :, cls]  # (n, nf)
-                others = (y * own[:, None]).sum(-1) if image_only else y.sum(-1)
+                others = (y * own[:, None]).sum(-1) if image_only else y.sum(-1)  # includes y_c
+                if callback is not None:
+                    callback(t, {"x": x.detach().clone(), "map": a.detach(), "score": y_c.detach().sum(1),
+                                 "others": (others - y_c).detach().sum(1), "l1": l1.detach()})
+                if last:
+                    break
                 loss = ((2 * y_c - others).sum(1) - lam * l1).sum()
                 (g,) = torch.autograd.grad(loss, x)
             x = x.detach()
