@@ -90,3 +90,19 @@ def test_unknown_seg_list_is_named(tmp_path: Path):
     with pytest.raises(AdvcamError, match="nope"):
         prepare.run(_cfg("dataset.seg_list=nope"), tmp_path / "data")
     assert not (tmp_path / "data").exists()
+
+
+def test_folder_prepared_before_the_seg_role_reads_as_seg_equals_infer(runs, tmp_path: Path):
+    import shutil
+
+    from advcam.data import load_info
+
+    _, plain = runs["infer"]
+    old = tmp_path / "old"
+    shutil.copytree(plain / "data", old)
+    (old / "lists" / "seg.txt").unlink()
+    info = load_info(old)
+    assert info.lists["seg"] == info.lists["infer"] and info.map_ids() == info.lists["infer"]
+    (old / "lists" / "infer.txt").unlink()  # the required roles still are required, by name
+    with pytest.raises(AdvcamError, match="lists/infer.txt"):
+        load_info(old)
