@@ -32,10 +32,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from advcam import config
-from advcam.attribution.advcam import advcam_params, climb
+from advcam.attribution.advcam import advcam_maps
 from advcam.attribution.cam import compute_maps
 from advcam.data import load_info
 from advcam.data.transforms import normalize
@@ -99,59 +100,43 @@ def trace(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any) -
     flips) at the first and the last step; ``l1``: the masked L1 term at the last step; ``dx``: mean and max
     |x_last - x_0| (normalised units); ``relative_map``: per region (the class's part and body pixels, and the
     background), the mean of the max-normalised map A(x_t) at the first and last step and of the accumulated
-    map (what AdvCAM returns). Needs ``SegmentationPart`` for the regions (else they are NaN)."""
-    p = advcam_params(cfg_cam.advcam)
-    sums: dict[str, list[float]] = {}
-
-    def add(key: str, *values: float) -> None:
-        row = sums.setdefault(key, [0.0] * (len(values) + 1))
-        for k, v in enumerate(values):
-            if np.isfinite(v):
-                row[k] += v
-        row[-1] += 1
-
+    map (what AdvCAM returns); present where the dataset has ``SegmentationPart`` masks."""
+    cfg_one = {"scales": [1.0], "flip": cfg_cam.flip, "advcam": cfg_cam.advcam}
+    rows: dict[str, list[tuple[float, ...]]] = {k: [] for k in ("score", "others", "l1", "dx", *REGIONS)}
     for image_id in progress(ids, desc="trace (advcam, scale 1)", unit="img"):
         classes = info.labels[image_id]
         if not classes:
             continue
         steps: list[dict[str, torch.Tensor]] = []
-        acc = climb(model, normalize(info.read_image(image_id)), classes, steps=int(p["steps"]), xi=float(p["xi"]),
-                    lam=float(p["lam"]), tau=float(p["tau"]), flip=bool(cfg_cam.flip),
-                    sign_steps=bool(p["sign_steps"]), cumulative_mask=bool(p["cumulative_mask"]),
-                    suppress_image_classes_only=bool(p["suppress_image_classes_only"]),
-                    callback=lambda t, state: steps.append(state))
+        (acc,) = advcam_maps(model, normalize(info.read_image(image_id)), classes, cfg_one,
+                             callback=lambda t, state: steps.append(state))
         first, last = steps[0], steps[-1]
         gt = info.read_mask(image_id)
-        parts_path = Path(info.root) / "SegmentationPart" / f"{image_id}.png"
-        parts = np.array(Image.open(parts_path)) if parts_path.is_file() else None
-        dx = (last["x"] - first["x"]).abs().flatten(1).view(len(classes), -1)
+        regions = region_masks(Path(info.root), image_id, gt)
+        dx = (last["x"] - first["x"]).abs().reshape(len(classes), -1)
         for k, c in enumerate(classes):
-            add("score", float(first["score"][k]), float(last["score"][k]))
-            add("others", float(first["others"][k]), float(last["others"][k]))
-            add("l1", float(last["l1"][k]))
-            add("dx", float(dx[k].mean()), float(dx[k].max()))
-            if parts is None:
+            rows["score"].append((float(first["score"][k]), float(last["score"][k])))
+            rows["others"].append((float(first["others"][k]), float(last["others"][k])))
+            rows["l1"].append((float(last["l1"][k]),))
+            rows["dx"].append((float(dx[k].mean()), float(dx[k].max())))
+            if regions is None:
                 continue
-            maps = [first["map"][k], last["map"][k], acc[k]]
-            up = [torch.nn.functional.interpolate(m[None, None], size=gt.shape, mode="bilinear",
-                                                  align_corners=False)[0, 0].numpy() for m in maps]
+            up = [F.interpolate(m[None, None], size=gt.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+                  for m in (first["map"][k], last["map"][k], acc[k])]
             up = [m / m.max() if m.max() > 0 else m for m in up]
             obj = gt == c + 1
-            for region, sel in (("part", obj & (parts == 2)), ("body", obj & (parts == 1)),
-                                ("background", gt == 0)):
+            for region, sel in regions.items():
+                sel = sel if region == "background" else sel & obj
                 if sel.any():
-                    add(f"relative_map.{region}", *(float(m[sel].mean()) for m in up))
-    out: dict[str, Any] = {"pairs": int(sums.get("score", [0, 0, 0])[-1])}
-    for key, row in sums.items():
-        means = [v / row[-1] for v in row[:-1]] if row[-1] else []
-        head, _, region = key.partition(".")
-        if region:
-            out.setdefault(head, {})[region] = dict(zip(("first", "last", "accumulated"), means))
-        elif key == "dx":
-            out[key] = dict(zip(("mean", "max"), means))
-        else:
-            out[key] = dict(zip(("first", "last"), means)) if len(means) == 2 else means[0]
-    return out
+                    rows[region].append(tuple(float(m[sel].mean()) for m in up))
+
+    def mean(key: str, names: Sequence[str]) -> dict[str, float]:
+        return dict(zip(names, np.mean(rows[key], axis=0).tolist())) if rows[key] else {}
+
+    return {"pairs": len(rows["score"]), "score": mean("score", ("first", "last")),
+            "others": mean("others", ("first", "last")), "l1": mean("l1", ("last",)).get("last"),
+            "dx": mean("dx", ("mean", "max")),
+            "relative_map": {r: mean(r, ("first", "last", "accumulated")) for r in REGIONS if rows[r]}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

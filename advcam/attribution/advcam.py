@@ -176,13 +176,14 @@ def advcam_params(cfg_advcam: Any = None) -> dict[str, Any]:
 
 
 def advcam_maps(model: nn.Module, image: torch.Tensor, classes: Sequence[int], cfg_cam: Any,
-                image_id: str | None = None) -> list[torch.Tensor]:
+                image_id: str | None = None, callback: Any = None) -> list[torch.Tensor]:
     """Multi-scale AdvCAM: one :func:`climb` per scale in ``cfg_cam.scales`` -> per-scale maps ``(n, h_s, w_s)``.
 
     Signature of :data:`advcam.attribution.cam.METHODS` entries; ``cfg_cam`` is ``cfg.cam`` (``scales``,
     ``flip`` and the ``advcam`` sub-section; missing keys take :data:`DEFAULTS`). The maps are later summed
     by ``combine_scales`` without per-scale weights: the reference's scale-0.5 multiplier leaks to every scale
     (it is set before the loop reaches scale 1.0 and never reset), so it cancels in the max normalisation.
+    ``callback`` goes to every :func:`climb` (diagnostics).
     """
     p = advcam_params(_get(cfg_cam, "advcam", None))
     scales = [float(s) for s in _get(cfg_cam, "scales", [1.0, 0.5, 1.5, 2.0])]
@@ -195,7 +196,7 @@ def advcam_maps(model: nn.Module, image: torch.Tensor, classes: Sequence[int], c
                              xi=float(p["xi"]), lam=float(p["lam"]), tau=float(p["tau"]), flip=flip,
                              sign_steps=bool(p["sign_steps"]), cumulative_mask=bool(p["cumulative_mask"]),
                              suppress_image_classes_only=bool(p["suppress_image_classes_only"]),
-                             backend=str(p["backend"])))
+                             backend=str(p["backend"]), callback=callback))
         except AdvcamError as err:
             where = f"image {image_id}, scale {s}" if image_id is not None else f"scale {s}"
             raise AdvcamError(f"{where}: {err}") from err
