@@ -23,7 +23,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(scope="module")
 def ext():
     if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler")
+        pytest.skip("no C++ compiler (c++ / g++) to build the fused extension; advcam falls back to the pure-PyTorch "
+                    "ops, tested elsewhere (Debian: apt-get install g++)")
     return fused.load_extension()
 
 

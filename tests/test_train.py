@@ -3,7 +3,6 @@ train_cls / train_seg stages on a tiny prepared synthetic dataset."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import logging
 import random
 from pathlib import Path
@@ -121,11 +120,6 @@ def test_resume_file_with_other_params_is_ignored(tmp_path: Path, caplog):
 
 
 # ---------------------------------------------------------------- stages on a tiny prepared synthetic dataset
-needs_data = pytest.mark.skipif(
-    importlib.util.find_spec("advcam.data.datasets") is None or importlib.util.find_spec("advcam.steps.prepare") is None,
-    reason="advcam.data.datasets / advcam.steps.prepare not available yet")
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     from advcam import config
@@ -140,7 +134,6 @@ def prepared(tmp_path_factory):
     return cfg, out
 
 
-@needs_data
 def test_train_cls_stage(prepared, tmp_path: Path):
     from advcam.models import load_classifier
     from advcam.steps import train_cls
@@ -155,7 +148,6 @@ def test_train_cls_stage(prepared, tmp_path: Path):
         assert len(list(csv.DictReader(f))) == 4  # 16 images / batch 8 x 2 epochs
 
 
-@needs_data
 def test_train_seg_stage_and_bad_pseudo_labels(prepared, tmp_path: Path):
     from PIL import Image
 
