@@ -25,6 +25,7 @@ normalisation), ``cumulative_mask`` (``M_t = M_{t-1} OR 1(A/max A > tau)``), ``s
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -38,8 +39,12 @@ from advcam.utils.errors import AdvcamError
 
 DEFAULTS: dict[str, Any] = {"steps": 27, "xi": 0.08, "lam": 7.0, "tau": 0.5, "half_steps_at_half_scale": True,
                             "sign_steps": False, "cumulative_mask": False, "suppress_image_classes_only": False,
-                            "backend": "auto"}
-OPTIONS = ("flip", "sign_steps", "cumulative_mask", "suppress_image_classes_only", "backend", "callback")
+                            "backend": "auto", "precision": "fp32", "channels_last": False, "cuda_graph": False,
+                            "fold_batchnorm": False}
+OPTIONS = ("flip", "sign_steps", "cumulative_mask", "suppress_image_classes_only", "backend", "callback",
+           "precision", "channels_last", "cuda_graph")
+PRECISIONS = ("fp32", "bf16")
+GRAPH_WARMUP = 3  # eager steps (on a side stream) before a CUDA graph of one step is captured
 
 
 def gradcam_scale(cam_c: torch.Tensor, weight_c: torch.Tensor) -> torch.Tensor:
@@ -81,6 +86,10 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
     class: ``x`` (the images x_t, ``(n * nf, 3, H, W)``), ``map`` (A(x_t), ``(n, h, w)``), ``score`` and
     ``others`` (y_c and the sum of the other classes' y, summed over the flips, ``(n,)``) and ``l1`` (the
     masked L1 term, ``(n,)``); for diagnostics (``benchmarks/seed_study.py --trace``), it changes nothing.
+    Speed options (off by default; they change rounding, not the method): ``precision`` (``fp32``, or
+    ``bf16``: the network under bf16 autocast, the maps, loss and image update in the image's dtype),
+    ``channels_last`` (the network sees NHWC input), ``cuda_graph`` (CUDA only, ignored with a callback:
+    after a few eager steps, one step is captured as a CUDA graph and replayed for the rest of the loop).
     Returns ``(n, h, w)`` in the image's dtype, unnormalised. Raises AdvcamError on bad input and on
     non-finite maps or gradients (naming the step).
     """
@@ -95,6 +104,12 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
     cumulative = bool(options.get("cumulative_mask", False))
     image_only = bool(options.get("suppress_image_classes_only", False))
     callback = options.get("callback")
+    precision = str(options.get("precision", "fp32"))
+    if precision not in PRECISIONS:
+        raise AdvcamError(f"cam.advcam.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    channels_last = bool(options.get("channels_last", False))
+    graph_ok = (bool(options.get("cuda_graph", False)) and image.is_cuda and callback is None
+                and int(steps) - 1 > GRAPH_WARMUP)
     n, steps = len(classes), int(steps)
     if n == 0:
         with torch.no_grad():
@@ -110,46 +125,77 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
     own = torch.zeros(n, model.classifier.weight.shape[0], dtype=image.dtype, device=image.device)
     own[:, cls] = 1.0  # the image's classes, for suppress_image_classes_only
 
-    acc = a0 = mask = None
+    bf16 = precision == "bf16"
+    big_c = model.classifier.weight.shape[0]
+    state: dict[str, Any] = {"acc": None, "a0": None, "mask": None}
+
+    def evaluate(xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class maps ``(n, nf, C, h, w)`` in the image's dtype and the flip-merged Grad-CAM ``A`` ``(n, h, w)``."""
+        inp = xx.contiguous(memory_format=torch.channels_last) if channels_last else xx
+        with torch.autocast(device_type=xx.device.type, dtype=torch.bfloat16, enabled=bf16):
+            cams = model.cam(inp)
+        cams = cams.to(xx.dtype)
+        cams = cams.view(n, nf, big_c, *cams.shape[-2:])
+        cam_c = cams[rows, :, cls]  # (n, nf, h, w)
+        a_b = F.relu(cam_c) * gradcam_scale(cam_c, weight_c)[..., None, None]
+        a = a_b[:, 0] + a_b[:, 1].flip(-1) if flip else a_b[:, 0]
+        if state["a0"] is None:  # step 0
+            state["acc"] = torch.zeros_like(a.detach()).contiguous()
+            state["a0"] = a.detach().clone()
+            state["mask"] = torch.zeros_like(state["a0"], dtype=torch.bool) if cumulative else None
+        return cams, a
+
+    def scores(t: int, xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step ``t`` up to the loss: (loss, finite flag of A); accumulates A into ``acc``."""
+        cams, a = evaluate(xx)
+        l1 = masked_l1(a, state["a0"], tau, acc=state["acc"], backend=backend, mask=state["mask"])
+        ok = torch.isfinite(a.detach()).all()
+        y = F.relu(cams).mean((-2, -1))  # (n, nf, C)
+        y_c = y[rows, :, cls]  # (n, nf)
+        others = (y * own[:, None]).sum(-1) if image_only else y.sum(-1)  # includes y_c
+        if callback is not None:
+            callback(t, {"x": xx.detach().clone(), "map": a.detach(), "score": y_c.detach().sum(1),
+                         "others": (others - y_c).detach().sum(1), "l1": l1.detach()})
+        return ((2 * y_c - others).sum(1) - lam * l1).sum(), ok
+
+    def step(t: int) -> torch.Tensor:
+        """One climbing step on ``x`` in place (the map of x_t is accumulated); returns its finite flag."""
+        xg = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss, ok = scores(t, xg)
+            (g,) = torch.autograd.grad(loss, xg)
+        if sign_steps:
+            g = g.sign()
+        gmax = ascent_step_(x.view(n, -1), g.reshape(n, -1), xi, backend=backend)
+        return ok & torch.isfinite(gmax).all()
+
     finite: list[torch.Tensor] = []  # one flag per step, checked once at the end (no per-step device sync)
     with frozen(model):  # input gradients only
-        for t in range(steps):
-            last = t == steps - 1
-            x.requires_grad_(not last)
-            with torch.set_grad_enabled(not last):
-                cams = model.cam(x)
-                big_c, (h, w) = cams.shape[1], cams.shape[-2:]
-                cams = cams.view(n, nf, big_c, h, w)
-                cam_c = cams[rows, :, cls]  # (n, nf, h, w)
-                a_b = F.relu(cam_c) * gradcam_scale(cam_c, weight_c)[..., None, None]
-                a = a_b[:, 0] + a_b[:, 1].flip(-1) if flip else a_b[:, 0]
-                if t == 0:
-                    acc = torch.zeros_like(a.detach()).contiguous()
-                    a0 = a.detach().clone()
-                    mask = torch.zeros_like(a0, dtype=torch.bool) if cumulative else None
-                l1 = masked_l1(a, a0, tau, acc=acc, backend=backend, mask=mask)
-                finite.append(torch.isfinite(a.detach()).all())
-                y = F.relu(cams).mean((-2, -1))  # (n, nf, C)
-                y_c = y[rows, :, cls]  # (n, nf)
-                others = (y * own[:, None]).sum(-1) if image_only else y.sum(-1)  # includes y_c
-                if callback is not None:
-                    callback(t, {"x": x.detach().clone(), "map": a.detach(), "score": y_c.detach().sum(1),
-                                 "others": (others - y_c).detach().sum(1), "l1": l1.detach()})
-                if last:
-                    break
-                loss = ((2 * y_c - others).sum(1) - lam * l1).sum()
-                (g,) = torch.autograd.grad(loss, x)
-            x = x.detach()
-            if sign_steps:
-                g = g.sign()
-            gmax = ascent_step_(x.view(n, -1), g.reshape(n, -1), xi, backend=backend)
-            finite[-1] = finite[-1] & torch.isfinite(gmax).all()
+        t = 0
+        if graph_ok:  # eager warm-up steps on a side stream, then one captured step replayed
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                for t in range(GRAPH_WARMUP):
+                    finite.append(step(t))
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                ok_static = step(GRAPH_WARMUP)
+            for t in range(GRAPH_WARMUP, steps - 1):
+                graph.replay()
+                finite.append(ok_static.clone())
+        else:
+            for t in range(steps - 1):
+                finite.append(step(t))
+        with torch.no_grad():  # the last image: its map is accumulated, no update follows
+            finite.append(scores(steps - 1, x)[1])
     ok = torch.stack(finite).cpu()
     if not bool(ok.all()):
         bad = int((~ok).nonzero()[0, 0])
         raise AdvcamError(f"AdvCAM: non-finite attribution map or gradient at step {bad} of {steps} "
                           f"(classes {classes}, xi {xi}, lam {lam}); try a smaller cam.advcam.xi")
-    return acc
+    return state["acc"]
 
 
 def steps_for_scale(steps: int, scale: float, half_steps_at_half_scale: bool = True) -> int:
@@ -175,6 +221,22 @@ def advcam_params(cfg_advcam: Any = None) -> dict[str, Any]:
     return {k: _get(cfg_advcam, k, v) for k, v in DEFAULTS.items()}
 
 
+def prepare_model(model: nn.Module, cfg_cam: Any = None) -> nn.Module:
+    """The model AdvCAM should climb on, once per run: ``model`` itself, or with ``cam.advcam.fold_batchnorm``
+    a copy with its conv -> BatchNorm pairs folded (:func:`advcam.models.resnet.fold_batchnorm`), and with
+    ``cam.advcam.channels_last`` its weights in channels-last memory format (a copy as well)."""
+    from advcam.models.resnet import fold_batchnorm
+
+    p = advcam_params(_get(cfg_cam, "advcam", None))
+    if bool(p["fold_batchnorm"]):
+        model = fold_batchnorm(model)
+    if bool(p["channels_last"]):
+        if not bool(p["fold_batchnorm"]):
+            model = copy.deepcopy(model)
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def advcam_maps(model: nn.Module, image: torch.Tensor, classes: Sequence[int], cfg_cam: Any,
                 image_id: str | None = None, callback: Any = None) -> list[torch.Tensor]:
     """Multi-scale AdvCAM: one :func:`climb` per scale in ``cfg_cam.scales`` -> per-scale maps ``(n, h_s, w_s)``.
@@ -196,11 +258,13 @@ def advcam_maps(model: nn.Module, image: torch.Tensor, classes: Sequence[int], c
                              xi=float(p["xi"]), lam=float(p["lam"]), tau=float(p["tau"]), flip=flip,
                              sign_steps=bool(p["sign_steps"]), cumulative_mask=bool(p["cumulative_mask"]),
                              suppress_image_classes_only=bool(p["suppress_image_classes_only"]),
-                             backend=str(p["backend"]), callback=callback))
+                             backend=str(p["backend"]), precision=str(p["precision"]),
+                             channels_last=bool(p["channels_last"]), cuda_graph=bool(p["cuda_graph"]),
+                             callback=callback))
         except AdvcamError as err:
             where = f"image {image_id}, scale {s}" if image_id is not None else f"scale {s}"
             raise AdvcamError(f"{where}: {err}") from err
     return out
 
 
-__all__ = ["climb", "advcam_maps", "advcam_params", "steps_for_scale", "gradcam_scale", "DEFAULTS"]
+__all__ = ["climb", "advcam_maps", "advcam_params", "prepare_model", "steps_for_scale", "gradcam_scale", "DEFAULTS"]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from advcam.attribution.advcam import prepare_model
 from advcam.attribution.cam import compute_maps, is_valid_cam, load_cam, save_cam
 from advcam.config import Config
 from advcam.data import load_info
@@ -113,6 +114,8 @@ def compute_ids(cfg: Any, info: Any, ids: Sequence[str], model_path: Path, out: 
     """Write ``out/<id>.npz`` for ``ids`` on one device (no checks of existing files)."""
     model = load_classifier(model_path, map_location=device, num_classes=info.num_classes,
                             classes=info.classes).to(device).eval()
+    if str(cfg.cam.method) == "advcam":
+        model = prepare_model(model, cfg.cam)
     for image_id in progress(ids, desc=f"cams ({cfg.cam.method}){desc}", unit="img"):
         image = normalize(info.read_image(image_id))
         try:
