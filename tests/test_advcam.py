@@ -183,3 +183,52 @@ def test_callback_sees_every_step_and_changes_nothing(model64, image64):
     assert torch.equal(first["l1"], torch.zeros(2, dtype=torch.float64))  # A(x_0) - A(x_0)
     assert (last["score"] - last["others"] > first["score"] - first["others"]).all()  # the ascent climbs
     assert torch.allclose(sum(s["map"] for _, s in states), traced)  # the returned map accumulates the maps
+
+
+# ------------------------------------------------------------------------------------------- speed options
+def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
+
+
+def test_bf16_runs_the_network_in_bf16_and_keeps_the_maps_in_float32():
+    model = TinyCAMNet().float().eval()
+    torch.manual_seed(3)
+    image = torch.randn(3, 40, 52)
+    seen = []
+    hook = model.backbone[2].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        fast = climb(model, image, [0, 2], steps=1, precision="bf16")
+    finally:
+        hook.remove()
+    assert seen == [torch.bfloat16] and fast.dtype == torch.float32
+    ref = climb(model, image, [0, 2], steps=1)
+    assert 0 < rel_err(fast, ref) < 2e-2  # bf16 rounding, no more
+    climbed = climb(model, image, [0, 2], steps=4, precision="bf16")
+    assert torch.isfinite(climbed).all() and corr(climbed, climb(model, image, [0, 2], steps=4)) > 0.99
+    with pytest.raises(AdvcamError, match="precision"):
+        climb(model, image, [0], steps=1, precision="fp16")
+
+
+def test_channels_last_and_graph_options_keep_the_maps(model64, image64):
+    from advcam.attribution.advcam import prepare_model
+
+    ref = climb(model64, image64, [1, 3], steps=4)
+    nhwc = prepare_model(model64, {"advcam": {"channels_last": True}})
+    assert nhwc is not model64 and nhwc.backbone[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model64.backbone[0].weight.is_contiguous()  # the caller's model is left as it was
+    assert rel_err(climb(nhwc, image64, [1, 3], steps=4, channels_last=True), ref) < 1e-10
+    # cuda_graph applies to CUDA tensors only; elsewhere the eager loop runs, to the bit
+    assert torch.equal(climb(model64, image64, [1, 3], steps=6, cuda_graph=True), climb(model64, image64, [1, 3], steps=6))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and bf16 on the GPU need a GPU (device run)")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_replays_the_eager_loop(precision):
+    model = TinyCAMNet().float().eval().cuda()
+    torch.manual_seed(4)
+    image = torch.randn(3, 61, 47, device="cuda")
+    eager = climb(model, image, [0, 1, 4], steps=9, precision=precision)
+    graphed = climb(model, image, [0, 1, 4], steps=9, precision=precision, cuda_graph=True)
+    assert rel_err(graphed, eager) < 1e-5
+    with pytest.raises(AdvcamError, match=r"non-finite .* at step 1 of 9"):
+        climb(model, image, [0], steps=9, xi=float("nan"), cuda_graph=True)

@@ -176,3 +176,27 @@ def test_unknown_arch():
         build_classifier("resnet18", 3)
     with pytest.raises(AdvcamError, match="deeplab_small"):
         build_segmenter("unet", 3)
+
+
+@pytest.mark.parametrize("arch", ["resnet_small", "resnet50"])
+def test_fold_batchnorm_keeps_the_function(arch: str):
+    from advcam.models import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = build_classifier(arch, 4)
+    for m in model.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    x = torch.randn(2, 3, 64, 48)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy: the model is untouched
+    with torch.no_grad():
+        ref, out = model.cam(x), folded.cam(x)
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+    with pytest.raises(AdvcamError, match="eval mode"):
+        fold_batchnorm(model.train())
