@@ -6,13 +6,23 @@ Same model (random weights: speed does not depend on training) and the same rand
   update on the host in numpy (as ``obtain_CAM_masking.py`` does);
 * ``ours-extension`` / ``ours-fallback``: :func:`advcam.attribution.advcam.advcam_maps` with the fused ops
   forced to the C++/CUDA extension or to the eager PyTorch composition;
+* ``ours-bf16``, ``ours-bf16-cl``, ``ours-bf16-cl-fold``, ``ours-fast`` (``--fast-variants``): the speed
+  options of ``cam.advcam`` added one at a time (bf16 autocast, channels_last, BatchNorm folding, CUDA graph);
+  each reports the correlation of its maps with ``ours-extension``'s;
 * ``op-fused`` / ``op-eager``: the per-step work outside the network alone (masked L1 forward + backward +
-  accumulation + ascent step with clamp) at this configuration's largest scale.
+  accumulation + ascent step with clamp) at this configuration's largest scale, with the bytes it must move.
+
+On CUDA (``--roofline``) the run also measures the two ceilings (a large device-to-device copy; a large bf16
+matrix product), counts the FLOPs of the climbing loop (``FlopCounterMode``: forward and input backward per
+step), times the parts of one step at scale 1 with CUDA events, and reports each variant's achieved TFLOP/s
+as a fraction of the measured matrix ceiling and its projected time for VOC train_aug (10,582 images).
+Each variant is warmed up on one whole image first (cuDNN autotuning, extension load).
 
 Writes ``benchmarks/results/<device>-<YYYY-MM-DD>.json`` and prints a table. Example (CPU, small)::
 
     python benchmarks/advcam_speed.py --model resnet_small --size 96 --images 4 --threads 1
-    python benchmarks/advcam_speed.py --model resnet50 --size 500x375 --images 4 --device cuda
+    python benchmarks/advcam_speed.py --model resnet50 --size 500x375 --images 4 --device cuda \
+        --fast-variants --roofline --reference-images 2
 """
 from __future__ import annotations
 
@@ -29,10 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from advcam.attribution.advcam import advcam_maps, steps_for_scale
+from advcam.attribution.advcam import advcam_maps, prepare_model, steps_for_scale
 from advcam.attribution.cam import resize_image
 from advcam.models import build_classifier
 from advcam.ops import ascent_step_, masked_l1
+from advcam.utils.device import frozen
 from advcam.utils.io import write_json
 
 
@@ -132,6 +143,150 @@ def op_benchmark(device, dtype, n, feat, image_hw, reps):
     return res
 
 
+VOC_IMAGES = 10_582  # SBD train_aug
+FAST_VARIANTS = {  # the speed options of cam.advcam, added one at a time
+    "ours-bf16": {"precision": "bf16"},
+    "ours-bf16-cl": {"precision": "bf16", "channels_last": True},
+    "ours-bf16-cl-fold": {"precision": "bf16", "channels_last": True, "fold_batchnorm": True},
+    "ours-fast": {"precision": "bf16", "channels_last": True, "fold_batchnorm": True, "cuda_graph": True},
+}
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on a GPU, the host clock elsewhere)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return float(np.median(times))
+
+
+def ceilings(device: torch.device, copy_mib: int = 2048, matmul_n: int = 8192, reps: int = 10) -> dict:
+    """The two measured ceilings: device-to-device copy (bytes read + written per second) and bf16 matmul."""
+    src = torch.rand(copy_mib * 2**18, device=device)  # float32: copy_mib MiB
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src), device, reps)
+    a = torch.randn(matmul_n, matmul_n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(matmul_n, matmul_n, device=device, dtype=torch.bfloat16)
+    mm_ms = median_ms(lambda: a @ b, device, reps)
+    del src, dst, a, b
+    return {"copy_bytes": 2 * copy_mib * 2**20, "copy_ms": copy_ms,
+            "copy_tb_per_s": 2 * copy_mib * 2**20 / copy_ms / 1e9,
+            "matmul_n": matmul_n, "matmul_ms": mm_ms, "bf16_matmul_tflops": 2 * matmul_n**3 / mm_ms / 1e9}
+
+
+def step_flops(model, hw: tuple[int, int], batch: int, device: torch.device) -> tuple[float, float]:
+    """FLOPs of one climbing step's network work at input size ``hw``: (forward, forward + input backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(batch, 3, *hw, device=device)
+    with frozen(model):
+        with FlopCounterMode(display=False) as fwd:
+            with torch.no_grad():
+                model.cam(x)
+        with FlopCounterMode(display=False) as both:
+            xg = x.requires_grad_(True)
+            model.cam(xg).sum().backward()  # parameters frozen: the input gradient only
+    return float(fwd.get_total_flops()), float(both.get_total_flops())
+
+
+def loop_flops(model, hw, scales, steps, classes, device) -> float:
+    """FLOPs of AdvCAM's network work for images with ``classes`` (lists): per class and scale, ``T - 1``
+    forward + input-backward steps and one last forward, on the image and its flip."""
+    total = 0.0
+    for s in scales:
+        shw = tuple(max(1, round(v * s)) for v in hw)
+        fwd, both = step_flops(model, shw, 2, device)
+        t = steps_for_scale(steps, s)
+        total += sum(len(c) for c in classes) * ((t - 1) * both + fwd)
+    return total
+
+
+def step_parts(model, image, n_cls: int, options: dict, device, reps: int = 20) -> dict:
+    """Milliseconds of the parts of one climbing step at scale 1 (CUDA events): network forward, input
+    backward (forward + backward minus forward), and the fused ops (masked L1 with accumulation, its
+    backward, the ascent step)."""
+    bf16, cl = options.get("precision") == "bf16", bool(options.get("channels_last"))
+    x = torch.stack([image, image.flip(-1)]).repeat(n_cls, 1, 1, 1).contiguous()
+
+    def forward(xx):
+        inp = xx.contiguous(memory_format=torch.channels_last) if cl else xx
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model.cam(inp).float()
+
+    def fwd_only():
+        with torch.no_grad():
+            forward(x)
+
+    def fwd_bwd():
+        xg = x.detach().requires_grad_(True)
+        torch.autograd.grad(forward(xg).sum(), xg)
+
+    with torch.no_grad():
+        cams = forward(x)
+    a = F.relu(cams[:, 0]).reshape(n_cls, 2, *cams.shape[-2:]).sum(1).contiguous()
+    a0, acc = a * 0.9, torch.zeros_like(a)
+    g = torch.randn_like(x)
+
+    def ops():
+        aa = a.clone().requires_grad_(True)
+        loss = masked_l1(aa, a0, 0.5, acc=acc, backend="extension")
+        torch.autograd.grad(loss.sum(), aa)
+        ascent_step_(x.clone().view(n_cls, -1), g.view(n_cls, -1), 0.08, backend="extension")
+
+    with frozen(model):
+        f = median_ms(fwd_only, device, reps)
+        fb = median_ms(fwd_bwd, device, reps)
+        o = median_ms(ops, device, reps)
+    return {"forward_ms": f, "input_backward_ms": fb - f, "fused_ops_ms": o, "step_ms": fb + o,
+            "batch": list(x.shape)}
+
+
+def batch_scaling(model, image, scales, options: dict, device, sizes=(1, 2, 4, 8), steps: int = 6) -> dict:
+    """Milliseconds per class and step of :func:`climb` when ``n`` climbing images (classes) share a batch:
+    how much batching more classes (e.g. of several images of one size) would gain at each scale."""
+    from advcam.attribution.advcam import climb
+
+    opts = {k: v for k, v in options.items() if k in ("precision", "channels_last", "cuda_graph")}
+    out: dict[str, dict[str, float]] = {}
+    for s in scales:
+        img = resize_image(image, s)
+        out[str(s)] = {str(n): median_ms(lambda: climb(model, img, list(range(n)), steps=steps, **opts), device, 3, 1)
+                       / n / steps for n in sizes}
+    return out
+
+
+def op_bytes(n: int, feat, image_hw, itemsize: int = 4) -> int:
+    """Fewest bytes one step's fused ops move: masked L1 forward (read a, a0, acc; write acc), backward
+    (read a, a0; write the gradient), ascent step (read x and g; write x)."""
+    maps, images = n * int(np.prod(feat)), n * 2 * 3 * int(np.prod(image_hw))
+    return itemsize * (4 * maps + 3 * maps + 3 * images)
+
+
+def run_variant(model, images, classes, cfg, device):
+    """Warm up on the first image (all scales), then time all images; returns (seconds, first image's maps)."""
+    advcam_maps(model, images[0], classes[0], cfg)
+    secs, out = timed(lambda: [advcam_maps(model, im, c, cfg) for im, c in zip(images, classes)], device)
+    return secs, out[0]
+
+
+def map_corr(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    u = torch.cat([m.detach().float().flatten().cpu() for m in a]).double()
+    v = torch.cat([m.detach().float().flatten().cpu() for m in b]).double()
+    return float(torch.corrcoef(torch.stack([u, v]))[0, 1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="resnet_small", choices=["resnet_small", "resnet50"])
@@ -143,6 +298,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--skip-reference", action="store_true", help="skip the (slow) reference-style loop")
+    ap.add_argument("--reference-images", type=int, default=0,
+                    help="time the reference loop on the first N images only (0: all; same 1/2 class pattern)")
+    ap.add_argument("--fast-variants", action="store_true", help="also time the speed options (FAST_VARIANTS)")
+    ap.add_argument("--roofline", action="store_true",
+                    help="measure the copy and bf16 matmul ceilings, count FLOPs, time the parts of a step")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="torch.backends.cudnn.benchmark = True for every variant (the reference too)")
     ap.add_argument("--op-reps", type=int, default=50)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
@@ -150,6 +312,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
     scales = [float(s) for s in args.scales.split(",")]
     hw = parse_size(args.size)
     torch.manual_seed(0)
@@ -160,56 +323,132 @@ def main(argv=None) -> int:
     n_cls = sum(len(c) for c in classes)
     cfg = {"scales": scales, "flip": True, "advcam": {"steps": args.steps}}
 
+    extra: dict[str, object] = {}
     rows: dict[str, dict] = {}
-    first: dict[str, list] = {}
-    variants = [("ours-extension", "extension"), ("ours-fallback", "fallback")]
-    for name, backend in variants:
-        run_cfg = {**cfg, "advcam": {**cfg["advcam"], "backend": backend}}
-        warm = {**run_cfg, "scales": [scales[0]], "advcam": {**run_cfg["advcam"], "steps": 2}}
-        advcam_maps(model, images[0], classes[0], warm)  # builds/loads the extension, warms up the allocator
-        secs, out = timed(lambda: [advcam_maps(model, im, c, run_cfg) for im, c in zip(images, classes)], device)
-        rows[name] = {"s_per_image": secs / len(images), "s_per_class": secs / n_cls}
-        first[name] = out[0]
+    maps: dict[str, list] = {}
+
+    def save() -> tuple[dict, Path]:
+        """Write what is measured so far (a time limit may stop the run between sections)."""
+        result = {"device": device_name(device), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "model": args.model, "size_hw": list(hw), "scales": scales,
+                  "steps": args.steps, "images": args.images, "classes_per_image": n_cls / len(images),
+                  "cudnn_benchmark": bool(args.cudnn_benchmark),
+                  "tf32_conv": bool(torch.backends.cudnn.allow_tf32), "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+                  "note": "random weights and images; GPU times from CUDA-synchronised wall clock (variants) and CUDA "
+                          "events (ceilings, step parts)", "results": rows, **extra}
+        out = Path(args.out) / f"{result['device']}-{result['date']}.json"
+        write_json(out, result)
+        return result, out
+
+    if args.roofline:
+        extra["ceilings"] = ceilings(device)
+        per_image = loop_flops(model, hw, scales, args.steps, classes, device) / len(images)
+        extra["flops_per_image"] = per_image
+        print(f"ceilings: copy {extra['ceilings']['copy_tb_per_s']:.2f} TB/s, bf16 matmul "
+              f"{extra['ceilings']['bf16_matmul_tflops']:.0f} TFLOP/s; climbing loop {per_image / 1e12:.1f} TFLOP "
+              f"per image (floor {per_image / 1e12 / extra['ceilings']['bf16_matmul_tflops']:.3f} s)", flush=True)
+        save()
+
+    variants: list[tuple[str, dict]] = [("ours-extension", {"backend": "extension"}),
+                                        ("ours-fallback", {"backend": "fallback"})]
+    if args.fast_variants:
+        variants += [(k, dict(v)) for k, v in FAST_VARIANTS.items()]  # backend auto: they run without the extension
+    for name, options in variants:
+        run_cfg = {**cfg, "advcam": {**cfg["advcam"], **options}}
+        net = prepare_model(model, run_cfg)
+        try:
+            secs, first = run_variant(net, images, classes, run_cfg, device)
+        except Exception as err:  # one variant failing (e.g. a graph capture) must not lose the others
+            rows[name] = {"error": f"{type(err).__name__}: {err}"[:500]}
+            print(f"{name}: FAILED {rows[name]['error']}", flush=True)
+            continue
+        rows[name] = {"options": options, "s_per_image": secs / len(images), "s_per_class": secs / n_cls}
+        maps[name] = first
+        base = "ours-extension" if "ours-extension" in maps else "ours-fallback"  # fp32, ops either way
+        if name != base and base in maps:
+            rows[name]["map_corr_vs_fp32"] = map_corr(first, maps[base])
+        if "flops_per_image" in extra:
+            tflops = extra["flops_per_image"] / rows[name]["s_per_image"] / 1e12
+            rows[name]["tflops"] = tflops
+            rows[name]["fraction_of_bf16_matmul"] = tflops / extra["ceilings"]["bf16_matmul_tflops"]
+        rows[name]["voc_train_aug_hours_one_device"] = rows[name]["s_per_image"] * VOC_IMAGES / 3600
+        print(f"{name}: {rows[name]['s_per_image']:.3f} s/image", flush=True)
+        del net
+        save()
     if not args.skip_reference:
-        secs, out = timed(lambda: [reference_maps(model, im, c, scales, args.steps) for im, c in zip(images, classes)],
-                          device)
-        rows["reference"] = {"s_per_image": secs / len(images), "s_per_class": secs / n_cls}
-        err = max(float((o.cpu() - r).abs().max() / r.abs().max().clamp_min(1e-30))
-                  for o, r in zip(first["ours-extension"], out[0]))
-        rows["reference"]["max_rel_diff_vs_ours_fp32"] = err
-        for name in ("ours-extension", "ours-fallback"):
-            rows[name]["speedup_vs_reference"] = rows["reference"]["s_per_image"] / rows[name]["s_per_image"]
+        k = args.reference_images or len(images)
+        ref_cls = sum(len(c) for c in classes[:k])
+        reference_maps(model, images[0], classes[0][:1], scales, 2)  # warm-up (cuDNN, allocator)
+        secs, out = timed(lambda: [reference_maps(model, im, c, scales, args.steps)
+                                   for im, c in zip(images[:k], classes[:k])], device)
+        rows["reference"] = {"s_per_image": secs / k, "s_per_class": secs / ref_cls, "images": k,
+                             "voc_train_aug_hours_one_device": secs / k * VOC_IMAGES / 3600}
+        base = maps.get("ours-extension", maps.get("ours-fallback"))
+        if base is not None:
+            rows["reference"]["max_rel_diff_vs_ours_fp32"] = max(
+                float((o.cpu() - r).abs().max() / r.abs().max().clamp_min(1e-30)) for o, r in zip(base, out[0]))
+            rows["reference"]["map_corr_vs_fp32"] = map_corr(out[0], base)
+        for name, r in rows.items():
+            if name.startswith("ours") and "s_per_class" in r:  # per class: the reference may time fewer images
+                r["speedup_vs_reference"] = rows["reference"]["s_per_class"] / r["s_per_class"]
 
     big = max(scales)
     big_hw = tuple(max(1, round(v * big)) for v in hw)
     with torch.no_grad():
         feat = tuple(model.cam(torch.zeros(1, 3, *big_hw, device=device)).shape[-2:])
     ops = op_benchmark(device, torch.float32, 2, feat, big_hw, args.op_reps)
-    rows["op-fused"] = {"s_per_step": ops["extension"], "shape_maps": [2, *feat], "shape_images": [2, 2, 3, *big_hw]}
-    rows["op-eager"] = {"s_per_step": ops["fallback"], "speedup_fused": ops["fallback"] / ops["extension"]}
+    nbytes = op_bytes(2, feat, big_hw)
+    rows["op-fused"] = {"s_per_step": ops["extension"], "shape_maps": [2, *feat], "shape_images": [2, 2, 3, *big_hw],
+                        "bytes": nbytes, "tb_per_s": nbytes / ops["extension"] / 1e12}
+    rows["op-eager"] = {"s_per_step": ops["fallback"], "speedup_fused": ops["fallback"] / ops["extension"],
+                        "tb_per_s": nbytes / ops["fallback"] / 1e12}
+    save()
+    if "ceilings" in extra:
+        rows["op-fused"]["fraction_of_copy"] = rows["op-fused"]["tb_per_s"] / extra["ceilings"]["copy_tb_per_s"]
+    if args.roofline:
+        fast = {**FAST_VARIANTS["ours-bf16-cl-fold"]} if args.fast_variants else {}
+        net = prepare_model(model, {"advcam": fast})
+        extra["step_parts_scale1"] = {"options": fast, **step_parts(net, images[0], 2, fast, device)}
+        extra["step_parts_scale1_fp32"] = step_parts(model, images[0], 2, {}, device)
+        extra["batch_scaling_ms_per_class_step"] = {"options": fast, **batch_scaling(net, images[0], [c for c in (0.5, 1.0) if c in scales],
+                                                                                      fast, device, (1, 2, 4))}
 
-    result = {"device": device_name(device), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "model": args.model, "size_hw": list(hw), "scales": scales,
-              "steps": args.steps, "images": args.images, "classes_per_image": n_cls / len(images),
-              "note": "wall-clock on a possibly shared machine; random weights and images", "results": rows}
-    out = Path(args.out) / f"{result['device']}-{result['date']}.json"
-    write_json(out, result)
+    result, out = save()
 
     print(f"{result['device']}  {args.model}  {hw[0]}x{hw[1]}  scales {scales}  steps {args.steps}  "
           f"{args.images} images ({n_cls / len(images):.2f} classes/image)  threads {result['threads']}")
-    print(f"{'variant':<16}{'time':>14}  notes")
+    print(f"{'variant':<20}{'time':>14}  notes")
     for name, r in rows.items():
-        if "s_per_image" in r:
+        if "error" in r:
+            print(f"{name:<20}{'failed':>14}  {r['error'][:100]}")
+        elif "s_per_image" in r:
             note = f"{r['s_per_class']:.3f} s/class"
             if "speedup_vs_reference" in r:
                 note += f", {r['speedup_vs_reference']:.1f}x vs reference"
+            if "fraction_of_bf16_matmul" in r:
+                note += f", {r['tflops']:.0f} TFLOP/s = {100 * r['fraction_of_bf16_matmul']:.1f}% of bf16 matmul"
+            if "map_corr_vs_fp32" in r:
+                note += f", maps r={r['map_corr_vs_fp32']:.5f} vs ours fp32"
             if "max_rel_diff_vs_ours_fp32" in r:
-                note += f", max rel diff vs ours (fp32 drift) {r['max_rel_diff_vs_ours_fp32']:.1e}"
-            print(f"{name:<16}{r['s_per_image']:>10.3f} s/im  {note}")
+                note += f", max rel diff {r['max_rel_diff_vs_ours_fp32']:.1e}"
+            print(f"{name:<20}{r['s_per_image']:>10.3f} s/im  {note}")
         else:
             note = (f"fused op is {r['speedup_fused']:.2f}x as fast" if "speedup_fused" in r
-                    else f"maps {r['shape_maps']}")
-            print(f"{name:<16}{r['s_per_step'] * 1e6:>10.1f} us/st  {note}")
+                    else f"maps {r['shape_maps']}, {r['bytes'] / 1e6:.1f} MB")
+            note += f", {r['tb_per_s']:.2f} TB/s"
+            if "fraction_of_copy" in r:
+                note += f" ({100 * r['fraction_of_copy']:.0f}% of copy)"
+            print(f"{name:<20}{r['s_per_step'] * 1e6:>10.1f} us/st  {note}")
+    for key in ("step_parts_scale1", "step_parts_scale1_fp32"):
+        if key in extra:
+            sp = extra[key]
+            print(f"{key}: forward {sp['forward_ms']:.2f} ms, input backward {sp['input_backward_ms']:.2f} ms, "
+                  f"fused ops {sp['fused_ops_ms']:.3f} ms (batch {sp['batch']})")
+    if "batch_scaling_ms_per_class_step" in extra:
+        for scale, row in extra["batch_scaling_ms_per_class_step"].items():
+            if scale != "options":
+                print(f"batch scaling at scale {scale}: ms per class and step "
+                      + ", ".join(f"n={k}: {v:.2f}" for k, v in row.items()))
     print(f"wrote {out}")
     return 0
 

@@ -12,7 +12,15 @@ the clutter (background accuracy down).
         --variant cam=cam.method=cam --variant advcam=cam.method=advcam \\
         --variant 'lam0=cam.method=advcam;cam.advcam.lam=0' --set 'cam.scales=[1.0]'
 
-``--set`` overrides apply to every variant, before the variant's own. ``--trace`` adds, per AdvCAM variant,
+``--set`` overrides apply to every variant, before the variant's own. ``--compare`` adds how each variant's
+maps agree with the first variant's (Pearson correlation of the ``high_res`` maps), the check behind the speed
+options (``--device cuda --strict-fp32``: the first variant is then true float32)::
+
+    python benchmarks/seed_study.py --data data/synthetic --model models/classifier.pt --images 120 --compare \
+        --device cuda --strict-fp32 --variant fp32=cam.method=advcam \
+        --variant 'bf16=cam.method=advcam;cam.advcam.precision=bf16'
+
+ ``--trace`` adds, per AdvCAM variant,
 what one climb at scale 1 does on average: the class score and the other classes' scores at the first and
 last step, how far the image moved, and how the max-normalised map grows in the class's part and body pixels
 and in the background.
@@ -36,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from advcam import config
-from advcam.attribution.advcam import advcam_maps
+from advcam.attribution.advcam import advcam_maps, prepare_model
 from advcam.attribution.cam import compute_maps
 from advcam.data import load_info
 from advcam.data.transforms import normalize
@@ -66,10 +74,14 @@ def region_masks(root: Path, image_id: str, gt: np.ndarray) -> dict[str, np.ndar
 
 
 def study(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any,
-          thresholds: Sequence[float]) -> dict[str, Any]:
-    """Seed mIoU at the best threshold and the seeds' accuracy per region, for one attribution setting."""
+          thresholds: Sequence[float], maps: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Seed mIoU at the best threshold and the seeds' accuracy per region, for one attribution setting.
+
+    ``maps``, when given, receives each image's CAM maps (``compute_maps``' dict), for comparisons."""
     start = time.perf_counter()
-    maps, confs = {}, None
+    maps, confs = ({} if maps is None else maps), None
+    if cfg_cam.method == "advcam":
+        model = prepare_model(model, cfg_cam)  # the speed options that change the model, as `advcam cams` does
     for image_id in progress(ids, desc=f"seeds ({cfg_cam.method})", unit="img"):
         m = compute_maps(model, normalize(info.read_image(image_id)), info.labels[image_id], cfg_cam)
         c = seed_confusions(m["high_res"], m["keys"], info.read_mask(image_id), thresholds, info.num_classes + 1)
@@ -139,6 +151,23 @@ def trace(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any) -
             "relative_map": {r: mean(r, ("first", "last", "accumulated")) for r in REGIONS if rows[r]}}
 
 
+def map_agreement(ref: dict[str, dict], other: dict[str, dict]) -> dict[str, float]:
+    """Pearson correlation of the ``high_res`` maps of two variants: over all pixels of all images (pooled),
+    and the lowest per image; plus the largest absolute difference (the maps are max-normalised)."""
+    a = [ref[i]["high_res"].ravel().astype(np.float64) for i in ref if ref[i]["high_res"].size]
+    b = [other[i]["high_res"].ravel().astype(np.float64) for i in ref if ref[i]["high_res"].size]
+    per_image = [float(np.corrcoef(x, y)[0, 1]) for x, y in zip(a, b) if x.std() > 0 and y.std() > 0]
+    pooled = float(np.corrcoef(np.concatenate(a), np.concatenate(b))[0, 1])
+    return {"pooled": pooled, "min_image": min(per_image) if per_image else None,
+            "max_abs_diff": max(float(np.abs(x - y).max()) for x, y in zip(a, b))}
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="prepared dataset folder (advcam prepare --out)")
@@ -148,6 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[], help="NAME=key=value[;key=value...] (repeatable)")
     ap.add_argument("--set", action="append", default=[], help="key=value for every variant (repeatable)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--device", default="cpu", help="torch device for the classifier (cpu, cuda)")
+    ap.add_argument("--strict-fp32", action="store_true",
+                    help="CUDA: turn TF32 off for convolutions and matmuls (float32 variants are then true float32)")
+    ap.add_argument("--compare", action="store_true",
+                    help="also report how each variant's maps agree with the first variant's (correlation)")
     ap.add_argument("--trace", action="store_true",
                     help="also trace one climb at scale 1 per advcam variant (score, others, |dx|, map per region)")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/seed_study/<date>.json)")
@@ -156,18 +190,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     variants = [parse_variant(v) for v in args.variant] or [("cam", ["cam.method=cam"]),
                                                              ("advcam", ["cam.method=advcam"])]
+    device = torch.device(args.device)
+    if args.strict_fp32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     info = load_info(args.data)
-    model = load_classifier(args.model, classes=list(info.classes)).eval()
+    model = load_classifier(args.model, classes=list(info.classes)).eval().to(device)
     ids = info.lists["infer"][: args.images]
-    rows = []
+    rows: list[dict[str, Any]] = []
+    first: dict[str, dict] = {}
     for name, overrides in variants:
         cfg = config.load(args.params if Path(args.params).is_file() else None, [*args.set, *overrides])
-        result = study(model, info, ids, cfg.cam, [float(t) for t in cfg.cam.thresholds])
+        maps: dict[str, dict] = {}
+        result = study(model, info, ids, cfg.cam, [float(t) for t in cfg.cam.thresholds], maps)
         rows.append({"variant": name, "overrides": overrides, **result})
+        if args.compare and not first:
+            first = maps
+        elif args.compare:
+            rows[-1]["maps_vs_first"] = map_agreement(first, maps)
         acc = result["accuracy"]
-        print(f"{name:20s} seed mIoU {100 * result['seed_miou']:5.1f} @ {result['best_threshold']:.2f} | accuracy "
+        agree = rows[-1].get("maps_vs_first")
+        print(f"{name:20s} seed mIoU {100 * result['seed_miou']:5.2f} @ {result['best_threshold']:.2f} | accuracy "
               + " ".join(f"{r} {'-' if acc[r] is None else f'{acc[r]:.2f}'}" for r in REGIONS)
-              + f" | {result['seconds_per_image']:.2f} s/img", flush=True)
+              + f" | {result['seconds_per_image']:.3f} s/img"
+              + (f" | maps vs {variants[0][0]}: r {agree['pooled']:.5f} (min image {agree['min_image']:.5f})"
+                 if agree else ""), flush=True)
         if args.trace and cfg.cam.method == "advcam":
             tr = rows[-1]["trace"] = trace(model, info, ids, cfg.cam)
             rel = tr.get("relative_map", {})
@@ -179,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     today = dt.date.today().isoformat()
     out = Path(args.out) if args.out else RESULTS / f"{today}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": today, "device": platform.processor() or platform.machine(),
+    out.write_text(json.dumps({"date": today, "device": device_label(device), "strict_fp32": args.strict_fp32,
                                "torch": torch.__version__, "threads": torch.get_num_threads(),
                                "data": str(args.data), "model": str(args.model), "images": len(ids),
                                "rows": rows}, indent=2) + "\n")

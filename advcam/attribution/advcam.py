@@ -172,11 +172,12 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
     finite: list[torch.Tensor] = []  # one flag per step, checked once at the end (no per-step device sync)
     with frozen(model):  # input gradients only
         t = 0
-        if graph_ok:  # eager warm-up steps on a side stream, then one captured step replayed
+        if graph_ok:  # eager warm-up steps (all but step 0 on a side stream), then one captured step replayed
+            finite.append(step(0))  # allocates acc / a0 on the current stream
             side = torch.cuda.Stream(device=x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(side):
-                for t in range(GRAPH_WARMUP):
+                for t in range(1, GRAPH_WARMUP):
                     finite.append(step(t))
             torch.cuda.current_stream(x.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
