@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from advcam.attribution.advcam import advcam_maps, prepare_model, steps_for_scale
+from advcam.attribution.advcam import _tf32, advcam_maps, prepare_model, steps_for_scale
 from advcam.attribution.cam import resize_image
 from advcam.models import build_classifier
 from advcam.ops import ascent_step_, masked_l1
@@ -140,15 +140,27 @@ def op_benchmark(device, dtype, n, feat, image_hw, reps):
 
         step()
         res[backend], _ = timed(step, device, reps)
+        if device.type == "cuda":  # GPU time alone: the same step captured as a CUDA graph, timed with events
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            res[backend + "-graph"] = median_ms(graph.replay, device, reps) / 1e3
     return res
 
 
 VOC_IMAGES = 10_582  # SBD train_aug
 FAST_VARIANTS = {  # the speed options of cam.advcam, added one at a time
+    "ours-tf32": {"precision": "tf32"},
     "ours-bf16": {"precision": "bf16"},
     "ours-bf16-cl": {"precision": "bf16", "channels_last": True},
     "ours-bf16-cl-fold": {"precision": "bf16", "channels_last": True, "fold_batchnorm": True},
     "ours-fast": {"precision": "bf16", "channels_last": True, "fold_batchnorm": True, "cuda_graph": True},
+    "ours-tf32-fast": {"precision": "tf32", "channels_last": True, "fold_batchnorm": True, "cuda_graph": True},
 }
 
 
@@ -245,7 +257,8 @@ def step_parts(model, image, n_cls: int, options: dict, device, reps: int = 20) 
         torch.autograd.grad(loss.sum(), aa)
         ascent_step_(x.clone().view(n_cls, -1), g.view(n_cls, -1), 0.08, backend="extension")
 
-    with frozen(model):
+    strict = options.get("precision", "fp32") == "tf32" if device.type == "cuda" else None
+    with frozen(model), _tf32(strict):  # fp32: true float32 on CUDA, as climb() runs it
         f = median_ms(fwd_only, device, reps)
         fb = median_ms(fwd_bwd, device, reps)
         o = median_ms(ops, device, reps)
@@ -275,10 +288,15 @@ def op_bytes(n: int, feat, image_hw, itemsize: int = 4) -> int:
 
 
 def run_variant(model, images, classes, cfg, device):
-    """Warm up on the first image (all scales), then time all images; returns (seconds, first image's maps)."""
-    advcam_maps(model, images[0], classes[0], cfg)
+    """Warm up on the first two images (all scales; both class counts), then time all images.
+
+    Returns (seconds for all images, seconds of the very first image, the first image's maps): the first call
+    includes cuDNN's and the extension's first use and, with ``cuda_graph``, the eager steps and the captures."""
+    first_s, _ = timed(lambda: advcam_maps(model, images[0], classes[0], cfg), device)
+    for im, c in zip(images[1:2], classes[1:2]):
+        advcam_maps(model, im, c, cfg)
     secs, out = timed(lambda: [advcam_maps(model, im, c, cfg) for im, c in zip(images, classes)], device)
-    return secs, out[0]
+    return secs, first_s, out[0]
 
 
 def map_corr(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -301,6 +319,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-images", type=int, default=0,
                     help="time the reference loop on the first N images only (0: all; same 1/2 class pattern)")
     ap.add_argument("--fast-variants", action="store_true", help="also time the speed options (FAST_VARIANTS)")
+    ap.add_argument("--variants", default="", help="comma-separated subset of the variants to time (default all)")
+    ap.add_argument("--tag", default="", help="suffix of the result file name (<device>-<date>-<tag>.json)")
     ap.add_argument("--roofline", action="store_true",
                     help="measure the copy and bf16 matmul ceilings, count FLOPs, time the parts of a step")
     ap.add_argument("--cudnn-benchmark", action="store_true",
@@ -333,10 +353,12 @@ def main(argv=None) -> int:
                   "threads": torch.get_num_threads(), "model": args.model, "size_hw": list(hw), "scales": scales,
                   "steps": args.steps, "images": args.images, "classes_per_image": n_cls / len(images),
                   "cudnn_benchmark": bool(args.cudnn_benchmark),
-                  "tf32_conv": bool(torch.backends.cudnn.allow_tf32), "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+                  "tf32_global": {"conv": bool(torch.backends.cudnn.allow_tf32),
+                                  "matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+                                  "note": "the reference loop runs under these; climb() sets TF32 per its precision"},
                   "note": "random weights and images; GPU times from CUDA-synchronised wall clock (variants) and CUDA "
                           "events (ceilings, step parts)", "results": rows, **extra}
-        out = Path(args.out) / f"{result['device']}-{result['date']}.json"
+        out = Path(args.out) / f"{result['device']}-{result['date']}{'-' + args.tag if args.tag else ''}.json"
         write_json(out, result)
         return result, out
 
@@ -353,16 +375,20 @@ def main(argv=None) -> int:
                                         ("ours-fallback", {"backend": "fallback"})]
     if args.fast_variants:
         variants += [(k, dict(v)) for k, v in FAST_VARIANTS.items()]  # backend auto: they run without the extension
+    if args.variants:
+        keep = set(args.variants.split(","))
+        variants = [(k, v) for k, v in variants if k in keep]
     for name, options in variants:
         run_cfg = {**cfg, "advcam": {**cfg["advcam"], **options}}
         net = prepare_model(model, run_cfg)
         try:
-            secs, first = run_variant(net, images, classes, run_cfg, device)
+            secs, first_s, first = run_variant(net, images, classes, run_cfg, device)
         except Exception as err:  # one variant failing (e.g. a graph capture) must not lose the others
             rows[name] = {"error": f"{type(err).__name__}: {err}"[:500]}
             print(f"{name}: FAILED {rows[name]['error']}", flush=True)
             continue
-        rows[name] = {"options": options, "s_per_image": secs / len(images), "s_per_class": secs / n_cls}
+        rows[name] = {"options": options, "s_per_image": secs / len(images), "s_per_class": secs / n_cls,
+                      "first_image_s": first_s}
         maps[name] = first
         base = "ours-extension" if "ours-extension" in maps else "ours-fallback"  # fp32, ops either way
         if name != base and base in maps:
@@ -402,16 +428,25 @@ def main(argv=None) -> int:
                         "bytes": nbytes, "tb_per_s": nbytes / ops["extension"] / 1e12}
     rows["op-eager"] = {"s_per_step": ops["fallback"], "speedup_fused": ops["fallback"] / ops["extension"],
                         "tb_per_s": nbytes / ops["fallback"] / 1e12}
+    if "extension-graph" in ops:
+        rows["op-fused"].update(graph_s_per_step=ops["extension-graph"], graph_tb_per_s=nbytes / ops["extension-graph"] / 1e12)
+        rows["op-eager"].update(graph_s_per_step=ops["fallback-graph"],
+                                graph_speedup_fused=ops["fallback-graph"] / ops["extension-graph"])
     save()
     if "ceilings" in extra:
         rows["op-fused"]["fraction_of_copy"] = rows["op-fused"]["tb_per_s"] / extra["ceilings"]["copy_tb_per_s"]
+        if "graph_tb_per_s" in rows["op-fused"]:
+            rows["op-fused"]["graph_fraction_of_copy"] = (rows["op-fused"]["graph_tb_per_s"]
+                                                          / extra["ceilings"]["copy_tb_per_s"])
     if args.roofline:
         fast = {**FAST_VARIANTS["ours-bf16-cl-fold"]} if args.fast_variants else {}
         net = prepare_model(model, {"advcam": fast})
         extra["step_parts_scale1"] = {"options": fast, **step_parts(net, images[0], 2, fast, device)}
         extra["step_parts_scale1_fp32"] = step_parts(model, images[0], 2, {}, device)
-        extra["batch_scaling_ms_per_class_step"] = {"options": fast, **batch_scaling(net, images[0], [c for c in (0.5, 1.0) if c in scales],
-                                                                                      fast, device, (1, 2, 4))}
+        graphed = {**fast, "cuda_graph": device.type == "cuda"}
+        extra["batch_scaling_ms_per_class_step"] = {
+            "options": graphed, **batch_scaling(net, images[0], [c for c in (0.5, 1.0) if c in scales], graphed, device,
+                                                (1, 2, 4))}
 
     result, out = save()
 
@@ -438,6 +473,12 @@ def main(argv=None) -> int:
             note += f", {r['tb_per_s']:.2f} TB/s"
             if "fraction_of_copy" in r:
                 note += f" ({100 * r['fraction_of_copy']:.0f}% of copy)"
+            if "graph_s_per_step" in r:
+                note += f"; graphed {r['graph_s_per_step'] * 1e6:.1f} us"
+                if "graph_fraction_of_copy" in r:
+                    note += f" ({100 * r['graph_fraction_of_copy']:.0f}% of copy)"
+                if "graph_speedup_fused" in r:
+                    note += f", fused {r['graph_speedup_fused']:.2f}x as fast"
             print(f"{name:<20}{r['s_per_step'] * 1e6:>10.1f} us/st  {note}")
     for key in ("step_parts_scale1", "step_parts_scale1_fp32"):
         if key in extra:

@@ -3,7 +3,8 @@
 #   1. build the C++/CUDA extension (JIT, ninja, sm_90 only) and run the op and AdvCAM tests on cuda;
 #   2. benchmarks/advcam_speed.py at the AdvCAM issue's shapes (ResNet-50, 500x375, 4 scales, 27 steps):
 #      ceilings, FLOPs, step parts, reference loop, ours with each speed option;
-#   3. benchmarks/seed_study.py on the embedded dataset: true-float32 AdvCAM seeds against the fast path.
+#   3. the same with cudnn.benchmark, for the graphed variants;
+#   4. benchmarks/seed_study.py on the embedded dataset: true-float32 AdvCAM seeds against the fast paths.
 # Results go to $OUT (default benchmarks/results/device). Inputs: DATA (prepared dataset folder) and MODEL
 # (its classifier), default .devcarry/{synthetic,classifier.pt}; Python packages the machine lacks can come
 # as wheels in .whl/ (installed to /tmp/site).
@@ -43,10 +44,19 @@ timeout "${SPEED_LIMIT:-200}" "$PY" benchmarks/advcam_speed.py $SPEED_SHAPE --im
   --fast-variants --roofline --reference-images 2 --out "$OUT" 2>&1 | tee "$OUT/speed.log"
 echo "speed rc ${PIPESTATUS[0]}"
 
+stamp speed with cudnn.benchmark
+timeout "${CUDNN_LIMIT:-100}" "$PY" benchmarks/advcam_speed.py $SPEED_SHAPE --images 4 --device "$DEVICE" \
+  --fast-variants --variants ours-fast,ours-tf32-fast --cudnn-benchmark --skip-reference --tag cudnn-benchmark \
+  --out "$OUT" 2>&1 | tee "$OUT/speed-cudnn-benchmark.log"
+echo "speed (cudnn.benchmark) rc ${PIPESTATUS[0]}"
+
 stamp seeds
-FAST='cam.method=advcam;cam.advcam.precision=bf16;cam.advcam.channels_last=true;cam.advcam.fold_batchnorm=true;cam.advcam.cuda_graph=true'
-timeout "${SEEDS_LIMIT:-150}" "$PY" benchmarks/seed_study.py --data "$DATA" --model "$MODEL" --images "${SEED_IMAGES:-120}" \
-  --device "$DEVICE" --strict-fp32 --compare --variant fp32=cam.method=advcam --variant "fast=$FAST" \
+FAST='cam.advcam.channels_last=true;cam.advcam.fold_batchnorm=true;cam.advcam.cuda_graph=true'
+timeout "${SEEDS_LIMIT:-170}" "$PY" benchmarks/seed_study.py --data "$DATA" --model "$MODEL" --images "${SEED_IMAGES:-120}" \
+  --device "$DEVICE" --compare --variant fp32=cam.method=advcam \
+  --variant "tf32-fast=cam.method=advcam;cam.advcam.precision=tf32;$FAST" \
+  --variant "bf16-fast=cam.method=advcam;cam.advcam.precision=bf16;$FAST" \
+  --variant "bf16=cam.method=advcam;cam.advcam.precision=bf16" \
   --out "$OUT/seeds-precision.json" 2>&1 | tee "$OUT/seeds.log"
 echo "seeds rc ${PIPESTATUS[0]}"
 stamp done

@@ -222,13 +222,40 @@ def test_channels_last_and_graph_options_keep_the_maps(model64, image64):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and bf16 on the GPU need a GPU (device run)")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_cuda_graph_replays_the_eager_loop(precision):
+    from advcam.attribution import advcam as adv
+
     model = TinyCAMNet().float().eval().cuda()
     torch.manual_seed(4)
-    image = torch.randn(3, 61, 47, device="cuda")
+    image, other = torch.randn(3, 61, 47, device="cuda"), torch.randn(3, 61, 47, device="cuda")
     eager = climb(model, image, [0, 1, 4], steps=9, precision=precision)
-    graphed = climb(model, image, [0, 1, 4], steps=9, precision=precision, cuda_graph=True)
-    assert rel_err(graphed, eager) < 1e-5
+    captured = climb(model, image, [0, 1, 4], steps=9, precision=precision, cuda_graph=True)  # first call: capture
+    assert rel_err(captured, eager) < 1e-5
+    entries = adv._GRAPH_CACHE[model]
+    assert len(entries) == 1
+    # later calls with the same size and class count replay the graphs with new images and classes
+    replayed = climb(model, other, [2, 3, 0], steps=9, precision=precision, cuda_graph=True)
+    assert len(entries) == 1
+    assert rel_err(replayed, climb(model, other, [2, 3, 0], steps=9, precision=precision)) < 1e-5
+    assert rel_err(climb(model, image, [0, 1, 4], steps=9, precision=precision, cuda_graph=True), eager) < 1e-5
+    # a new class count is a new setting; a non-finite step is still named under replay
+    climb(model, image, [1], steps=9, precision=precision, cuda_graph=True)
+    assert len(entries) == 2
     with pytest.raises(AdvcamError, match=r"non-finite .* at step 1 of 9"):
         climb(model, image, [0], steps=9, xi=float("nan"), cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 flags matter on a GPU only (device run)")
+def test_precision_sets_tf32_for_the_climb_only():
+    model = TinyCAMNet().float().eval().cuda()
+    seen = []
+    hook = model.backbone[0].register_forward_hook(lambda m, i, o: seen.append(torch.backends.cudnn.allow_tf32))
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        image = torch.randn(3, 32, 32, device="cuda")
+        climb(model, image, [0], steps=2, precision="fp32")
+        climb(model, image, [0], steps=2, precision="tf32")
+    finally:
+        hook.remove()
+    assert seen == [False, False, True, True] and torch.backends.cudnn.allow_tf32 == before

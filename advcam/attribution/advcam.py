@@ -25,8 +25,12 @@ normalisation), ``cumulative_mask`` (``M_t = M_{t-1} OR 1(A/max A > tau)``), ``s
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Mapping, Sequence
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +47,7 @@ DEFAULTS: dict[str, Any] = {"steps": 27, "xi": 0.08, "lam": 7.0, "tau": 0.5, "ha
                             "fold_batchnorm": False}
 OPTIONS = ("flip", "sign_steps", "cumulative_mask", "suppress_image_classes_only", "backend", "callback",
            "precision", "channels_last", "cuda_graph")
-PRECISIONS = ("fp32", "bf16")
-GRAPH_WARMUP = 3  # eager steps (on a side stream) before a CUDA graph of one step is captured
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def gradcam_scale(cam_c: torch.Tensor, weight_c: torch.Tensor) -> torch.Tensor:
@@ -86,10 +89,13 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
     class: ``x`` (the images x_t, ``(n * nf, 3, H, W)``), ``map`` (A(x_t), ``(n, h, w)``), ``score`` and
     ``others`` (y_c and the sum of the other classes' y, summed over the flips, ``(n,)``) and ``l1`` (the
     masked L1 term, ``(n,)``); for diagnostics (``benchmarks/seed_study.py --trace``), it changes nothing.
-    Speed options (off by default; they change rounding, not the method): ``precision`` (``fp32``, or
-    ``bf16``: the network under bf16 autocast, the maps, loss and image update in the image's dtype),
-    ``channels_last`` (the network sees NHWC input), ``cuda_graph`` (CUDA only, ignored with a callback:
-    after a few eager steps, one step is captured as a CUDA graph and replayed for the rest of the loop).
+    Speed options (off by default; they change rounding, not the method): ``precision`` (``fp32``: true float32,
+    TF32 off on CUDA; ``tf32``: TF32 tensor-core convolutions on CUDA, the same as fp32 elsewhere; ``bf16``: the
+    network under bf16 autocast, the maps, loss and image update in the image's dtype), ``channels_last`` (the
+    network sees NHWC input), ``cuda_graph`` (CUDA only, 3 steps or more, ignored with a callback: the first
+    call of a setting runs two steps eagerly and captures step 0, a middle step and the last forward as CUDA
+    graphs; later calls with the same image size, class count, options and model replay them; up to
+    ``GRAPH_CACHE_SIZE`` settings per model are kept, each holding one step's activations on the device).
     Returns ``(n, h, w)`` in the image's dtype, unnormalised. Raises AdvcamError on bad input and on
     non-finite maps or gradients (naming the step).
     """
@@ -108,9 +114,8 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
     if precision not in PRECISIONS:
         raise AdvcamError(f"cam.advcam.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     channels_last = bool(options.get("channels_last", False))
-    graph_ok = (bool(options.get("cuda_graph", False)) and image.is_cuda and callback is None
-                and int(steps) - 1 > GRAPH_WARMUP)
     n, steps = len(classes), int(steps)
+    graph_ok = bool(options.get("cuda_graph", False)) and image.is_cuda and callback is None and steps >= 3
     if n == 0:
         with torch.no_grad():
             h, w = model.cam(image[None]).shape[-2:]
@@ -119,40 +124,56 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
     nf = 2 if flip else 1
     base = torch.stack([image, image.flip(-1)]) if flip else image[None]
     x = base.detach().repeat(n, 1, 1, 1).contiguous()  # (n * nf, 3, H, W): one climbing image per class
-    cls = torch.as_tensor(classes, device=image.device)
-    rows = torch.arange(n, device=image.device)
-    weight_c = model.classifier.weight.reshape(model.classifier.weight.shape[0], -1)[cls]
-    own = torch.zeros(n, model.classifier.weight.shape[0], dtype=image.dtype, device=image.device)
-    own[:, cls] = 1.0  # the image's classes, for suppress_image_classes_only
-
-    bf16 = precision == "bf16"
     big_c = model.classifier.weight.shape[0]
-    state: dict[str, Any] = {"acc": None, "a0": None, "mask": None}
+    cls = torch.as_tensor(classes, device=image.device)
+    own = torch.zeros(n, big_c, dtype=image.dtype, device=image.device)
+    own[:, cls] = 1.0  # the image's classes, for suppress_image_classes_only
+    graphs: _Graphs | None = None
+    if graph_ok:
+        key = (tuple(x.shape), x.dtype, n, flip, float(xi), float(lam), float(tau), sign_steps, cumulative,
+               image_only, str(backend), precision, channels_last,
+               tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())))
+        graphs = _cached_graphs(model, key)
+    if graphs is not None:  # the same setting was captured before: refill its static inputs
+        buf = graphs.buf
+        buf.x.copy_(x)
+        buf.cls.copy_(cls)
+        buf.own.copy_(own)
+    else:
+        buf = _Buffers(x, cls, own, torch.arange(n, device=image.device))
+    bf16 = precision == "bf16"
 
-    def evaluate(xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class maps ``(n, nf, C, h, w)`` in the image's dtype and the flip-merged Grad-CAM ``A`` ``(n, h, w)``."""
+    def evaluate(xx: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class maps ``(n, nf, C, h, w)`` in the image's dtype and the flip-merged Grad-CAM ``A`` ``(n, h, w)``;
+        at step 0 (``first``) A(x_0) is kept and the accumulator cleared."""
         inp = xx.contiguous(memory_format=torch.channels_last) if channels_last else xx
         with torch.autocast(device_type=xx.device.type, dtype=torch.bfloat16, enabled=bf16):
             cams = model.cam(inp)
         cams = cams.to(xx.dtype)
         cams = cams.view(n, nf, big_c, *cams.shape[-2:])
-        cam_c = cams[rows, :, cls]  # (n, nf, h, w)
+        cam_c = cams[buf.rows, :, buf.cls]  # (n, nf, h, w)
+        weight_c = model.classifier.weight.reshape(big_c, -1)[buf.cls]
         a_b = F.relu(cam_c) * gradcam_scale(cam_c, weight_c)[..., None, None]
         a = a_b[:, 0] + a_b[:, 1].flip(-1) if flip else a_b[:, 0]
-        if state["a0"] is None:  # step 0
-            state["acc"] = torch.zeros_like(a.detach()).contiguous()
-            state["a0"] = a.detach().clone()
-            state["mask"] = torch.zeros_like(state["a0"], dtype=torch.bool) if cumulative else None
+        if first and buf.a0 is None:
+            buf.acc = torch.zeros_like(a.detach()).contiguous()
+            buf.a0 = a.detach().clone()
+            buf.mask = torch.zeros_like(buf.a0, dtype=torch.bool) if cumulative else None
+        elif first:  # static buffers of a captured setting
+            buf.acc.zero_()
+            buf.a0.copy_(a.detach())
+            if buf.mask is not None:
+                buf.mask.zero_()
         return cams, a
 
-    def scores(t: int, xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def scores(t: int, xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Step ``t`` up to the loss: (loss, finite flag of A); accumulates A into ``acc``."""
-        cams, a = evaluate(xx)
-        l1 = masked_l1(a, state["a0"], tau, acc=state["acc"], backend=backend, mask=state["mask"])
+        cams, a = evaluate(xx, t == 0)
+        l1 = masked_l1(a, buf.a0, tau, acc=buf.acc, backend=backend, mask=buf.mask)
         ok = torch.isfinite(a.detach()).all()
         y = F.relu(cams).mean((-2, -1))  # (n, nf, C)
-        y_c = y[rows, :, cls]  # (n, nf)
-        others = (y * own[:, None]).sum(-1) if image_only else y.sum(-1)  # includes y_c
+        y_c = y[buf.rows, :, buf.cls]  # (n, nf)
+        others = (y * buf.own[:, None]).sum(-1) if image_only else y.sum(-1)  # includes y_c
         if callback is not None:
             callback(t, {"x": xx.detach().clone(), "map": a.detach(), "score": y_c.detach().sum(1),
                          "others": (others - y_c).detach().sum(1), "l1": l1.detach()})
@@ -160,43 +181,118 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
 
     def step(t: int) -> torch.Tensor:
         """One climbing step on ``x`` in place (the map of x_t is accumulated); returns its finite flag."""
-        xg = x.detach().requires_grad_(True)
+        xg = buf.x.detach().requires_grad_(True)
         with torch.enable_grad():
             loss, ok = scores(t, xg)
             (g,) = torch.autograd.grad(loss, xg)
         if sign_steps:
             g = g.sign()
-        gmax = ascent_step_(x.view(n, -1), g.reshape(n, -1), xi, backend=backend)
+        gmax = ascent_step_(buf.x.view(n, -1), g.reshape(n, -1), xi, backend=backend)
         return ok & torch.isfinite(gmax).all()
 
+    def last() -> torch.Tensor:
+        """The last image: its map is accumulated, no update follows."""
+        with torch.no_grad():
+            return scores(steps - 1, buf.x)[1]
+
     finite: list[torch.Tensor] = []  # one flag per step, checked once at the end (no per-step device sync)
-    with frozen(model):  # input gradients only
-        t = 0
-        if graph_ok:  # eager warm-up steps (all but step 0 on a side stream), then one captured step replayed
-            finite.append(step(0))  # allocates acc / a0 on the current stream
-            side = torch.cuda.Stream(device=x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
+    with frozen(model), _tf32(precision == "tf32" if image.is_cuda else None):  # input gradients only
+        if graph_ok and graphs is None:  # first time: two eager steps, capture, replay the rest
+            finite.append(step(0))  # allocates the static buffers on the current stream
+            side = torch.cuda.Stream(device=image.device)  # warm-up on a side stream, as capture requires
+            side.wait_stream(torch.cuda.current_stream(image.device))
             with torch.cuda.stream(side):
-                for t in range(1, GRAPH_WARMUP):
-                    finite.append(step(t))
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                ok_static = step(GRAPH_WARMUP)
-            for t in range(GRAPH_WARMUP, steps - 1):
-                graph.replay()
-                finite.append(ok_static.clone())
+                finite.append(step(1))
+            torch.cuda.current_stream(image.device).wait_stream(side)
+            graphs = _Graphs(buf)
+            graphs.capture("first", lambda: step(0))  # captured, not run: the state is untouched
+            graphs.capture("step", lambda: step(1))
+            graphs.capture("last", last)
+            _store_graphs(model, key, graphs)
+            finite += [graphs.replay("step") for _ in range(2, steps - 1)]
+            finite.append(graphs.replay("last"))
+        elif graphs is not None:
+            finite.append(graphs.replay("first"))
+            finite += [graphs.replay("step") for _ in range(1, steps - 1)]
+            finite.append(graphs.replay("last"))
         else:
-            for t in range(steps - 1):
-                finite.append(step(t))
-        with torch.no_grad():  # the last image: its map is accumulated, no update follows
-            finite.append(scores(steps - 1, x)[1])
+            finite += [step(t) for t in range(steps - 1)]
+            finite.append(last())
     ok = torch.stack(finite).cpu()
     if not bool(ok.all()):
         bad = int((~ok).nonzero()[0, 0])
         raise AdvcamError(f"AdvCAM: non-finite attribution map or gradient at step {bad} of {steps} "
                           f"(classes {classes}, xi {xi}, lam {lam}); try a smaller cam.advcam.xi")
-    return state["acc"]
+    return buf.acc.clone() if graphs is not None else buf.acc
+
+
+@dataclass
+class _Buffers:
+    """The tensors a climbing step reads and writes in place (static across replays of a CUDA graph)."""
+
+    x: torch.Tensor
+    cls: torch.Tensor
+    own: torch.Tensor
+    rows: torch.Tensor
+    a0: torch.Tensor | None = None
+    acc: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+class _Graphs:
+    """CUDA graphs of one climbing setting (step 0, a middle step, the last forward) in one memory pool.
+
+    They are replayed in the order they were captured, never concurrently, which is what pool sharing needs;
+    each graph's finite flag is copied out right after its replay."""
+
+    def __init__(self, buf: _Buffers):
+        self.buf, self.pool = buf, torch.cuda.graph_pool_handle()
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.flags: dict[str, torch.Tensor] = {}
+
+    def capture(self, name: str, fn: Callable[[], torch.Tensor]) -> None:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.flags[name] = fn()
+        self.graphs[name] = graph
+
+    def replay(self, name: str) -> torch.Tensor:
+        self.graphs[name].replay()
+        return self.flags[name].clone()
+
+
+GRAPH_CACHE_SIZE = 8  # captured settings kept per model (image size x class count x scale), least recent dropped
+_GRAPH_CACHE: "weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, _Graphs]]" = weakref.WeakKeyDictionary()
+
+
+def _cached_graphs(model: nn.Module, key: tuple) -> _Graphs | None:
+    entries = _GRAPH_CACHE.get(model)
+    if entries is None or key not in entries:
+        return None
+    entries.move_to_end(key)
+    return entries[key]
+
+
+def _store_graphs(model: nn.Module, key: tuple, graphs: _Graphs) -> None:
+    entries = _GRAPH_CACHE.setdefault(model, OrderedDict())
+    entries[key] = graphs
+    while len(entries) > GRAPH_CACHE_SIZE:
+        entries.popitem(last=False)
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool | None) -> Iterator[None]:
+    """TF32 tensor-core convolutions and matmuls on (``precision: tf32``) or off (fp32: true float32; bf16), restored
+    after; ``None`` (CPU) leaves the flags alone."""
+    if enabled is None:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def steps_for_scale(steps: int, scale: float, half_steps_at_half_scale: bool = True) -> int:
