@@ -33,7 +33,7 @@ VOC_IMAGES = 10_582          # SBD train_aug
 VOC_CLASSES_PER_IMAGE = 1.55  # ground-truth classes per VOC image (the climbing runs once per class)
 VOC_HW = (375, 500)          # the typical VOC image (most are 500 x 375 or 375 x 500)
 REFERENCE_AUTHOR = (14.0, 4)  # the AdvCAM author's figure: about 14 h on 4 GPUs for train_aug
-VARIANTS = ("ours-extension", "ours-fallback", "reference")
+VARIANTS = ("ours-extension", "ours-fallback", "ours-tf32-fast", "ours-fast", "reference")
 
 
 def per_image_seconds(result: dict[str, Any], variant: str, classes_per_image: float,
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[tuple[str, float]] = []
     notes = []
     for path, result in load_results(args.results):
-        where = f"{result.get('device', path.stem)}, {result.get('model', '?')}"
+        where = f"{path.stem}, {result.get('model', '?')}"
         for variant in VARIANTS:
             t = per_image_seconds(result, variant, args.classes_per_image, args.scale_pixels)
             if t is not None:
