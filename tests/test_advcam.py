@@ -244,6 +244,8 @@ def test_cuda_graph_replays_the_eager_loop(precision):
     assert len(entries) == 2
     with pytest.raises(AdvcamError, match=r"non-finite .* at step 1 of 9"):
         climb(model, image, [0], steps=9, xi=float("nan"), cuda_graph=True)
+    adv.clear_graphs(model)
+    assert model not in adv._GRAPH_CACHE
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 flags matter on a GPU only (device run)")

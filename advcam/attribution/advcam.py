@@ -17,7 +17,10 @@ reference's hook gradients carry no graph), so no Grad-CAM backward is needed. T
 because its image is never evaluated).
 
 Fast path: every class and both flips in one batch (each class climbs its own copy), gradients w.r.t. the
-input only, the whole loop on the model's device, and the fused ops of :mod:`advcam.ops`.
+input only, the whole loop on the model's device, and the fused ops of :mod:`advcam.ops`. Speed options (off
+by default; measured in benchmarks/gpu_notes.md): ``precision`` tf32 / bf16, ``channels_last``,
+``fold_batchnorm`` (:func:`prepare_model`) and ``cuda_graph`` (captured steps cached per model;
+:func:`clear_graphs` frees them).
 
 Deviations (options, all off by default): ``sign_steps`` (``xi * sign(g)`` instead of max-abs
 normalisation), ``cumulative_mask`` (``M_t = M_{t-1} OR 1(A/max A > tau)``), ``suppress_image_classes_only``
@@ -265,6 +268,14 @@ GRAPH_CACHE_SIZE = 8  # captured settings kept per model (image size x class cou
 _GRAPH_CACHE: "weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, _Graphs]]" = weakref.WeakKeyDictionary()
 
 
+def clear_graphs(model: nn.Module | None = None) -> None:
+    """Drop the cached CUDA graphs (and their device memory) of ``model``, or of every model."""
+    if model is None:
+        _GRAPH_CACHE.clear()
+    else:
+        _GRAPH_CACHE.pop(model, None)
+
+
 def _cached_graphs(model: nn.Module, key: tuple) -> _Graphs | None:
     entries = _GRAPH_CACHE.get(model)
     if entries is None or key not in entries:
@@ -364,4 +375,5 @@ def advcam_maps(model: nn.Module, image: torch.Tensor, classes: Sequence[int], c
     return out
 
 
-__all__ = ["climb", "advcam_maps", "advcam_params", "prepare_model", "steps_for_scale", "gradcam_scale", "DEFAULTS"]
+__all__ = ["climb", "advcam_maps", "advcam_params", "prepare_model", "clear_graphs", "steps_for_scale", "gradcam_scale",
+           "DEFAULTS"]
