@@ -429,7 +429,8 @@ def main(argv=None) -> int:
     rows["op-eager"] = {"s_per_step": ops["fallback"], "speedup_fused": ops["fallback"] / ops["extension"],
                         "tb_per_s": nbytes / ops["fallback"] / 1e12}
     if "extension-graph" in ops:
-        rows["op-fused"].update(graph_s_per_step=ops["extension-graph"], graph_tb_per_s=nbytes / ops["extension-graph"] / 1e12)
+        rows["op-fused"].update(graph_s_per_step=ops["extension-graph"],
+                                graph_tb_per_s=nbytes / ops["extension-graph"] / 1e12)
         rows["op-eager"].update(graph_s_per_step=ops["fallback-graph"],
                                 graph_speedup_fused=ops["fallback-graph"] / ops["extension-graph"])
     save()
