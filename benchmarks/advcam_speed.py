@@ -305,6 +305,26 @@ def map_corr(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(torch.corrcoef(torch.stack([u, v]))[0, 1])
 
 
+# the optional parts of a table row: (key that must be present, text)
+VARIANT_NOTES = [
+    ("speedup_vs_reference", lambda r: f", {r['speedup_vs_reference']:.1f}x vs reference"),
+    ("fraction_of_bf16_matmul",
+     lambda r: f", {r['tflops']:.0f} TFLOP/s = {100 * r['fraction_of_bf16_matmul']:.1f}% of bf16 matmul"),
+    ("map_corr_vs_fp32", lambda r: f", maps r={r['map_corr_vs_fp32']:.5f} vs ours fp32"),
+    ("max_rel_diff_vs_ours_fp32", lambda r: f", max rel diff {r['max_rel_diff_vs_ours_fp32']:.1e}"),
+]
+OP_NOTES = [
+    ("fraction_of_copy", lambda r: f" ({100 * r['fraction_of_copy']:.0f}% of copy)"),
+    ("graph_s_per_step", lambda r: f"; graphed {r['graph_s_per_step'] * 1e6:.1f} us"),
+    ("graph_fraction_of_copy", lambda r: f" ({100 * r['graph_fraction_of_copy']:.0f}% of copy)"),
+    ("graph_speedup_fused", lambda r: f", fused {r['graph_speedup_fused']:.2f}x as fast"),
+]
+
+
+def notes(row: dict, spec) -> str:
+    return "".join(text(row) for key, text in spec if key in row)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="resnet_small", choices=["resnet_small", "resnet50"])
@@ -458,28 +478,12 @@ def main(argv=None) -> int:
         if "error" in r:
             print(f"{name:<20}{'failed':>14}  {r['error'][:100]}")
         elif "s_per_image" in r:
-            note = f"{r['s_per_class']:.3f} s/class"
-            if "speedup_vs_reference" in r:
-                note += f", {r['speedup_vs_reference']:.1f}x vs reference"
-            if "fraction_of_bf16_matmul" in r:
-                note += f", {r['tflops']:.0f} TFLOP/s = {100 * r['fraction_of_bf16_matmul']:.1f}% of bf16 matmul"
-            if "map_corr_vs_fp32" in r:
-                note += f", maps r={r['map_corr_vs_fp32']:.5f} vs ours fp32"
-            if "max_rel_diff_vs_ours_fp32" in r:
-                note += f", max rel diff {r['max_rel_diff_vs_ours_fp32']:.1e}"
+            note = f"{r['s_per_class']:.3f} s/class" + notes(r, VARIANT_NOTES)
             print(f"{name:<20}{r['s_per_image']:>10.3f} s/im  {note}")
         else:
             note = (f"fused op is {r['speedup_fused']:.2f}x as fast" if "speedup_fused" in r
                     else f"maps {r['shape_maps']}, {r['bytes'] / 1e6:.1f} MB")
-            note += f", {r['tb_per_s']:.2f} TB/s"
-            if "fraction_of_copy" in r:
-                note += f" ({100 * r['fraction_of_copy']:.0f}% of copy)"
-            if "graph_s_per_step" in r:
-                note += f"; graphed {r['graph_s_per_step'] * 1e6:.1f} us"
-                if "graph_fraction_of_copy" in r:
-                    note += f" ({100 * r['graph_fraction_of_copy']:.0f}% of copy)"
-                if "graph_speedup_fused" in r:
-                    note += f", fused {r['graph_speedup_fused']:.2f}x as fast"
+            note += f", {r['tb_per_s']:.2f} TB/s" + notes(r, OP_NOTES)
             print(f"{name:<20}{r['s_per_step'] * 1e6:>10.1f} us/st  {note}")
     for key in ("step_parts_scale1", "step_parts_scale1_fp32"):
         if key in extra:
