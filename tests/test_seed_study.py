@@ -87,3 +87,33 @@ def test_trace_averages_one_climb_per_image_and_class(prepared):
 def test_bad_variant_is_named():
     with pytest.raises(SystemExit, match="--variant 'oops'"):
         load_study().parse_variant("oops")
+
+
+def test_compare_reports_how_speed_options_move_the_maps(prepared, tmp_path):
+    cfg, data, model = prepared
+    info = load_info(data)
+    out = tmp_path / "compare.json"
+    sets = [arg for item in [*TINY, "cam.advcam.steps=3"] for arg in ("--set", item)]
+    fast = "cam.advcam.fold_batchnorm=true;cam.advcam.channels_last=true;cam.advcam.precision=tf32"
+    assert load_study().main(["--data", str(data), "--model", str(model), "--params", str(tmp_path / "none.yaml"),
+                              "--images", "4", "--compare", "--device", "cpu", *sets,
+                              "--variant", "fp32=cam.method=advcam", "--variant", f"fast=cam.method=advcam;{fast}",
+                              "--variant", "cam=cam.method=cam", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert "maps_vs_first" not in rows["fp32"] and result["device"]
+    # folding BatchNorm and NHWC change float rounding only; plain CAM is a different map
+    assert rows["fast"]["maps_vs_first"]["pooled"] > 0.999
+    assert 0 < rows["fast"]["maps_vs_first"]["max_abs_diff"] < 0.05  # the options took effect, within rounding
+    assert rows["cam"]["maps_vs_first"]["pooled"] < rows["fast"]["maps_vs_first"]["pooled"]
+    assert len(info.lists["infer"]) >= 4
+
+
+def test_map_agreement_is_pearson_over_pixels():
+    study = load_study()
+    rng = np.random.default_rng(0)
+    a = {"i": {"high_res": rng.random((2, 5, 6)).astype(np.float32)}}
+    same = study.map_agreement(a, {"i": {"high_res": a["i"]["high_res"] * 2 + 1}})  # affine: r = 1
+    assert same["pooled"] == pytest.approx(1.0) and same["min_image"] == pytest.approx(1.0)
+    flipped = study.map_agreement(a, {"i": {"high_res": 1 - a["i"]["high_res"]}})
+    assert flipped["pooled"] == pytest.approx(-1.0) and flipped["max_abs_diff"] > 0
