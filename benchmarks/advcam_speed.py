@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,7 @@ from advcam.attribution.advcam import _tf32, advcam_maps, prepare_model, steps_f
 from advcam.attribution.cam import resize_image
 from advcam.models import build_classifier
 from advcam.ops import ascent_step_, masked_l1
-from advcam.utils.device import frozen
+from advcam.utils.device import device_name, frozen
 from advcam.utils.io import write_json
 
 
@@ -94,21 +92,6 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int = 1) -> tupl
         out = fn()
     sync(device)
     return (time.perf_counter() - t0) / reps, out
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or "unknown"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1]
-                    break
-        except OSError:
-            pass
-    return f"{device.type}-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -192,7 +175,6 @@ def ceilings(device: torch.device, copy_mib: int = 2048, matmul_n: int = 8192, r
     a = torch.randn(matmul_n, matmul_n, device=device, dtype=torch.bfloat16)
     b = torch.randn(matmul_n, matmul_n, device=device, dtype=torch.bfloat16)
     mm_ms = median_ms(lambda: a @ b, device, reps)
-    del src, dst, a, b
     return {"copy_bytes": 2 * copy_mib * 2**20, "copy_ms": copy_ms,
             "copy_tb_per_s": 2 * copy_mib * 2**20 / copy_ms / 1e9,
             "matmul_n": matmul_n, "matmul_ms": mm_ms, "bf16_matmul_tflops": 2 * matmul_n**3 / mm_ms / 1e9}

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from advcam.data import load_info
 from advcam.data.transforms import normalize
 from advcam.metrics import mean_iou, seed_confusions, seeds_from_cams
 from advcam.models import load_classifier
+from advcam.utils.device import device_name
 from advcam.utils.progress import progress
 
 RESULTS = Path(__file__).resolve().parent / "results" / "seed_study"
@@ -162,12 +162,6 @@ def map_agreement(ref: dict[str, dict], other: dict[str, dict]) -> dict[str, flo
             "max_abs_diff": max(float(np.abs(x - y).max()) for x, y in zip(a, b))}
 
 
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="prepared dataset folder (advcam prepare --out)")
@@ -226,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     today = dt.date.today().isoformat()
     out = Path(args.out) if args.out else RESULTS / f"{today}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": today, "device": device_label(device), "strict_fp32": args.strict_fp32,
+    out.write_text(json.dumps({"date": today, "device": device_name(device), "strict_fp32": args.strict_fp32,
                                "torch": torch.__version__, "threads": torch.get_num_threads(),
                                "data": str(args.data), "model": str(args.model), "images": len(ids),
                                "rows": rows}, indent=2) + "\n")

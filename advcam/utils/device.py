@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 import random
+import re
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -37,3 +40,19 @@ def frozen(module: nn.Module) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+def device_name(device: torch.device) -> str:
+    """A file-name-safe label of the hardware: ``cuda-<GPU name>`` or ``cpu-<CPU model name>`` (benchmarks)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or "unknown"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1]
+                    break
+        except OSError:
+            pass
+    return f"{device.type}-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown")
