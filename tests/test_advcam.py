@@ -262,3 +262,21 @@ def test_precision_sets_tf32_for_the_climb_only():
     finally:
         hook.remove()
     assert seen == [False, False, True, True] and torch.backends.cudnn.allow_tf32 == before
+
+
+@pytest.mark.parametrize("option", [{}, {"suppress_image_classes_only": True}, {"flip": False}])
+def test_climbing_images_together_gives_each_image_its_own_maps(model64, option):
+    from advcam.attribution.advcam import climb_images
+
+    torch.manual_seed(5)
+    images = [torch.randn(3, 27, 33, dtype=torch.float64) for _ in range(3)]
+    classes = [[1, 3], [], [0, 2, 4]]
+    together = climb_images(model64, images, classes, steps=5, **option)
+    assert [m.shape[0] for m in together] == [2, 0, 3] and together[1].shape == (0, 7, 9)
+    for image, cs, maps in zip(images, classes, together):
+        if cs:  # rows are independent: the maps of climbing the image alone (float64: rounding only)
+            assert rel_err(maps, climb(model64, image, cs, steps=5, **option)) < 1e-10
+    with pytest.raises(AdvcamError, match="one size"):
+        climb_images(model64, [images[0], torch.randn(3, 20, 20, dtype=torch.float64)], [[1], [2]], steps=2)
+    with pytest.raises(AdvcamError, match="2 images but 1 class lists"):
+        climb_images(model64, images[:2], [[1]], steps=2)

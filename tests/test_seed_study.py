@@ -117,3 +117,22 @@ def test_map_agreement_is_pearson_over_pixels():
     assert same["pooled"] == pytest.approx(1.0) and same["min_image"] == pytest.approx(1.0)
     flipped = study.map_agreement(a, {"i": {"high_res": 1 - a["i"]["high_res"]}})
     assert flipped["pooled"] == pytest.approx(-1.0) and flipped["max_abs_diff"] > 0
+
+
+def test_cams_stage_batching_images_writes_the_same_files(prepared, tmp_path):
+    cfg, data, model = prepared
+    files = {}
+    for batch in (1, 4):
+        out = tmp_path / f"cams{batch}"
+        run_cfg = config.load(None, [*TINY, "cam.method=advcam", "cam.advcam.steps=3",
+                                     f"cam.advcam.batch_images={batch}"])
+        cams.run(run_cfg, data, model, out, tmp_path / f"seeds{batch}.json", tmp_path / f"curve{batch}.csv")
+        files[batch] = {p.name: np.load(p) for p in sorted(out.glob("*.npz"))}
+    assert files[1].keys() == files[4].keys() and len(files[1]) == len(load_info(data).lists["infer"])
+    for name, single in files[1].items():  # the same maps; a batch of 4 may round differently (conv algorithm)
+        assert np.array_equal(single["keys"], files[4][name]["keys"])
+        for key in ("cam", "high_res"):
+            assert single[key].shape == files[4][name][key].shape
+            assert np.abs(single[key] - files[4][name][key]).max() < 1e-3, (name, key)
+    seeds = [json.loads((tmp_path / f"seeds{b}.json").read_text())["seed_miou"] for b in (1, 4)]
+    assert seeds[0] == pytest.approx(seeds[1], abs=5e-3)

@@ -102,12 +102,33 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
     Returns ``(n, h, w)`` in the image's dtype, unnormalised. Raises AdvcamError on bad input and on
     non-finite maps or gradients (naming the step).
     """
+    return climb_images(model, [image], [classes], steps=steps, xi=xi, lam=lam, tau=tau, **options)[0]
+
+
+def climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequence[Sequence[int]], *,
+                 steps: int = 27, xi: float = 0.08, lam: float = 7.0, tau: float = 0.5,
+                 **options: Any) -> list[torch.Tensor]:
+    """:func:`climb` for several images of one size in one batch: one ``(n_k, h, w)`` map per image.
+
+    Every climbing image is its own row of the batch (the loss is a sum over rows and the network, in eval
+    mode, treats rows independently), so each image's maps are those of :func:`climb` on it alone, up to float
+    rounding: a convolution may pick another algorithm for another batch size (in float64 they agree to
+    1e-10). Batching images cuts the per-step launch and framework overhead, which dominates on a GPU
+    (``cam.advcam.batch_images``)."""
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise AdvcamError(f"AdvCAM: unknown option(s) {sorted(unknown)} (known: {', '.join(OPTIONS)})")
     if int(steps) < 1:
         raise AdvcamError(f"cam.advcam.steps: must be >= 1, got {steps}")
-    classes = _check_inputs(model, image, classes)
+    if len(images) == 0 or len(images) != len(classes):
+        raise AdvcamError(f"AdvCAM: {len(images)} images but {len(classes)} class lists")
+    classes = [_check_inputs(model, im, cs) for im, cs in zip(images, classes)]
+    image = images[0]
+    if any(im.shape != image.shape for im in images):
+        raise AdvcamError("AdvCAM: the images of one batch must have one size, got "
+                          + ", ".join(str(tuple(im.shape)) for im in images))
+    counts = [len(cs) for cs in classes]
+    shown = classes[0] if len(classes) == 1 else classes  # for messages
     flip, backend = bool(options.get("flip", True)), options.get("backend")
     sign_steps = bool(options.get("sign_steps", False))
     cumulative = bool(options.get("cumulative_mask", False))
@@ -117,20 +138,25 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
     if precision not in PRECISIONS:
         raise AdvcamError(f"cam.advcam.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     channels_last = bool(options.get("channels_last", False))
-    n, steps = len(classes), int(steps)
+    n, steps = sum(counts), int(steps)
     graph_ok = bool(options.get("cuda_graph", False)) and image.is_cuda and callback is None and steps >= 3
     if n == 0:
         with torch.no_grad():
             h, w = model.cam(image[None]).shape[-2:]
-        return image.new_zeros((0, h, w))
+        return [image.new_zeros((0, h, w)) for _ in images]
 
     nf = 2 if flip else 1
-    base = torch.stack([image, image.flip(-1)]) if flip else image[None]
-    x = base.detach().repeat(n, 1, 1, 1).contiguous()  # (n * nf, 3, H, W): one climbing image per class
+    bases = [torch.stack([im, im.flip(-1)]) if flip else im[None] for im in images]
+    # (n * nf, 3, H, W): one climbing image per (image, class), with its flip
+    x = torch.cat([b.detach().repeat(k, 1, 1, 1) for b, k in zip(bases, counts) if k]).contiguous()
     big_c = model.classifier.weight.shape[0]
-    cls = torch.as_tensor(classes, device=image.device)
+    cls = torch.as_tensor([c for cs in classes for c in cs], device=image.device)
     own = torch.zeros(n, big_c, dtype=image.dtype, device=image.device)
-    own[:, cls] = 1.0  # the image's classes, for suppress_image_classes_only
+    start = 0
+    for cs in classes:  # each row's own image's classes, for suppress_image_classes_only
+        if cs:
+            own[start:start + len(cs), torch.as_tensor(cs, device=image.device)] = 1.0
+        start += len(cs)
     graphs: _Graphs | None = None
     if graph_ok:
         key = (tuple(x.shape), x.dtype, n, flip, float(xi), float(lam), float(tau), sign_steps, cumulative,
@@ -225,8 +251,10 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
     if not bool(ok.all()):
         bad = int((~ok).nonzero()[0, 0])
         raise AdvcamError(f"AdvCAM: non-finite attribution map or gradient at step {bad} of {steps} "
-                          f"(classes {classes}, xi {xi}, lam {lam}); try a smaller cam.advcam.xi")
-    return buf.acc.clone() if graphs is not None else buf.acc
+                          f"(classes {shown}, xi {xi}, lam {lam}); try a smaller cam.advcam.xi")
+    acc = buf.acc.clone() if graphs is not None else buf.acc
+    parts = iter(acc.split([k for k in counts if k]))
+    return [next(parts) if k else acc.new_zeros((0, *acc.shape[1:])) for k in counts]
 
 
 @dataclass
@@ -355,25 +383,39 @@ def advcam_maps(model: nn.Module, image: torch.Tensor, classes: Sequence[int], c
     (it is set before the loop reaches scale 1.0 and never reset), so it cancels in the max normalisation.
     ``callback`` goes to every :func:`climb` (diagnostics).
     """
+    return advcam_maps_images(model, [image], [classes], cfg_cam, None if image_id is None else [image_id],
+                              callback)[0]
+
+
+def advcam_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequence[Sequence[int]],
+                       cfg_cam: Any, image_ids: Sequence[str] | None = None,
+                       callback: Any = None) -> list[list[torch.Tensor]]:
+    """:func:`advcam_maps` for several images of one size, climbed together (:func:`climb_images`): per image,
+    its per-scale maps."""
     p = advcam_params(_get(cfg_cam, "advcam", None))
     scales = [float(s) for s in _get(cfg_cam, "scales", [1.0, 0.5, 1.5, 2.0])]
     flip = bool(_get(cfg_cam, "flip", True))
-    out = []
+    out: list[list[torch.Tensor]] = [[] for _ in images]
     for s in scales:
         try:
-            out.append(climb(model, resize_image(image, s), classes,
-                             steps=steps_for_scale(p["steps"], s, p["half_steps_at_half_scale"]),
-                             xi=float(p["xi"]), lam=float(p["lam"]), tau=float(p["tau"]), flip=flip,
-                             sign_steps=bool(p["sign_steps"]), cumulative_mask=bool(p["cumulative_mask"]),
-                             suppress_image_classes_only=bool(p["suppress_image_classes_only"]),
-                             backend=str(p["backend"]), precision=str(p["precision"]),
-                             channels_last=bool(p["channels_last"]), cuda_graph=bool(p["cuda_graph"]),
-                             callback=callback))
+            maps = climb_images(model, [resize_image(im, s) for im in images], classes,
+                                steps=steps_for_scale(p["steps"], s, p["half_steps_at_half_scale"]),
+                                xi=float(p["xi"]), lam=float(p["lam"]), tau=float(p["tau"]), flip=flip,
+                                sign_steps=bool(p["sign_steps"]), cumulative_mask=bool(p["cumulative_mask"]),
+                                suppress_image_classes_only=bool(p["suppress_image_classes_only"]),
+                                backend=str(p["backend"]), precision=str(p["precision"]),
+                                channels_last=bool(p["channels_last"]), cuda_graph=bool(p["cuda_graph"]),
+                                callback=callback)
         except AdvcamError as err:
-            where = f"image {image_id}, scale {s}" if image_id is not None else f"scale {s}"
+            if image_ids is None:
+                where = f"scale {s}"
+            else:
+                where = f"image{'s' if len(image_ids) > 1 else ''} {', '.join(map(str, image_ids))}, scale {s}"
             raise AdvcamError(f"{where}: {err}") from err
+        for k, m in enumerate(maps):
+            out[k].append(m)
     return out
 
 
-__all__ = ["climb", "advcam_maps", "advcam_params", "prepare_model", "clear_graphs", "steps_for_scale", "gradcam_scale",
-           "DEFAULTS"]
+__all__ = ["climb", "climb_images", "advcam_maps", "advcam_maps_images", "advcam_params", "prepare_model",
+           "clear_graphs", "steps_for_scale", "gradcam_scale", "DEFAULTS"]

@@ -141,22 +141,43 @@ def compute_maps(model: nn.Module, image: torch.Tensor, classes: Sequence[int], 
     ``image`` is a normalised ``(3, H, W)`` tensor (moved to the model's device here); ``classes`` are the
     image's 0-based foreground classes. The method is ``cfg_cam.method`` (a key of :data:`METHODS`).
     """
+    return compute_maps_images(model, [image], [classes], cfg_cam)[0]
+
+
+def compute_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequence[Sequence[int]],
+                        cfg_cam: Any) -> list[dict[str, np.ndarray]]:
+    """:func:`compute_maps` for several images. AdvCAM climbs those of one size together
+    (:func:`advcam.attribution.advcam.advcam_maps_images`; the maps are those of one image at a time up to float
+    rounding); the other methods take them one by one."""
     method = str(cfg_cam.method)
     if method not in METHODS:
         raise AdvcamError(f"cam.method: unknown attribution method {method!r} (known: {', '.join(sorted(METHODS))})")
-    keys = np.asarray(sorted({int(c) for c in classes}), dtype=np.int64)
-    size = (int(image.shape[-2]), int(image.shape[-1]))
-    if keys.size == 0:
-        small = strided_size(size, 4)
-        return {"keys": keys, "cam": np.zeros((0, *small), np.float32), "high_res": np.zeros((0, *size), np.float32)}
+    keys = [np.asarray(sorted({int(c) for c in cs}), dtype=np.int64) for cs in classes]
     param = next(iter(model.parameters()), None)
     if param is not None:
-        image = image.to(param.device)
-    maps = METHODS[method](model, image, keys.tolist(), cfg_cam)
-    with torch.no_grad():
-        cam, high = combine_scales([m.detach() for m in maps], size, model_stride(model))
-    return {"keys": keys, "cam": cam.cpu().numpy().astype(np.float32, copy=False),
-            "high_res": high.cpu().numpy().astype(np.float32, copy=False)}
+        images = [im.to(param.device) for im in images]
+    todo = [k for k, key in enumerate(keys) if key.size]
+    maps: dict[int, list[torch.Tensor]] = {}
+    if method == "advcam" and len(todo) > 1 and len({tuple(images[k].shape) for k in todo}) == 1:
+        from advcam.attribution.advcam import advcam_maps_images
+
+        climbed = advcam_maps_images(model, [images[k] for k in todo], [keys[k].tolist() for k in todo], cfg_cam)
+        maps = dict(zip(todo, climbed))
+    else:
+        maps = {k: METHODS[method](model, images[k], keys[k].tolist(), cfg_cam) for k in todo}
+    out = []
+    for k, (image, key) in enumerate(zip(images, keys)):
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        if not key.size:
+            small = strided_size(size, 4)
+            out.append({"keys": key, "cam": np.zeros((0, *small), np.float32),
+                        "high_res": np.zeros((0, *size), np.float32)})
+            continue
+        with torch.no_grad():
+            cam, high = combine_scales([m.detach() for m in maps[k]], size, model_stride(model))
+        out.append({"keys": key, "cam": cam.cpu().numpy().astype(np.float32, copy=False),
+                    "high_res": high.cpu().numpy().astype(np.float32, copy=False)})
+    return out
 
 
 def save_cam(path: str | Path, maps: dict[str, np.ndarray]) -> None:
@@ -193,5 +214,5 @@ def is_valid_cam(path: str | Path, size: tuple[int, int] | None = None) -> bool:
     return True
 
 
-__all__ = ["cam_at_scale", "combine_scales", "compute_maps", "plain_cam", "METHODS", "save_cam", "load_cam",
-           "is_valid_cam", "model_stride", "strided_size", "strided_up_size", "scaled_size", "resize_image"]
+__all__ = ["cam_at_scale", "combine_scales", "compute_maps", "compute_maps_images", "plain_cam", "METHODS",
+           "save_cam", "load_cam", "is_valid_cam", "model_stride", "strided_size", "strided_up_size", "scaled_size", "resize_image"]

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from advcam.attribution.advcam import prepare_model
-from advcam.attribution.cam import compute_maps, is_valid_cam, load_cam, save_cam
+from advcam.attribution.cam import compute_maps_images, is_valid_cam, load_cam, save_cam
 from advcam.config import Config
 from advcam.data import load_info
 from advcam.data.transforms import normalize
@@ -111,20 +111,37 @@ def cam_devices(name: str) -> list[str]:
 
 def compute_ids(cfg: Any, info: Any, ids: Sequence[str], model_path: Path, out: Path, device: str,
                 desc: str = "") -> None:
-    """Write ``out/<id>.npz`` for ``ids`` on one device (no checks of existing files)."""
+    """Write ``out/<id>.npz`` for ``ids`` on one device (no checks of existing files).
+
+    With AdvCAM and ``cam.advcam.batch_images`` > 1, up to that many consecutive images of one size climb
+    together (the maps are those of one image at a time, up to float rounding)."""
     model = load_classifier(model_path, map_location=device, num_classes=info.num_classes,
                             classes=info.classes).to(device).eval()
+    batch = 1
     if str(cfg.cam.method) == "advcam":
         model = prepare_model(model, cfg.cam)
+        batch = max(1, int(getattr(cfg.cam.advcam, "batch_images", 1)))
+    group: list[str] = []
     for image_id in progress(ids, desc=f"cams ({cfg.cam.method}){desc}", unit="img"):
-        image = normalize(info.read_image(image_id))
-        try:
-            maps = compute_maps(model, image, image_classes(info, image_id), cfg.cam)
-        except AdvcamError as err:
-            raise AdvcamError(f"image {image_id}: {err}") from err
-        if not (np.isfinite(maps["high_res"]).all() and np.isfinite(maps["cam"]).all()):
+        if group and (len(group) == batch or image_size(info, image_id) != image_size(info, group[0])):
+            _compute_group(model, cfg, info, group, model_path, out)
+            group = []
+        group.append(image_id)
+    if group:
+        _compute_group(model, cfg, info, group, model_path, out)
+
+
+def _compute_group(model: Any, cfg: Any, info: Any, group: list[str], model_path: Path, out: Path) -> None:
+    """The CAM files of ``group`` (images of one size), computed together."""
+    images = [normalize(info.read_image(image_id)) for image_id in group]
+    try:
+        maps = compute_maps_images(model, images, [image_classes(info, i) for i in group], cfg.cam)
+    except AdvcamError as err:
+        raise AdvcamError(f"image{'s' if len(group) > 1 else ''} {', '.join(group)}: {err}") from err
+    for image_id, m in zip(group, maps):
+        if not (np.isfinite(m["high_res"]).all() and np.isfinite(m["cam"]).all()):
             raise AdvcamError(f"image {image_id}: the classifier {model_path} produced non-finite class maps")
-        save_cam(out / f"{image_id}.npz", maps)
+        save_cam(out / f"{image_id}.npz", m)
 
 
 def _device_worker(rank: int, cfg_json: str, data: str, groups: list[list[str]], model_path: str, out: str,
