@@ -37,7 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from advcam.attribution.advcam import _tf32, advcam_maps, advcam_maps_images, prepare_model, steps_for_scale
+from advcam.attribution.advcam import advcam_maps, advcam_maps_images, prepare_model, steps_for_scale
+from advcam.attribution.graphs import tf32_mode
 from advcam.attribution.cam import resize_image
 from advcam.models import build_classifier
 from advcam.ops import ascent_step_, masked_l1
@@ -242,7 +243,7 @@ def step_parts(model, image, n_cls: int, options: dict, device, reps: int = 20) 
         ascent_step_(x.clone().view(n_cls, -1), g.view(n_cls, -1), 0.08, backend="extension")
 
     strict = options.get("precision", "fp32") == "tf32" if device.type == "cuda" else None
-    with frozen(model), _tf32(strict):  # fp32: true float32 on CUDA, as climb() runs it
+    with frozen(model), tf32_mode(strict):  # fp32: true float32 on CUDA, as climb() runs it
         f = median_ms(fwd_only, device, reps)
         fb = median_ms(fwd_bwd, device, reps)
         o = median_ms(ops, device, reps)

@@ -226,6 +226,7 @@ def test_channels_last_and_graph_options_keep_the_maps(model64, image64):
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_cuda_graph_replays_the_eager_loop(precision):
     from advcam.attribution import advcam as adv
+    from advcam.attribution import graphs
 
     model = TinyCAMNet().float().eval().cuda()
     torch.manual_seed(4)
@@ -233,7 +234,7 @@ def test_cuda_graph_replays_the_eager_loop(precision):
     eager = climb(model, image, [0, 1, 4], steps=9, precision=precision)
     captured = climb(model, image, [0, 1, 4], steps=9, precision=precision, cuda_graph=True)  # first call: capture
     assert rel_err(captured, eager) < 1e-5
-    entries = adv._GRAPH_CACHE[model]
+    entries = graphs._CACHE[model]
     assert len(entries) == 1
     # later calls with the same size and class count replay the graphs with new images and classes
     replayed = climb(model, other, [2, 3, 0], steps=9, precision=precision, cuda_graph=True)
@@ -246,7 +247,7 @@ def test_cuda_graph_replays_the_eager_loop(precision):
     with pytest.raises(AdvcamError, match=r"non-finite .* at step 1 of 9"):
         climb(model, image, [0], steps=9, xi=float("nan"), cuda_graph=True)
     adv.clear_graphs(model)
-    assert model not in adv._GRAPH_CACHE
+    assert model not in graphs._CACHE
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 flags matter on a GPU only (device run)")

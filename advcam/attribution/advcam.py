@@ -28,18 +28,15 @@ normalisation), ``cumulative_mask`` (``M_t = M_{t-1} OR 1(A/max A > tau)``), ``s
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import weakref
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from advcam.attribution.cam import resize_image
+from advcam.attribution.graphs import ClimbBuffers, StepGraphs, cached_graphs, clear_graphs, store_graphs, tf32_mode
 from advcam.ops import ascent_step_, masked_l1
 from advcam.utils.device import frozen
 from advcam.utils.errors import AdvcamError
@@ -98,7 +95,7 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
     network sees NHWC input), ``cuda_graph`` (CUDA only, 3 steps or more, ignored with a callback: the first
     call of a setting runs two steps eagerly and captures step 0, a middle step and the last forward as CUDA
     graphs; later calls with the same image size, class count, options and model replay them; up to
-    ``GRAPH_CACHE_SIZE`` settings per model are kept, each holding one step's activations on the device).
+    ``graphs.GRAPH_CACHE_SIZE`` settings per model are kept, each holding one step's activations on the device).
     Returns ``(n, h, w)`` in the image's dtype, unnormalised. Raises AdvcamError on bad input and on
     non-finite maps or gradients (naming the step).
     """
@@ -157,19 +154,19 @@ def climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequ
         if cs:
             own[start:start + len(cs), torch.as_tensor(cs, device=image.device)] = 1.0
         start += len(cs)
-    graphs: _Graphs | None = None
+    graphs: StepGraphs | None = None
     if graph_ok:
         key = (tuple(x.shape), x.dtype, n, flip, float(xi), float(lam), float(tau), sign_steps, cumulative,
                image_only, str(backend), precision, channels_last,
                tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())))
-        graphs = _cached_graphs(model, key)
+        graphs = cached_graphs(model, key)
     if graphs is not None:  # the same setting was captured before: refill its static inputs
         buf = graphs.buf
         buf.x.copy_(x)
         buf.cls.copy_(cls)
         buf.own.copy_(own)
     else:
-        buf = _Buffers(x, cls, own, torch.arange(n, device=image.device))
+        buf = ClimbBuffers(x, cls, own, torch.arange(n, device=image.device))
     bf16 = precision == "bf16"
 
     def evaluate(xx: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +222,7 @@ def climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequ
             return scores(steps - 1, buf.x)[1]
 
     finite: list[torch.Tensor] = []  # one flag per step, checked once at the end (no per-step device sync)
-    with frozen(model), _tf32(precision == "tf32" if image.is_cuda else None):  # input gradients only
+    with frozen(model), tf32_mode(precision == "tf32" if image.is_cuda else None):  # input gradients only
         if graph_ok and graphs is None:  # first time: two eager steps, capture, replay the rest
             finite.append(step(0))  # allocates the static buffers on the current stream
             side = torch.cuda.Stream(device=image.device)  # warm-up on a side stream, as capture requires
@@ -233,11 +230,11 @@ def climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequ
             with torch.cuda.stream(side):
                 finite.append(step(1))
             torch.cuda.current_stream(image.device).wait_stream(side)
-            graphs = _Graphs(buf)
+            graphs = StepGraphs(buf)
             graphs.capture("first", lambda: step(0))  # captured, not run: the state is untouched
             graphs.capture("step", lambda: step(1))
             graphs.capture("last", last)
-            _store_graphs(model, key, graphs)
+            store_graphs(model, key, graphs)
             finite += [graphs.replay("step") for _ in range(2, steps - 1)]
             finite.append(graphs.replay("last"))
         elif graphs is not None:
@@ -255,83 +252,6 @@ def climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequ
     acc = buf.acc.clone() if graphs is not None else buf.acc
     parts = iter(acc.split([k for k in counts if k]))
     return [next(parts) if k else acc.new_zeros((0, *acc.shape[1:])) for k in counts]
-
-
-@dataclass
-class _Buffers:
-    """The tensors a climbing step reads and writes in place (static across replays of a CUDA graph)."""
-
-    x: torch.Tensor
-    cls: torch.Tensor
-    own: torch.Tensor
-    rows: torch.Tensor
-    a0: torch.Tensor | None = None
-    acc: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-
-
-class _Graphs:
-    """CUDA graphs of one climbing setting (step 0, a middle step, the last forward) in one memory pool.
-
-    They are replayed in the order they were captured, never concurrently, which is what pool sharing needs;
-    each graph's finite flag is copied out right after its replay."""
-
-    def __init__(self, buf: _Buffers):
-        self.buf, self.pool = buf, torch.cuda.graph_pool_handle()
-        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
-        self.flags: dict[str, torch.Tensor] = {}
-
-    def capture(self, name: str, fn: Callable[[], torch.Tensor]) -> None:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.flags[name] = fn()
-        self.graphs[name] = graph
-
-    def replay(self, name: str) -> torch.Tensor:
-        self.graphs[name].replay()
-        return self.flags[name].clone()
-
-
-GRAPH_CACHE_SIZE = 8  # captured settings kept per model (image size x class count x scale), least recent dropped
-_GRAPH_CACHE: "weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, _Graphs]]" = weakref.WeakKeyDictionary()
-
-
-def clear_graphs(model: nn.Module | None = None) -> None:
-    """Drop the cached CUDA graphs (and their device memory) of ``model``, or of every model."""
-    if model is None:
-        _GRAPH_CACHE.clear()
-    else:
-        _GRAPH_CACHE.pop(model, None)
-
-
-def _cached_graphs(model: nn.Module, key: tuple) -> _Graphs | None:
-    entries = _GRAPH_CACHE.get(model)
-    if entries is None or key not in entries:
-        return None
-    entries.move_to_end(key)
-    return entries[key]
-
-
-def _store_graphs(model: nn.Module, key: tuple, graphs: _Graphs) -> None:
-    entries = _GRAPH_CACHE.setdefault(model, OrderedDict())
-    entries[key] = graphs
-    while len(entries) > GRAPH_CACHE_SIZE:
-        entries.popitem(last=False)
-
-
-@contextlib.contextmanager
-def _tf32(enabled: bool | None) -> Iterator[None]:
-    """TF32 tensor-core convolutions and matmuls on (``precision: tf32``) or off (fp32: true float32; bf16), restored
-    after; ``None`` (CPU) leaves the flags alone."""
-    if enabled is None:
-        yield
-        return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def steps_for_scale(steps: int, scale: float, half_steps_at_half_scale: bool = True) -> int:

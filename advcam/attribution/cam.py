@@ -215,4 +215,5 @@ def is_valid_cam(path: str | Path, size: tuple[int, int] | None = None) -> bool:
 
 
 __all__ = ["cam_at_scale", "combine_scales", "compute_maps", "compute_maps_images", "plain_cam", "METHODS",
-           "save_cam", "load_cam", "is_valid_cam", "model_stride", "strided_size", "strided_up_size", "scaled_size", "resize_image"]
+           "save_cam", "load_cam", "is_valid_cam", "model_stride", "strided_size", "strided_up_size", "scaled_size",
+           "resize_image"]
