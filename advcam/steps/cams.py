@@ -120,13 +120,16 @@ def compute_ids(cfg: Any, info: Any, ids: Sequence[str], model_path: Path, out: 
     batch = 1
     if str(cfg.cam.method) == "advcam":
         model = prepare_model(model, cfg.cam)
-        batch = max(1, int(getattr(cfg.cam.advcam, "batch_images", 1)))
+        batch = int(cfg.cam.advcam.batch_images)
     group: list[str] = []
+    group_size = None
     for image_id in progress(ids, desc=f"cams ({cfg.cam.method}){desc}", unit="img"):
-        if group and (len(group) == batch or image_size(info, image_id) != image_size(info, group[0])):
+        size = image_size(info, image_id) if batch > 1 else None
+        if group and (len(group) == batch or size != group_size):
             _compute_group(model, cfg, info, group, model_path, out)
             group = []
         group.append(image_id)
+        group_size = size
     if group:
         _compute_group(model, cfg, info, group, model_path, out)
 
