@@ -14,10 +14,11 @@ the clutter (background accuracy down).
 
 ``--set`` overrides apply to every variant, before the variant's own. ``--compare`` adds how each variant's
 maps agree with the first variant's (Pearson correlation of the ``high_res`` maps), the check behind the speed
-options (``--device cuda --strict-fp32``: the first variant is then true float32)::
+options (AdvCAM's default ``precision: fp32`` is true float32 on CUDA; ``--strict-fp32`` does the same for
+plain-CAM variants)::
 
     python benchmarks/seed_study.py --data data/synthetic --model models/classifier.pt --images 120 --compare \
-        --device cuda --strict-fp32 --variant fp32=cam.method=advcam \
+        --device cuda --variant fp32=cam.method=advcam \
         --variant 'bf16=cam.method=advcam;cam.advcam.precision=bf16'
 
  ``--trace`` adds, per AdvCAM variant,
@@ -133,7 +134,7 @@ def trace(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any) -
             rows["dx"].append((float(dx[k].mean()), float(dx[k].max())))
             if regions is None:
                 continue
-            up = [F.interpolate(m[None, None], size=gt.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+            up = [F.interpolate(m[None, None], size=gt.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
                   for m in (first["map"][k], last["map"][k], acc[k])]
             up = [m / m.max() if m.max() > 0 else m for m in up]
             obj = gt == c + 1
@@ -173,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--device", default="cpu", help="torch device for the classifier (cpu, cuda)")
     ap.add_argument("--strict-fp32", action="store_true",
-                    help="CUDA: turn TF32 off for convolutions and matmuls (float32 variants are then true float32)")
+                    help="CUDA: turn TF32 off globally (for plain-CAM variants; AdvCAM's cam.advcam.precision "
+                         "already sets it for the climb)")
     ap.add_argument("--compare", action="store_true",
                     help="also report how each variant's maps agree with the first variant's (correlation)")
     ap.add_argument("--trace", action="store_true",
