@@ -61,7 +61,7 @@ def test_too_many_processes_for_the_batch_is_an_error():
 
 
 def run(*cmd: str, cwd: Path) -> None:
-    r = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)  # a hang fails, not stalls
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
 
 

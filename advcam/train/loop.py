@@ -18,6 +18,7 @@ file. The EADER trainer has its own loop and does not use this (it trains unshar
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import random
 from pathlib import Path
@@ -212,6 +213,10 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader_for_epoch: Ca
         write_curves(curves, rows)
         log.info("wrote %s (%d steps)", curves, len(rows))
     if distributed:
+        # Release the DDP wrapper (its Reducer holds the process group) before the group goes: a Reducer freed
+        # after destroy_process_group joins gloo threads whose peer has exited, and can hang forever.
+        step_fn = loss = None
+        gc.collect()
         dist.barrier()  # every process has the final weights before any writes or ends
         dist.destroy_process_group()
     return rows
