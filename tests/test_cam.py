@@ -278,3 +278,31 @@ def test_corrupt_npz_is_an_error_naming_it(tmp_path):
         z.writestr("keys.npy", b"")
     with pytest.raises(AdvcamError, match="y.npz"):
         load_cam(tmp_path / "y.npz")
+
+
+def test_bf16_without_bf16_hardware_is_named_in_a_warning(stage, monkeypatch, caplog):
+    import logging
+
+    cams, _, paths, model, loads, info = stage
+    cfg = config.load(None, ["device=cpu", "cam.method=advcam", "cam.scales=[1.0]", "cam.advcam.steps=1",
+                             "cam.advcam.precision=bf16", "cam.thresholds=[0.5]", "cam.eval_threshold=0.5"])
+    monkeypatch.setattr(cams, "native_bf16", lambda device: False)
+    with caplog.at_level(logging.WARNING, logger="advcam"):
+        cams.run(cfg, **paths)
+    assert "no bf16 hardware" in caplog.text and len(list(paths["out"].glob("*.npz"))) == 3
+    monkeypatch.setattr(cams, "native_bf16", lambda device: True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="advcam"):
+        cams.run(config.load(None, ["device=cpu", "cam.method=advcam", "cam.scales=[1.0]", "cam.advcam.steps=2",
+                                    "cam.advcam.precision=bf16"]), **paths)
+    assert "no bf16 hardware" not in caplog.text
+
+
+def test_native_bf16_reads_the_cpu_flags():
+    from advcam.utils.device import native_bf16
+
+    cpu = torch.device("cpu")
+    assert native_bf16(cpu, "flags\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n") is True
+    assert native_bf16(cpu, "flags\t: fpu sse2 avx2 avx512f avx512_bf16\n") is True
+    assert native_bf16(cpu, "flags\t: fpu sse2 avx2 avx512f avx512bw\n") is False
+    assert native_bf16(cpu) in (True, False, None)  # this machine's own answer

@@ -35,7 +35,7 @@ from advcam.data.transforms import normalize
 from advcam.metrics import finite_or_none, mean_iou, iou_from_confusion, per_class, seed_confusions
 from advcam.models import load_classifier
 from advcam.steps import shards as sharding
-from advcam.utils.device import resolve_device
+from advcam.utils.device import native_bf16, resolve_device
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import check_free_space, clean_stale_temps, read_json, write_json, write_text
 from advcam.utils.progress import log, progress
@@ -121,6 +121,9 @@ def compute_ids(cfg: Any, info: Any, ids: Sequence[str], model_path: Path, out: 
     if str(cfg.cam.method) == "advcam":
         model = prepare_model(model, cfg.cam)
         batch = int(cfg.cam.advcam.batch_images)
+        if str(cfg.cam.advcam.precision) == "bf16" and native_bf16(torch.device(device)) is False:
+            log.warning("cams: cam.advcam.precision bf16 on %s, which has no bf16 hardware (no AMX-BF16 or "
+                        "AVX512-BF16): bf16 is emulated there and slower than fp32", device)
     group: list[str] = []
     group_size = None
     for image_id in progress(ids, desc=f"cams ({cfg.cam.method}){desc}", unit="img"):

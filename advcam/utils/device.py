@@ -42,6 +42,22 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def native_bf16(device: torch.device, cpuinfo: str | None = None) -> bool | None:
+    """Whether ``device`` computes bf16 in hardware: the GPU's own answer on CUDA; on a Linux CPU, whether it
+    has AMX-BF16 or AVX512-BF16 (elsewhere bf16 convolutions are emulated and slower than float32); ``None``
+    where this cannot be told (a CPU without ``/proc/cpuinfo``). ``cpuinfo``: its text, to check another CPU's."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return None
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", cpuinfo))
+
+
 def device_name(device: torch.device) -> str:
     """A file-name-safe label of the hardware: ``cuda-<GPU name>`` or ``cpu-<CPU model name>`` (benchmarks)."""
     if device.type == "cuda":
