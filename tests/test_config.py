@@ -59,3 +59,33 @@ def test_readme_params_reference_matches_schema():
     assert start in readme and end in readme
     documented = readme.split(start, 1)[1].split(end, 1)[0]
     assert documented == config.markdown_reference(), "README params reference is stale: run `advcam params --reference`"
+
+
+# JSON Schema keywords the params schema may use: anything else is a YAML slip (an unquoted ", " inside a
+# flow mapping splits a description into stray keys, which jsonschema silently ignores).
+KEYWORDS = {"type", "default", "description", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+            "items", "minItems", "maxItems", "uniqueItems", "pattern", "properties", "additionalProperties",
+            "required", "minLength", "$schema", "title"}
+
+
+def _unknown_keywords(node: dict, where: str) -> list[str]:
+    bad = [f"{where}: {k!r}" for k in node if k not in KEYWORDS and not where.endswith("properties")]
+    for key, child in node.items():
+        if isinstance(child, dict):
+            bad += _unknown_keywords(child, f"{where}.{key}")
+    return bad
+
+
+def test_schema_uses_only_json_schema_keywords_and_every_key_has_a_description():
+    sch = config.schema()
+    assert _unknown_keywords(sch, "schema") == []
+    missing = []
+
+    def described(node: dict, where: str) -> None:
+        for key, prop in node.get("properties", {}).items():
+            if not isinstance(prop.get("description"), str) or not prop["description"].strip():
+                missing.append(f"{where}.{key}")
+            described(prop, f"{where}.{key}")
+
+    described(sch, "params")
+    assert missing == []
