@@ -87,19 +87,6 @@ def plot_gallery(rows: Sequence[dict], path: str | Path, title: str = "",
     _save(fig, path)
 
 
-def plot_threshold_curve(thresholds: Sequence[float], mious: Sequence[float], path: str | Path,
-                         best: float | None = None) -> None:
-    """Seed mIoU against the background threshold, the best threshold marked."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(thresholds, mious, marker="o", ms=3)
-    if best is not None:
-        ax.axvline(best, color="gray", ls="--", lw=1)
-    ax.set_xlabel("background threshold")
-    ax.set_ylabel("seed mIoU")
-    ax.grid(alpha=0.3)
-    _save(fig, path)
-
-
 # ---- report figures (fixed pixel size: figsize x dpi, no tight bounding box) ---------------------------------
 REPORT_DPI = 100
 

@@ -29,7 +29,7 @@ normalisation), ``cumulative_mask`` (``M_t = M_{t-1} OR 1(A/max A > tau)``), ``s
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from torch import nn
 from advcam.attribution.cam import resize_image
 from advcam.attribution.graphs import ClimbBuffers, StepGraphs, cached_graphs, clear_graphs, store_graphs, tf32_mode
 from advcam.ops import ascent_step_, masked_l1
+from advcam.utils import param
 from advcam.utils.device import frozen
 from advcam.utils.errors import AdvcamError
 
@@ -264,17 +265,9 @@ def steps_for_scale(steps: int, scale: float, half_steps_at_half_scale: bool = T
     return int(steps) if steps < 6 else 5
 
 
-def _get(cfg: Any, key: str, default: Any) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
 def advcam_params(cfg_advcam: Any = None) -> dict[str, Any]:
     """Climbing parameters from ``cfg.cam.advcam`` (Config, dict or None), defaults filled in."""
-    return {k: _get(cfg_advcam, k, v) for k, v in DEFAULTS.items()}
+    return {k: param(cfg_advcam, k, v) for k, v in DEFAULTS.items()}
 
 
 def prepare_model(model: nn.Module, cfg_cam: Any = None) -> nn.Module:
@@ -283,7 +276,7 @@ def prepare_model(model: nn.Module, cfg_cam: Any = None) -> nn.Module:
     ``cam.advcam.channels_last`` its weights in channels-last memory format (a copy as well)."""
     from advcam.models.resnet import fold_batchnorm
 
-    p = advcam_params(_get(cfg_cam, "advcam", None))
+    p = advcam_params(param(cfg_cam, "advcam", None))
     if bool(p["fold_batchnorm"]):
         model = fold_batchnorm(model)
     if bool(p["channels_last"]):
@@ -312,9 +305,9 @@ def advcam_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classes
                        callback: Any = None) -> list[list[torch.Tensor]]:
     """:func:`advcam_maps` for several images of one size, climbed together (:func:`climb_images`): per image,
     its per-scale maps."""
-    p = advcam_params(_get(cfg_cam, "advcam", None))
-    scales = [float(s) for s in _get(cfg_cam, "scales", [1.0, 0.5, 1.5, 2.0])]
-    flip = bool(_get(cfg_cam, "flip", True))
+    p = advcam_params(param(cfg_cam, "advcam", None))
+    scales = [float(s) for s in param(cfg_cam, "scales", [1.0, 0.5, 1.5, 2.0])]
+    flip = bool(param(cfg_cam, "flip", True))
     out: list[list[torch.Tensor]] = [[] for _ in images]
     for s in scales:
         try:

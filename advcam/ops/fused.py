@@ -192,9 +192,3 @@ def ascent_step_(x: torch.Tensor, g: torch.Tensor, xi: float, backend: str | Non
         with torch.no_grad():
             return load_extension().ascent_step_(x, g, float(xi))
     return ascent_step_eager_(x, g, xi)
-
-
-def _reset_for_tests() -> None:
-    """Forget the loaded extension / build error / warning (tests only)."""
-    global _ext, _ext_error, _warned
-    _ext, _ext_error, _warned = None, None, False

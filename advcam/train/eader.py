@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 from advcam.models.eader import EADERNet, attention_maps, erase, soft_mask
 from advcam.train import loop
 from advcam.utils.checkpoint import save_checkpoint
+from advcam.utils import param
 from advcam.utils.device import frozen
 from advcam.utils.errors import AdvcamError
 from advcam.utils.progress import log, progress
@@ -55,9 +56,8 @@ LR_SCHEDULES = ("constant", "poly")
 
 def eader_params(cfg: Any) -> dict[str, Any]:
     """The ``classifier.eader`` section with defaults filled (read defensively)."""
-    section = getattr(cfg, "eader", None) if not isinstance(cfg, Mapping) else cfg.get("eader")
-    section = dict(section or {})
-    return {k: type(v)(section.get(k, v)) for k, v in DEFAULTS.items()}
+    section = param(cfg, "eader", None)
+    return {k: type(v)(param(section, k, v)) for k, v in DEFAULTS.items()}
 
 
 def phase_at(step: int, phase_steps: int, has_adversary: bool = True) -> str:

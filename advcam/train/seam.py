@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from advcam.train import loop
+from advcam.utils import param
 from advcam.utils.errors import AdvcamError
 from advcam.utils.progress import log
 
@@ -48,14 +49,7 @@ LOSS_NAMES = ("cls", "rvmin", "er", "ecr", "total")
 
 def seam_params(cfg_seam: Any) -> dict[str, Any]:
     """``classifier.seam`` (Config, dict or None) with defaults filled in."""
-    def get(key: str, default: Any) -> Any:
-        if cfg_seam is None:
-            return default
-        if isinstance(cfg_seam, Mapping):
-            return cfg_seam.get(key, default)
-        return getattr(cfg_seam, key, default)
-
-    return {k: get(k, v) for k, v in DEFAULTS.items()}
+    return {k: param(cfg_seam, k, v) for k, v in DEFAULTS.items()}
 
 
 def max_norm(p: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -195,7 +195,3 @@ def check_free_space(folder: str | Path, needed_bytes: int, what: str, margin: i
                           f"(+{human_bytes(margin)} margin), only {human_bytes(free)} free on {probe}; "
                           "free some space or point the output elsewhere")
     return free
-
-
-def dump_params(params: Mapping[str, Any]) -> str:
-    return json.dumps(params, sort_keys=True)
