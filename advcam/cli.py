@@ -96,7 +96,7 @@ EPILOG = ("Params (--set KEY=VALUE, params.yaml): `advcam params --reference` li
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="advcam", description=__doc__.splitlines()[0], epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="advcam", description="advcam STAGE: one subcommand per pipeline stage (the work is in advcam.steps).", epilog=EPILOG,
                                 formatter_class=HelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -112,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument(f"--{opt}", default=None, help=f"{opt_help} (default: {_default(_LAYOUT)})")
         if name in SHARDED:
             s.add_argument("--shard", default=None, metavar="I/N",
-                           help="compute only shard I of N (1-based) of the infer list into --out; no metrics")
+                           help="compute only shard I of N (1-based) of the images (the infer list plus the seg list's "
+                                "others) into --out; no metrics")
             s.add_argument("--gather", nargs="+", default=[], metavar="DIR",
                            help="shard folders (shard 1 first) to gather into --out before scoring")
     s = add("compare", "Gallery of several CAM folders side by side (e.g. CAM vs AdvCAM).")
