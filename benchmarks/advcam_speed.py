@@ -44,6 +44,7 @@ from advcam.models import build_classifier
 from advcam.ops import ascent_step_, masked_l1
 from advcam.utils.device import device_name, frozen
 from advcam.utils.io import write_json
+from advcam.utils.progress import progress
 
 
 def reference_climb(model, image: torch.Tensor, classes, steps: int, xi=0.08, lam=7.0, tau=0.5) -> torch.Tensor:
@@ -393,6 +394,7 @@ def main(argv=None) -> int:
         keep = set(args.variants.split(","))
         variants = [(k, v) for k, v in variants if k in keep]
     for name, options in variants:
+        print(f"{name}: timing {len(images)} images ...", flush=True)
         run_cfg = {**cfg, "advcam": {**cfg["advcam"], **options}}
         net = prepare_model(model, run_cfg)
         try:
@@ -419,8 +421,9 @@ def main(argv=None) -> int:
         k = args.reference_images or len(images)
         ref_cls = sum(len(c) for c in classes[:k])
         reference_maps(model, images[0], classes[0][:1], scales, 2)  # warm-up (cuDNN, allocator)
+        pairs = list(zip(images[:k], classes[:k]))
         secs, out = timed(lambda: [reference_maps(model, im, c, scales, args.steps)
-                                   for im, c in zip(images[:k], classes[:k])], device)
+                                   for im, c in progress(pairs, desc="reference loop", unit="img")], device)
         rows["reference"] = {"s_per_image": secs / k, "s_per_class": secs / ref_cls, "images": k,
                              "voc_train_aug_hours_one_device": secs / k * VOC_IMAGES / 3600}
         base = maps.get("ours-extension", maps.get("ours-fallback"))

@@ -124,17 +124,18 @@ def compute_ids(cfg: Any, info: Any, ids: Sequence[str], model_path: Path, out: 
         if str(cfg.cam.advcam.precision) == "bf16" and native_bf16(torch.device(device)) is False:
             log.warning("cams: cam.advcam.precision bf16 on %s, which has no bf16 hardware (no AMX-BF16 or "
                         "AVX512-BF16): bf16 is emulated there and slower than fp32", device)
-    group: list[str] = []
+    groups: list[list[str]] = []
     group_size = None
-    for image_id in progress(ids, desc=f"cams ({cfg.cam.method}){desc}", unit="img"):
+    for image_id in ids:
         size = image_size(info, image_id) if batch > 1 else None
-        if group and (len(group) == batch or size != group_size):
-            _compute_group(model, cfg, info, group, model_path, out)
-            group = []
-        group.append(image_id)
+        if not groups or len(groups[-1]) == batch or size != group_size:
+            groups.append([])
+        groups[-1].append(image_id)
         group_size = size
-    if group:
-        _compute_group(model, cfg, info, group, model_path, out)
+    with progress(None, desc=f"cams ({cfg.cam.method}){desc}", total=len(ids), unit="img") as bar:
+        for group in groups:
+            _compute_group(model, cfg, info, group, model_path, out)
+            bar.update(len(group))  # counted once its files are written
 
 
 def _compute_group(model: Any, cfg: Any, info: Any, group: list[str], model_path: Path, out: Path) -> None:

@@ -50,14 +50,13 @@ from advcam.metrics import confusion, finite_or_none, iou_from_confusion, mean_i
 from advcam.refine.affinity import AffinityNet, batch_loss, build_affinity_net, pairwise_affinity
 from advcam.refine.crf import CRFParams, cam_to_label
 from advcam.refine.randomwalk import walk_labels
-from advcam.steps.train_seg import pseudo_digest
 from advcam.train import loop
 from advcam.train.live import live_dir
 from advcam.train.segmentation import pseudo_label_reader
 from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import check_free_space, clean_stale_temps, read_json, save_png, write_json
+from advcam.utils.io import check_free_space, clean_stale_temps, files_digest, read_json, save_png, write_json
 from advcam.utils.progress import log, progress
 
 RefineFn = Callable[[np.ndarray, dict, Any], np.ndarray]
@@ -136,8 +135,9 @@ def label_all(info: Any, ids: list[str], cams: Path, folder: Path, fn: LabelFn, 
 def affinity_fingerprint(cfg: Any, labels: Path, ids: list[str]) -> dict[str, Any]:
     """What the affinity network depends on: its training params, arch, seed and the CRF labels' bytes."""
     rw = cfg.refine.randomwalk
+    digest = files_digest([labels / f"{i}.png" for i in ids], "fingerprint the CRF labels")
     return {"stage": "affinity", "params": {k: rw[k] for k in TRAIN_KEYS}, "arch": str(cfg.classifier.arch),
-            "pretrained": cfg.classifier.pretrained, "seed": int(cfg.seed), "labels": pseudo_digest(labels, ids)}
+            "pretrained": cfg.classifier.pretrained, "seed": int(cfg.seed), "labels": digest}
 
 
 def affinity_model(cfg: Any, info: Any, ids: list[str], labels: Path, out: Path,
@@ -262,7 +262,11 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
         labels = dest / CRF_DIR
         crf = crf_labels(cfg, info, ids, cams, labels, crf_record, gather, score=scored)
         device = resolve_device(cfg.device)
-        fn = walker(lambda: affinity_model(cfg, info, ids, labels, dest, device), cfg.refine.randomwalk, device)
+        make = lambda: affinity_model(cfg, info, ids, labels, dest, device)  # noqa: E731
+        if any(not (dest / f"{i}.png").is_file() for i in ids):  # train (or load) it before the labels' bar
+            trained = make()
+            make = lambda: trained  # noqa: E731
+        fn = walker(make, cfg.refine.randomwalk, device)
         final = label_all(info, ids, cams, dest, fn, "refine (random walk)", scored)
     if work is not None:
         names = [f"{i}.png" for i in ids]

@@ -1,7 +1,6 @@
 """Stage train_cls: train the CAM classifier on the train list; write the checkpoint and the curve CSV."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from advcam.config import Config
@@ -13,7 +12,7 @@ from typing import Callable
 from advcam.models.classifier import builder_for, classifier_header
 from advcam.train import loop
 from advcam.utils.checkpoint import save_checkpoint
-from advcam.utils.io import clean_stale_temps_for
+from advcam.utils.io import clean_stale_temps_for, files_digest, ids_digest
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.progress import log
 
@@ -31,18 +30,6 @@ def trainer_for(method: str) -> Callable[..., object]:
     return getattr(importlib.import_module(module), name)
 
 
-def ids_digest(ids: list[str]) -> str:
-    return hashlib.sha1("\n".join(ids).encode()).hexdigest()
-
-
-def images_digest(info: object, ids: list[str]) -> str:
-    """Content hash of the list's images, so a resume file never continues on a re-prepared dataset."""
-    h = hashlib.sha1()
-    for image_id in ids:
-        h.update(Path(info.image_path(image_id)).read_bytes())  # type: ignore[attr-defined]
-    return h.hexdigest()
-
-
 def run(cfg: Config, data: Path, out: Path, curves: Path) -> None:
     info = load_info(data)
     ids = info.lists["train"]
@@ -58,7 +45,7 @@ def run(cfg: Config, data: Path, out: Path, curves: Path) -> None:
     if clean_stale_temps_for([out, resume]):
         log.info("train-cls: removed the temporary files of a killed run next to %s", out)
     fingerprint = {"stage": "train_cls", "params": params, "classes": list(info.classes), "ids": ids_digest(ids),
-                   "images": images_digest(info, ids)}
+                   "images": files_digest([info.image_path(i) for i in ids], "train-cls: fingerprint the images")}
     trainer_for(c.method)(model, dataset, cfg=c, seed=cfg.seed, workers=cfg.workers, resume=resume,
                           curves=curves, fingerprint=fingerprint)
     state = {k: v.cpu() for k, v in model.state_dict().items()}

@@ -7,35 +7,25 @@ their ground-truth masks instead of their pseudo labels (their pseudo labels are
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from advcam.config import Config
 from advcam.data import load_info
 from advcam.data.datasets import SegmentationDataset
 from advcam.models.deeplab import build_segmenter, segmenter_header
-from advcam.steps.train_cls import ids_digest, images_digest
 from advcam.train import loop
 from advcam.train.segmentation import (check_gt_masks, check_pseudo_labels, class_weights, select_gt_ids,
                                        train_segmenter, training_label_reader)
 from advcam.utils.checkpoint import save_checkpoint
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import clean_stale_temps_for
+from advcam.utils.io import clean_stale_temps_for, files_digest, ids_digest
 from advcam.utils.progress import log
-
-
-def files_digest(paths: list[Path]) -> str:
-    """Content hash of label files, so a resume file never continues on other labels."""
-    h = hashlib.sha1()
-    for path in paths:
-        h.update(Path(path).read_bytes())
-    return h.hexdigest()
 
 
 def pseudo_digest(pseudo: Path, ids: list[str]) -> str:
     """Content hash of the pseudo labels of ``ids``."""
-    return files_digest([pseudo / f"{image_id}.png" for image_id in ids])
+    return files_digest([pseudo / f"{image_id}.png" for image_id in ids], "fingerprint the pseudo labels")
 
 
 def _scale_range(s: Config) -> tuple[float, float]:
@@ -74,7 +64,8 @@ def run(cfg: Config, data: Path, pseudo: Path, out: Path, curves: Path) -> None:
     if clean_stale_temps_for([out, resume]):
         log.info("train-seg: removed the temporary files of a killed run next to %s", out)
     fingerprint = {"stage": "train_seg", "params": params, "classes": list(info.classes), "ids": ids_digest(ids),
-                   "images": images_digest(info, ids), "pseudo": pseudo_digest(pseudo, pseudo_ids),
+                   "images": files_digest([info.image_path(i) for i in ids], "train-seg: fingerprint the images"),
+                   "pseudo": pseudo_digest(pseudo, pseudo_ids),
                    "gt_ids": ids_digest(gt_ids), "gt": files_digest([Path(info.mask_path(i)) for i in gt_ids])}
     train_segmenter(model, dataset, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
                     weight_decay=s.weight_decay, momentum=s.momentum, seed=cfg.seed, workers=cfg.workers,

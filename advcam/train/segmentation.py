@@ -48,7 +48,7 @@ def check_pseudo_labels(info: DatasetInfo, ids: Sequence[str], pseudo: Path) -> 
     if missing:
         raise AdvcamError(f"{pseudo}: no pseudo label for {len(missing)} of {len(ids)} images "
                           f"(e.g. {missing[0]}.png); run `advcam refine` first")
-    for image_id in ids:
+    for image_id in progress(ids, desc="train-seg: check the pseudo labels' sizes", unit="img"):
         path = pseudo / f"{image_id}.png"
         got, want = _size(path, "pseudo label"), _size(info.image_path(image_id), "image")
         if got != want:
@@ -124,7 +124,9 @@ def gt_mask_reader(info: DatasetInfo) -> Callable[[str], np.ndarray]:
 
 def check_gt_masks(info: DatasetInfo, ids: Sequence[str]) -> None:
     """Every id has a ground-truth mask of its image's size (from the headers)."""
-    for image_id in ids:
+    if not ids:
+        return
+    for image_id in progress(ids, desc="train-seg: check the ground-truth masks' sizes", unit="img"):
         path = _gt_path(info, image_id)
         got, want = _size(path, "ground-truth mask"), _size(info.image_path(image_id), "image")
         if got != want:

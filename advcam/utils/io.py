@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from advcam.utils.errors import AdvcamError
+from advcam.utils.progress import progress
 
 TMP_PREFIX = ".tmp-"
 _UMASK = os.umask(0)
@@ -195,3 +197,18 @@ def check_free_space(folder: str | Path, needed_bytes: int, what: str, margin: i
                           f"(+{human_bytes(margin)} margin), only {human_bytes(free)} free on {probe}; "
                           "free some space or point the output elsewhere")
     return free
+
+
+def ids_digest(ids: Iterable[str]) -> str:
+    """Hash of a list of ids (its order included)."""
+    return hashlib.sha1("\n".join(ids).encode()).hexdigest()
+
+
+def files_digest(paths: Iterable[str | Path], desc: str | None = None) -> str:
+    """Content hash of files in order, so a resume file never continues on other inputs; ``desc`` shows a
+    progress bar (hashing a VOC list reads every file)."""
+    paths = list(paths)
+    h = hashlib.sha1()
+    for path in progress(paths, desc=desc, unit="file") if desc else paths:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()

@@ -12,7 +12,7 @@ T = TypeVar("T")
 log = logging.getLogger("advcam")
 
 
-def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> "tqdm[T]":
+def progress(iterable: Iterable[T] | None, desc: str, total: int | None = None, unit: str = "it") -> "tqdm[T]":
     """A progress bar (a tqdm iterator: ``set_postfix`` works) for a loop a user waits for.
 
     ``ADVCAM_PROGRESS=0`` turns the bars off."""
