@@ -12,10 +12,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from advcam.data import voc
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import read_json
+
+def image_size(info: Any, image_id: str) -> tuple[int, int]:
+    """``(H, W)`` of an image from its file header (no decoding)."""
+    path = Path(info.image_path(image_id))
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except (OSError, ValueError) as exc:
+        raise AdvcamError(f"image {image_id}: cannot read {path} ({exc})") from None
+
+
+def image_classes(info: Any, image_id: str) -> list[int]:
+    if image_id not in info.labels:
+        raise AdvcamError(f"image {image_id}: no image-level labels in {Path(info.folder) / 'labels.json'}")
+    return [int(c) for c in info.labels[image_id]]
+
 
 ROLES: tuple[str, ...] = ("train", "infer", "seg", "val")
 OPTIONAL_ROLES: dict[str, str] = {"seg": "infer"}  # folders prepared before the seg role: seg = infer

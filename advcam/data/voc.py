@@ -230,6 +230,19 @@ def read_mask(path: Path, num_classes: int) -> np.ndarray:
     return check_mask(arr, num_classes, path)
 
 
+def read_label(path: Path, size: tuple[int, int]) -> np.ndarray | None:
+    """A finished pseudo label as uint8 ``(H, W)``, or None when it is missing, unreadable or mis-sized."""
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L") or (im.size[1], im.size[0]) != tuple(size):
+                return None
+            return np.array(im, dtype=np.uint8)
+    except (OSError, ValueError):
+        return None
+
+
 def labels_from_mask(mask: np.ndarray) -> list[int]:
     """Image-level labels: 0-based foreground classes present (0 and 255 excluded)."""
     counts = np.bincount(mask.ravel(), minlength=256)

@@ -21,43 +21,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from advcam.attribution.advcam import prepare_model
 from advcam.attribution.cam import compute_maps_images, is_valid_cam, load_cam, save_cam
 from advcam.config import Config
-from advcam.data import load_info
+from advcam.data import image_classes, image_size, load_info
 from advcam.data.transforms import normalize
 from advcam.metrics import finite_or_none, mean_iou, iou_from_confusion, per_class, seed_confusions
 from advcam.models import load_classifier
 from advcam.steps import shards as sharding
+from advcam.steps.shards import FINGERPRINT, invalidate_if_changed
 from advcam.utils.device import native_bf16, resolve_device
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import check_free_space, clean_stale_temps, read_json, write_json, write_text
+from advcam.utils.io import check_free_space, clean_stale_temps, write_json, write_text
 from advcam.utils.progress import log, progress
 
 
-def image_size(info: Any, image_id: str) -> tuple[int, int]:
-    """``(H, W)`` of an image from its file header (no decoding)."""
-    path = Path(info.image_path(image_id))
-    try:
-        with Image.open(path) as im:
-            return im.size[1], im.size[0]
-    except (OSError, ValueError) as exc:
-        raise AdvcamError(f"image {image_id}: cannot read {path} ({exc})") from None
-
-
-def image_classes(info: Any, image_id: str) -> list[int]:
-    if image_id not in info.labels:
-        raise AdvcamError(f"image {image_id}: no image-level labels in {Path(info.folder) / 'labels.json'}")
-    return [int(c) for c in info.labels[image_id]]
-
-
-FINGERPRINT = ".advcam-params.json"
 REFERENCE_RANGE = (0.15, 0.34)  # the papers report the best seed threshold within this range on VOC
 
 
@@ -68,29 +51,6 @@ def file_stamp(path: Path) -> dict:
     except OSError:
         raise AdvcamError(f"file not found: {path}") from None
     return {"path": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def invalidate_if_changed(out: Path, fingerprint: dict, ids: list[str], suffix: str,
-                          check: Callable[[], Any] | None = None) -> None:
-    """Remove ``out/<id><suffix>`` when ``out`` was filled with another fingerprint; record the new one.
-
-    ``check()`` runs before anything is removed (e.g. the new classifier loads): a bad input raises there and
-    costs none of the old files."""
-    path = out / FINGERPRINT
-    try:
-        old = read_json(path) if path.is_file() else None
-    except AdvcamError:
-        old = {"unreadable": str(path)}
-    if old is not None and old != fingerprint:
-        stale = [out / f"{i}{suffix}" for i in ids if (out / f"{i}{suffix}").exists()]
-        if stale and check is not None:
-            check()
-        log.warning("%s: params or inputs changed since its files were written; recomputing %d file(s)",
-                    out, len(stale))
-        for p in stale:
-            p.unlink()
-    if old != fingerprint:
-        write_json(path, fingerprint)
 
 
 def record_for(cfg: Any, info: Any, model_path: Path) -> dict:

@@ -29,13 +29,12 @@ from pydensecrf.utils import unary_from_softmax
 from advcam.attribution.cam import load_cam
 from advcam.data import load_info
 from advcam.data.transforms import normalize
-from advcam.data.voc import palette
+from advcam.data.voc import palette, read_label
 from advcam.metrics import confusion, finite_or_none, iou_from_confusion, mean_iou, per_class, pixel_accuracy
 from advcam.models import load_segmenter
 from advcam.models.deeplab import multiscale_logits
 from advcam.plots import GALLERY_COLUMNS, cam_overlay, colorize, plot_confusion, plot_gallery
 from advcam.refine.crf import CRFParams
-from advcam.steps.refine import read_label
 from advcam.utils.device import resolve_device
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import write_json
@@ -84,7 +83,7 @@ def _inference(cfg_eval: Any) -> tuple[tuple[float, ...], bool, CRFParams | None
     return scales, bool(cfg_eval.get("flip", False)), crf
 
 
-def _gallery_ids(info: Any, cams: Path, pseudo: Path, n: int) -> list[str]:
+def gallery_ids(info: Any, cams: Path, pseudo: Path, n: int) -> list[str]:
     infer = [i for i in info.lists.get("infer", [])
              if (cams / f"{i}.npz").is_file() or (pseudo / f"{i}.png").is_file()]
     ids = infer[:n]
@@ -158,7 +157,7 @@ def run(cfg: Any, data: Path, model: Path, cams: Path, pseudo: Path, metrics: Pa
     pal = palette()
     cams, pseudo = Path(cams), Path(pseudo)
     gallery = [_gallery_row(info, i, net, device, cams, pseudo, pal, inference)
-               for i in _gallery_ids(info, cams, pseudo, int(cfg.evaluation.gallery_size))]
+               for i in gallery_ids(info, cams, pseudo, int(cfg.evaluation.gallery_size))]
     columns = (*GALLERY_COLUMNS, CRF_COLUMN) if crf is not None else GALLERY_COLUMNS
     plot_gallery(gallery, plots / "gallery.png", columns=columns,
                  title="" if gallery else "evaluation.gallery_size is 0: no images shown")

@@ -28,14 +28,13 @@ import torch
 
 from advcam.attribution.cam import compute_maps, load_cam
 from advcam.config import Config
-from advcam.data import load_info
+from advcam.data import image_classes, load_info
 from advcam.data.transforms import normalize
-from advcam.data.voc import palette
+from advcam.data.voc import palette, read_label
 from advcam.plots import (cam_overlay, colorize, plot_curves, plot_gallery, plot_grouped_bars,
                           plot_training_curves)
-from advcam.steps.cams import image_classes
-from advcam.steps.evaluate import _gallery_ids, predict
-from advcam.steps.refine import AFFINITY_CURVE, read_label
+from advcam.steps.evaluate import gallery_ids, predict
+from advcam.steps.refine import AFFINITY_CURVE
 from advcam.utils.device import resolve_device
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import read_json, write_text
@@ -223,7 +222,7 @@ def run(cfg: Any, data: Path, classifier: Path, segmenter: Path, cams: Path, pse
             training[title] = read_csv_columns(path)
     plot_training_curves(training, out / "training.png")
     device, cls, seg = _load_models(cfg, info, classifier, segmenter)
-    ids = _gallery_ids(info, Path(cams), pseudo, int(cfg.evaluation.gallery_size))
+    ids = gallery_ids(info, Path(cams), pseudo, int(cfg.evaluation.gallery_size))
     gallery = [image_row(info, i, cams=Path(cams), pseudo=pseudo, cam_method=str(cfg.cam.method), classifier=cls,
                          cfg_cam=cfg.cam, segmenter=seg, device=device, cfg_eval=cfg.evaluation)
                for i in progress(ids, desc="figures (gallery)", unit="img")]

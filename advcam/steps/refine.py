@@ -35,17 +35,16 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
-from PIL import Image
 
 import torch
 
 from advcam.attribution.cam import load_cam
-from advcam.data import load_info
+from advcam.data import image_size, load_info
 from advcam.data.datasets import SegmentationDataset
 from advcam.data.transforms import normalize
 from advcam.steps import shards as sharding
-from advcam.steps.cams import FINGERPRINT, image_size, invalidate_if_changed
-from advcam.data.voc import palette
+from advcam.steps.shards import FINGERPRINT, invalidate_if_changed
+from advcam.data.voc import palette, read_label
 from advcam.metrics import confusion, finite_or_none, iou_from_confusion, mean_iou, per_class
 from advcam.refine.affinity import AffinityNet, batch_loss, build_affinity_net, pairwise_affinity
 from advcam.refine.crf import CRFParams, cam_to_label
@@ -77,19 +76,6 @@ def crf_method(image: np.ndarray, maps: dict, cfg_refine: Any) -> np.ndarray:
 
 METHODS: dict[str, RefineFn] = {"crf": crf_method}
 STAGED = ("randomwalk",)  # methods that need a trained model: handled by :func:`run` itself
-
-
-def read_label(path: Path, size: tuple[int, int]) -> np.ndarray | None:
-    """A finished pseudo label as uint8 ``(H, W)``, or None when it is missing, unreadable or mis-sized."""
-    if not path.is_file():
-        return None
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L") or (im.size[1], im.size[0]) != tuple(size):
-                return None
-            return np.array(im, dtype=np.uint8)
-    except (OSError, ValueError):
-        return None
 
 
 def label_all(info: Any, ids: list[str], cams: Path, folder: Path, fn: LabelFn, desc: str,

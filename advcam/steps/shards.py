@@ -33,11 +33,13 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from advcam.data import map_ids as map_ids_of
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import atomic_path, clean_stale_temps, read_json, write_text
+from advcam.utils.io import atomic_path, clean_stale_temps, read_json, write_json, write_text
+from advcam.utils.progress import log
 
 T = TypeVar("T")
 _SHARD = re.compile(r"^\s*(\d+)\s*(?:/|-of-)\s*(\d+)\s*$")
 WORK_ENV = "ADVCAM_WORK_DIR"
+FINGERPRINT = ".advcam-params.json"  # a per-image folder's params record
 
 
 def map_ids(stage: str, info: Any, data: Path, shard: tuple[int, int] | None, gather: Sequence[Path]) -> list[str]:
@@ -50,6 +52,29 @@ def map_ids(stage: str, info: Any, data: Path, shard: tuple[int, int] | None, ga
     if shard is not None and gather:
         raise AdvcamError(f"{stage}: --shard and --gather exclude each other")
     return ids
+
+
+def invalidate_if_changed(out: Path, fingerprint: dict, ids: list[str], suffix: str,
+                          check: Callable[[], Any] | None = None) -> None:
+    """Remove ``out/<id><suffix>`` when ``out`` was filled with another fingerprint; record the new one.
+
+    ``check()`` runs before anything is removed (e.g. the new classifier loads): a bad input raises there and
+    costs none of the old files."""
+    path = out / FINGERPRINT
+    try:
+        old = read_json(path) if path.is_file() else None
+    except AdvcamError:
+        old = {"unreadable": str(path)}
+    if old is not None and old != fingerprint:
+        stale = [out / f"{i}{suffix}" for i in ids if (out / f"{i}{suffix}").exists()]
+        if stale and check is not None:
+            check()
+        log.warning("%s: params or inputs changed since its files were written; recomputing %d file(s)",
+                    out, len(stale))
+        for p in stale:
+            p.unlink()
+    if old != fingerprint:
+        write_json(path, fingerprint)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
