@@ -97,6 +97,24 @@ def test_load_torchvision_weights(tmp_path: Path):
     assert torch.equal(seg.backbone.layer4[2].conv3.weight, src.layer4[2].conv3.weight)
 
 
+def test_load_torchvision_weights_from_before_pytorch_0_4_1(tmp_path: Path):
+    """Old torchvision files (IRN's resnet50-19c8e357.pth) have no BatchNorm num_batches_tracked buffers."""
+    torch.manual_seed(3)
+    src = resnet50()
+    state = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(state) < len(src.state_dict())
+    path = tmp_path / "resnet50-old.pth"
+    torch.save(state, path)
+    model = resnet50()
+    load_torchvision_weights(model, path)
+    for k, v in state.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    del state["layer1.0.bn1.running_var"]  # any other missing key is still an error
+    torch.save(state, path)
+    with pytest.raises(AdvcamError, match="1 missing, e.g. layer1.0.bn1.running_var"):
+        load_torchvision_weights(resnet50(), path)
+
+
 def test_load_torchvision_weights_errors(tmp_path: Path):
     net = resnet_small()
     with pytest.raises(AdvcamError, match="not found"):

@@ -177,7 +177,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 def load_torchvision_weights(model: ResNet, path: str | Path) -> None:
     """Load a torchvision-format ImageNet state dict (e.g. ``resnet50-0676ba61.pth``) from a local file.
 
-    ``fc.*`` keys are ignored; every other key must match ``model`` in name and shape. Loaded with
+    ``fc.*`` keys are ignored, BatchNorm ``num_batches_tracked`` counters may be absent (files from before
+    PyTorch 0.4.1); every other key must match ``model`` in name and shape. Loaded with
     ``weights_only=True`` (no code is unpickled). Raises :class:`AdvcamError` naming the file on a missing
     file, a file that is not a state dict, or keys/shapes that do not match.
     """
@@ -195,6 +196,9 @@ def load_torchvision_weights(model: ResNet, path: str | Path) -> None:
         raise AdvcamError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = model.state_dict()
+    # files saved before PyTorch 0.4.1 (e.g. torchvision's resnet50-19c8e357.pth, which IRN and AdvCAM use) have no
+    # BatchNorm step counters; they only matter with momentum=None, so the model's own (zero) counters stay
+    state.update({k: own[k] for k in own if k.endswith(".num_batches_tracked") and k not in state})
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
