@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -17,6 +18,27 @@ from jsonschema import Draft202012Validator
 from advcam.utils.errors import AdvcamError
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "params.schema.yaml"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2's numbers: PyYAML (YAML 1.1) reads ``1e-6`` (no dot) as a string and VOC's ``2007_000032`` as the
+    integer 2007000032. Here an integer is ``[-+]?(0|[1-9][0-9]*)``, a float has a dot or an exponent (``1e-6``,
+    ``.5``, ``2.``) or is ``.inf``/``.nan``; anything else (``007``, ``1_000``, ``0x1F``) is a string."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: Any) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(AdvcamError):
@@ -74,18 +96,26 @@ def _where(path: Iterable[Any]) -> str:
     return out or "<top level>"
 
 
-def _describe(err, source: str) -> str:
+def _describe(err, source: str, origins: Mapping[str, str] | None = None) -> str:
     where = _where(err.absolute_path)
     sch = err.schema if isinstance(err.schema, Mapping) else {}
+    extra = sorted(set(err.instance) - set(sch.get("properties", {}))) if err.validator == "additionalProperties" else []
+    full = [f"{where + '.' if where != '<top level>' else ''}{k}" for k in extra] or [where]
+    for key, origin in (origins or {}).items():  # a value given by an override names the override
+        if any(f == key or f.startswith(key + ".") or f.startswith(key + "[") for f in full):
+            source = origin
     if err.validator == "additionalProperties":
         allowed = ", ".join(sorted(sch.get("properties", {})))
-        extra = sorted(set(err.instance) - set(sch.get("properties", {})))
-        keys = ", ".join(f"{where + '.' if where != '<top level>' else ''}{k}" for k in extra)
-        return f"{source}: unknown key {keys} (allowed here: {allowed})"
+        return f"{source}: unknown key {', '.join(full)} (allowed here: {allowed})"
     bounds = [f"{k} {sch[k]}" for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "enum",
                                          "minItems", "type") if k in sch]
     allowed = f" (allowed: {', '.join(bounds)})" if bounds else ""
-    return f"{source}: {where}: {err.message}{allowed}"
+    hint = ""
+    if err.validator == "type" and "string" in str(sch.get("type")) and isinstance(err.instance, (int, float)) \
+            and not isinstance(err.instance, bool):
+        hint = ("; quote it: YAML 1.1 readers (PyYAML, so Snakemake's configfile) read 2007_000032 as the number "
+                "2007000032")
+    return f"{source}: {where}: {err.message}{allowed}{hint}"
 
 
 def _coerce_strings(node: Any, sch: Mapping) -> Any:
@@ -94,7 +124,7 @@ def _coerce_strings(node: Any, sch: Mapping) -> Any:
     types = [types] if isinstance(types, str) else types
     if isinstance(node, str) and types and "string" not in types:
         try:
-            return yaml.safe_load(node)
+            return _yaml(node)
         except yaml.YAMLError:
             return node
     if isinstance(node, str) and "null" in types and node in ("null", "~", "None"):
@@ -107,12 +137,14 @@ def _coerce_strings(node: Any, sch: Mapping) -> Any:
     return node
 
 
-def validate(data: Mapping[str, Any], source: str = "params", coerce_strings: bool = False) -> dict:
+def validate(data: Mapping[str, Any], source: str = "params", coerce_strings: bool = False,
+             origins: Mapping[str, str] | None = None) -> dict:
     """Validate ``data`` against the schema, fill defaults, and return a new plain dict.
 
     ``coerce_strings`` parses string values as YAML where the schema expects a number, boolean or list
     (for Snakemake's ``--config``, which passes nested values as strings). Raises :class:`ConfigError`
-    naming every offending key with its allowed range.
+    naming every offending key with its allowed range, and where it came from: ``source``, or the entry of
+    ``origins`` (dotted key -> description, e.g. an override) that set it.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
@@ -123,7 +155,7 @@ def validate(data: Mapping[str, Any], source: str = "params", coerce_strings: bo
     _fill_defaults(out, sch)
     errors = sorted(Draft202012Validator(sch).iter_errors(out), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        raise ConfigError("; ".join(_describe(e, source) for e in errors))
+        raise ConfigError("; ".join(_describe(e, source, origins) for e in errors))
     _check_relations(out, source)
     return out
 
@@ -149,7 +181,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
     return key.split("."), value
@@ -174,7 +206,7 @@ def read_params(path: str | Path) -> dict:
         raise ConfigError(f"params file not found: {path}")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = _yaml(f)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return {} if data is None else data
@@ -194,7 +226,9 @@ def load(path: str | Path | None = "params.yaml", overrides: Iterable[str] = (),
         data, source = read_params(path), str(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
-    return Config(validate(apply_overrides(data, overrides), source))
+    overrides = list(overrides)
+    origins = {".".join(_parse_override(text)[0]): f"override {text!r}" for text in overrides}
+    return Config(validate(apply_overrides(data, overrides), source, origins=origins))
 
 
 def defaults() -> dict:

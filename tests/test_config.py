@@ -53,6 +53,32 @@ def test_bad_files(tmp_path):
         config.load(None, ["cam.method"])
 
 
+def test_floats_without_a_dot_are_numbers_everywhere(tmp_path):
+    """PyYAML reads 1e-6 as a string (YAML 1.1); params files, overrides and Snakemake's strings give floats."""
+    params = tmp_path / "p.yaml"
+    params.write_text("segmentation:\n  lr: 1e-6\n  weight_decay: 5E-4\nclassifier:\n  lr: 2.5e-4\n")
+    cfg = config.load(params, ["refine.randomwalk.lr=1e-2", "cam.advcam.xi=8e-2"])
+    assert cfg.segmentation.lr == 1e-6 and cfg.segmentation.weight_decay == 5e-4 and cfg.classifier.lr == 2.5e-4
+    assert cfg.refine.randomwalk.lr == 1e-2 and cfg.cam.advcam.xi == 0.08
+    assert config.validate({"segmentation": {"lr": "1e-6"}}, coerce_strings=True)["segmentation"]["lr"] == 1e-6
+    assert config.load(None, ["dataset.name=voc1e5"]).dataset.name == "voc1e5"  # strings stay strings
+    assert config.load(None, ["segmentation.gt_ids=[2007_000032]"]).segmentation.gt_ids == ["2007_000032"]
+    with pytest.raises(ConfigError, match="quote it"):  # what Snakemake's YAML 1.1 configfile reader passes on
+        config.validate({"segmentation": {"gt_ids": [2007000032]}}, "params.yaml", coerce_strings=True)
+
+
+def test_a_bad_override_is_named_not_the_params_file(tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("cam:\n  method: cam\n")
+    with pytest.raises(ConfigError, match=r"^override 'segmentation.lr=abc': segmentation.lr: 'abc' is not of type"):
+        config.load(params, ["segmentation.lr=abc"])
+    with pytest.raises(ConfigError, match=r"^override 'cam.bogus=1': unknown key cam.bogus"):
+        config.load(params, ["cam.bogus=1"])
+    params.write_text("cam:\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match=r"p.yaml: unknown key cam.bogus"):
+        config.load(params, ["segmentation.lr=0.1"])
+
+
 def test_readme_params_reference_matches_schema():
     readme = (REPO / "README.md").read_text()
     start, end = "<!-- params-reference:start -->\n", "<!-- params-reference:end -->"
