@@ -80,6 +80,23 @@ def test_prepare_sbd_train_aug(tmp_path):
         prepare.run(voc_cfg(root, "dataset.train_list=train_aug"), tmp_path / "bad")
 
 
+def test_list_files_in_the_deeplab_two_column_form(tmp_path):
+    """SBD-aug downloads list "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png": the same ids as one per line."""
+    root = make_voc_fixture(tmp_path / "VOC", n_train=3, n_val=2, aug=True, n_extra_aug=3)
+    lists = root / "ImageSets" / "Segmentation"
+    plain = prepare.run(voc_cfg(root, "dataset.mask_dir=SegmentationClassAug", "dataset.train_list=train_aug"),
+                        tmp_path / "plain")
+    ids = (lists / "train_aug.txt").read_text().split()
+    (lists / "train_aug.txt").write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in ids))
+    (lists / "val.txt").write_text("".join(f"JPEGImages/{i}.jpg\n" for i in plain.lists["val"]))
+    info = prepare.run(voc_cfg(root, "dataset.mask_dir=SegmentationClassAug", "dataset.train_list=train_aug"),
+                       tmp_path / "deeplab")
+    assert info.lists == plain.lists and info.labels == plain.labels
+    (lists / "val.txt").write_text("/Other/x.jpg\n")  # any other path is still refused, naming the line
+    with pytest.raises(AdvcamError, match=r"val.txt:1: invalid image id '/Other/x.jpg'"):
+        prepare.run(voc_cfg(root), tmp_path / "bad")
+
+
 def _break(case: str, root: Path) -> str:
     """Damage the fixture for one case; return a regex the error message must match."""
     lists = root / "ImageSets" / "Segmentation"

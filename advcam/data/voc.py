@@ -24,6 +24,7 @@ stored pixel grid, not with the displayed orientation.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +92,13 @@ def read_list(root: Path, name: str) -> list[str]:
     return parse_list_file(path, first_field=True)
 
 
+DEEPLAB_FIELD = re.compile(r"^/?JPEGImages/([^/\\]+)\.jpg$")  # DeepLab / SBD-aug lists: "/JPEGImages/<id>.jpg ..."
+
+
 def parse_list_file(path: Path, first_field: bool = False, hint: str = "") -> list[str]:
     """Ids of a list file, one per line (blank lines skipped): each checked by :func:`check_id`, no duplicates,
-    at least one. ``first_field``: use the first whitespace-separated field of a line (else the whole line).
+    at least one. ``first_field``: use the first whitespace-separated field of a line (else the whole line);
+    a first field ``/JPEGImages/<id>.jpg`` (the DeepLab / SBD-aug two-column lists) gives ``<id>``.
     ``hint`` is appended to the error messages."""
     try:
         lines = path.read_text().splitlines()
@@ -104,7 +109,9 @@ def parse_list_file(path: Path, first_field: bool = False, hint: str = "") -> li
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        image_id = check_id(line.split()[0] if first_field else line.strip(), f"{path}:{n}")
+        field = line.split()[0] if first_field else line.strip()
+        deeplab = DEEPLAB_FIELD.match(field) if first_field else None
+        image_id = check_id(deeplab.group(1) if deeplab else field, f"{path}:{n}")
         if image_id in seen:
             raise AdvcamError(f"{path}:{n}: duplicate id {image_id!r} (first on line {seen[image_id]}){hint}")
         seen[image_id] = n
