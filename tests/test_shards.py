@@ -138,18 +138,53 @@ def test_workflow_is_up_to_date_after_sharded_run(runs):
 
 
 @no_snakemake
-def test_work_folder_is_ignored_by_git_and_gone_after_the_run(runs):
-    """The per-image work (.advcam-work/<stage>/<key>/, ADVCAM_WORK_DIR) is removed once the gather wrote the outputs,
-    which hold the same files (hard links); its root tells git to ignore it."""
+def test_work_folder_is_ignored_by_git_and_keeps_only_this_records_files(runs):
+    """After the run, the per-image work (.advcam-work/<stage>/<key>/, ADVCAM_WORK_DIR) holds one folder per stage: this
+    run's record, whose files are the outputs' own (hard links, no extra space); its root tells git to ignore it."""
     work = runs[0] / ".advcam-work"
     assert (work / ".gitignore").read_text().splitlines()[-1] == "*"
-    assert sorted(p.name for p in work.iterdir()) == [".gitignore"]
+    assert sorted(p.name for p in work.iterdir()) == [".gitignore", "cams", "refine-crf"]
+    for stage, suffix, out in (("cams", ".npz", "cams"), ("refine-crf", ".png", "pseudo")):
+        folders = list((work / stage).iterdir())
+        assert len(folders) == 1, folders
+        files = sorted(folders[0].glob(f"*{suffix}"))
+        assert len(files) == 10 and all((runs[0] / out / f.name).stat().st_ino == f.stat().st_ino for f in files)
+
+
+@no_snakemake
+def test_a_job_run_again_with_the_same_record_reuses_its_work_folder(runs, tmp_path, monkeypatch, caplog):
+    """Snakemake and DVC delete a job's outputs before they run it again (an upstream file or an unrelated param
+    changed): the cams stage then takes the files of its work folder, and computes only what is new or changed."""
+    import logging
+
+    from advcam.steps import cams
+
+    root = runs[0]
+    cfg, data = config.load(None, OVERRIDES), root / "data/synthetic"
+    model = tmp_path / "classifier.pt"
+    shutil.copy(root / "models/classifier.pt", model)
+    monkeypatch.setenv(shards.WORK_ENV, str(tmp_path / "work"))
+    paths = dict(out=tmp_path / "cams", metrics=tmp_path / "seeds.json", curve=tmp_path / "seeds.csv")
+    cams.run(cfg, data, model, **paths)
+    first = paths["metrics"].read_bytes()
+    shutil.rmtree(paths["out"])
+    paths["metrics"].unlink()
+    caplog.clear()
+    os.utime(model, ns=(1, 1))  # the classifier trained again to the same bytes: only its time stamp differs
+    with caplog.at_level(logging.INFO, logger="advcam"):
+        cams.run(cfg, data, model, **paths)
+    assert "cams: 0 of 10 images to compute" in caplog.text and paths["metrics"].read_bytes() == first
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="advcam"):  # other params: another record, computed again
+        cams.run(config.load(None, [*OVERRIDES, "cam.advcam.steps=2"]), data, model, **paths)
+    assert "cams: 10 of 10 images to compute" in caplog.text
+    assert len(list((tmp_path / "work/cams").iterdir())) == 1  # the first record's folder is gone
 
 
 @no_snakemake
 def test_randomwalk_through_work_folders_equals_a_plain_run(runs, tmp_path, monkeypatch):
     """refine.method randomwalk as the workflow runs it (two CRF shards and the gather, with ADVCAM_WORK_DIR): the
-    same files as one plain run without a work folder, and the work folders are gone at the end."""
+    same files as one plain run without a work folder, and one work folder per stage is kept at the end."""
     from advcam.steps import refine
 
     root = runs[0]
@@ -166,7 +201,8 @@ def test_randomwalk_through_work_folders_equals_a_plain_run(runs, tmp_path, monk
     assert _same_tree(tmp_path / "plain", tmp_path / "pseudo") == []
     assert (tmp_path / "plain" / ".affinity.pt").is_file() and (tmp_path / "pseudo" / ".crf").is_dir()
     assert filecmp.cmp(tmp_path / "plain.json", tmp_path / "pseudo.json", shallow=False)
-    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [".gitignore"]
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [".gitignore", "refine", "refine-crf"]
+    assert [len(list((tmp_path / "work" / s).iterdir())) for s in ("refine", "refine-crf")] == [1, 1]
 
 
 @no_snakemake

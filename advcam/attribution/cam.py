@@ -205,13 +205,14 @@ def load_cam(path: str | Path, size: tuple[int, int] | None = None, num_classes:
     return data
 
 
-def is_valid_cam(path: str | Path, size: tuple[int, int] | None = None) -> bool:
-    """True when ``path`` is a complete, well-formed CAM file (used to resume)."""
+def is_valid_cam(path: str | Path, size: tuple[int, int] | None = None, classes: Sequence[int] | None = None) -> bool:
+    """True when ``path`` is a complete, well-formed CAM file (used to resume), of the image's ``classes`` when
+    given (an image whose labels changed is computed again)."""
     try:
-        load_cam(path, size)
+        keys = load_cam(path, size)["keys"]
     except AdvcamError:
         return False
-    return True
+    return classes is None or keys.tolist() == [int(c) for c in classes]
 
 
 __all__ = ["cam_at_scale", "combine_scales", "compute_maps", "compute_maps_images", "plain_cam", "METHODS",

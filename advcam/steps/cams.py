@@ -37,28 +37,30 @@ from advcam.steps import shards as sharding
 from advcam.steps.shards import FINGERPRINT, invalidate_if_changed
 from advcam.utils.device import native_bf16, resolve_device
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import check_free_space, clean_stale_temps, write_json, write_text
+from advcam.utils.io import check_free_space, clean_stale_temps, files_digest, write_json, write_text
 from advcam.utils.progress import log, progress
 
 
 REFERENCE_RANGE = (0.15, 0.34)  # the papers report the best seed threshold within this range on VOC
 
 
-def file_stamp(path: Path) -> dict:
-    """Size and modification time of an input file (cheap change detection for resuming)."""
-    try:
-        st = Path(path).stat()
-    except OSError:
-        raise AdvcamError(f"file not found: {path}") from None
-    return {"path": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def model_digest(path: Path) -> str:
+    """Content hash of the classifier file: a classifier trained again to the same bytes keeps its CAM files."""
+    if not Path(path).is_file():
+        raise AdvcamError(f"file not found: {path}")
+    return files_digest([path])
 
 
 def record_for(cfg: Any, info: Any, model_path: Path) -> dict:
-    """What the CAM files depend on (``.advcam-params.json``): map params, classifier and labels stamps."""
+    """What the CAM files depend on (``.advcam-params.json``): the map params and the classifier's bytes. The
+    image-level labels are checked per file (:func:`done`), so re-preparing the dataset keeps the files."""
     maps_params = {k: v for k, v in cfg.cam.to_dict().items() if k not in ("thresholds", "eval_threshold")}
-    labels = Path(info.folder) / "labels.json"
-    return {"cam": maps_params, "model": file_stamp(model_path),
-            "labels": file_stamp(labels) if labels.is_file() else None}
+    return {"cam": maps_params, "model": model_digest(model_path)}
+
+
+def done(info: Any, folder: Path, image_id: str) -> bool:
+    """``folder/<id>.npz`` is a complete CAM file of the image's size and classes."""
+    return is_valid_cam(folder / f"{image_id}.npz", image_size(info, image_id), image_classes(info, image_id))
 
 
 def cam_devices(name: str) -> list[str]:
@@ -154,7 +156,7 @@ def compute_all(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path
         log.info("cams: removed %d stale temporary file(s) in %s", removed, out)
     invalidate_if_changed(out, record_for(cfg, info, model_path), ids, ".npz", check=lambda: load_classifier(
         model_path, num_classes=info.num_classes, classes=info.classes))
-    todo = [i for i in ids if not is_valid_cam(out / f"{i}.npz", image_size(info, i))]
+    todo = [i for i in ids if not done(info, out, i)]
     log.info("cams: %d of %d images to compute (%d done already)", len(todo), len(ids), len(ids) - len(todo))
     if not todo:
         return 0
@@ -188,7 +190,7 @@ def gather_shards(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Pa
     record = record_for(cfg, info, model_path)
     invalidate_if_changed(out, record, ids, ".npz")
     n = sharding.gather([Path(f) for f in folders], ids, ".npz", out,
-                        lambda p, i: is_valid_cam(p, image_size(info, i)), record, "cams")
+                        lambda p, i: done(info, p.parent, i), record, "cams")
     log.info("cams: gathered %d CAM files from %d shard(s) into %s", n, len(folders), out)
 
 
@@ -254,7 +256,7 @@ def run(cfg: Any, data: Path, model: Path, out: Path, metrics: Path, curve: Path
     write_json(metrics, result)
     write_text(curve, "threshold,miou\n" + "".join(
         f"{t:g},{'' if not np.isfinite(m) else f'{m:.6f}'}\n" for t, m in points))
-    sharding.discard_work("cams")  # every output written: the work folder's files live on in out
+    sharding.discard_work("cams", keep=record_for(cfg, info, Path(model)))  # other params' work folders
     if result.get("seed_miou") is not None:
         log.info("cams: seed mIoU %.4f at threshold %g (%.4f at %g)", result["seed_miou"],
                  result["seed_best_threshold"], result["seed_miou_fixed"], cfg.cam.eval_threshold)

@@ -276,8 +276,8 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
         log.info("refine: pseudo-label mIoU %.4f on labelled pixels (%.1f%% labelled)",
                  result["pseudo_miou"] or float("nan"), 100 * result["pseudo_labelled_fraction"])
     write_json(metrics, {"num_images": len(scored), **result})
-    for stage in ("refine", "refine-crf"):  # every output written: the work folders' files live on in out
-        sharding.discard_work(stage)
+    sharding.discard_work("refine", keep=record)  # every output written: other params' work folders go
+    sharding.discard_work("refine-crf", keep=crf_record)
 
 
 def scores(s: dict[str, Any], prefix: str, classes: list[str]) -> dict[str, Any]:

@@ -17,9 +17,11 @@ written straight into a declared output folder is lost when a killed job is run 
 ``<key>`` being a hash of the params record the files depend on (so a folder only ever holds files of one
 record, and shards running at the same time share it safely), then publishes them into its declared output
 by :func:`publish` (hard links). A rerun finds the finished files there and computes only the rest. When the
-stage's final (gather) job has written all its outputs, :func:`discard_work` removes the stage's work folder
-(the outputs hold the same files). The work root holds a ``.gitignore`` of ``*``, so git never sees it; it is
-outside every DVC output.
+stage's final (gather) job has written all its outputs, :func:`discard_work` removes the stage's work folders of
+other records and keeps this one's (hard links of the outputs), so a job that Snakemake or DVC runs again with the
+same record (an upstream file or an unrelated param changed) computes only images it has no file for. The work
+root holds a ``.gitignore`` of ``*``, so git never sees it; it is outside every DVC output; deleting it only costs
+recomputation.
 """
 from __future__ import annotations
 
@@ -120,8 +122,6 @@ def gather(shards: Sequence[Path], ids: Sequence[str], suffix: str, out: Path,
     already has a valid file for it; when ``fingerprint`` is given, each shard's ``.advcam-params.json``
     must equal it (shards computed with other params or inputs are never mixed in). Returns the number of
     files linked; raises AdvcamError naming the shard folder and the first missing image."""
-    from advcam.steps.cams import FINGERPRINT  # local: cams imports this module
-
     linked = 0
     for k, folder in enumerate(shards, start=1):
         folder = Path(folder)
@@ -175,13 +175,21 @@ def publish(work: Path, out: Path, names: Sequence[str]) -> None:
         link_or_copy(src, out / name)
 
 
-def discard_work(stage: str) -> bool:
-    """Remove ``$ADVCAM_WORK_DIR/<stage>`` (every record's folder); True if there was one. Called when the stage's
-    final job has written all its outputs: they hold the files now (hard links), so keeping the work would only
-    cost disk space once DVC replaces the outputs by copies from its cache. A no-op without ``ADVCAM_WORK_DIR``."""
+def discard_work(stage: str, keep: dict | None = None) -> int:
+    """Remove the work folders of ``$ADVCAM_WORK_DIR/<stage>`` except the one of the record ``keep``; return how
+    many were removed. Called when the stage's final job has written all its outputs. The kept folder's files
+    are hard links of the outputs (no extra disk space until DVC replaces the outputs by copies from its
+    cache), and a later run with the same record finds them there: after Snakemake or DVC deleted the outputs
+    to run the job again (because an upstream file or an unrelated param changed), only images without a file
+    are computed. A no-op without ``ADVCAM_WORK_DIR``."""
     root = os.environ.get(WORK_ENV, "").strip()
     folder = Path(root) / stage if root else None
     if folder is None or not folder.is_dir():
-        return False
-    shutil.rmtree(folder)
-    return True
+        return 0
+    kept = work_key(keep) if keep is not None else None
+    removed = 0
+    for sub in folder.iterdir():
+        if sub.name != kept:
+            shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
+            removed += 1
+    return removed
