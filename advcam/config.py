@@ -99,7 +99,8 @@ def _where(path: Iterable[Any]) -> str:
 def _describe(err, source: str, origins: Mapping[str, str] | None = None) -> str:
     where = _where(err.absolute_path)
     sch = err.schema if isinstance(err.schema, Mapping) else {}
-    extra = sorted(set(err.instance) - set(sch.get("properties", {}))) if err.validator == "additionalProperties" else []
+    extra = (sorted(set(err.instance) - set(sch.get("properties", {})))
+             if err.validator == "additionalProperties" else [])
     full = [f"{where + '.' if where != '<top level>' else ''}{k}" for k in extra] or [where]
     for key, origin in (origins or {}).items():  # a value given by an override names the override
         if any(f == key or f.startswith(key + ".") or f.startswith(key + "[") for f in full):

@@ -223,3 +223,23 @@ def test_devices_split_gives_the_same_cam_files(runs, tmp_path):
         assert filecmp.cmp(tmp_path / f"{image_id}.npz", runs[1] / "cams" / f"{image_id}.npz", shallow=False)
     with pytest.raises(AdvcamError, match="device process failed"):
         cams.compute_on_devices(cfg, info, ids, root / "missing.pt", tmp_path / "x", ["cpu", "cpu"])
+
+
+@no_snakemake
+def test_a_new_seg_list_neither_retrains_nor_recomputes_finished_cams(runs, tmp_path):
+    """`--config dataset={seg_list: train_aug}` prepares the dataset again, so Snakemake runs every later job again
+    (after deleting its outputs): the classifier comes back from its remembered training, byte for byte, and
+    the cams and CRF jobs compute only the seg list's new images."""
+    root = tmp_path / "proj"
+    shutil.copytree(runs[0], root, symlinks=True, ignore=shutil.ignore_patterns("run1", "run2", "run3"))
+    before = (root / "models/classifier.pt").read_bytes()
+    r = snakemake(root, "--config", "workflow={shards: 3}", "dataset={seg_list: train_aug}", "--", *TARGETS)
+    log = r.stdout + r.stderr
+    assert "rule train_cls:" in log and "its weights are taken" in log, log[-3000:]
+    assert (root / "models/classifier.pt").read_bytes() == before
+    infer = (root / "data/synthetic/lists/infer.txt").read_text().split()
+    seg = (root / "data/synthetic/lists/seg.txt").read_text().split()
+    new = len(set(seg) - set(infer))
+    assert new > 0 and len(list((root / "cams").glob("*.npz"))) == len(set(seg) | set(infer))
+    counts = [int(m) for m in __import__("re").findall(r"cams: (\d+) of \d+ images to compute", log)]
+    assert len(counts) == 3 and sum(counts) == new, counts

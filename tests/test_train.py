@@ -148,6 +148,39 @@ def test_train_cls_stage(prepared, tmp_path: Path):
         assert len(list(csv.DictReader(f))) == 4  # 16 images / batch 8 x 2 epochs
 
 
+def test_a_finished_training_is_remembered_and_taken_again(prepared, tmp_path: Path, caplog, monkeypatch):
+    """Snakemake and DVC delete a training job's outputs before they run it again (e.g. the dataset was prepared
+    again for another seg list): the same params, data and code give the remembered weights and curve back, byte
+    for byte, without a training step; anything else trains anew."""
+    from advcam import config
+    from advcam.steps import train_cls
+    from advcam.train import loop, memo
+
+    cfg, data = prepared
+    out, curves = tmp_path / "models" / "classifier.pt", tmp_path / "curves.csv"
+    train_cls.run(cfg, data, out, curves)
+    weights, record = memo.memo_paths(out)
+    assert weights.stat().st_ino == out.stat().st_ino and record.is_file()  # a hard link: no extra space
+    first, first_curve = out.read_bytes(), curves.read_text()
+    out.unlink(), curves.unlink()
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(loop, "fit", no_training)
+    with caplog.at_level(logging.INFO, logger="advcam"):
+        train_cls.run(cfg, data, out, curves)
+    assert "its weights are taken" in caplog.text
+    assert out.read_bytes() == first and curves.read_text() == first_curve
+    with pytest.raises(AssertionError, match="trained again"):  # other params: no memo
+        train_cls.run(config.load(None, [f"{k}={v}" for k, v in [
+            ("device", "cpu"), ("synthetic.image_size", 32), ("synthetic.num_classes", 3), ("classifier.epochs", 2),
+            ("classifier.batch_size", 8), ("classifier.crop_size", 32), ("seed", 1)]]), data, out, curves)
+    weights.write_bytes(b"damaged")  # weights that do not match their record are never taken
+    with pytest.raises(AssertionError, match="trained again"):
+        train_cls.run(cfg, data, out, curves)
+
+
 def test_train_seg_stage_and_bad_pseudo_labels(prepared, tmp_path: Path):
     from PIL import Image
 

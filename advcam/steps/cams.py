@@ -1,10 +1,10 @@
 """Stage ``cams``: class maps for the infer list (``<out>/<id>.npz``) and the seed evaluation.
 
 Resumable: stale temporary files are removed first, and an image whose CAM file is complete and matches
-its image size is not recomputed (a truncated or corrupt file is). The folder records what made its files
-(``.advcam-params.json``: the ``cam`` params, the size and time of the classifier and of ``labels.json``); when that changes,
-the old files of the list are removed and everything is recomputed, so a resumed run never mixes the
-results of two settings. With ``ADVCAM_WORK_DIR`` set (the workflow's rules set it), the CAM files are computed
+its image's size and classes is not recomputed (a truncated or corrupt file is). The folder records what made its
+files (``.advcam-params.json``: the ``cam`` params, the classifier's content hash and the hash of the code that
+computes the maps); when that changes, the old files of the list are removed and everything is recomputed, so a
+resumed run never mixes the results of two settings. With ``ADVCAM_WORK_DIR`` set (the workflow's rules set it), the CAM files are computed
 in a work folder keyed by that record and linked into the output folder, so that a rerun of a killed job keeps
 them although Snakemake and DVC delete the output folder first (:mod:`advcam.steps.shards`).
 
@@ -33,15 +33,26 @@ from advcam.data import image_classes, image_size, load_info
 from advcam.data.transforms import normalize
 from advcam.metrics import finite_or_none, mean_iou, iou_from_confusion, per_class, seed_confusions
 from advcam.models import load_classifier
+from advcam.ops.fused import source_dir
 from advcam.steps import shards as sharding
 from advcam.steps.shards import FINGERPRINT, invalidate_if_changed
 from advcam.utils.device import native_bf16, resolve_device
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import check_free_space, clean_stale_temps, files_digest, write_json, write_text
+from advcam.utils.io import check_free_space, clean_stale_temps, code_digest, files_digest, write_json, write_text
 from advcam.utils.progress import log, progress
 
 
 REFERENCE_RANGE = (0.15, 0.34)  # the papers report the best seed threshold within this range on VOC
+
+
+def cams_code() -> str:
+    """Hash of the code a CAM file depends on: attribution, models, the fused ops (and their C++/CUDA sources) and
+    the image reading."""
+    try:
+        sources = [f for f in source_dir().iterdir() if f.is_file()]
+    except AdvcamError:  # no C++ sources: the pure-PyTorch ops
+        sources = []
+    return code_digest("attribution", "models", "ops", "data", extra=sources)
 
 
 def model_digest(path: Path) -> str:
@@ -52,10 +63,11 @@ def model_digest(path: Path) -> str:
 
 
 def record_for(cfg: Any, info: Any, model_path: Path) -> dict:
-    """What the CAM files depend on (``.advcam-params.json``): the map params and the classifier's bytes. The
-    image-level labels are checked per file (:func:`done`), so re-preparing the dataset keeps the files."""
+    """What the CAM files depend on (``.advcam-params.json``): the map params, the classifier's bytes and the code
+    that computes them. The image-level labels are checked per file (:func:`done`), so re-preparing the dataset
+    keeps the files."""
     maps_params = {k: v for k, v in cfg.cam.to_dict().items() if k not in ("thresholds", "eval_threshold")}
-    return {"cam": maps_params, "model": model_digest(model_path)}
+    return {"cam": maps_params, "model": model_digest(model_path), "code": cams_code()}
 
 
 def done(info: Any, folder: Path, image_id: str) -> bool:

@@ -55,7 +55,8 @@ from advcam.train.segmentation import pseudo_label_reader
 from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import check_free_space, clean_stale_temps, files_digest, read_json, save_png, write_json
+from advcam.utils.io import (check_free_space, clean_stale_temps, code_digest, files_digest, read_json, save_png,
+                             write_json)
 from advcam.utils.progress import log, progress
 
 RefineFn = Callable[[np.ndarray, dict, Any], np.ndarray]
@@ -221,7 +222,8 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
         log.info("refine: removed stale temporary files in %s", out)
     cams_record = read_json(cams / FINGERPRINT) if (cams / FINGERPRINT).is_file() else None
     crf_keys = {k: v for k, v in cfg.refine.to_dict().items() if k in ("fg_threshold", "bg_threshold", "crf")}
-    crf_record = {"refine": crf_keys, "cams": cams_record}
+    code = code_digest("refine", "data")  # the labels' code (the CAMs' is in their record)
+    crf_record = {"refine": crf_keys, "cams": cams_record, "code": code}
     if shard is not None:
         part = sharding.shard_items(ids, *shard)
         log.info("refine: shard %d/%d: CRF labels of %d of %d images", shard[0], shard[1], len(part), len(ids))
@@ -230,7 +232,7 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
         if work is not None:
             sharding.publish(work, out, [f"{i}.png" for i in part] + [FINGERPRINT])
         return
-    record: dict[str, Any] = {"refine": cfg.refine.to_dict(), "cams": cams_record}
+    record: dict[str, Any] = {"refine": cfg.refine.to_dict(), "cams": cams_record, "code": code}
     if method in STAGED:
         record["affinity"] = {"arch": cfg.classifier.arch, "pretrained": cfg.classifier.pretrained, "seed": cfg.seed}
     # per-image work of this job (the labels unless gathered, the affinity training and the walk) goes to the work

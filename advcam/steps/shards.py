@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from advcam.data import map_ids as map_ids_of
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import atomic_path, clean_stale_temps, read_json, write_json, write_text
+from advcam.utils.io import clean_stale_temps, link_or_copy, read_json, write_json, write_text
 from advcam.utils.progress import log
 
 T = TypeVar("T")
@@ -100,18 +100,6 @@ def shard_items(items: Sequence[T], index: int, count: int) -> list[T]:
 def split(items: Sequence[T], count: int) -> list[list[T]]:
     """All ``count`` shards of ``items`` (some may be empty when there are fewer items than shards)."""
     return [shard_items(items, i, count) for i in range(1, count + 1)]
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Publish ``src`` as ``dst`` atomically: a hard link when possible, else a copy."""
-    if dst.exists() and os.path.samefile(src, dst):
-        return  # linked by an earlier gather (a rename onto the same file would leave the temporary name)
-    with atomic_path(dst, durable=False) as tmp:
-        tmp.unlink()
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
 
 
 def gather(shards: Sequence[Path], ids: Sequence[str], suffix: str, out: Path,

@@ -10,9 +10,9 @@ import importlib
 from typing import Callable
 
 from advcam.models.classifier import builder_for, classifier_header
-from advcam.train import loop
+from advcam.train import loop, memo
 from advcam.utils.checkpoint import save_checkpoint
-from advcam.utils.io import clean_stale_temps_for, files_digest, ids_digest
+from advcam.utils.io import clean_stale_temps_for, code_digest, files_digest, ids_digest
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.progress import log
 
@@ -35,20 +35,24 @@ def run(cfg: Config, data: Path, out: Path, curves: Path) -> None:
     ids = info.lists["train"]
     c = cfg.classifier
     params = {**c.to_dict(), "seed": cfg.seed}
+    resume = loop.resume_path_for(out)
+    if clean_stale_temps_for([out, resume]):
+        log.info("train-cls: removed the temporary files of a killed run next to %s", out)
+    fingerprint = {"stage": "train_cls", "params": params, "classes": list(info.classes), "ids": ids_digest(ids),
+                   "images": files_digest([info.image_path(i) for i in ids], "train-cls: fingerprint the images"),
+                   "pretrained": memo.weights_digest(c.pretrained), "code": code_digest("train", "models", "data")}
+    if memo.recall(out, curves, fingerprint, "train-cls"):
+        return
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = builder_for(c.method)(c.arch, info.num_classes, c.pretrained).to(device)
     dataset = ClassificationDataset(info, ids, c.crop_size, train=True, seed=cfg.seed)
     log.info("train-cls: %s (%s), %d images of %s (list train), %d classes, %d epochs on %s",
              c.method, c.arch, len(ids), data, info.num_classes, c.epochs, device)
-    resume = loop.resume_path_for(out)
-    if clean_stale_temps_for([out, resume]):
-        log.info("train-cls: removed the temporary files of a killed run next to %s", out)
-    fingerprint = {"stage": "train_cls", "params": params, "classes": list(info.classes), "ids": ids_digest(ids),
-                   "images": files_digest([info.image_path(i) for i in ids], "train-cls: fingerprint the images")}
-    trainer_for(c.method)(model, dataset, cfg=c, seed=cfg.seed, workers=cfg.workers, resume=resume,
-                          curves=curves, fingerprint=fingerprint)
+    rows = trainer_for(c.method)(model, dataset, cfg=c, seed=cfg.seed, workers=cfg.workers, resume=resume,
+                                 curves=curves, fingerprint=fingerprint)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     save_checkpoint(out, classifier_header(model, list(info.classes), params), model=state)
     loop.finish(resume)
+    memo.remember(out, rows, fingerprint)
     log.info("wrote %s", out)

@@ -13,13 +13,13 @@ from advcam.config import Config
 from advcam.data import load_info
 from advcam.data.datasets import SegmentationDataset
 from advcam.models.deeplab import build_segmenter, segmenter_header
-from advcam.train import loop
+from advcam.train import loop, memo
 from advcam.train.segmentation import (check_gt_masks, check_pseudo_labels, class_weights, select_gt_ids,
                                        train_segmenter, training_label_reader)
 from advcam.utils.checkpoint import save_checkpoint
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import clean_stale_temps_for, files_digest, ids_digest
+from advcam.utils.io import clean_stale_temps_for, code_digest, files_digest, ids_digest
 from advcam.utils.progress import log
 
 
@@ -47,6 +47,16 @@ def run(cfg: Config, data: Path, pseudo: Path, out: Path, curves: Path) -> None:
     check_pseudo_labels(info, pseudo_ids, pseudo)
     scale_range = _scale_range(s)
     params = {**s.to_dict(), "seed": cfg.seed}
+    resume = loop.resume_path_for(out)
+    if clean_stale_temps_for([out, resume]):
+        log.info("train-seg: removed the temporary files of a killed run next to %s", out)
+    fingerprint = {"stage": "train_seg", "params": params, "classes": list(info.classes), "ids": ids_digest(ids),
+                   "images": files_digest([info.image_path(i) for i in ids], "train-seg: fingerprint the images"),
+                   "pseudo": pseudo_digest(pseudo, pseudo_ids),
+                   "gt_ids": ids_digest(gt_ids), "gt": files_digest([Path(info.mask_path(i)) for i in gt_ids]),
+                   "pretrained": memo.weights_digest(s.pretrained), "code": code_digest("train", "models", "data")}
+    if memo.recall(out, curves, fingerprint, "train-seg"):
+        return
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = build_segmenter(s.arch, info.num_classes + 1, s.pretrained).to(device)
@@ -60,19 +70,13 @@ def run(cfg: Config, data: Path, pseudo: Path, out: Path, curves: Path) -> None:
     log.info("train-seg: %s, %d images of %s (list %s): %d with pseudo labels from %s, %d with ground truth; "
              "%d epochs on %s", s.arch, len(ids), data, source, len(pseudo_ids), pseudo, len(gt_ids), s.epochs,
              device)
-    resume = loop.resume_path_for(out)
-    if clean_stale_temps_for([out, resume]):
-        log.info("train-seg: removed the temporary files of a killed run next to %s", out)
-    fingerprint = {"stage": "train_seg", "params": params, "classes": list(info.classes), "ids": ids_digest(ids),
-                   "images": files_digest([info.image_path(i) for i in ids], "train-seg: fingerprint the images"),
-                   "pseudo": pseudo_digest(pseudo, pseudo_ids),
-                   "gt_ids": ids_digest(gt_ids), "gt": files_digest([Path(info.mask_path(i)) for i in gt_ids])}
-    train_segmenter(model, dataset, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
-                    weight_decay=s.weight_decay, momentum=s.momentum, seed=cfg.seed, workers=cfg.workers,
-                    resume=resume, curves=curves, fingerprint=fingerprint, class_weight=weight)
+    rows = train_segmenter(model, dataset, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
+                           weight_decay=s.weight_decay, momentum=s.momentum, seed=cfg.seed, workers=cfg.workers,
+                           resume=resume, curves=curves, fingerprint=fingerprint, class_weight=weight)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     header = segmenter_header(model, list(info.classes), params)
     header["num_gt_images"] = len(gt_ids)
     save_checkpoint(out, header, model=state)
     loop.finish(resume)
+    memo.remember(out, rows, fingerprint)
     log.info("wrote %s", out)

@@ -212,3 +212,25 @@ def files_digest(paths: Iterable[str | Path], desc: str | None = None) -> str:
     for path in progress(paths, desc=desc, unit="file") if desc else paths:
         h.update(Path(path).read_bytes())
     return h.hexdigest()
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Publish ``src`` as ``dst`` atomically: a hard link when possible, else a copy."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # linked by an earlier gather (a rename onto the same file would leave the temporary name)
+    with atomic_path(dst, durable=False) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def code_digest(*parts: str, extra: Iterable[str | Path] = ()) -> str:
+    """Hash of advcam's Python sources (of the subpackages ``parts``, e.g. ``"attribution"``, or the whole package)
+    and the ``extra`` files: part of a fingerprint, so neither a resume file, a remembered training nor a work
+    folder outlives a change of the code that made it."""
+    package = Path(__file__).resolve().parents[1]
+    roots = [package / p for p in parts] if parts else [package]
+    files = sorted(f for root in roots for f in root.rglob("*.py"))
+    return files_digest([*files, *sorted(Path(f) for f in extra)])
