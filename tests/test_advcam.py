@@ -281,3 +281,35 @@ def test_climbing_images_together_gives_each_image_its_own_maps(model64, option)
         climb_images(model64, [images[0], torch.randn(3, 20, 20, dtype=torch.float64)], [[1], [2]], steps=2)
     with pytest.raises(AdvcamError, match="2 images but 1 class lists"):
         climb_images(model64, images[:2], [[1]], steps=2)
+
+
+def test_climb_chunks_split_classes_in_order_and_keep_empty_images():
+    from advcam.attribution.advcam import climb_chunks
+
+    classes = [[0, 2, 4], [1], [], [3, 5]]
+    assert climb_chunks(classes, 0) == [[(0, [0, 2, 4]), (1, [1]), (2, []), (3, [3, 5])]]
+    assert climb_chunks(classes, 6) == climb_chunks(classes, 0)
+    assert climb_chunks(classes, 2) == [[(0, [0, 2]), (2, [])], [(0, [4]), (1, [1])], [(3, [3, 5])]]
+    assert climb_chunks([[1, 2]], 1) == [[(0, [1])], [(0, [2])]]
+
+
+@pytest.mark.parametrize("option", [{}, {"suppress_image_classes_only": True}])
+def test_max_classes_per_climb_keeps_the_maps(model64, option):
+    """Climbing fewer classes at a time (less memory) gives the maps of climbing them all together, also with
+    suppress_image_classes_only, whose other classes stay the whole image's."""
+    from advcam.attribution.advcam import advcam_maps_images
+
+    torch.manual_seed(6)
+    images = [torch.randn(3, 27, 33, dtype=torch.float64) for _ in range(2)]
+    classes = [[1, 3, 4], [0, 2]]
+    cfg = {"scales": [1.0, 0.5], "flip": True, "advcam": {"steps": 4, **option}}
+    together = advcam_maps_images(model64, images, classes, cfg)
+    for limit in (1, 2):
+        split = advcam_maps_images(model64, images, classes, {**cfg, "advcam": {**cfg["advcam"],
+                                                                              "max_classes_per_climb": limit}})
+        for a, b in zip(together, split):
+            assert [m.shape for m in a] == [m.shape for m in b]
+            assert all(rel_err(y, x) < 1e-10 for x, y in zip(a, b))
+    if option:  # the image's other classes matter: climbing a class alone without them would differ
+        alone = advcam_maps_images(model64, images[:1], [[1]], cfg)[0]
+        assert rel_err(alone[0], together[0][0][:1]) > 1e-6

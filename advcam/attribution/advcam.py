@@ -45,9 +45,9 @@ from advcam.utils.errors import AdvcamError
 DEFAULTS: dict[str, Any] = {"steps": 27, "xi": 0.08, "lam": 7.0, "tau": 0.5, "half_steps_at_half_scale": True,
                             "sign_steps": False, "cumulative_mask": False, "suppress_image_classes_only": False,
                             "backend": "auto", "precision": "fp32", "channels_last": False, "cuda_graph": False,
-                            "fold_batchnorm": False}
+                            "fold_batchnorm": False, "max_classes_per_climb": 0}
 OPTIONS = ("flip", "sign_steps", "cumulative_mask", "suppress_image_classes_only", "backend", "callback",
-           "precision", "channels_last", "cuda_graph")
+           "precision", "channels_last", "cuda_graph", "image_classes")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -90,6 +90,8 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
     class: ``x`` (the images x_t, ``(n * nf, 3, H, W)``), ``map`` (A(x_t), ``(n, h, w)``), ``score`` and
     ``others`` (y_c and the sum of the other classes' y, summed over the flips, ``(n,)``) and ``l1`` (the
     masked L1 term, ``(n,)``); for diagnostics (``benchmarks/seed_study.py --trace``), it changes nothing.
+    ``image_classes`` (:func:`climb_images`: one list per image): all of each image's classes, when ``classes``
+    climbs only some of them (``cam.advcam.max_classes_per_climb``), for ``suppress_image_classes_only``.
     Speed options (off by default; they change rounding, not the method): ``precision`` (``fp32``: true float32,
     TF32 off on CUDA; ``tf32``: TF32 tensor-core convolutions on CUDA, the same as fp32 elsewhere; ``bf16``: the
     network under bf16 autocast, the maps, loss and image update in the image's dtype), ``channels_last`` (the
@@ -151,9 +153,12 @@ def climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequ
     cls = torch.as_tensor([c for cs in classes for c in cs], device=image.device)
     own = torch.zeros(n, big_c, dtype=image.dtype, device=image.device)
     start = 0
-    for cs in classes:  # each row's own image's classes, for suppress_image_classes_only
+    whole = options.get("image_classes") or classes  # all of each image's classes, when it climbs only some
+    if len(whole) != len(classes):
+        raise AdvcamError(f"AdvCAM: {len(whole)} image class lists for {len(classes)} images")
+    for cs, all_cs in zip(classes, whole):  # each row's own image's classes, for suppress_image_classes_only
         if cs:
-            own[start:start + len(cs), torch.as_tensor(cs, device=image.device)] = 1.0
+            own[start:start + len(cs), torch.as_tensor([int(c) for c in all_cs], device=image.device)] = 1.0
         start += len(cs)
     graphs: StepGraphs | None = None
     if graph_ok:
@@ -309,26 +314,55 @@ def advcam_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classes
     scales = [float(s) for s in param(cfg_cam, "scales", [1.0, 0.5, 1.5, 2.0])]
     flip = bool(param(cfg_cam, "flip", True))
     out: list[list[torch.Tensor]] = [[] for _ in images]
+    chunks = climb_chunks(classes, int(p["max_classes_per_climb"]))
     for s in scales:
-        try:
-            maps = climb_images(model, [resize_image(im, s) for im in images], classes,
-                                steps=steps_for_scale(p["steps"], s, p["half_steps_at_half_scale"]),
-                                xi=float(p["xi"]), lam=float(p["lam"]), tau=float(p["tau"]), flip=flip,
-                                sign_steps=bool(p["sign_steps"]), cumulative_mask=bool(p["cumulative_mask"]),
-                                suppress_image_classes_only=bool(p["suppress_image_classes_only"]),
-                                backend=str(p["backend"]), precision=str(p["precision"]),
-                                channels_last=bool(p["channels_last"]), cuda_graph=bool(p["cuda_graph"]),
-                                callback=callback)
-        except AdvcamError as err:
-            if image_ids is None:
-                where = f"scale {s}"
-            else:
-                where = f"image{'s' if len(image_ids) > 1 else ''} {', '.join(map(str, image_ids))}, scale {s}"
-            raise AdvcamError(f"{where}: {err}") from err
-        for k, m in enumerate(maps):
-            out[k].append(m)
+        resized = [resize_image(im, s) for im in images]
+        parts: list[list[torch.Tensor]] = [[] for _ in images]
+        for chunk in chunks:  # one chunk, all classes, unless max_classes_per_climb splits them
+            try:
+                maps = climb_images(model, [resized[k] for k, _ in chunk], [cs for _, cs in chunk],
+                                    steps=steps_for_scale(p["steps"], s, p["half_steps_at_half_scale"]),
+                                    xi=float(p["xi"]), lam=float(p["lam"]), tau=float(p["tau"]), flip=flip,
+                                    sign_steps=bool(p["sign_steps"]), cumulative_mask=bool(p["cumulative_mask"]),
+                                    suppress_image_classes_only=bool(p["suppress_image_classes_only"]),
+                                    backend=str(p["backend"]), precision=str(p["precision"]),
+                                    channels_last=bool(p["channels_last"]), cuda_graph=bool(p["cuda_graph"]),
+                                    callback=callback, image_classes=[classes[k] for k, _ in chunk])
+            except AdvcamError as err:
+                if image_ids is None:
+                    where = f"scale {s}"
+                else:
+                    where = f"image{'s' if len(image_ids) > 1 else ''} {', '.join(map(str, image_ids))}, scale {s}"
+                raise AdvcamError(f"{where}: {err}") from err
+            for (k, _), m in zip(chunk, maps):
+                parts[k].append(m)
+        for k, ms in enumerate(parts):
+            out[k].append(ms[0] if len(ms) == 1 else torch.cat(ms))
     return out
 
 
+def climb_chunks(classes: Sequence[Sequence[int]], limit: int) -> list[list[tuple[int, list[int]]]]:
+    """The climbs of one scale: lists of ``(image index, its classes to climb)``, at most ``limit`` classes per
+    climb in all (``limit`` 0: one climb with every image and class). Each image's classes stay in order, and an
+    image without classes still appears once (its empty map)."""
+    pairs = [(k, int(c)) for k, cs in enumerate(classes) for c in cs]
+    if limit <= 0 or len(pairs) <= limit:
+        return [[(k, [int(c) for c in cs]) for k, cs in enumerate(classes)]]
+    chunks: list[list[tuple[int, list[int]]]] = []
+    for start in range(0, len(pairs), limit):
+        chunk: list[tuple[int, list[int]]] = []
+        for k, c in pairs[start:start + limit]:
+            if chunk and chunk[-1][0] == k:
+                chunk[-1][1].append(c)
+            else:
+                chunk.append((k, [c]))
+        chunks.append(chunk)
+    empty = [(k, []) for k, cs in enumerate(classes) if not cs]
+    if empty:
+        chunks[0] = sorted(chunks[0] + empty, key=lambda kc: kc[0])
+    return chunks
+
+
 __all__ = ["climb", "climb_images", "advcam_maps", "advcam_maps_images", "advcam_params", "prepare_model",
+           "climb_chunks",
            "clear_graphs", "steps_for_scale", "gradcam_scale", "DEFAULTS"]
