@@ -18,6 +18,7 @@ from advcam.data import voc
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import read_json
 
+
 def image_size(info: Any, image_id: str) -> tuple[int, int]:
     """``(H, W)`` of an image from its file header (no decoding)."""
     path = Path(info.image_path(image_id))
@@ -29,6 +30,7 @@ def image_size(info: Any, image_id: str) -> tuple[int, int]:
 
 
 def image_classes(info: Any, image_id: str) -> list[int]:
+    """The image-level labels (0-based foreground classes) of ``image_id``; AdvcamError naming labels.json."""
     if image_id not in info.labels:
         raise AdvcamError(f"image {image_id}: no image-level labels in {Path(info.folder) / 'labels.json'}")
     return [int(c) for c in info.labels[image_id]]

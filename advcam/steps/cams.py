@@ -4,9 +4,10 @@ Resumable: stale temporary files are removed first, and an image whose CAM file 
 its image's size and classes is not recomputed (a truncated or corrupt file is). The folder records what made its
 files (``.advcam-params.json``: the ``cam`` params, the classifier's content hash and the hash of the code that
 computes the maps); when that changes, the old files of the list are removed and everything is recomputed, so a
-resumed run never mixes the results of two settings. With ``ADVCAM_WORK_DIR`` set (the workflow's rules set it), the CAM files are computed
-in a work folder keyed by that record and linked into the output folder, so that a rerun of a killed job keeps
-them although Snakemake and DVC delete the output folder first (:mod:`advcam.steps.shards`).
+resumed run never mixes the results of two settings. With ``ADVCAM_WORK_DIR`` set (the workflow's rules set it),
+the CAM files are computed in a work folder keyed by that record and linked into the output folder, so that a
+rerun of a killed job keeps them although Snakemake and DVC delete the output folder first
+(:mod:`advcam.steps.shards`).
 
 Seeds are the argmax over a constant background plane (each threshold of ``cam.thresholds``) and the
 ``high_res`` maps, compared with the ground-truth masks of the infer list (images without a mask are left out of
@@ -62,10 +63,10 @@ def model_digest(path: Path) -> str:
     return files_digest([path])
 
 
-def record_for(cfg: Any, info: Any, model_path: Path) -> dict:
+def record_for(cfg: Any, model_path: Path) -> dict:
     """What the CAM files depend on (``.advcam-params.json``): the map params, the classifier's bytes and the code
     that computes them. The image-level labels are checked per file (:func:`done`), so re-preparing the dataset
-    keeps the files."""
+    keeps the files. Computed once per job (it hashes the classifier file and the code)."""
     maps_params = {k: v for k, v in cfg.cam.to_dict().items() if k not in ("thresholds", "eval_threshold")}
     return {"cam": maps_params, "model": model_digest(model_path), "code": cams_code()}
 
@@ -157,7 +158,8 @@ def cam_nbytes(size: tuple[int, int], n: int) -> int:
     return 4 * n * (h * w + ((h + 3) // 4) * ((w + 3) // 4)) + 8 * n + 1024
 
 
-def compute_all(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path, shared: bool = False) -> int:
+def compute_all(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path, record: dict,
+                shared: bool = False) -> int:
     """Write ``out/<id>.npz`` for every id without a valid file; return how many were computed.
 
     ``shared``: other jobs may write other ids into ``out`` now (shards sharing a work folder), so only the
@@ -166,7 +168,7 @@ def compute_all(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path
     removed = clean_stale_temps(out, [f"{i}.npz" for i in ids] if shared else None)
     if removed:
         log.info("cams: removed %d stale temporary file(s) in %s", removed, out)
-    invalidate_if_changed(out, record_for(cfg, info, model_path), ids, ".npz", check=lambda: load_classifier(
+    invalidate_if_changed(out, record, ids, ".npz", check=lambda: load_classifier(
         model_path, num_classes=info.num_classes, classes=info.classes))
     todo = [i for i in ids if not done(info, out, i)]
     log.info("cams: %d of %d images to compute (%d done already)", len(todo), len(ids), len(ids) - len(todo))
@@ -182,24 +184,21 @@ def compute_all(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path
     return len(todo)
 
 
-def compute(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path) -> int:
-    """:func:`compute_all` into ``out``; with ``ADVCAM_WORK_DIR`` set, into the work folder of this record
+def compute(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path, record: dict) -> int:
+    """:func:`compute_all` into ``out``; with ``ADVCAM_WORK_DIR`` set, into the work folder of ``record``
     (:mod:`advcam.steps.shards`), whose files are then linked into ``out``."""
-    record = record_for(cfg, info, model_path)
     work = sharding.work_folder("cams", record)
     if work is None:
-        return compute_all(cfg, info, ids, model_path, out)
-    n = compute_all(cfg, info, ids, model_path, work, shared=True)
+        return compute_all(cfg, info, ids, model_path, out, record)
+    n = compute_all(cfg, info, ids, model_path, work, record, shared=True)
     sharding.publish(work, out, [f"{i}.npz" for i in ids] + [FINGERPRINT])
     return n
 
 
-def gather_shards(cfg: Any, info: Any, ids: list[str], model_path: Path, out: Path,
-                  folders: Sequence[Path]) -> None:
+def gather_shards(info: Any, ids: list[str], out: Path, folders: Sequence[Path], record: dict) -> None:
     """Link the CAM files of the shard folders (``folders[k]`` = shard ``k+1`` of ``len(folders)``) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)
-    record = record_for(cfg, info, model_path)
     invalidate_if_changed(out, record, ids, ".npz")
     n = sharding.gather([Path(f) for f in folders], ids, ".npz", out,
                         lambda p, i: done(info, p.parent, i), record, "cams")
@@ -255,20 +254,21 @@ def run(cfg: Any, data: Path, model: Path, out: Path, metrics: Path, curve: Path
     files from these shard folders (shard k = the k-th folder) instead of computing them, then score."""
     info = load_info(data)
     ids = sharding.map_ids("cams", info, data, shard, gather)
+    record = record_for(cfg, Path(model))
     if shard is not None:
         part = sharding.shard_items(ids, *shard)
         log.info("cams: shard %d/%d: %d of %d images", shard[0], shard[1], len(part), len(ids))
-        compute(cfg, info, part, Path(model), Path(out))
+        compute(cfg, info, part, Path(model), Path(out), record)
         return
     if gather:
-        gather_shards(cfg, info, ids, Path(model), Path(out), gather)
+        gather_shards(info, ids, Path(out), gather, record)
     else:
-        compute(cfg, info, ids, Path(model), Path(out))
+        compute(cfg, info, ids, Path(model), Path(out), record)
     result, points = evaluate_seeds(cfg, info, list(info.lists["infer"]), Path(out))
     write_json(metrics, result)
     write_text(curve, "threshold,miou\n" + "".join(
         f"{t:g},{'' if not np.isfinite(m) else f'{m:.6f}'}\n" for t, m in points))
-    sharding.discard_work("cams", keep=record_for(cfg, info, Path(model)))  # other params' work folders
+    sharding.discard_work("cams", keep=record)  # every output written: other params' work folders go
     if result.get("seed_miou") is not None:
         log.info("cams: seed mIoU %.4f at threshold %g (%.4f at %g)", result["seed_miou"],
                  result["seed_best_threshold"], result["seed_miou_fixed"], cfg.cam.eval_threshold)

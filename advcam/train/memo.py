@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from advcam.train.loop import write_curves
+from advcam.utils.errors import AdvcamError
 from advcam.utils.io import files_digest, link_or_copy, read_json, write_json
 from advcam.utils.progress import log
 
@@ -62,9 +63,9 @@ def recall(out: Path, curves: Path, fingerprint: Mapping[str, Any], desc: str) -
         return False
     try:
         memo = read_json(record)
-    except Exception:  # noqa: BLE001 - an unreadable record is no record
+    except AdvcamError:  # an unreadable record is no record
         return False
-    if memo.get("fingerprint") != _plain(dict(fingerprint)) or memo.get("sha1") != files_digest([weights]):
+    if not isinstance(memo, dict) or memo.get("fingerprint") != _plain(dict(fingerprint)) or memo.get("sha1") != files_digest([weights]):
         return False
     if int(os.environ.get("RANK", "0")) == 0:
         link_or_copy(weights, Path(out))
