@@ -265,6 +265,24 @@ def test_precision_sets_tf32_for_the_climb_only():
     assert seen == [False, False, True, True] and torch.backends.cudnn.allow_tf32 == before
 
 
+def test_tf32_mode_sets_both_flags_and_restores_them():
+    """The switch itself runs on CPU builds too (the flags exist there), so a wrong flag name fails here, not
+    only on a GPU."""
+    from advcam.attribution.graphs import tf32_mode
+
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    before = flags()
+    for enabled in (True, False):
+        with tf32_mode(enabled):
+            assert flags() == (enabled, enabled)
+        assert flags() == before
+    with pytest.raises(RuntimeError, match="boom"), tf32_mode(not before[0]):
+        raise RuntimeError("boom")
+    assert flags() == before
+    with tf32_mode(None):
+        assert flags() == before
+
+
 @pytest.mark.parametrize("option", [{}, {"suppress_image_classes_only": True}, {"flip": False}])
 def test_climbing_images_together_gives_each_image_its_own_maps(model64, option):
     from advcam.attribution.advcam import climb_images

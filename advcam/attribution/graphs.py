@@ -86,12 +86,12 @@ def tf32_mode(enabled: bool | None) -> Iterator[None]:
     if enabled is None:
         yield
         return
-    saved = torch.backends.cudnn.allowtf32_mode, torch.backends.cuda.matmul.allowtf32_mode
-    torch.backends.cudnn.allowtf32_mode = torch.backends.cuda.matmul.allowtf32_mode = enabled
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
         yield
     finally:
-        torch.backends.cudnn.allowtf32_mode, torch.backends.cuda.matmul.allowtf32_mode = saved
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 __all__ = ["ClimbBuffers", "StepGraphs", "GRAPH_CACHE_SIZE", "cached_graphs", "store_graphs",
