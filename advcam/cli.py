@@ -14,7 +14,7 @@ import os
 import select
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from advcam import config
 from advcam.utils.errors import AdvcamError
@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             compare.run(cfg, Path(args.data or f"data/{cfg.dataset.name}"), [Path(c) for c in args.cams],
                         args.labels, Path(args.out), args.n, args.ids)
             return 0
-        paths = {opt.replace("-", "_"): Path(getattr(args, opt.replace("-", "_")) or default(cfg))
+        paths: dict[str, Any] = {opt.replace("-", "_"): Path(getattr(args, opt.replace("-", "_")) or default(cfg))
                  for opt, default, _ in STAGES[args.stage][1]}
         if args.stage in SHARDED:
             from advcam.steps.shards import parse_shard

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -121,7 +121,7 @@ def plot_curves(series: dict[str, tuple[Sequence[float], Sequence[float | None]]
     _save_fixed(fig, path)
 
 
-def plot_grouped_bars(names: Sequence[str], groups: dict[str, Sequence[float | None]], path: str | Path, *,
+def plot_grouped_bars(names: Sequence[str], groups: Mapping[str, Sequence[float | None]], path: str | Path, *,
                       ylabel: str, title: str = "") -> None:
     """One group of bars per name (e.g. per class), one bar per series (e.g. seeds / pseudo / val); None = no bar.
 

@@ -31,7 +31,7 @@ import datetime
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ def reference_climb(model, image: torch.Tensor, classes, steps: int, xi=0.08, la
     dev, out = image.device, []
     for c in classes:
         x_host = torch.stack([image, image.flip(-1)]).cpu().numpy()
-        acc = 0.0
+        acc = torch.zeros(())
         for t in range(steps):
             x = torch.from_numpy(x_host).to(dev).requires_grad_(True)
             fmaps = model.features(x)
@@ -71,6 +71,8 @@ def reference_climb(model, image: torch.Tensor, classes, steps: int, xi=0.08, la
             loss = 2 * logit[:, c].sum() - logit.sum() - lam * (torch.abs(regions - init) * mask).sum()
             model.zero_grad()
             loss.backward()
+            if x.grad is None:
+                raise RuntimeError("reference loop: no input gradient")
             g = x.grad.cpu().numpy()
             upd = x_host + xi * g / (np.abs(g).max() + 1e-12)
             x_host = np.clip(upd, x_host.min(), x_host.max()).astype(x_host.dtype)
@@ -87,7 +89,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], device: torch.device, reps: int = 1) -> tuple[float, object]:
+def timed(fn: Callable[[], Any], device: torch.device, reps: int = 1) -> tuple[float, Any]:
     sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -139,7 +141,7 @@ def op_benchmark(device, dtype, n, feat, image_hw, reps):
 
 
 VOC_IMAGES = 10_582  # SBD train_aug
-FAST_VARIANTS = {  # the speed options of cam.advcam, added one at a time
+FAST_VARIANTS: dict[str, dict[str, Any]] = {  # the speed options of cam.advcam, added one at a time
     "ours-tf32": {"precision": "tf32"},
     "ours-bf16": {"precision": "bf16"},
     "ours-bf16-cl": {"precision": "bf16", "channels_last": True},
@@ -356,10 +358,10 @@ def main(argv=None) -> int:
     classes = [[i % args.num_classes] if i % 2 == 0 else [(i + 1) % args.num_classes, (i + 5) % args.num_classes]
                for i in range(args.images)]
     n_cls = sum(len(c) for c in classes)
-    cfg = {"scales": scales, "flip": True, "advcam": {"steps": args.steps}}
+    cfg: dict[str, Any] = {"scales": scales, "flip": True, "advcam": {"steps": args.steps}}
 
-    extra: dict[str, object] = {}
-    rows: dict[str, dict] = {}
+    extra: dict[str, Any] = {}
+    rows: dict[str, dict[str, Any]] = {}
     maps: dict[str, list] = {}
 
     def save() -> tuple[dict, Path]:
@@ -422,15 +424,16 @@ def main(argv=None) -> int:
         ref_cls = sum(len(c) for c in classes[:k])
         reference_maps(model, images[0], classes[0][:1], scales, 2)  # warm-up (cuDNN, allocator)
         pairs = list(zip(images[:k], classes[:k]))
-        secs, out = timed(lambda: [reference_maps(model, im, c, scales, args.steps)
-                                   for im, c in progress(pairs, desc="reference loop", unit="img")], device)
+        secs, ref_maps = timed(lambda: [reference_maps(model, im, c, scales, args.steps)
+                                        for im, c in progress(pairs, desc="reference loop", unit="img")], device)
         rows["reference"] = {"s_per_image": secs / k, "s_per_class": secs / ref_cls, "images": k,
                              "voc_train_aug_hours_one_device": secs / k * VOC_IMAGES / 3600}
-        base = maps.get("ours-extension", maps.get("ours-fallback"))
-        if base is not None:
+        fp32_maps = maps.get("ours-extension", maps.get("ours-fallback"))
+        if fp32_maps is not None:
             rows["reference"]["max_rel_diff_vs_ours_fp32"] = max(
-                float((o.cpu() - r).abs().max() / r.abs().max().clamp_min(1e-30)) for o, r in zip(base, out[0]))
-            rows["reference"]["map_corr_vs_fp32"] = map_corr(out[0], base)
+                float((o.cpu() - r).abs().max() / r.abs().max().clamp_min(1e-30))
+                for o, r in zip(fp32_maps, ref_maps[0]))
+            rows["reference"]["map_corr_vs_fp32"] = map_corr(ref_maps[0], fp32_maps)
         for name, r in rows.items():
             if name.startswith("ours") and "s_per_class" in r:  # per class: the reference may time fewer images
                 r["speedup_vs_reference"] = rows["reference"]["s_per_class"] / r["s_per_class"]
@@ -457,7 +460,7 @@ def main(argv=None) -> int:
             rows["op-fused"]["graph_fraction_of_copy"] = (rows["op-fused"]["graph_tb_per_s"]
                                                           / extra["ceilings"]["copy_tb_per_s"])
     if args.roofline:
-        fast = {**FAST_VARIANTS["ours-bf16-cl-fold"]} if args.fast_variants else {}
+        fast: dict[str, Any] = {**FAST_VARIANTS["ours-bf16-cl-fold"]} if args.fast_variants else {}
         net = prepare_model(model, {"advcam": fast})
         extra["step_parts_scale1"] = {"options": fast, **step_parts(net, images[0], 2, fast, device)}
         extra["step_parts_scale1_fp32"] = step_parts(model, images[0], 2, {}, device)

@@ -112,10 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{path.stem}, {result.get('model', '?')}"
         found = [(variant, per_image_seconds(result, variant, args.classes_per_image, args.scale_pixels))
                  for variant in VARIANTS]
-        found = [(variant, t) for variant, t in found if t is not None]
-        if not found:  # e.g. a run of the fused op alone
+        timed = [(variant, t) for variant, t in found if t is not None]
+        if not timed:  # e.g. a run of the fused op alone
             continue
-        rows += [(f"{where}, {variant}", t) for variant, t in found]
+        rows += [(f"{where}, {variant}", t) for variant, t in timed]
         size = "x".join(str(v) for v in result.get("size_hw", [])[::-1]) or "?"
         notes.append(f"`{path.name}`: {result.get('model', '?')} at {size}, {result.get('steps', '?')} steps, "
                      f"{result.get('threads', '?')} thread(s), torch {result.get('torch', '?')}")

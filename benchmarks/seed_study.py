@@ -89,6 +89,8 @@ def study(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any,
         confs = c if confs is None else confs + c
         maps[image_id] = m
     seconds = time.perf_counter() - start
+    if confs is None:
+        raise SystemExit("seed_study: no images to score")
     mious = [mean_iou(c) for c in confs]
     best = int(np.nanargmax(np.asarray(mious, dtype=np.float64)))  # as advcam.steps.cams.evaluate_seeds
     hits = {r: [0, 0] for r in REGIONS}
@@ -116,12 +118,13 @@ def trace(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any) -
     map (what AdvCAM returns); present where the dataset has ``SegmentationPart`` masks."""
     cfg_one = {"scales": [1.0], "flip": cfg_cam.flip, "advcam": cfg_cam.advcam}
     rows: dict[str, list[tuple[float, ...]]] = {k: [] for k in ("score", "others", "l1", "dx", *REGIONS)}
+    device = next(model.parameters()).device  # advcam_maps climbs the image where it is (compute_maps moves it)
     for image_id in progress(ids, desc="trace (advcam, scale 1)", unit="img"):
         classes = info.labels[image_id]
         if not classes:
             continue
         steps: list[dict[str, torch.Tensor]] = []
-        (acc,) = advcam_maps(model, normalize(info.read_image(image_id)), classes, cfg_one,
+        (acc,) = advcam_maps(model, normalize(info.read_image(image_id)).to(device), classes, cfg_one,
                              callback=lambda t, state: steps.append(state))
         first, last = steps[0], steps[-1]
         gt = info.read_mask(image_id)
@@ -152,7 +155,7 @@ def trace(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any) -
             "relative_map": {r: mean(r, ("first", "last", "accumulated")) for r in REGIONS if rows[r]}}
 
 
-def map_agreement(ref: dict[str, dict], other: dict[str, dict]) -> dict[str, float]:
+def map_agreement(ref: dict[str, dict], other: dict[str, dict]) -> dict[str, float | None]:
     """Pearson correlation of the ``high_res`` maps of two variants: over all pixels of all images (pooled),
     and the lowest per image; plus the largest absolute difference (the maps are max-normalised)."""
     a = [ref[i]["high_res"].ravel().astype(np.float64) for i in ref if ref[i]["high_res"].size]

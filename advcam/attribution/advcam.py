@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advcam.attribution.cam import resize_image
+from advcam.attribution.cam import class_map_net, resize_image
 from advcam.attribution.graphs import ClimbBuffers, StepGraphs, cached_graphs, clear_graphs, store_graphs, tf32_mode
 from advcam.ops import ascent_step_, masked_l1
 from advcam.utils import param
@@ -140,16 +140,17 @@ def climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequ
     channels_last = bool(options.get("channels_last", False))
     n, steps = sum(counts), int(steps)
     graph_ok = bool(options.get("cuda_graph", False)) and image.is_cuda and callback is None and steps >= 3
+    net = class_map_net(model)
     if n == 0:
         with torch.no_grad():
-            h, w = model.cam(image[None]).shape[-2:]
+            h, w = net.cam(image[None]).shape[-2:]
         return [image.new_zeros((0, h, w)) for _ in images]
 
     nf = 2 if flip else 1
     bases = [torch.stack([im, im.flip(-1)]) if flip else im[None] for im in images]
     # (n * nf, 3, H, W): one climbing image per (image, class), with its flip
     x = torch.cat([b.detach().repeat(k, 1, 1, 1) for b, k in zip(bases, counts) if k]).contiguous()
-    big_c = model.classifier.weight.shape[0]
+    big_c = int(net.classifier.weight.shape[0])
     cls = torch.as_tensor([c for cs in classes for c in cs], device=image.device)
     own = torch.zeros(n, big_c, dtype=image.dtype, device=image.device)
     start = 0
@@ -180,11 +181,11 @@ def climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequ
         at step 0 (``first``) A(x_0) is kept and the accumulator cleared."""
         inp = xx.contiguous(memory_format=torch.channels_last) if channels_last else xx
         with torch.autocast(device_type=xx.device.type, dtype=torch.bfloat16, enabled=bf16):
-            cams = model.cam(inp)
+            cams = net.cam(inp)
         cams = cams.to(xx.dtype)
         cams = cams.view(n, nf, big_c, *cams.shape[-2:])
         cam_c = cams[buf.rows, :, buf.cls]  # (n, nf, h, w)
-        weight_c = model.classifier.weight.reshape(big_c, -1)[buf.cls]
+        weight_c = net.classifier.weight.reshape(big_c, -1)[buf.cls]
         a_b = F.relu(cam_c) * gradcam_scale(cam_c, weight_c)[..., None, None]
         a = a_b[:, 0] + a_b[:, 1].flip(-1) if flip else a_b[:, 0]
         if first and buf.a0 is None:
@@ -192,8 +193,9 @@ def climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequ
             buf.a0 = a.detach().clone()
             buf.mask = torch.zeros_like(buf.a0, dtype=torch.bool) if cumulative else None
         elif first:  # static buffers of a captured setting
-            buf.acc.zero_()
-            buf.a0.copy_(a.detach())
+            a0, acc = buf.state()
+            acc.zero_()
+            a0.copy_(a.detach())
             if buf.mask is not None:
                 buf.mask.zero_()
         return cams, a
@@ -201,7 +203,8 @@ def climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequ
     def scores(t: int, xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Step ``t`` up to the loss: (loss, finite flag of A); accumulates A into ``acc``."""
         cams, a = evaluate(xx, t == 0)
-        l1 = masked_l1(a, buf.a0, tau, acc=buf.acc, backend=backend, mask=buf.mask)
+        a0, acc = buf.state()
+        l1 = masked_l1(a, a0, tau, acc=acc, backend=backend, mask=buf.mask)
         ok = torch.isfinite(a.detach()).all()
         y = F.relu(cams).mean((-2, -1))  # (n, nf, C)
         y_c = y[buf.rows, :, buf.cls]  # (n, nf)
@@ -255,7 +258,7 @@ def climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequ
         bad = int((~ok).nonzero()[0, 0])
         raise AdvcamError(f"AdvCAM: non-finite attribution map or gradient at step {bad} of {steps} "
                           f"(classes {shown}, xi {xi}, lam {lam}); try a smaller cam.advcam.xi")
-    acc = buf.acc.clone() if graphs is not None else buf.acc
+    acc = buf.state()[1].clone() if graphs is not None else buf.state()[1]
     parts = iter(acc.split([k for k in counts if k]))
     return [next(parts) if k else acc.new_zeros((0, *acc.shape[1:])) for k in counts]
 
@@ -287,7 +290,8 @@ def prepare_model(model: nn.Module, cfg_cam: Any = None) -> nn.Module:
     if bool(p["channels_last"]):
         if not bool(p["fold_batchnorm"]):
             model = copy.deepcopy(model)
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format; its type stub does not list it
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
 
 
@@ -357,7 +361,7 @@ def climb_chunks(classes: Sequence[Sequence[int]], limit: int) -> list[list[tupl
             else:
                 chunk.append((k, [c]))
         chunks.append(chunk)
-    empty = [(k, []) for k, cs in enumerate(classes) if not cs]
+    empty: list[tuple[int, list[int]]] = [(k, []) for k, cs in enumerate(classes) if not cs]
     if empty:
         chunks[0] = sorted(chunks[0] + empty, key=lambda kc: kc[0])
     return chunks

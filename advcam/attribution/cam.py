@@ -19,7 +19,7 @@ size is ``round(H * scale)``, as IRN's ``pil_rescale``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, cast
 
 import numpy as np
 import torch
@@ -33,6 +33,21 @@ EPS = 1e-5
 CAM_KEYS = ("keys", "cam", "high_res")
 
 MapFn = Callable[[nn.Module, torch.Tensor, Sequence[int], Any], "list[torch.Tensor]"]
+
+
+class ClassMapNet(Protocol):
+    """What attribution reads of a classifier beyond ``nn.Module`` (DESIGN.md section 2): the bias-free 1x1
+    ``classifier`` and ``cam(x)``, the raw class maps. CAMNet, SEAMNet, EADERNet and any user module with
+    these members qualify."""
+
+    classifier: nn.Conv2d
+
+    def cam(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def class_map_net(model: nn.Module) -> ClassMapNet:
+    """``model`` seen through :class:`ClassMapNet` (a static view: nothing is checked or copied)."""
+    return cast(ClassMapNet, model)
 
 
 def strided_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
@@ -53,7 +68,7 @@ def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
 
 def resize_image(image: torch.Tensor, scale: float) -> torch.Tensor:
     """Bilinearly resize a normalised ``(3, H, W)`` image by ``scale`` (no copy at scale 1)."""
-    size = scaled_size(tuple(image.shape[-2:]), scale)
+    size = scaled_size((int(image.shape[-2]), int(image.shape[-1])), scale)
     if size == tuple(image.shape[-2:]):
         return image
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
@@ -69,7 +84,7 @@ def cam_at_scale(model: nn.Module, image: torch.Tensor, classes: Sequence[int], 
     """
     x = resize_image(image, scale)
     batch = torch.stack([x, x.flip(-1)]) if flip else x[None]
-    maps = F.relu(model.cam(batch))
+    maps = F.relu(class_map_net(model).cam(batch))
     idx = torch.as_tensor(list(classes), dtype=torch.long, device=maps.device)
     maps = maps.index_select(1, idx)
     out = maps[0]
@@ -165,7 +180,7 @@ def compute_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classe
         maps = dict(zip(todo, climbed))
     else:
         maps = {k: METHODS[method](model, images[k], keys[k].tolist(), cfg_cam) for k in todo}
-    out = []
+    out: list[dict[str, np.ndarray]] = []
     for k, (image, key) in enumerate(zip(images, keys)):
         size = (int(image.shape[-2]), int(image.shape[-1]))
         if not key.size:

@@ -29,6 +29,12 @@ class ClimbBuffers:
     acc: torch.Tensor | None = None
     mask: torch.Tensor | None = None
 
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a0, acc)``, which step 0 sets."""
+        if self.a0 is None or self.acc is None:
+            raise RuntimeError("ClimbBuffers: step 0 has not run")
+        return self.a0, self.acc
+
 
 class StepGraphs:
     """CUDA graphs of one climbing setting (step 0, a middle step, the last forward) in one memory pool.

@@ -90,9 +90,10 @@ def class_names(num_classes: int) -> list[str]:
 def appearance(k: int, num_classes: int) -> Appearance:
     """Class k's look; the (part colour, part shape) pair is unique for k < 20."""
     colour = PART_COLOURS[k % len(PART_COLOURS)]
-    return Appearance(part_colour=tuple(int(v) for v in colour),
+    tint = BODY_TINTS[k % len(BODY_TINTS)]
+    return Appearance(part_colour=(int(colour[0]), int(colour[1]), int(colour[2])),
                       part_shape=SHAPES[(k + k // len(PART_COLOURS)) % len(SHAPES)],
-                      body_tint=tuple(int(v) for v in BODY_TINTS[k % len(BODY_TINTS)]),
+                      body_tint=(int(tint[0]), int(tint[1]), int(tint[2])),
                       stripe_angle=float(np.pi * k / num_classes))
 
 

@@ -37,7 +37,8 @@ def resize(arr: np.ndarray, size_hw: tuple[int, int], order: str) -> np.ndarray:
     h, w = size_hw
     if arr.shape[:2] == (h, w):
         return arr
-    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[order]
+    resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                "nearest": Image.Resampling.NEAREST}[order]
     return np.asarray(Image.fromarray(arr).resize((w, h), resample))
 
 

@@ -176,7 +176,9 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu",
     return model  # type: ignore[return-value]
 
 
-def classifier_header(model: CAMNet, classes: list[str], params: Mapping[str, Any]) -> dict:
-    """The JSON header of a classifier checkpoint."""
-    return {"kind": "classifier", "arch": model.arch, "method": model.method, "classes": list(classes),
-            "num_classes": model.num_classes, "params": dict(params)}
+def classifier_header(model: nn.Module, classes: list[str], params: Mapping[str, Any]) -> dict:
+    """The JSON header of a classifier checkpoint (``arch``, ``method`` and ``num_classes`` are attributes of
+    every classifier: CAMNet, SEAMNet, EADERNet)."""
+    arch, method, num_classes = (getattr(model, k) for k in ("arch", "method", "num_classes"))
+    return {"kind": "classifier", "arch": str(arch), "method": str(method), "classes": list(classes),
+            "num_classes": int(num_classes), "params": dict(params)}

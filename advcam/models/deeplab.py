@@ -20,7 +20,7 @@ pixel-wise maximum (deeplab-pytorch: scales 1.0, 0.75, 0.5, no flip).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +38,12 @@ class ASPP(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int]) -> None:
         super().__init__()
-        self.branches = nn.ModuleList(
-            nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates)
-        for conv in self.branches:
+        convs = [nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates]
+        for conv in convs:
             nn.init.normal_(conv.weight, mean=0.0, std=0.01)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+        self.branches = nn.ModuleList(convs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([branch(x) for branch in self.branches]).sum(dim=0)
@@ -79,11 +80,11 @@ class DeepLab(nn.Module):
         """(trainable backbone parameters, head parameters): the head gets 10x the lr."""
         return ([p for p in self.backbone.parameters() if p.requires_grad], list(self.aspp.parameters()))
 
-    def deeplab_param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    def deeplab_param_groups(self) -> tuple[list[nn.Parameter], list[torch.Tensor], list[torch.Tensor]]:
         """DeepLab-v2's three groups: (backbone, ASPP weights, ASPP biases) at 1x, 10x and 20x the lr."""
-        head = [b for b in self.aspp.branches]
+        head = [cast(nn.Conv2d, b) for b in self.aspp.branches]
         return ([p for p in self.backbone.parameters() if p.requires_grad], [c.weight for c in head],
-                [c.bias for c in head])
+                [c.bias for c in head if c.bias is not None])
 
 
 def build_segmenter(arch: str, num_classes_with_bg: int, pretrained: str | Path | None = None) -> DeepLab:

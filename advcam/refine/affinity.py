@@ -19,7 +19,7 @@ Loss (AffinityNet / IRN): ``bg_pos / 4 + fg_pos / 4 + neg / 2``, each term the m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -150,8 +150,8 @@ class AffinityNet(nn.Module):
 
 def _stage_channels(stage: nn.Module) -> int:
     last = list(stage.children())[-1]
-    conv = last.conv3 if hasattr(last, "conv3") else last.conv2
-    return int(conv.out_channels)
+    name = "conv3" if hasattr(last, "conv3") else "conv2"  # Bottleneck or BasicBlock
+    return int(cast(nn.Conv2d, last.get_submodule(name)).out_channels)
 
 
 def build_affinity_net(arch: str, pretrained: str | Path | None = None) -> AffinityNet:
@@ -169,7 +169,7 @@ def build_affinity_net(arch: str, pretrained: str | Path | None = None) -> Affin
     return AffinityNet(backbone, arch, frozen=bool(pretrained))
 
 
-def batch_loss(model: AffinityNet, batch: dict[str, Any], radius: int) -> torch.Tensor:
+def batch_loss(model: nn.Module, batch: Mapping[str, Any], radius: int) -> torch.Tensor:
     """Loss of one ``{"image", "mask"}`` batch (full-resolution CRF labels, 255 = unsure)."""
     device = next(model.parameters()).device
     emb = model(batch["image"].to(device))

@@ -81,7 +81,7 @@ def walk_labels(cam: torch.Tensor, keys: Sequence[int], aff: torch.Tensor, size:
 
     ``size`` = the image's ``(H, W)``; ``(h, w)`` must be ``ceil(H/4), ceil(W/4)``."""
     height, width = int(size[0]), int(size[1])
-    keys = np.asarray(keys, dtype=np.int64)
+    key_arr = np.asarray(keys, dtype=np.int64)
     if cam.shape[0] == 0:
         return np.zeros((height, width), np.uint8)
     h, w = cam.shape[-2:]
@@ -95,7 +95,7 @@ def walk_labels(cam: torch.Tensor, keys: Sequence[int], aff: torch.Tensor, size:
     if top > 0:
         up = up / top
     scores = torch.cat([torch.full_like(up[:1], float(bg_threshold)), up])
-    lookup = np.concatenate([[0], keys + 1]).astype(np.uint8)
+    lookup = np.concatenate([[0], key_arr + 1]).astype(np.uint8)
     return lookup[scores.argmax(0).cpu().numpy()]
 
 

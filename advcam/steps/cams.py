@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from advcam.attribution.advcam import prepare_model
 from advcam.attribution.cam import compute_maps_images, is_valid_cam, load_cam, save_cam
@@ -90,7 +91,7 @@ def compute_ids(cfg: Any, info: Any, ids: Sequence[str], model_path: Path, out: 
 
     With AdvCAM and ``cam.advcam.batch_images`` > 1, up to that many consecutive images of one size climb
     together (the maps are those of one image at a time, up to float rounding)."""
-    model = load_classifier(model_path, map_location=device, num_classes=info.num_classes,
+    model: nn.Module = load_classifier(model_path, map_location=device, num_classes=info.num_classes,
                             classes=info.classes).to(device).eval()
     batch = 1
     if str(cfg.cam.method) == "advcam":

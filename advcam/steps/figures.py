@@ -196,13 +196,16 @@ def run(cfg: Any, data: Path, classifier: Path, segmenter: Path, cams: Path, pse
     label = "+".join(here.values())
     rows = [table_row(f"{label} (this run)", here, this)]
     curves = {label: read_csv_columns(plots / "seeds_threshold.csv")}
-    best = {label: this.get("seed_best_threshold")}
+    best: dict[str, float] = {}
+    if this.get("seed_best_threshold") is not None:
+        best[label] = float(this["seed_best_threshold"])
     for name, folder in other_runs(runs).items():
         m = read_metrics(folder, required=False)
         rows.append(table_row(name, {}, m))
         if (folder / "seeds_threshold.csv").is_file():
             curves[name] = read_csv_columns(folder / "seeds_threshold.csv")
-            best[name] = m.get("seed_best_threshold")
+            if m.get("seed_best_threshold") is not None:
+                best[name] = float(m["seed_best_threshold"])
     caption = f"{info.kind} dataset {cfg.dataset.name}: mIoU in percent (seeds and pseudo labels: infer list, " \
               f"val: val list)"
     write_text(out / "methods.html", table_html(rows, caption))

@@ -282,7 +282,7 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
     sharding.discard_work("refine-crf", keep=crf_record)
 
 
-def scores(s: dict[str, Any], prefix: str, classes: list[str]) -> dict[str, Any]:
+def scores(s: dict[str, Any], prefix: str, classes: Sequence[str]) -> dict[str, Any]:
     """Flat metrics of :func:`label_all`'s counts: ``<prefix>_miou``, ``_labelled_fraction``, ``_iou_<class>``."""
     out: dict[str, Any] = {"num_images_scored": s["scored"],
                            f"{prefix}_labelled_fraction": s["labelled"] / s["total"] if s["total"] else None,

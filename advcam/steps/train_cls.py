@@ -25,7 +25,7 @@ TRAINERS: dict[str, str] = {
 }
 
 
-def trainer_for(method: str) -> Callable[..., object]:
+def trainer_for(method: str) -> Callable[..., list[list[float]]]:
     module, name = TRAINERS[method].split(":")
     return getattr(importlib.import_module(module), name)
 

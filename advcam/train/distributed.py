@@ -9,7 +9,7 @@ way DDP's gradient average is the gradient of the global batch's loss, and the c
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import torch
 import torch.distributed as dist
@@ -67,10 +67,12 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         mean = all_reduce(x.sum((0, 2, 3))) / count
         centred = x - mean[None, :, None, None]
         var = all_reduce((centred * centred).sum((0, 2, 3))) / count
-        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+        tracked = self.num_batches_tracked
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None \
+                and tracked is not None:
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(tracked)
                 self.running_mean.mul_(1 - m).add_(mean, alpha=m)
                 self.running_var.mul_(1 - m).add_(var * count / (count - 1).clamp(min=1), alpha=m)
         y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
@@ -158,8 +160,10 @@ def global_loss(step: nn.Module, batch: Mapping[str, Any], size: int) -> tuple[t
         total, count = loss
         stats = torch.stack([total.detach(), count.detach().to(total.dtype)])
         dist.all_reduce(stats)
-        loss_fn = step.module.loss_fn if isinstance(step, DistributedDataParallel) else step.loss_fn
-        norm = stats[1].clamp(min=loss_fn.min_count)
+        inner = cast(LossStep, step.module if isinstance(step, DistributedDataParallel) else step)
+        if not isinstance(inner.loss_fn, SumOverCount):
+            raise TypeError(f"global_loss: a (sum, count) loss needs a SumOverCount, got {inner.loss_fn!r}")
+        norm = stats[1].clamp(min=inner.loss_fn.min_count)
         return total * (size / norm), float(stats[0] / norm)
     n = float(_batch_len(batch))
     stats = torch.stack([loss.detach() * n, torch.tensor(n, dtype=loss.dtype, device=loss.device)])

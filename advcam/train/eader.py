@@ -36,9 +36,9 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Dataset
 
+from advcam.models.classifier import CAMNet
 from advcam.models.eader import EADERNet, attention_maps, erase, soft_mask
 from advcam.train import loop
 from advcam.utils.checkpoint import save_checkpoint
@@ -76,7 +76,7 @@ def _localiser_pass(model: EADERNet, images: torch.Tensor, labels: torch.Tensor,
     logits = loc.classifier(feats.mean((2, 3), keepdim=True)).flatten(1)
     bce = F.multilabel_soft_margin_loss(logits, labels)
     rows, classes = labels.nonzero(as_tuple=True)
-    att = attention_maps(feats, loc.classifier.weight, rows, classes, tuple(images.shape[-2:]))
+    att = attention_maps(feats, loc.classifier.weight, rows, classes, (int(images.shape[-2]), int(images.shape[-1])))
     return bce, classes, att, erase(images[rows], soft_mask(att, omega, sigma))
 
 
@@ -125,7 +125,7 @@ def train_step(model: EADERNet, optimizer: torch.optim.Optimizer, batch: Mapping
 
 
 def _optimisers(model: EADERNet, hp: Mapping[str, Any]) -> tuple[torch.optim.SGD, torch.optim.SGD | None]:
-    def sgd(net: nn.Module) -> torch.optim.SGD:
+    def sgd(net: CAMNet) -> torch.optim.SGD:
         return loop.make_sgd(net.param_groups(), hp["lr"], hp["weight_decay"], hp["momentum"], hp["head_lr_mult"])
 
     return sgd(model.localiser), None if model.adversary is None else sgd(model.adversary)

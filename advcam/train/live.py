@@ -49,12 +49,12 @@ def log_curves(curves: str | Path, rows: Iterable[Sequence[float]]) -> Path | No
     """
     if not enabled():
         return None
-    rows = [list(r) for r in rows]
+    table = [list(r) for r in rows]
     target = live_dir(curves)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        _write(tmp, rows)
+        _write(tmp, table)
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; give it the mode of a normal folder
         old = target.with_name(f".{target.name}.old")
         if target.exists():

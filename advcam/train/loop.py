@@ -22,7 +22,7 @@ import gc
 import io
 import random
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, worke
 def rng_state() -> dict[str, Any]:
     """The global RNG states (python, numpy, torch) as tensors, so ``weights_only`` loading accepts them."""
     version, py_state, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    _, keys, pos, has_gauss, cached = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     return {"python": torch.tensor(py_state, dtype=torch.int64), "python_version": version,
             "python_gauss": gauss, "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
             "numpy_gauss": [int(has_gauss), float(cached)], "torch": torch.get_rng_state()}
@@ -178,6 +178,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader_for_epoch: Ca
     start, rows = _try_resume(resume, fingerprint, model, optimizer)
     rank, size = world()
     step_fn = data_parallel(model, loss_fn) if distributed else None
+    loss: torch.Tensor | None = None
     if distributed:
         log.info("%s: process %d of %d (%s), global batch sliced across processes", desc, rank + 1, size,
                  dist.get_backend())

@@ -30,12 +30,13 @@ the network's deviations.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from advcam.models.seam import SEAMNet
 from advcam.train import loop
 from advcam.utils import param
 from advcam.utils.errors import AdvcamError
@@ -100,14 +101,14 @@ def adaptive_min_pooling_loss(x: torch.Tensor) -> torch.Tensor:
     return F.relu(low).sum() / (k * n)
 
 
-def _branch(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _branch(model: SEAMNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cam, refined = model.seam_forward(x, detach=True)
     size = x.shape[-2:]
     up = lambda t: F.interpolate(t, size=size, mode="bilinear", align_corners=True)  # noqa: E731
     return up(cam), up(refined)
 
 
-def seam_losses(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+def seam_losses(model: SEAMNet, images: torch.Tensor, labels: torch.Tensor,
                 params: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The SEAM losses of one batch: ``cls``, ``rvmin``, ``er``, ``ecr`` and ``total`` (see the module doc).
 
@@ -147,7 +148,7 @@ class _SeamLoss:
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         device = next(model.parameters()).device
-        losses = seam_losses(model, batch["image"].to(device), batch["label"].to(device), self.params)
+        losses = seam_losses(cast(SEAMNet, model), batch["image"].to(device), batch["label"].to(device), self.params)
         for k in LOSS_NAMES:
             self.sums[k] += float(losses[k].detach())
         self.count += 1

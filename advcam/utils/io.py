@@ -47,9 +47,9 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     empty or partial file under the real name (a SIGKILL cannot either way)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", suffix=path.suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", suffix=path.suffix, dir=path.parent)
     os.close(fd)
-    tmp = Path(tmp)
+    tmp = Path(name)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
@@ -87,7 +87,7 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
             raise ValueError(f"save_npz: array {key!r} has dtype object")
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # the stub matches **arrays against allow_pickle
 
 
 def load_npz(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
