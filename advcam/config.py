@@ -10,10 +10,10 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError
 
 from advcam.utils.errors import AdvcamError
 
@@ -68,7 +68,7 @@ class Config(Mapping):
         value = self._data[key]
         return Config(value) if isinstance(value, Mapping) else value
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._data)
 
     def __len__(self) -> int:
@@ -96,7 +96,7 @@ def _where(path: Iterable[Any]) -> str:
     return out or "<top level>"
 
 
-def _describe(err, source: str, origins: Mapping[str, str] | None = None) -> str:
+def _describe(err: ValidationError, source: str, origins: Mapping[str, str] | None = None) -> str:
     where = _where(err.absolute_path)
     sch = err.schema if isinstance(err.schema, Mapping) else {}
     extra = (sorted(set(err.instance) - set(sch.get("properties", {})))

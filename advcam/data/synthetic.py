@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -97,19 +97,19 @@ def appearance(k: int, num_classes: int) -> Appearance:
                       stripe_angle=float(np.pi * k / num_classes))
 
 
-def _stripes(xx: np.ndarray, yy: np.ndarray, tint, angle: float, period: float, phase: float,
-             amp: float) -> np.ndarray:
+def _stripes(xx: np.ndarray, yy: np.ndarray, tint: Sequence[float] | np.ndarray, angle: float, period: float,
+             phase: float, amp: float) -> np.ndarray:
     wave = np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period + phase)
     return np.asarray(tint, np.float32)[None, None, :] + amp * wave[:, :, None]
 
 
-def _ellipse(xx, yy, cx, cy, a, b, theta) -> np.ndarray:
+def _ellipse(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, a: float, b: float, theta: float) -> np.ndarray:
     u = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
     v = -(xx - cx) * np.sin(theta) + (yy - cy) * np.cos(theta)
     return (u / a) ** 2 + (v / b) ** 2 <= 1.0
 
 
-def _rect(xx, yy, cx, cy, a, b, theta) -> np.ndarray:
+def _rect(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, a: float, b: float, theta: float) -> np.ndarray:
     u = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
     v = -(xx - cx) * np.sin(theta) + (yy - cy) * np.cos(theta)
     return (np.abs(u) <= a) & (np.abs(v) <= b)
@@ -121,11 +121,11 @@ def _polygon(size: int, points: list[tuple[float, float]]) -> np.ndarray:
     return np.array(canvas, dtype=bool)
 
 
-def _regular(cx, cy, r, n, rot) -> list[tuple[float, float]]:
+def _regular(cx: float, cy: float, r: float, n: int, rot: float) -> list[tuple[float, float]]:
     return [(cx + r * np.cos(rot + 2 * np.pi * i / n), cy + r * np.sin(rot + 2 * np.pi * i / n)) for i in range(n)]
 
 
-def _shape(kind: str, xx, yy, cx, cy, r, size: int) -> np.ndarray:
+def _shape(kind: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float, size: int) -> np.ndarray:
     """A filled part shape of radius ~r centred at (cx, cy)."""
     dx, dy = np.abs(xx - cx), np.abs(yy - cy)
     if kind == "disc":
@@ -187,7 +187,7 @@ def _mixed_texture(rng: np.random.Generator, looks: list[Appearance], tint_jitte
 
 
 def render(rng: np.random.Generator, size: int, num_classes: int, max_objects: int, distractors: int,
-           style: Style = STYLE):
+           style: Style = STYLE) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """One image: ``(rgb uint8 (S, S, 3), label uint8 (S, S), parts uint8 (S, S), objects metadata)``."""
     s = size
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5

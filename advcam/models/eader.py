@@ -87,7 +87,7 @@ class EADERNet(nn.Module):
         """Remove the separate adversary (weight sharing: the localiser plays the adversary)."""
         self.adversary = None
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """As :meth:`nn.Module.load_state_dict`; a state dict without ``adversary.*`` keys (trained with
         ``share_weights``) drops this model's adversary instead of failing."""
         if self.adversary is not None and not any(k.startswith(ADVERSARY_PREFIX) for k in state_dict):

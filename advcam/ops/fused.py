@@ -26,7 +26,7 @@ import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -151,7 +151,8 @@ def ascent_step_eager_(x: torch.Tensor, g: torch.Tensor, xi: float) -> torch.Ten
 # ----------------------------------------------------------------------------------------- extension
 class _MaskedL1(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a: torch.Tensor, a0: torch.Tensor, tau: float, acc: torch.Tensor | None):  # type: ignore[override]
+    def forward(ctx: Any, a: torch.Tensor, a0: torch.Tensor, tau: float,  # type: ignore[override]
+                acc: torch.Tensor | None) -> torch.Tensor:
         a, a0 = a.contiguous(), a0.detach().contiguous()
         loss, amax = load_extension().masked_l1_forward(a, a0, acc, float(tau))
         ctx.save_for_backward(a, a0, amax)
@@ -160,7 +161,7 @@ class _MaskedL1(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         a, a0, amax = ctx.saved_tensors
         ga = load_extension().masked_l1_backward(grad.contiguous(), a, a0, amax, ctx.tau)
         return ga.view_as(a), None, None, None
