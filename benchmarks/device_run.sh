@@ -15,6 +15,7 @@ MODEL=${MODEL:-.devcarry/classifier.pt}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 SPEED_SHAPE=${SPEED_SHAPE:---model resnet50 --size 500x375 --steps 27}  # a smaller one for a dry run on CPU
+read -r -a SHAPE_ARGS <<< "$SPEED_SHAPE"  # several options in one variable
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ADVCAM_PROGRESS=0 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/advcam_ext}
@@ -40,12 +41,12 @@ stamp() { echo "== $(date -u +%T) $*"; }
 } 2>&1 | tee "$OUT/build_and_tests.log" | tail -n 25
 
 stamp speed
-timeout "${SPEED_LIMIT:-200}" "$PY" benchmarks/advcam_speed.py $SPEED_SHAPE --images 4 --device "$DEVICE" \
+timeout "${SPEED_LIMIT:-200}" "$PY" benchmarks/advcam_speed.py "${SHAPE_ARGS[@]}" --images 4 --device "$DEVICE" \
   --fast-variants --roofline --reference-images 2 --out "$OUT" 2>&1 | tee "$OUT/speed.log"
 echo "speed rc ${PIPESTATUS[0]}"
 
 stamp speed with cudnn.benchmark
-timeout "${CUDNN_LIMIT:-100}" "$PY" benchmarks/advcam_speed.py $SPEED_SHAPE --images 4 --device "$DEVICE" \
+timeout "${CUDNN_LIMIT:-100}" "$PY" benchmarks/advcam_speed.py "${SHAPE_ARGS[@]}" --images 4 --device "$DEVICE" \
   --fast-variants --variants ours-fast,ours-tf32-fast --cudnn-benchmark --skip-reference --tag cudnn-benchmark \
   --out "$OUT" 2>&1 | tee "$OUT/speed-cudnn-benchmark.log"
 echo "speed (cudnn.benchmark) rc ${PIPESTATUS[0]}"
@@ -59,4 +60,4 @@ timeout "${SEEDS_LIMIT:-170}" "$PY" benchmarks/seed_study.py --data "$DATA" --mo
   --variant "bf16=cam.method=advcam;cam.advcam.precision=bf16" \
   --out "$OUT/seeds-precision.json" 2>&1 | tee "$OUT/seeds.log"
 echo "seeds rc ${PIPESTATUS[0]}"
-stamp done
+stamp "done"
