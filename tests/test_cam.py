@@ -92,6 +92,64 @@ def test_combine_scales_shapes_and_normalisation():
     torch.testing.assert_close(high, up / (up.amax(dim=(1, 2), keepdim=True) + 1e-5))
 
 
+def seam_reference_normalisation(sum_cam: np.ndarray) -> np.ndarray:
+    """SEAM's infer_SEAM.py normalisation of summed maps (n, H, W), written out as the reference does it."""
+    sum_cam = sum_cam.copy()
+    sum_cam[sum_cam < 0] = 0
+    cam_max = np.max(sum_cam, (1, 2), keepdims=True)
+    cam_min = np.min(sum_cam, (1, 2), keepdims=True)
+    sum_cam[sum_cam < cam_min + 1e-5] = 0
+    return (sum_cam - cam_min - 1e-5) / (cam_max - cam_min + 1e-5)
+
+
+def test_min_max_normalisation_is_seams_up_to_the_clip_at_zero():
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 17, 23)).astype(np.float64) * 4 + np.array([0.0, 0.7, 2.5])[:, None, None]  # floors
+    maps[0, :2] = 0.0  # a class whose minimum is zero
+    maps[1, 3, 4] = -0.2  # a negative pixel (clipped first)
+    ref = seam_reference_normalisation(maps)
+    ours = cam_mod.normalise_maps(torch.from_numpy(maps), "min_max").numpy()
+    np.testing.assert_allclose(ours, np.maximum(ref, 0), rtol=0, atol=1e-12)
+    assert (ref < 0).any() and ours.min() == 0 and np.allclose(ours.max((1, 2)), 1, atol=1e-5)
+    # max normalisation keeps each map's floor: a class with a floor never reaches zero
+    by_max = cam_mod.normalise_maps(torch.from_numpy(np.maximum(maps, 0)), "max").numpy()
+    assert by_max[2].min() > 0.3 and ours[2].min() == 0
+    with pytest.raises(AdvcamError, match="cam.normalise"):
+        cam_mod.normalise_maps(torch.from_numpy(maps), "minmax")
+
+
+def test_normalise_auto_follows_the_classifiers_reference():
+    from advcam.models.classifier import build_classifier
+    from advcam.models.seam import build_seam
+
+    seam, plain = build_seam("resnet_small", 3), build_classifier("resnet_small", 3)
+    assert cam_mod.resolve_normalise({"normalise": "auto"}, seam) == "min_max"
+    assert cam_mod.resolve_normalise({}, seam) == "min_max"
+    assert cam_mod.resolve_normalise(config.load(None, []).cam, plain) == "max"
+    assert cam_mod.resolve_normalise({"normalise": "max"}, seam) == "max"
+    assert cam_mod.resolve_normalise({"normalise": "min_max"}, plain) == "min_max"
+    with pytest.raises(AdvcamError, match="cam.normalise"):
+        cam_mod.resolve_normalise({"normalise": "peak"}, plain)
+
+
+def test_compute_maps_of_a_seam_classifier_are_min_max_normalised():
+    from advcam.models.seam import build_seam
+
+    torch.manual_seed(0)
+    model = build_seam("resnet_small", 3).eval()
+    image = torch.randn(3, 40, 52)
+    cfg = config.load(None, ["cam.method=cam", "cam.scales=[1.0, 0.5]"]).cam
+    auto = compute_maps(model, image, [0, 2], cfg)
+    by_max = compute_maps(model, image, [0, 2], config.load(None, ["cam.method=cam", "cam.scales=[1.0, 0.5]",
+                                                                     "cam.normalise=max"]).cam)
+    for key in ("cam", "high_res"):
+        peak = auto[key].max((1, 2))  # (max - min - 1e-5) / (max - min + 1e-5): just under 1
+        assert np.all(auto[key].min((1, 2)) == 0) and np.all((peak > 0.99) & (peak <= 1))
+        assert by_max[key].min() > 0  # the PCM's maps have a floor that max normalisation keeps
+        expected = cam_mod.normalise_maps(torch.from_numpy(by_max[key]).double(), "min_max").numpy()
+        assert np.corrcoef(expected.ravel(), auto[key].ravel())[0, 1] > 0.999
+
+
 def test_model_stride_sets_the_up_size():
     assert cam_mod.model_stride(ColourNet(stride=4)) == 4
     holder = nn.Module()

@@ -5,8 +5,9 @@ For every scale the normalised image is resized (bilinear), run together with it
 (:func:`cam_at_scale`). :func:`combine_scales` then sums the scales at two sizes, as IRN's ``make_cam``:
 the stride-4 size ``ceil(H/4) x ceil(W/4)`` (``cam``) and the "up" size ``S*ceil(H/S)`` cropped to
 ``H x W`` (``high_res``), S = the network's output stride (16 for the reference ResNet-50, as IRN; the
-small CPU network has 8, where IRN's fixed 16 would stretch the maps); each map is divided by its own
-maximum + 1e-5.
+small CPU network has 8, where IRN's fixed 16 would stretch the maps); each map is normalised on its own
+(``cam.normalise``, :func:`normalise_maps`): divided by its maximum + 1e-5 (IRN, AdvCAM), or, for a SEAM
+classifier, min-max normalised as SEAM's ``infer_SEAM.py`` does.
 
 Methods plug in through :data:`METHODS`: ``name -> fn(model, image, classes, cfg_cam) -> list`` of per-scale
 maps ``(n, h_s, w_s)`` (unnormalised, any resolution). :func:`compute_maps` looks the method up, runs it
@@ -26,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advcam.utils import param
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import load_npz, save_npz
 
 EPS = 1e-5
 CAM_KEYS = ("keys", "cam", "high_res")
+NORMALISE = ("auto", "max", "min_max")
 
 MapFn = Callable[[nn.Module, torch.Tensor, Sequence[int], Any], "list[torch.Tensor]"]
 
@@ -93,18 +96,40 @@ def cam_at_scale(model: nn.Module, image: torch.Tensor, classes: Sequence[int], 
     return out
 
 
-def _normalise(maps: torch.Tensor) -> torch.Tensor:
-    return maps / (maps.amax(dim=(-2, -1), keepdim=True) + EPS)
+def normalise_maps(maps: torch.Tensor, how: str = "max") -> torch.Tensor:
+    """Each map of ``(n, h, w)`` scaled on its own: ``max`` divides by its maximum + 1e-5 (IRN's ``make_cam``,
+    AdvCAM); ``min_max`` is SEAM's ``infer_SEAM.py``: negatives and pixels below minimum + 1e-5 set to zero,
+    then ``(m - min - 1e-5) / (max - min + 1e-5)``, clipped at zero (the reference leaves the zeroed pixels at
+    a small negative value, below every background threshold; downstream stages need maps >= 0)."""
+    if how == "max":
+        return maps / (maps.amax(dim=(-2, -1), keepdim=True) + EPS)
+    if how != "min_max":
+        raise AdvcamError(f"cam.normalise: {how!r} is not one of max, min_max")
+    maps = maps.clamp_min(0)
+    lo, hi = maps.amin(dim=(-2, -1), keepdim=True), maps.amax(dim=(-2, -1), keepdim=True)
+    maps = torch.where(maps < lo + EPS, torch.zeros_like(maps), maps)
+    return ((maps - lo - EPS) / (hi - lo + EPS)).clamp_min(0)
 
 
-def combine_scales(maps: Sequence[torch.Tensor], size: tuple[int, int], stride: int = 16
+def resolve_normalise(cfg_cam: Any, model: nn.Module) -> str:
+    """``cam.normalise`` for ``model``: ``auto`` follows the classifier's reference inference (``min_max`` for a
+    SEAM classifier, ``max`` for the others)."""
+    how = str(param(cfg_cam, "normalise", "auto"))
+    if how not in NORMALISE:
+        raise AdvcamError(f"cam.normalise: {how!r} is not one of {', '.join(NORMALISE)}")
+    if how == "auto":
+        return "min_max" if getattr(model, "method", None) == "seam" else "max"
+    return how
+
+
+def combine_scales(maps: Sequence[torch.Tensor], size: tuple[int, int], stride: int = 16, normalise: str = "max"
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum per-scale maps ``(n, h_s, w_s)`` into ``(cam, high_res)`` for an image of ``size = (H, W)``.
 
     ``cam`` is ``(n, ceil(H/4), ceil(W/4))``; ``high_res`` is ``(n, H, W)``: resized to the ``stride`` up size
     ``stride * ceil(H / stride)`` (where a feature cell of the scale-1 map covers exactly ``stride`` pixels),
     then cropped. ``stride`` is the network's output stride (16 = the reference ResNet-50, IRN's value).
-    Both are float32, each map divided by its maximum + 1e-5.
+    Both are float32, each map normalised on its own by :func:`normalise_maps` (``normalise``: max, min_max).
     """
     if not maps:
         raise ValueError("combine_scales: no maps")
@@ -122,7 +147,7 @@ def combine_scales(maps: Sequence[torch.Tensor], size: tuple[int, int], stride: 
         m = m.float()[None]
         cam += F.interpolate(m, size=small, mode="bilinear", align_corners=False)[0]
         high += F.interpolate(m, size=up, mode="bilinear", align_corners=False)[0]
-    return _normalise(cam), _normalise(high[:, :h, :w])
+    return normalise_maps(cam, normalise), normalise_maps(high[:, :h, :w], normalise)
 
 
 def model_stride(model: nn.Module, default: int = 16) -> int:
@@ -168,6 +193,7 @@ def compute_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classe
     if method not in METHODS:
         raise AdvcamError(f"cam.method: unknown attribution method {method!r} (known: {', '.join(sorted(METHODS))})")
     keys = [np.asarray(sorted({int(c) for c in cs}), dtype=np.int64) for cs in classes]
+    normalise = resolve_normalise(cfg_cam, model)
     param = next(iter(model.parameters()), None)
     if param is not None:
         images = [im.to(param.device) for im in images]
@@ -189,7 +215,7 @@ def compute_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classe
                         "high_res": np.zeros((0, *size), np.float32)})
             continue
         with torch.no_grad():
-            cam, high = combine_scales([m.detach() for m in maps[k]], size, model_stride(model))
+            cam, high = combine_scales([m.detach() for m in maps[k]], size, model_stride(model), normalise)
         out.append({"keys": key, "cam": cam.cpu().numpy().astype(np.float32, copy=False),
                     "high_res": high.cpu().numpy().astype(np.float32, copy=False)})
     return out
