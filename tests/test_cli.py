@@ -161,6 +161,45 @@ def test_visualize_draws_what_exists(prepared, tmp_path):
     assert (tmp_path / "cli.png").stat().st_size > 0
 
 
+def _random_cams(folder, info, ids, seed):
+    from advcam.attribution.cam import save_cam
+
+    rng = np.random.default_rng(seed)
+    for image_id in ids:
+        h, w = info.read_image(image_id).shape[:2]
+        keys = np.asarray(sorted(info.labels[image_id]), np.int64)
+        save_cam(folder / f"{image_id}.npz", {
+            "keys": keys, "high_res": rng.random((len(keys), h, w), dtype=np.float32),
+            "cam": rng.random((len(keys), (h + 3) // 4, (w + 3) // 4), dtype=np.float32)})
+
+
+def test_compare_draws_the_images_every_folder_has(prepared, tmp_path):
+    from PIL import Image
+
+    from advcam.data import load_info
+
+    info = load_info(prepared)
+    ids = info.lists["infer"]
+    _random_cams(tmp_path / "a", info, ids[:3], 0)
+    _random_cams(tmp_path / "b", info, ids[1:4], 1)  # ids[1] and ids[2] are in both
+    out = tmp_path / "cmp.png"
+    args = ["compare", "--set", "device=cpu", "--data", str(prepared), "--cams", str(tmp_path / "a"),
+            str(tmp_path / "b"), "--labels", "CAM", "AdvCAM", "--out", str(out)]
+    assert cli.main(args) == 0
+    with Image.open(out) as im:
+        assert im.width > 3 * im.height / 2 > 0  # two rows of four panels: image, ground truth, CAM, AdvCAM
+    r = run_cli(*args[:-1], str(tmp_path / "bad.png"), "--ids", "no_such_image")
+    assert r.returncode == 2 and "no_such_image" in r.stderr and not (tmp_path / "bad.png").exists()
+    r = run_cli(*args[:8], "--labels", "CAM", "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "2 CAM folders but 1 labels" in r.stderr, r.stderr
+    r = run_cli(*args[:7], str(tmp_path / "missing"), "--labels", "CAM", "X", "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "missing" in r.stderr, r.stderr
+    (tmp_path / "empty").mkdir()
+    r = run_cli(*args[:7], str(tmp_path / "empty"), "--labels", "CAM", "X", "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "no image of the infer list" in r.stderr, r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_visualize_unknown_image_is_one_line(prepared, tmp_path):
     r = run_cli("visualize", "no_such_image", "--data", str(prepared), "--out", str(tmp_path / "x.png"))
     assert r.returncode == 2 and "no_such_image" in r.stderr

@@ -224,6 +224,45 @@ def test_crop_with_pad_places_small_images_inside():
     assert a.sum() == 3 * 4 and (m == 255).sum() == 4 and (a[..., 0] == 1).tolist() == (m == 1).tolist()
 
 
+class Fixed:
+    """An rng stand-in: ``uniform`` returns the factors given, ``permutation`` the order given."""
+
+    def __init__(self, factors, order):
+        self.factors, self.order = list(factors), list(order)
+
+    def uniform(self, low, high):
+        return self.factors.pop(0)
+
+    def permutation(self, n):
+        return np.asarray(self.order)
+
+
+def test_color_jitter_is_pil_enhance_in_the_drawn_order():
+    from PIL import ImageEnhance
+
+    img = np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    out = T.color_jitter(img, Fixed([1.2, 0.8, 1.25, 0.0], [2, 0, 1, 3]))
+    pil = Image.fromarray(img)
+    pil = ImageEnhance.Color(pil).enhance(1.25)
+    pil = ImageEnhance.Brightness(pil).enhance(1.2)
+    pil = ImageEnhance.Contrast(pil).enhance(0.8)
+    expected = np.asarray(T.shift_hue(pil, 0.0))
+    assert out.dtype == np.uint8 and out.shape == img.shape and np.array_equal(out, expected)
+    # neutral factors change nothing but the 8-bit HSV round trip of the hue step (a few levels)
+    round_trip = np.asarray(T.shift_hue(Image.fromarray(img), 0.0))
+    assert np.array_equal(T.color_jitter(img, Fixed([1.0, 1.0, 1.0, 0.0], [0, 1, 2, 3])), round_trip)
+    assert 0 < np.abs(round_trip.astype(int) - img.astype(int)).max() <= 8
+    # half a turn of hue: red becomes cyan
+    red = np.zeros((2, 2, 3), np.uint8)
+    red[..., 0] = 255
+    cyan = np.asarray(T.shift_hue(Image.fromarray(red), 0.5))
+    assert (cyan[..., 0] < 10).all() and (cyan[..., 1:] > 240).all()
+    # strength 0 draws neutral factors: the identity up to that round trip
+    assert np.array_equal(T.color_jitter(img, np.random.default_rng(3), 0, 0, 0, 0), round_trip)
+    a, b = (T.color_jitter(img, np.random.default_rng(5)) for _ in range(2))
+    assert np.array_equal(a, b) and not np.array_equal(a, T.color_jitter(img, np.random.default_rng(6)))
+
+
 def test_classification_dataset(syn):
     ids = syn.lists["train"]
     info = _info(syn.root, syn.classes, ids)
@@ -242,6 +281,10 @@ def test_classification_dataset(syn):
     assert torch.equal(evl[0]["image"][:, 8:56, 8:56], T.normalize(info.read_image(ids[0])))
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3, num_workers=0)))
     assert batch["image"].shape == (3, 3, 40, 40) and len(batch["id"]) == 3
+    # colour jitter (SEAM's reference augmentation) changes the colours, not the labels, deterministically
+    jit = ClassificationDataset(info, ids, crop_size=40, train=True, seed=7, color_jitter=(0.3, 0.3, 0.3, 0.1))
+    assert torch.equal(jit[0]["label"], item["label"]) and torch.equal(jit[0]["image"], jit[0]["image"])
+    assert not torch.equal(jit[0]["image"], item["image"])
 
 
 def test_segmentation_dataset(syn):

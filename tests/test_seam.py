@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from advcam.models.seam import SEAMNet, build_seam, pcm_input, pcm_refine, pixel_affinity
 from advcam.train.seam import ecr_loss, max_onehot, seam_losses, seam_params, top_fraction_mean, train_seam
+from advcam.utils.errors import AdvcamError
 from conftest import REPO, TINY
 
 
@@ -123,7 +124,8 @@ def _reference_losses(model, x: torch.Tensor, y: torch.Tensor, s: float = 0.3) -
 def test_losses_match_the_reference_formulas_and_defaults():
     # the reference's train_SEAM.py defaults (lr, wt_dec; PolyOptimizer's momentum slot gets wt_dec; dropout7)
     assert seam_params(None) == {"downscale": 0.3, "ecr_top_fraction": 0.2, "er_weight": 1.0, "ecr_weight": 1.0,
-                                 "pcm": True, "lr": 0.01, "weight_decay": 5e-4, "momentum": 5e-4, "dropout": 0.5}
+                                 "pcm": True, "lr": 0.01, "weight_decay": 5e-4, "momentum": 5e-4, "dropout": 0.5,
+                                 "augmentation": "reference"}
     torch.manual_seed(0)
     x, y = toy_batch(4, 48)
     model = PixelLinear(3, blur=2)
@@ -327,3 +329,15 @@ def test_cli_train_cls_seam_then_cams(tmp_path: Path):
                  "--curve", str(tmp_path / "seeds.csv")]) == 0
     assert 0.0 <= read_json(tmp_path / "seeds.json")["seed_miou"] <= 1.0
     assert len(list((tmp_path / "cams").glob("*.npz"))) == 10
+
+
+def test_augmentation_reference_or_shared():
+    from advcam.train.seam import dataset_options
+
+    assert dataset_options({"augmentation": "reference"}, 96) == {"resize_long": (96, 165),
+                                                                   "color_jitter": (0.3, 0.3, 0.3, 0.1)}
+    assert dataset_options({"augmentation": "reference"}, 448)["resize_long"] == (448, 768)  # train_SEAM.py
+    assert dataset_options(None, 448)["resize_long"] == (448, 768)  # the library default is the reference's
+    assert dataset_options({"augmentation": "shared"}, 96) == {}
+    with pytest.raises(AdvcamError, match="classifier.seam.augmentation"):
+        dataset_options({"augmentation": "irn"}, 96)

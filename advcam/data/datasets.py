@@ -47,13 +47,15 @@ class ClassificationDataset(_Augmented):
     """Items ``{"image": (3, S, S) float32, "label": (C,) float32 multi-hot, "id": str}``.
 
     Training augmentation, as IRN's classification dataset scaled to ``crop_size`` S: resize the long side
-    to a random length in [0.625 S, 1.25 S] (IRN: 320..640 for crop 512, bicubic), horizontal flip with
-    p = 0.5, optional colour jitter (off, as in IRN's default), normalise, then a random S x S crop where
-    short sides are zero-padded (the mean colour after normalisation).
+    to a random length in [0.625 S, 1.25 S] (IRN: 320..640 for crop 512, bicubic; ``resize_long`` sets the
+    range), horizontal flip with p = 0.5, optional colour jitter (``color_jitter`` = brightness, contrast,
+    saturation, hue of :func:`advcam.data.transforms.color_jitter`; none in IRN), normalise, then a random
+    S x S crop where short sides are zero-padded (the mean colour after normalisation).
     """
 
     def __init__(self, info: DatasetInfo, ids: Sequence[str], crop_size: int, train: bool = True, seed: int = 0,
-                 *, resize_long: tuple[int, int] | None = None, color_jitter: bool = False):
+                 *, resize_long: tuple[int, int] | None = None,
+                 color_jitter: tuple[float, float, float, float] | None = None):
         super().__init__(info, ids, crop_size, train, seed)
         self.resize_long = resize_long or (round(0.625 * crop_size), round(1.25 * crop_size))
         self.color_jitter = color_jitter
@@ -66,8 +68,8 @@ class ClassificationDataset(_Augmented):
             img = T.random_resize_long(img, *self.resize_long, rng)
             if rng.random() < 0.5:
                 img = img[:, ::-1]
-            if self.color_jitter:
-                img = T.color_jitter(img, rng)
+            if self.color_jitter is not None:
+                img = T.color_jitter(img, rng, *self.color_jitter)
         (arr,) = T.crop_with_pad([T.normalize_array(img)], [0.0], self.crop_size, rng)
         return {"image": torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))),
                 "label": torch.from_numpy(self.info.label_vector(image_id)), "id": image_id}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -59,15 +59,34 @@ def random_scale(img: np.ndarray, mask: np.ndarray, low: float, high: float,
     return resize(img, size, "bilinear"), resize(mask, size, "nearest")
 
 
-def color_jitter(img: np.ndarray, rng: np.random.Generator, strength: float = 0.3) -> np.ndarray:
-    """Brightness, contrast and saturation each scaled by a factor in [1 - s, 1 + s] (off by default)."""
-    x = img.astype(np.float32)
-    x = x * rng.uniform(1 - strength, 1 + strength)
-    mean = x.mean()
-    x = (x - mean) * rng.uniform(1 - strength, 1 + strength) + mean
-    grey = x.mean(axis=2, keepdims=True)
-    x = (x - grey) * rng.uniform(1 - strength, 1 + strength) + grey
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness: float = 0.3, contrast: float = 0.3,
+                 saturation: float = 0.3, hue: float = 0.1) -> np.ndarray:
+    """torchvision's ``ColorJitter`` on a PIL image, as SEAM's ``train_SEAM.py`` uses it (0.3, 0.3, 0.3, 0.1).
+
+    Brightness, contrast and saturation factors are uniform in [1 - v, 1 + v] (PIL ``ImageEnhance``: blend with
+    black, with the mean grey level, with the greyscale image); the hue shift is uniform in [-hue, hue] of the
+    circle, applied to PIL's 8-bit HSV hue with wrap-around. The four run in a random order. RGB uint8 in and out.
+    """
+    pil = Image.fromarray(np.ascontiguousarray(img))
+    factors = [rng.uniform(1 - brightness, 1 + brightness), rng.uniform(1 - contrast, 1 + contrast),
+               rng.uniform(1 - saturation, 1 + saturation), rng.uniform(-hue, hue)]
+    for k in rng.permutation(4):
+        if k == 0:
+            pil = ImageEnhance.Brightness(pil).enhance(factors[0])
+        elif k == 1:
+            pil = ImageEnhance.Contrast(pil).enhance(factors[1])
+        elif k == 2:
+            pil = ImageEnhance.Color(pil).enhance(factors[2])
+        else:
+            pil = shift_hue(pil, factors[3])
+    return np.asarray(pil, dtype=np.uint8)
+
+
+def shift_hue(pil: Image.Image, shift: float) -> Image.Image:
+    """Rotate the hue by ``shift`` (a fraction of the circle, in [-0.5, 0.5]) in PIL's 8-bit HSV."""
+    h, s, v = pil.convert("HSV").split()
+    hue = (np.asarray(h, dtype=np.int64) + int(shift * 255)) % 256
+    return Image.merge("HSV", (Image.fromarray(hue.astype(np.uint8), "L"), s, v)).convert("RGB")
 
 
 def crop_box(hw: tuple[int, int], crop: int, rng: np.random.Generator | None) -> tuple[slice, slice, slice, slice]:

@@ -1,16 +1,16 @@
 """Stage train_cls: train the CAM classifier on the train list; write the checkpoint and the curve CSV."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Callable
 
 from advcam.config import Config
 from advcam.data import load_info
 from advcam.data.datasets import ClassificationDataset
-import importlib
-from typing import Callable
-
 from advcam.models.classifier import builder_for, classifier_header
 from advcam.train import loop, memo
+from advcam.train.seam import dataset_options
 from advcam.utils.checkpoint import save_checkpoint
 from advcam.utils.io import clean_stale_temps_for, code_digest, files_digest, ids_digest
 from advcam.utils.device import resolve_device, seed_everything
@@ -46,7 +46,8 @@ def run(cfg: Config, data: Path, out: Path, curves: Path) -> None:
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = builder_for(c.method)(c.arch, info.num_classes, c.pretrained).to(device)
-    dataset = ClassificationDataset(info, ids, c.crop_size, train=True, seed=cfg.seed)
+    options = dataset_options(c.seam, c.crop_size) if c.method == "seam" else {}
+    dataset = ClassificationDataset(info, ids, c.crop_size, train=True, seed=cfg.seed, **options)
     log.info("train-cls: %s (%s), %d images of %s (list train), %d classes, %d epochs on %s",
              c.method, c.arch, len(ids), data, info.num_classes, c.epochs, device)
     rows = trainer_for(c.method)(model, dataset, cfg=c, seed=cfg.seed, workers=cfg.workers, resume=resume,

@@ -20,8 +20,9 @@ The optimiser is SEAM's own: SGD with the poly schedule and 10x lr on the new la
 ``classifier.seam``'s ``lr`` (0.01), ``weight_decay`` (5e-4) and ``momentum`` (5e-4: the reference's
 PolyOptimizer passes its weight decay in SGD's momentum slot, as IRN's does), and ``Dropout2d(dropout = 0.5)``
 before the classifier in training. Epochs, batch and crop stay the ``classifier`` section's (the reference: 8
-epochs, batch 8, crop 448). Deviation: weight decay applies to every trained parameter (the reference: weights
-only).
+epochs, batch 8, crop 448). The augmentation is ``classifier.seam.augmentation`` (:func:`dataset_options`):
+the reference's (long side 1.0-1.71x the crop, flip, colour jitter with hue) or the CAM classifier's.
+Deviation: weight decay applies to every trained parameter (the reference: weights only).
 
 Deviations: the classification logits are the GAP of the upsampled CAM as in the reference, while the
 model's ``forward`` pools at feature resolution (the interface's logits); see :mod:`advcam.models.seam` for
@@ -44,13 +45,30 @@ from advcam.utils.progress import log
 
 EPS = 1e-5
 DEFAULTS: dict[str, Any] = {"downscale": 0.3, "ecr_top_fraction": 0.2, "er_weight": 1.0, "ecr_weight": 1.0,
-                            "pcm": True, "lr": 0.01, "weight_decay": 5e-4, "momentum": 5e-4, "dropout": 0.5}
+                            "pcm": True, "lr": 0.01, "weight_decay": 5e-4, "momentum": 5e-4, "dropout": 0.5,
+                            "augmentation": "reference"}
+# train_SEAM.py: RandomResizeLong(448, 768) for crop 448, then ColorJitter(0.3, 0.3, 0.3, hue 0.1)
+REFERENCE_RESIZE_LONG = (1.0, 768 / 448)
+REFERENCE_JITTER = (0.3, 0.3, 0.3, 0.1)
 LOSS_NAMES = ("cls", "rvmin", "er", "ecr", "total")
 
 
 def seam_params(cfg_seam: Any) -> dict[str, Any]:
     """``classifier.seam`` (Config, dict or None) with defaults filled in."""
     return {k: param(cfg_seam, k, v) for k, v in DEFAULTS.items()}
+
+
+def dataset_options(cfg_seam: Any, crop_size: int) -> dict[str, Any]:
+    """``ClassificationDataset`` keywords of ``classifier.seam.augmentation``: ``reference`` is train_SEAM.py's
+    (long side resized to 1.0-1.71x the crop, horizontal flip, colour jitter 0.3/0.3/0.3, hue 0.1); ``shared``
+    is the CAM classifier's (IRN's 0.625-1.25x, flip, no jitter)."""
+    how = str(seam_params(cfg_seam)["augmentation"])
+    if how == "shared":
+        return {}
+    if how != "reference":
+        raise AdvcamError(f"classifier.seam.augmentation: {how!r} is not one of reference, shared")
+    low, high = REFERENCE_RESIZE_LONG
+    return {"resize_long": (round(low * crop_size), round(high * crop_size)), "color_jitter": REFERENCE_JITTER}
 
 
 def max_norm(p: torch.Tensor) -> torch.Tensor:
@@ -178,5 +196,5 @@ def train_seam(model: torch.nn.Module, dataset: Dataset, *, cfg: Any, seed: int,
                     curves=curves, fingerprint=fingerprint, desc="train-cls seam")
 
 
-__all__ = ["train_seam", "seam_losses", "seam_params", "max_norm", "max_onehot", "with_background", "er_loss",
+__all__ = ["dataset_options", "train_seam", "seam_losses", "seam_params", "max_norm", "max_onehot", "with_background", "er_loss",
            "ecr_loss", "top_fraction_mean", "adaptive_min_pooling_loss"]
