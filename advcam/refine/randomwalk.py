@@ -12,6 +12,9 @@ would fill the matrix in); memory stays at the sparse matrix plus two ``(N, n)``
 Labels (AdvCAM ``make_sem_seg_labels``): the walk runs on ``cam ** cam_power``; the walked maps are
 upsampled by 4 (bilinear), cropped to the image, divided by their global maximum, a background plane
 ``bg_threshold`` is put in front, and the argmax is mapped to ``0, keys + 1``. Every pixel gets a label.
+
+Deviation from IRN: the affinities are AffinityNet's (:mod:`advcam.refine.affinity`), not IRN's boundary map,
+so IRN's damping of the maps by ``1 - boundary`` before the walk has no counterpart here.
 """
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ CRF_DIR = ".crf"  # CRF labels of the randomwalk method, inside the output folde
 AFFINITY_FILE = ".affinity.pt"
 AFFINITY_CURVE = ".affinity.csv"
 AFFINITY_MOMENTUM = 1e-4  # IRN's effective momentum (its PolyOptimizer passes weight_decay as SGD's momentum)
-AFFINITY_SCALES = (0.625, 1.25)  # random rescaling of training images (IRN: long side 320..640 for crop 512)
+AFFINITY_SCALES = (0.5, 1.5)  # random rescaling of the training images (IRN's train_irn: rescale=(0.5, 1.5))
 TRAIN_KEYS = ("epochs", "batch_size", "crop_size", "lr", "weight_decay", "radius")
 
 
