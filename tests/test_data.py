@@ -263,6 +263,20 @@ def test_color_jitter_is_pil_enhance_in_the_drawn_order():
     assert np.array_equal(a, b) and not np.array_equal(a, T.color_jitter(img, np.random.default_rng(6)))
 
 
+def test_random_resized_crop_follows_torchvision():
+    img = np.arange(40 * 60 * 3, dtype=np.int64).reshape(40, 60, 3).astype(np.uint8)
+    out = T.random_resized_crop(img, 24, np.random.default_rng(0))
+    assert out.shape == (24, 24, 3) and out.dtype == np.uint8
+    a, b = (T.random_resized_crop(img, 24, np.random.default_rng(9)) for _ in range(2))
+    assert np.array_equal(a, b)
+    # the whole area at ratio 1.5 = the whole 40 x 60 image, resized
+    whole = T.random_resized_crop(img, 24, np.random.default_rng(1), scale=(1.0, 1.0), ratio=(1.5, 1.5))
+    assert np.array_equal(whole, T.resize(img, (24, 24), "bilinear"))
+    # an impossible box (the whole area at aspect 1 in a 40 x 60 image) falls back to the centre 40 x 40 at ratio 1
+    centre = T.random_resized_crop(img, 24, np.random.default_rng(2), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert np.array_equal(centre, T.resize(np.ascontiguousarray(img[:, 10:50]), (24, 24), "bilinear"))
+
+
 def test_classification_dataset(syn):
     ids = syn.lists["train"]
     info = _info(syn.root, syn.classes, ids)
@@ -285,6 +299,10 @@ def test_classification_dataset(syn):
     jit = ClassificationDataset(info, ids, crop_size=40, train=True, seed=7, color_jitter=(0.3, 0.3, 0.3, 0.1))
     assert torch.equal(jit[0]["label"], item["label"]) and torch.equal(jit[0]["image"], jit[0]["image"])
     assert not torch.equal(jit[0]["image"], item["image"])
+    # EADER's RandomResizedCrop fills the crop (no padding) and keeps the labels
+    rrc = ClassificationDataset(info, ids, crop_size=40, train=True, seed=7, resized_crop=(0.08, 1.0))
+    assert rrc[0]["image"].shape == (3, 40, 40) and torch.equal(rrc[0]["label"], item["label"])
+    assert not torch.equal(rrc[0]["image"], item["image"])
 
 
 def test_segmentation_dataset(syn):

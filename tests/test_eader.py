@@ -107,7 +107,7 @@ def test_losses_follow_the_reference_formulas_and_defaults():
     # the reference's train.py / load_optimizer: SGD lr 0.01 constant, momentum 0.9, weight decay 1e-4
     assert eader_params({}) == {"alpha": 0.05, "beta": 1e-5, "omega": 100.0, "sigma": 0.5, "phase_steps": 200,
                                 "share_weights": False, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
-                                "lr_schedule": "constant", "head_lr_mult": 1.0}
+                                "lr_schedule": "constant", "head_lr_mult": 1.0, "augmentation": "reference"}
     torch.manual_seed(0)
     model = build_eader("resnet_small", 3).eval()
     batch = _batch(4)
@@ -184,6 +184,30 @@ def test_short_training_lowers_localiser_loss(tmp_path: Path):
     assert len(rows) == 24 and (tmp_path / "c.csv").is_file()
     loss = [r[2] for r in rows]
     assert np.mean(loss[16:20]) < 0.8 * np.mean(loss[:4])  # third localiser phase vs the first
+
+
+def test_alpha_zero_is_the_baseline_without_adversary(tmp_path: Path):
+    """The reference's baseline (no adversarial model): the localiser alone, trained on every step, and no
+    erased-image pass (its adversarial term would be multiplied by 0)."""
+    torch.manual_seed(0)
+    model = build_eader("resnet_small", 3)
+    before = _params(model.localiser)
+    rows = train_eader(model, Squares(16), cfg=_cfg(epochs=2, phase_steps=1, alpha=0.0), seed=0, workers=0,
+                       resume=tmp_path / "m.resume.pt", curves=tmp_path / "c.csv", fingerprint={"t": 1})
+    assert model.adversary is None and _changed(before, model.localiser)
+    assert len(rows) == 4 and all(np.isfinite(r[2]) for r in rows)  # 4 localiser steps: none went to an adversary
+    out = eader_losses(model, _batch()["image"], _batch()["label"], LOCALISER, **{**TERMS, "alpha": 0.0})
+    assert "adversary" not in out and float(out["erased_prob"]) == 0.0
+    assert torch.allclose(out["localiser"], out["bce"] + TERMS["beta"] * out["area"])
+
+
+def test_augmentation_reference_or_shared():
+    from advcam.train.eader import dataset_options
+
+    assert dataset_options(_cfg(), 96) == {"resized_crop": (0.08, 1.0)}  # load_data.py's RandomResizedCrop
+    assert dataset_options(_cfg(augmentation="shared"), 96) == {}
+    with pytest.raises(AdvcamError, match="classifier.eader.augmentation"):
+        dataset_options({"eader": {"augmentation": "psa"}}, 96)
 
 
 def test_checkpoint_roundtrip_and_inference_interface(tmp_path: Path):

@@ -50,22 +50,27 @@ class ClassificationDataset(_Augmented):
     to a random length in [0.625 S, 1.25 S] (IRN: 320..640 for crop 512, bicubic; ``resize_long`` sets the
     range), horizontal flip with p = 0.5, optional colour jitter (``color_jitter`` = brightness, contrast,
     saturation, hue of :func:`advcam.data.transforms.color_jitter`; none in IRN), normalise, then a random
-    S x S crop where short sides are zero-padded (the mean colour after normalisation).
+    S x S crop where short sides are zero-padded (the mean colour after normalisation). ``resized_crop`` (a range
+    of area shares) replaces the resize and the crop by torchvision's ``RandomResizedCrop(S)`` (EADER's).
     """
 
     def __init__(self, info: DatasetInfo, ids: Sequence[str], crop_size: int, train: bool = True, seed: int = 0,
                  *, resize_long: tuple[int, int] | None = None,
-                 color_jitter: tuple[float, float, float, float] | None = None):
+                 color_jitter: tuple[float, float, float, float] | None = None,
+                 resized_crop: tuple[float, float] | None = None):
         super().__init__(info, ids, crop_size, train, seed)
         self.resize_long = resize_long or (round(0.625 * crop_size), round(1.25 * crop_size))
-        self.color_jitter = color_jitter
+        self.color_jitter, self.resized_crop = color_jitter, resized_crop
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
         img = self.info.read_image(image_id)
         rng = self.rng(index) if self.train else None
         if rng is not None:
-            img = T.random_resize_long(img, *self.resize_long, rng)
+            if self.resized_crop is not None:
+                img = T.random_resized_crop(img, self.crop_size, rng, self.resized_crop)
+            else:
+                img = T.random_resize_long(img, *self.resize_long, rng)
             if rng.random() < 0.5:
                 img = img[:, ::-1]
             if self.color_jitter is not None:

@@ -52,6 +52,34 @@ def random_resize_long(img: np.ndarray, min_long: int, max_long: int, rng: np.ra
     return resize(img, scaled_size(img.shape, target / max(img.shape[:2])), "bicubic")
 
 
+def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator, scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """torchvision's ``RandomResizedCrop(size)`` (EADER's training crop): a box of a random share ``scale`` of the
+    area and a log-uniform aspect ratio in ``ratio`` (10 tries; else the centre box of the clamped ratio), resized
+    to ``size x size`` (bilinear)."""
+    h, w = img.shape[:2]
+    box = None
+    for _ in range(10):
+        area = h * w * rng.uniform(*scale)
+        aspect = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
+        cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            box = (top, left, ch, cw)
+            break
+    if box is None:
+        in_ratio = w / h
+        if in_ratio < ratio[0]:
+            cw, ch = w, int(round(w / ratio[0]))
+        elif in_ratio > ratio[1]:
+            cw, ch = int(round(h * ratio[1])), h
+        else:
+            cw, ch = w, h
+        box = ((h - ch) // 2, (w - cw) // 2, ch, cw)
+    top, left, ch, cw = box
+    return resize(np.ascontiguousarray(img[top:top + ch, left:left + cw]), (size, size), "bilinear")
+
+
 def random_scale(img: np.ndarray, mask: np.ndarray, low: float, high: float,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """DeepLab-style random scale in [low, high]: bilinear for the image, nearest for the mask."""

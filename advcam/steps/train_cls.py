@@ -10,7 +10,8 @@ from advcam.data import load_info
 from advcam.data.datasets import ClassificationDataset
 from advcam.models.classifier import builder_for, classifier_header
 from advcam.train import loop, memo
-from advcam.train.seam import dataset_options
+from advcam.train import eader as eader_training
+from advcam.train import seam as seam_training
 from advcam.utils.checkpoint import save_checkpoint
 from advcam.utils.io import clean_stale_temps_for, code_digest, files_digest, ids_digest
 from advcam.utils.device import resolve_device, seed_everything
@@ -46,7 +47,8 @@ def run(cfg: Config, data: Path, out: Path, curves: Path) -> None:
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = builder_for(c.method)(c.arch, info.num_classes, c.pretrained).to(device)
-    options = dataset_options(c.seam, c.crop_size) if c.method == "seam" else {}
+    options = (seam_training.dataset_options(c.seam, c.crop_size) if c.method == "seam" else
+               eader_training.dataset_options(c, c.crop_size) if c.method == "eader" else {})
     dataset = ClassificationDataset(info, ids, c.crop_size, train=True, seed=cfg.seed, **options)
     log.info("train-cls: %s (%s), %d images of %s (list train), %d classes, %d epochs on %s",
              c.method, c.arch, len(ids), data, info.num_classes, c.epochs, device)

@@ -9,7 +9,8 @@ Every batch, per (image, positive class) pair: attention map ``A`` of the locali
   only the adversary's optimiser steps.
 
 Phases alternate every ``phase_steps`` global steps, starting with the localiser (the reference's
-``TrainingPhase``: ``step % (2N) < N``). Both networks run in train mode throughout, as in the reference (the
+``TrainingPhase``: ``step % (2N) < N``). ``alpha = 0`` is the reference's baseline (run without an adversarial
+model): no adversary, and every step trains the localiser. Both networks run in train mode throughout, as in the reference (the
 resting network's BatchNorm statistics still update with ``resnet_small``). With ``share_weights`` the
 localiser is its own adversary (reference ``--share_weights``): every step is a localiser step. BCE is the
 multilabel soft-margin loss, identical to the reference's ``BCELoss`` on sigmoid outputs.
@@ -18,7 +19,8 @@ Optimiser: EADER's own, as in the reference: for each network SGD with ``classif
 ``momentum`` (0.9) and ``weight_decay`` (1e-4), one lr for every layer (``head_lr_mult`` 1) and a constant lr
 (``lr_schedule: constant``). Options: ``lr_schedule: poly`` (IRN's poly decay over the global step) and
 ``head_lr_mult: 10`` (IRN's 10x lr on the classifier layer). Epochs, batch and crop are the ``classifier``
-section's (the reference: 10 epochs, batch 16, crop 448).
+section's (the reference: 10 epochs, batch 16, crop 448). Augmentation: ``augmentation`` (:func:`dataset_options`),
+the reference's ``RandomResizedCrop`` + flip, or the CAM classifier's.
 
 Differences from the reference: the adversary is a CAM network
 of the same arch (the reference uses a torchvision ResNet with a biased fc). In the shared-weights mode the
@@ -48,9 +50,10 @@ from advcam.utils.errors import AdvcamError
 from advcam.utils.progress import log, progress
 
 LOCALISER, ADVERSARY = "localiser", "adversary"
+REFERENCE_CROP_SCALE = (0.08, 1.0)  # load_data.py: RandomResizedCrop(448), torchvision's default area range
 DEFAULTS: dict[str, Any] = {"alpha": 0.05, "beta": 1e-5, "omega": 100.0, "sigma": 0.5, "phase_steps": 200,
                             "share_weights": False, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
-                            "lr_schedule": "constant", "head_lr_mult": 1.0}
+                            "lr_schedule": "constant", "head_lr_mult": 1.0, "augmentation": "reference"}
 LR_SCHEDULES = ("constant", "poly")
 
 
@@ -58,6 +61,18 @@ def eader_params(cfg: Any) -> dict[str, Any]:
     """The ``classifier.eader`` section with defaults filled (read defensively)."""
     section = param(cfg, "eader", None)
     return {k: type(v)(param(section, k, v)) for k, v in DEFAULTS.items()}
+
+
+def dataset_options(cfg: Any, crop_size: int) -> dict[str, Any]:
+    """``ClassificationDataset`` keywords of ``classifier.eader.augmentation`` (``cfg`` = the classifier section):
+    ``reference`` is load_data.py's ``RandomResizedCrop`` (area share 0.08-1, aspect 3/4-4/3) + flip; ``shared``
+    the CAM classifier's (IRN's resize of the long side to 0.625-1.25x the crop, flip, padded crop)."""
+    how = str(eader_params(cfg)["augmentation"])
+    if how == "shared":
+        return {}
+    if how != "reference":
+        raise AdvcamError(f"classifier.eader.augmentation: {how!r} is not one of reference, shared")
+    return {"resized_crop": REFERENCE_CROP_SCALE}
 
 
 def phase_at(step: int, phase_steps: int, has_adversary: bool = True) -> str:
@@ -92,7 +107,7 @@ def eader_losses(model: EADERNet, images: torch.Tensor, labels: torch.Tensor, ph
     pairs = classes.numel() > 0
     area = att.mean() if pairs else bce.new_zeros(())
     adv_logits = None
-    if pairs and (not train_loc or alpha > 0 or model.shares_weights):
+    if pairs and (not train_loc or alpha > 0):
         adv = model.adversary_net()
         with frozen(adv) if train_loc and not model.shares_weights else nullcontext():
             adv_logits = adv(erased if train_loc else erased.detach())
@@ -166,6 +181,9 @@ def train_eader(model: EADERNet, dataset: Dataset, *, cfg: Any, seed: int, worke
     hp = eader_params(cfg)
     if hp["share_weights"]:
         model.drop_adversary()
+    elif hp["alpha"] == 0:  # the reference's baseline (no --adversarial_model): the localiser alone, every step
+        log.info("eader: alpha 0 is the baseline: no adversary, the localiser trains on every step")
+        model.drop_adversary()
     opt_loc, opt_adv = _optimisers(model, hp)
     loop.check_checkpoint_space(model, opt_loc, resume, "train-cls (eader)")
     loader_for = lambda e: loop.epoch_loader(dataset, cfg.batch_size, seed, e, workers)  # noqa: E731
@@ -216,5 +234,5 @@ def train_eader(model: EADERNet, dataset: Dataset, *, cfg: Any, seed: int, worke
     return rows
 
 
-__all__ = ["train_eader", "train_step", "eader_losses", "phase_at", "eader_params", "frozen", "LOCALISER",
+__all__ = ["dataset_options", "train_eader", "train_step", "eader_losses", "phase_at", "eader_params", "frozen", "LOCALISER",
            "ADVERSARY"]
