@@ -22,8 +22,9 @@ Optimiser: EADER's own, as in the reference: for each network SGD with ``classif
 section's (the reference: 10 epochs, batch 16, crop 448). Augmentation: ``augmentation`` (:func:`dataset_options`),
 the reference's ``RandomResizedCrop`` + flip, or the CAM classifier's.
 
-Differences from the reference: the adversary is a CAM network
-of the same arch (the reference uses a torchvision ResNet with a biased fc). In the shared-weights mode the
+Differences from the reference: the localiser and the adversary are CAM networks of one arch with a
+bias-free classifier (the reference: a torchvision ResNet-101 localiser and a ResNet-18 adversary, each with a
+biased fc; the bias does not enter the attention map). In the shared-weights mode the
 adversarial term is the probability of the erased class (the reference's shared branch averages raw logits).
 
 Resume: after every epoch ``<out>.resume.pt`` holds both networks, both optimisers, the finished epochs and
