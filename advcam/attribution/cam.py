@@ -194,9 +194,9 @@ def compute_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classe
         raise AdvcamError(f"cam.method: unknown attribution method {method!r} (known: {', '.join(sorted(METHODS))})")
     keys = [np.asarray(sorted({int(c) for c in cs}), dtype=np.int64) for cs in classes]
     normalise = resolve_normalise(cfg_cam, model)
-    param = next(iter(model.parameters()), None)
-    if param is not None:
-        images = [im.to(param.device) for im in images]
+    weight = next(iter(model.parameters()), None)
+    if weight is not None:
+        images = [im.to(weight.device) for im in images]
     todo = [k for k, key in enumerate(keys) if key.size]
     maps: dict[int, list[torch.Tensor]] = {}
     if method == "advcam" and len(todo) > 1 and len({tuple(images[k].shape) for k in todo}) == 1:
