@@ -146,6 +146,33 @@ def test_weighted_loss_is_the_weighted_mean():
     assert segmentation_loss(Fixed(), {"image": batch["image"], "mask": torch.full_like(mask, 255)}, w).item() == 0
 
 
+def test_multiscale_training_loss_sums_every_scale_and_their_max():
+    """deeplab-pytorch's MSC training: the crop at 1.0, 0.75 and 0.5, each scale's logits and their pixel-wise
+    max, one cross-entropy (mean over the labelled pixels) each, summed."""
+    from advcam.train.segmentation import msc_logits
+
+    torch.manual_seed(0)
+    model = build_segmenter("deeplab_small", 3)
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.randint(0, 3, (2, 32, 32))
+    mask[:, :4] = 255
+    batch = {"image": x, "mask": mask}
+    single = msc_logits(model, x)
+    assert len(single) == 1 and torch.equal(single[0], model(x))
+    outs = msc_logits(model, x, (1.0, 0.75, 0.5))
+    assert len(outs) == 4 and all(o.shape == (2, 3, 32, 32) for o in outs)
+    half = torch.nn.functional.interpolate(model(torch.nn.functional.interpolate(
+        x, scale_factor=0.5, mode="bilinear", align_corners=False)), size=(32, 32), mode="bilinear",
+        align_corners=False)
+    torch.testing.assert_close(outs[2], half)
+    torch.testing.assert_close(outs[3], torch.maximum(torch.maximum(outs[0], outs[1]), outs[2]))
+    expect = sum(torch.nn.functional.cross_entropy(o, mask, ignore_index=255) for o in outs)
+    got = segmentation_loss(model, batch, scales=(1.0, 0.75, 0.5))
+    assert got.item() == pytest.approx(expect.item(), rel=1e-5)
+    assert segmentation_loss(model, batch).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(outs[0], mask, ignore_index=255).item(), rel=1e-5)
+
+
 def test_deeplab_param_groups_and_poly_lr():
     model = build_segmenter("deeplab_small", 4)
     opt = make_deeplab_sgd(model, 0.01, 5e-4, 0.9)

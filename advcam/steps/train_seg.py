@@ -72,7 +72,8 @@ def run(cfg: Config, data: Path, pseudo: Path, out: Path, curves: Path) -> None:
              device)
     rows = train_segmenter(model, dataset, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
                            weight_decay=s.weight_decay, momentum=s.momentum, seed=cfg.seed, workers=cfg.workers,
-                           resume=resume, curves=curves, fingerprint=fingerprint, class_weight=weight)
+                           resume=resume, curves=curves, fingerprint=fingerprint, class_weight=weight,
+                           train_scales=[float(v) for v in s.train_scales])
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     header = segmenter_header(model, list(info.classes), params)
     header["num_gt_images"] = len(gt_ids)

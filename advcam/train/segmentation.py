@@ -1,6 +1,10 @@
 """Segmentation training on pseudo labels, as the references' DeepLab-v2 retraining (deeplab-pytorch).
 
-- Loss: pixel cross-entropy, 255 ignored; optionally class-balanced (:func:`class_weights`).
+- Loss: pixel cross-entropy, 255 ignored; optionally class-balanced (:func:`class_weights`). With several
+  ``train_scales`` (deeplab-pytorch's MSC: 1.0, 0.75, 0.5) the crop also runs at the smaller scales, and the
+  loss is the sum of the cross-entropies of every scale's logits and of their pixel-wise maximum (4 terms).
+  Deviation: the logits are upsampled to the crop for the loss (deeplab-pytorch shrinks the labels to the
+  logits' size instead).
 - Optimiser: SGD, poly LR (power 0.9), backbone at 1x, ASPP weights at 10x, ASPP biases at 20x without
   weight decay (DeepLab-v2's ``lr_mult``/``decay_mult``).
 - Augmentation (``SegmentationDataset``): random scale, horizontal flip, crop padded with 255.
@@ -172,27 +176,45 @@ class SegmentationLoss(SumOverCount):
     (:class:`~advcam.train.distributed.SumOverCount`), so N processes train on one process's loss.
     """
 
-    def __init__(self, weight: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor | None = None, scales: Sequence[float] = (1.0,)) -> None:
         self.weight = weight
         self.min_count = 1.0 if weight is None else 1e-12
+        self.scales = tuple(float(s) for s in scales)
 
     def parts(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(model.parameters()).device
-        logits = model(batch["image"].to(device))
+        outputs = msc_logits(model, batch["image"].to(device), self.scales)
         mask = batch["mask"].to(device).long()
         labelled = mask != IGNORE
-        if self.weight is None:
-            total = F.cross_entropy(logits, mask, ignore_index=IGNORE, reduction="sum")
-            return total, labelled.sum().to(total.dtype)
-        weight = self.weight.to(device=device, dtype=logits.dtype)
-        total = F.cross_entropy(logits, mask, weight=weight, ignore_index=IGNORE, reduction="sum")
-        return total, weight[mask[labelled]].sum()
+        weight = None if self.weight is None else self.weight.to(device=device, dtype=outputs[0].dtype)
+        total = sum(F.cross_entropy(o, mask, weight=weight, ignore_index=IGNORE, reduction="sum") for o in outputs)
+        assert isinstance(total, torch.Tensor)
+        count = labelled.sum().to(total.dtype) if weight is None else weight[mask[labelled]].sum()
+        return total, count
+
+
+def msc_logits(model: torch.nn.Module, images: torch.Tensor, scales: Sequence[float] = (1.0,)
+               ) -> list[torch.Tensor]:
+    """Training logits at the crop size: one per scale (the crop resized by it, bilinear), plus their pixel-wise
+    maximum when there are several (deeplab-pytorch's MSC returns the same 1 + n + 1 outputs)."""
+    size = images.shape[-2:]
+    outputs = []
+    for scale in scales:
+        x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
+                                                       align_corners=False)
+        out = model(x)
+        if out.shape[-2:] != size:
+            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+        outputs.append(out)
+    if len(outputs) > 1:
+        outputs.append(torch.stack(outputs).amax(0))
+    return outputs
 
 
 def segmentation_loss(model: torch.nn.Module, batch: Mapping[str, Any],
-                      weight: torch.Tensor | None = None) -> torch.Tensor:
+                      weight: torch.Tensor | None = None, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
     """The loss of :class:`SegmentationLoss` for one batch."""
-    return SegmentationLoss(weight)(model, batch)
+    return SegmentationLoss(weight, scales)(model, batch)
 
 
 def make_deeplab_sgd(model: DeepLab, lr: float, weight_decay: float, momentum: float) -> torch.optim.SGD:
@@ -206,13 +228,15 @@ def make_deeplab_sgd(model: DeepLab, lr: float, weight_decay: float, momentum: f
 
 def train_segmenter(model: DeepLab, dataset: Dataset, *, epochs: int, batch_size: int, lr: float,
                     weight_decay: float, momentum: float, seed: int, workers: int, resume: Path, curves: Path,
-                    fingerprint: Mapping[str, Any], class_weight: np.ndarray | None = None) -> list[list[float]]:
+                    fingerprint: Mapping[str, Any], class_weight: np.ndarray | None = None,
+                    train_scales: Sequence[float] = (1.0,)) -> list[list[float]]:
     """Train ``model`` in place (see the module docstring for the recipe); return the curve rows.
 
-    ``class_weight`` (from :func:`class_weights`) switches on the balanced cross-entropy.
+    ``class_weight`` (from :func:`class_weights`) switches on the balanced cross-entropy; ``train_scales`` the
+    multi-scale (MSC) loss.
     """
     optimizer = make_deeplab_sgd(model, lr, weight_decay, momentum)
     weight = None if class_weight is None else torch.as_tensor(np.asarray(class_weight, np.float32))
     return loop.fit(model, optimizer, lambda e: loop.epoch_loader(dataset, batch_size, seed, e, workers),
-                    SegmentationLoss(weight), epochs=epochs, base_lr=lr, resume=resume, curves=curves,
+                    SegmentationLoss(weight, train_scales), epochs=epochs, base_lr=lr, resume=resume, curves=curves,
                     fingerprint=fingerprint, desc="train-seg")
