@@ -10,7 +10,7 @@ to ``crop_size`` so batches stack. Full-image inference does not use these class
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -78,6 +78,16 @@ class ClassificationDataset(_Augmented):
         (arr,) = T.crop_with_pad([T.normalize_array(img)], [0.0], self.crop_size, rng)
         return {"image": torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))),
                 "label": torch.from_numpy(self.info.label_vector(image_id)), "id": image_id}
+
+
+def augmentation_options(how: str, key: str, reference: dict[str, Any]) -> dict[str, Any]:
+    """:class:`ClassificationDataset` keywords for a training method's ``augmentation`` param ``key``: its
+    reference's (``reference``, the keywords given) or the CAM classifier's (``shared``: none)."""
+    if how == "shared":
+        return {}
+    if how != "reference":
+        raise AdvcamError(f"{key}: {how!r} is not one of reference, shared")
+    return dict(reference)
 
 
 class SegmentationDataset(_Augmented):

@@ -93,20 +93,18 @@ def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness: float = 
 
     Brightness, contrast and saturation factors are uniform in [1 - v, 1 + v] (PIL ``ImageEnhance``: blend with
     black, with the mean grey level, with the greyscale image); the hue shift is uniform in [-hue, hue] of the
-    circle, applied to PIL's 8-bit HSV hue with wrap-around. The four run in a random order. RGB uint8 in and out.
+    circle, applied to PIL's 8-bit HSV hue with wrap-around. The four run in a random order; one whose range is
+    0 is skipped, as torchvision does (the hue step's HSV round trip is lossy). RGB uint8 in and out.
     """
     pil = Image.fromarray(np.ascontiguousarray(img))
+    ranges = (brightness, contrast, saturation, hue)
     factors = [rng.uniform(1 - brightness, 1 + brightness), rng.uniform(1 - contrast, 1 + contrast),
                rng.uniform(1 - saturation, 1 + saturation), rng.uniform(-hue, hue)]
+    steps = (lambda p, f: ImageEnhance.Brightness(p).enhance(f), lambda p, f: ImageEnhance.Contrast(p).enhance(f),
+             lambda p, f: ImageEnhance.Color(p).enhance(f), shift_hue)
     for k in rng.permutation(4):
-        if k == 0:
-            pil = ImageEnhance.Brightness(pil).enhance(factors[0])
-        elif k == 1:
-            pil = ImageEnhance.Contrast(pil).enhance(factors[1])
-        elif k == 2:
-            pil = ImageEnhance.Color(pil).enhance(factors[2])
-        else:
-            pil = shift_hue(pil, factors[3])
+        if ranges[k] > 0:
+            pil = steps[k](pil, factors[k])
     return np.asarray(pil, dtype=np.uint8)
 
 

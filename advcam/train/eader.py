@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from advcam.data.datasets import augmentation_options
 from advcam.models.classifier import CAMNet
 from advcam.models.eader import EADERNet, attention_maps, erase, soft_mask
 from advcam.train import loop
@@ -68,12 +69,8 @@ def dataset_options(cfg: Any, crop_size: int) -> dict[str, Any]:
     """``ClassificationDataset`` keywords of ``classifier.eader.augmentation`` (``cfg`` = the classifier section):
     ``reference`` is load_data.py's ``RandomResizedCrop`` (area share 0.08-1, aspect 3/4-4/3) + flip; ``shared``
     the CAM classifier's (IRN's resize of the long side to 0.625-1.25x the crop, flip, padded crop)."""
-    how = str(eader_params(cfg)["augmentation"])
-    if how == "shared":
-        return {}
-    if how != "reference":
-        raise AdvcamError(f"classifier.eader.augmentation: {how!r} is not one of reference, shared")
-    return {"resized_crop": REFERENCE_CROP_SCALE}
+    return augmentation_options(str(eader_params(cfg)["augmentation"]), "classifier.eader.augmentation",
+                                {"resized_crop": REFERENCE_CROP_SCALE})
 
 
 def phase_at(step: int, phase_steps: int, has_adversary: bool = True) -> str:

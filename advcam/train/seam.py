@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from advcam.data.datasets import augmentation_options
 from advcam.models.seam import SEAMNet
 from advcam.train import loop
 from advcam.utils import param
@@ -62,13 +63,10 @@ def dataset_options(cfg_seam: Any, crop_size: int) -> dict[str, Any]:
     """``ClassificationDataset`` keywords of ``classifier.seam.augmentation``: ``reference`` is train_SEAM.py's
     (long side resized to 1.0-1.71x the crop, horizontal flip, colour jitter 0.3/0.3/0.3, hue 0.1); ``shared``
     is the CAM classifier's (IRN's 0.625-1.25x, flip, no jitter)."""
-    how = str(seam_params(cfg_seam)["augmentation"])
-    if how == "shared":
-        return {}
-    if how != "reference":
-        raise AdvcamError(f"classifier.seam.augmentation: {how!r} is not one of reference, shared")
     low, high = REFERENCE_RESIZE_LONG
-    return {"resize_long": (round(low * crop_size), round(high * crop_size)), "color_jitter": REFERENCE_JITTER}
+    return augmentation_options(str(seam_params(cfg_seam)["augmentation"]), "classifier.seam.augmentation",
+                                {"resize_long": (round(low * crop_size), round(high * crop_size)),
+                                 "color_jitter": REFERENCE_JITTER})
 
 
 def max_norm(p: torch.Tensor) -> torch.Tensor:
