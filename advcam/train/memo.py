@@ -57,7 +57,8 @@ def remember(out: Path, rows: Sequence[Sequence[float]], fingerprint: Mapping[st
 
 def recall(out: Path, curves: Path, fingerprint: Mapping[str, Any], desc: str) -> bool:
     """Restore ``out`` and ``curves`` from a finished training with this fingerprint; False when there is none
-    (or its files do not match their record, or the process is not rank 0 of a distributed run)."""
+    (or its files do not match their record). Every rank of a distributed run gets the same answer, so all of
+    them skip the training; only rank 0 writes the files."""
     weights, record = memo_paths(out)
     if not (weights.is_file() and record.is_file()):
         return False
