@@ -201,8 +201,16 @@ def test_compare_draws_the_images_every_folder_has(prepared, tmp_path):
 
 
 def test_visualize_unknown_image_is_one_line(prepared, tmp_path):
-    r = run_cli("visualize", "no_such_image", "--data", str(prepared), "--out", str(tmp_path / "x.png"))
-    assert r.returncode == 2 and "no_such_image" in r.stderr
+    """Checked before any model is loaded: the same message in a folder without models and in one whose default
+    checkpoint does not fit the dataset (as in the repository after `make run`, when the tests use a fixture)."""
+    empty, other = tmp_path / "empty", tmp_path / "other"
+    empty.mkdir()
+    (other / "models").mkdir(parents=True)
+    (other / "models" / "classifier.pt").write_bytes(b"not the dataset's classifier")
+    for cwd in (empty, other):
+        r = run_cli("visualize", "no_such_image", "--data", str(prepared.resolve()), "--out", str(tmp_path / "x.png"),
+                    "--params", str(REPO / "params.yaml"), cwd=cwd)
+        assert r.returncode == 2 and "no_such_image" in r.stderr and "none of the lists" in r.stderr, r.stderr
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "x.png").exists()
 

@@ -6,7 +6,10 @@ CUDA build of torch the same tests run on ``cuda`` (``pytest tests/test_ops.py``
 """
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -132,3 +135,59 @@ def test_sources_found_and_cache_outside_repo(monkeypatch, tmp_path):
     assert (src / "advcam_ops.cpp").is_file() and (src / "advcam_ops_cuda.cu").is_file()
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert fused.build_dir(False).parent == tmp_path
+
+
+def _load_in_subprocess(src: str, timeout: float) -> subprocess.CompletedProcess:
+    """Load the extension in a fresh process whose sources live in ``src`` (another checkout)."""
+    code = ("import sys, pathlib; from advcam.ops import fused; "
+            f"fused.source_dir = lambda: pathlib.Path({src!r}); "
+            "ext = fused.load_extension(); print('loaded', ext.__file__)")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ))
+
+
+def test_a_killed_build_does_not_block_the_next_one(ext, tmp_path):
+    """torch's builder waits, without a limit, for the ``lock`` file of a build; one killed mid-build leaves it.
+    advcam removes it under its own flock (which no dead process holds), so the next load finishes."""
+    folder = fused.build_dir(False)
+    src = tmp_path / "csrc"
+    shutil.copytree(fused.source_dir(), src)
+    (folder / "lock").write_text("")  # what a SIGKILLed build leaves
+    try:
+        done = _load_in_subprocess(str(src), timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"load_extension waited on the stale {folder / 'lock'}")
+    finally:
+        (folder / "lock").unlink(missing_ok=True)
+    assert done.returncode == 0, done.stderr
+    assert "removing" in done.stderr and str(folder / "lock") in done.stderr
+    assert not (folder / "lock").exists()
+
+
+def test_another_checkout_reuses_the_build(ext, tmp_path):
+    """The same sources under another path (a second clone, a DVC temporary copy) load the cached build: the
+    library is not compiled again."""
+    folder = fused.build_dir(False)
+    libs = sorted(folder.glob("advcam_ops_*.so"))
+    assert libs, f"no built library in {folder}"
+    before = {p: p.stat().st_mtime_ns for p in libs}
+    for name in ("clone-a", "clone-b"):
+        src = tmp_path / name / "csrc"
+        shutil.copytree(fused.source_dir(), src)
+        done = _load_in_subprocess(str(src), timeout=240)
+        assert done.returncode == 0, done.stderr
+    assert {p: p.stat().st_mtime_ns for p in libs} == before
+    assert fused.build_dir(False) == folder  # named after the content, not the path
+
+
+def test_changed_sources_build_elsewhere(monkeypatch, tmp_path):
+    """Edited sources get a folder of their own (the hash of their content), so no build of other sources is
+    taken for theirs."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    first = fused.build_dir(False)
+    src = tmp_path / "csrc"
+    shutil.copytree(fused.source_dir(), src)
+    (src / "advcam_ops.cpp").write_text((src / "advcam_ops.cpp").read_text() + "\n// edited\n")
+    monkeypatch.setattr(fused, "source_dir", lambda: src)
+    assert fused.build_dir(False) != first
+    assert fused.build_dir(False).parent == first.parent

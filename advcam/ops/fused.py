@@ -17,16 +17,23 @@ Backend selection (``backend`` argument, or ``ADVCAM_OPS_BACKEND``; default ``au
 ``extension`` builds/loads the extension and raises :class:`AdvcamError` if that fails; ``fallback`` uses the
 eager PyTorch composition; ``auto`` tries the extension and falls back (warning once) when it cannot be built
 or was built without CUDA for a CUDA tensor. The build goes to ``$TORCH_EXTENSIONS_DIR/advcam_ops-...``
-(default ``~/.cache/advcam/torch_extensions``), outside the repository, so DVC's temporary copies reuse it.
+(default ``~/.cache/advcam/torch_extensions``), outside the repository, in a folder named after the torch
+version and a hash of the sources and flags. The sources are copied into that folder and compiled from there,
+so every checkout with the same sources (other clones, DVC's temporary copies) reuses one build instead of
+rebuilding for its own paths. Builds are serialised by a lock that dies with its process (``flock``), and a
+lock file that torch's builder left behind when it was killed is removed, so a killed build never makes the
+next run wait forever.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -50,13 +57,67 @@ def source_dir() -> Path:
     raise AdvcamError(f"advcam ops: C++ sources not found (looked in {here.parents[1] / 'csrc'} and {here / 'csrc'})")
 
 
+CFLAGS = ("-O3",)
+CUDA_CFLAGS = ("-O3", "--expt-relaxed-constexpr")
+
+
+def _sources(with_cuda: bool) -> list[Path]:
+    src = source_dir()
+    return [src / SOURCES[0]] + ([src / SOURCES[1]] if with_cuda else [])
+
+
 def build_dir(with_cuda: bool) -> Path:
-    """Where the compiled extension is cached (created if missing)."""
+    """Where the compiled extension is cached (created if missing): one folder per torch version, device kind
+    and content of the sources and flags."""
     base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(Path.home(), ".cache", "advcam", "torch_extensions")
-    tag = f"advcam_ops-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}".replace("+", "_")
-    path = Path(base) / tag
+    digest = hashlib.sha1(repr((CFLAGS, CUDA_CFLAGS)).encode())
+    for path in _sources(with_cuda):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    tag = f"advcam_ops-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}-{digest.hexdigest()[:12]}"
+    path = Path(base) / tag.replace("+", "_")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.advcam-build.lock`` (``flock``: released when the process ends, also by SIGKILL).
+
+    torch's builder marks a build with a ``lock`` file and makes every other process wait, without a limit,
+    until it disappears; a builder killed mid-build leaves it behind. Every advcam build takes this lock
+    first, so a ``lock`` file found while holding it belongs to no live build and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): torch's own lock file only
+        yield
+        return
+    with open(folder / ".advcam-build.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = folder / "lock"
+            if stale.exists():
+                warnings.warn(f"advcam ops: removing {stale}, left by a build that was killed", RuntimeWarning,
+                              stacklevel=3)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _copy_sources(with_cuda: bool, folder: Path) -> list[str]:
+    """Copy the sources into ``folder/src`` (only files whose content differs, so ninja sees them unchanged)
+    and return their paths there."""
+    (folder / "src").mkdir(exist_ok=True)
+    out = []
+    for path in _sources(with_cuda):
+        dest = folder / "src" / path.name
+        data = path.read_bytes()
+        if not dest.is_file() or dest.read_bytes() != data:
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)
+        out.append(str(dest))
+    return out
 
 
 def _want_cuda() -> bool:
@@ -75,12 +136,13 @@ def load_extension(verbose: bool = False) -> ModuleType:
         try:
             from torch.utils.cpp_extension import load
             with_cuda = _want_cuda()
-            src = source_dir()
-            sources = [str(src / SOURCES[0])] + ([str(src / SOURCES[1])] if with_cuda else [])
-            flags = ["-O3"] + (["-DWITH_CUDA"] if with_cuda else [])
-            _ext = load(name=f"advcam_ops_{'cuda' if with_cuda else 'cpu'}", sources=sources,
-                        extra_cflags=flags, extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
-                        build_directory=str(build_dir(with_cuda)), with_cuda=with_cuda, verbose=verbose)
+            folder = build_dir(with_cuda)
+            flags = list(CFLAGS) + (["-DWITH_CUDA"] if with_cuda else [])
+            with build_lock(folder):
+                _ext = load(name=f"advcam_ops_{'cuda' if with_cuda else 'cpu'}",
+                            sources=_copy_sources(with_cuda, folder), extra_cflags=flags,
+                            extra_cuda_cflags=list(CUDA_CFLAGS), build_directory=str(folder), with_cuda=with_cuda,
+                            verbose=verbose)
         except Exception as err:  # compiler missing, headers missing, ...: remember, report once
             _ext_error = f"advcam ops: the C++ extension could not be built ({type(err).__name__}: {err})"
             raise AdvcamError(_ext_error) from err
