@@ -125,6 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ids", nargs="*", default=[], help="image ids to show instead of the first n")
     s = add("params", "Print the resolved params as YAML (or the reference table).")
     s.add_argument("--reference", action="store_true", help="print the params reference (Markdown) instead")
+    s.add_argument("--check", metavar="FILE", default=None,
+                   help="only validate; when valid, write FILE, always the same text (DVC's first stage, "
+                        "check_params, so a bad value stops before any stage removes its outputs) (default: print "
+                        "the params)")
     s = add("visualize", "Overlay PNG of one image: image, ground truth, CAM, AdvCAM, pseudo label, prediction "
             "(the ones that exist).")
     s.add_argument("image_id", help="image id (file name without extension)")
@@ -184,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config.load(None if args.params_json else args.params, args.overrides, args.params_json)
         if args.stage == "params" and args.reference:
             _write(config.markdown_reference())
+            return 0
+        if args.stage == "params" and args.check:
+            from advcam.utils.io import write_text
+            write_text(args.check, "params valid (advcam params --check)\n")
             return 0
         if args.stage == "params":
             import yaml

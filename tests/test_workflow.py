@@ -78,7 +78,9 @@ def dvc_stages(root: Path) -> dict[str, dict]:
     for name, st in stages.items():
         outs = [next(iter(o)) if isinstance(o, dict) else o
                 for key in ("outs", "metrics", "plots") for o in st.get(key, [])]
-        out[name] = {"cmd": st["cmd"], "deps": st.get("deps", []), "outs": outs, "params": sorted(st["params"])}
+        plist = st["params"]
+        out[name] = {"cmd": st["cmd"], "deps": st.get("deps", []), "outs": outs,
+                     "params": plist if any(isinstance(p, dict) for p in plist) else sorted(plist)}
     return out
 
 
@@ -86,9 +88,19 @@ def dvc_stages(root: Path) -> dict[str, dict]:
 SCATTER = {"cams": ["cams_shard"], "refine": ["refine_shard"]}
 
 
+# DVC's first stage validates every param; prepare depends on its output (it has no Snakemake rule).
+CHECK = "check_params"
+CHECKED = "logs/params.checked"
+
+
 def test_dvc_stages_match_snakemake_dag():
     jobs = snakemake_jobs(REPO)
     stages = dvc_stages(REPO)
+    check = stages.pop(CHECK)
+    assert check == {"cmd": f"advcam params --check {CHECKED}", "deps": [], "outs": [CHECKED],
+                     "params": [{"params.yaml": None}]}, check
+    assert stages["prepare"]["deps"] == [CHECKED]
+    stages["prepare"]["deps"] = []
     rules = [r for r in jobs if r != "all"]
     scattered = [r for group in SCATTER.values() for r in group]
     assert sorted(stages) == sorted(r for r in rules if r not in scattered), \
@@ -177,3 +189,21 @@ def test_cam_param_experiment_reruns_cams_not_classifier(dvc_project):
     sh("dvc", "plots", "diff", "HEAD", "-o", str(out), cwd=root)
     page = (out / "index.html").read_text()
     assert "seeds_threshold.csv" in page and "HEAD" in page and "workspace" in page
+
+
+def test_bad_value_experiment_stops_before_any_stage_removes_outputs(dvc_project):
+    """DVC removes a stage's outputs before it runs it: a bad value must be refused by check_params, before the
+    stage that reads it (here train_seg) loses its finished checkpoint."""
+    root = dvc_project
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "before a bad experiment", "--allow-empty", cwd=root)
+    kept = ["models/segmenter.pt", "metrics/segmentation.json", "metrics/pseudo.json", "plots/train_seg.csv"]
+    before = {f: (root / f).read_bytes() for f in kept}
+    try:
+        r = sh("dvc", "exp", "run", "-S", "segmentation.epochs=0", cwd=root, check=False)
+        assert r.returncode != 0
+        assert "segmentation.epochs" in r.stdout + r.stderr, r.stdout + r.stderr
+        assert "Running stage 'train_seg'" not in r.stdout + r.stderr
+        assert {f: (root / f).read_bytes() for f in kept if (root / f).is_file()} == before
+    finally:
+        sh("git", "checkout", "--", "params.yaml", cwd=root)

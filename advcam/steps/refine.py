@@ -240,9 +240,10 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
     work = sharding.work_folder("refine", record) if method in STAGED or not gather else None
     dest = work or out
     invalidate_if_changed(dest, record, ids, ".png")
+    gathered = 0
     if method == "crf":
         if gather:  # the shards' CRF labels are the final labels; the out record stays the full one
-            sharding.gather([Path(f) for f in gather], ids, ".png", dest,
+            gathered = sharding.gather([Path(f) for f in gather], ids, ".png", dest,
                             lambda p, i: read_label(p, image_size(info, i)) is not None, crf_record, "refine")
         final = crf = label_all(info, ids, cams, dest, lambda im, maps: METHODS[method](im, maps, cfg.refine),
                                 f"refine ({method})", scored)
@@ -265,7 +266,13 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
             names += sorted(str(f.relative_to(work)) for f in live.rglob("*") if f.is_file()) if live.is_dir() else []
         sharding.publish(work, out, names + [FINGERPRINT])
     computed = final["computed"]
-    log.info("refine: %d pseudo labels computed, %d kept from an earlier run", computed, len(ids) - computed)
+    kept = max(0, len(ids) - computed - gathered)
+    parts = [f"{computed} computed"]
+    if gathered:
+        parts.append(f"{gathered} gathered from {len(gather or [])} shard(s)")
+    if kept:
+        parts.append(f"{kept} kept from an earlier run")
+    log.info("refine: %d pseudo labels: %s", len(ids), ", ".join(parts))
     result = scores(final, "pseudo", info.classes)
     before = scores(crf, "pseudo", info.classes)
     result.update(pseudo_miou_crf=before["pseudo_miou"],

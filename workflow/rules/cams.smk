@@ -24,7 +24,7 @@ rule cams_shard:
     conda:
         "../envs/advcam.yaml"
     shell:
-        "ADVCAM_WORK_DIR={params.work:q} advcam cams --params-json {params.cfg:q} --data {input.data} --model {input.model} --shard {wildcards.shard}/{wildcards.n} --out {output} 2>&1 | tee {log}"
+        "ADVCAM_WORK_DIR={params.work:q} advcam cams --params-json {params.cfg:q} --data {input.data} --model {input.model} --shard {wildcards.shard}/{wildcards.n} --out {output} 2>&1 | tee -i {log}"
 
 
 rule cams:
@@ -44,4 +44,4 @@ rule cams:
     conda:
         "../envs/advcam.yaml"
     shell:
-        "ADVCAM_WORK_DIR={params.work:q} advcam cams --params-json {params.cfg:q} --data {input.data} --model {input.model} --gather {input.shards} --out {output.cams} --metrics {output.metrics} --curve {output.curve} 2>&1 | tee {log}"
+        "ADVCAM_WORK_DIR={params.work:q} advcam cams --params-json {params.cfg:q} --data {input.data} --model {input.model} --gather {input.shards} --out {output.cams} --metrics {output.metrics} --curve {output.curve} 2>&1 | tee -i {log}"

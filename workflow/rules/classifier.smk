@@ -13,4 +13,4 @@ rule train_cls:
     conda:
         "../envs/advcam.yaml"
     shell:
-        "advcam train-cls --params-json {params.cfg:q} --data {input.data} --out {output.model} --curves {output.curves} 2>&1 | tee {log}"
+        "advcam train-cls --params-json {params.cfg:q} --data {input.data} --out {output.model} --curves {output.curves} 2>&1 | tee -i {log}"

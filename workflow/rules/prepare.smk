@@ -8,4 +8,4 @@ rule prepare:
     conda:
         "../envs/advcam.yaml"
     shell:
-        "advcam prepare --params-json {params.cfg:q} --out {output} 2>&1 | tee {log}"
+        "advcam prepare --params-json {params.cfg:q} --out {output} 2>&1 | tee -i {log}"

@@ -22,7 +22,7 @@ rule refine_shard:
     conda:
         "../envs/advcam.yaml"
     shell:
-        "ADVCAM_WORK_DIR={params.work:q} advcam refine --params-json {params.cfg:q} --data {input.data} --cams {input.cams} --shard {wildcards.shard}/{wildcards.n} --out {output} 2>&1 | tee {log}"
+        "ADVCAM_WORK_DIR={params.work:q} advcam refine --params-json {params.cfg:q} --data {input.data} --cams {input.cams} --shard {wildcards.shard}/{wildcards.n} --out {output} 2>&1 | tee -i {log}"
 
 
 rule refine:
@@ -44,4 +44,4 @@ rule refine:
     conda:
         "../envs/advcam.yaml"
     shell:
-        "ADVCAM_WORK_DIR={params.work:q} advcam refine --params-json {params.cfg:q} --data {input.data} --cams {input.cams} --gather {input.shards} --out {output.pseudo} --metrics {output.metrics} 2>&1 | tee {log}"
+        "ADVCAM_WORK_DIR={params.work:q} advcam refine --params-json {params.cfg:q} --data {input.data} --cams {input.cams} --gather {input.shards} --out {output.pseudo} --metrics {output.metrics} 2>&1 | tee -i {log}"

@@ -56,4 +56,4 @@ rule figures:
     conda:
         "../envs/advcam.yaml"
     shell:
-        "advcam figures --params-json {params.cfg:q} --data {input.data} --classifier {input.classifier} --segmenter {input.segmenter} --cams {input.cams} --pseudo {input.pseudo} --metrics-dir $(dirname {input.seeds}) --plots $(dirname {input.seed_curve}) --out $(dirname {output.table}) 2>&1 | tee {log}"
+        "advcam figures --params-json {params.cfg:q} --data {input.data} --classifier {input.classifier} --segmenter {input.segmenter} --cams {input.cams} --pseudo {input.pseudo} --metrics-dir $(dirname {input.seeds}) --plots $(dirname {input.seed_curve}) --out $(dirname {output.table}) 2>&1 | tee -i {log}"

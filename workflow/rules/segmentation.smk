@@ -14,7 +14,7 @@ rule train_seg:
     conda:
         "../envs/advcam.yaml"
     shell:
-        "advcam train-seg --params-json {params.cfg:q} --data {input.data} --pseudo {input.pseudo} --out {output.model} --curves {output.curves} 2>&1 | tee {log}"
+        "advcam train-seg --params-json {params.cfg:q} --data {input.data} --pseudo {input.pseudo} --out {output.model} --curves {output.curves} 2>&1 | tee -i {log}"
 
 
 rule evaluate:
@@ -33,4 +33,4 @@ rule evaluate:
     conda:
         "../envs/advcam.yaml"
     shell:
-        "advcam evaluate --params-json {params.cfg:q} --data {input.data} --model {input.model} --cams {input.cams} --pseudo {input.pseudo} --metrics {output.metrics} --plots {output.plots} 2>&1 | tee {log}"
+        "advcam evaluate --params-json {params.cfg:q} --data {input.data} --model {input.model} --cams {input.cams} --pseudo {input.pseudo} --metrics {output.metrics} --plots {output.plots} 2>&1 | tee -i {log}"
