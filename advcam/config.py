@@ -232,6 +232,27 @@ def load(path: str | Path | None = "params.yaml", overrides: Iterable[str] = (),
     return Config(validate(apply_overrides(data, overrides), source, origins=origins))
 
 
+# Sub-sections read only by one method of their section (refine.crf is not here: the random walk learns its
+# affinities from CRF labels).
+METHOD_SUBSECTIONS: dict[str, dict[str, str]] = {"classifier": {"seam": "seam", "eader": "eader"},
+                                                 "cam": {"advcam": "advcam"},
+                                                 "refine": {"randomwalk": "randomwalk"}}
+
+
+def active(section: str, values: Any) -> Any:
+    """``values`` of the params section ``section`` without the sub-sections of methods it does not use (e.g.
+    ``classifier.seam`` when ``classifier.method`` is cam); a top-level scalar (``seed``) as it is. What a
+    stage's results depend on: Snakemake's rule params and the stages' fingerprints use it, so a change there
+    reruns and retrains nothing."""
+    if not isinstance(values, Mapping):
+        return copy.deepcopy(values)
+    out = copy.deepcopy(dict(values))
+    for sub, method in METHOD_SUBSECTIONS.get(section, {}).items():
+        if out.get("method") != method:
+            out.pop(sub, None)
+    return out
+
+
 def defaults() -> dict:
     """The full default params (what ``params.yaml`` ships)."""
     return validate({}, "defaults")

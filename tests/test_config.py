@@ -115,3 +115,19 @@ def test_schema_uses_only_json_schema_keywords_and_every_key_has_a_description()
 
     described(sch, "params")
     assert missing == []
+
+
+def test_active_drops_only_the_sub_sections_of_unused_methods():
+    d = config.defaults()
+    cls = config.active("classifier", d["classifier"])
+    assert "seam" not in cls and "eader" not in cls and cls["epochs"] == d["classifier"]["epochs"]
+    seam = config.active("classifier", {**d["classifier"], "method": "seam"})
+    assert "seam" in seam and "eader" not in seam
+    assert "advcam" in config.active("cam", d["cam"])  # the default method is advcam
+    assert "advcam" not in config.active("cam", {**d["cam"], "method": "cam"})
+    refine = config.active("refine", d["refine"])
+    assert "randomwalk" not in refine and "crf" in refine  # CRF params stay: the random walk uses CRF labels too
+    walk = config.active("refine", {**d["refine"], "method": "randomwalk"})
+    assert "randomwalk" in walk and "crf" in walk
+    assert config.active("segmentation", d["segmentation"]) == d["segmentation"]
+    assert "seam" in d["classifier"]  # the input is not changed

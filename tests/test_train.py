@@ -172,6 +172,13 @@ def test_a_finished_training_is_remembered_and_taken_again(prepared, tmp_path: P
         train_cls.run(cfg, data, out, curves)
     assert "its weights are taken" in caplog.text
     assert out.read_bytes() == first and curves.read_text() == first_curve
+    # a param of a method this training does not use (SEAM's and EADER's while the method is cam): taken too
+    unused = config.Config({**cfg.to_dict(), "classifier": {**cfg.classifier.to_dict(),
+                                                             "seam": {**cfg.classifier.seam.to_dict(), "lr": 0.5},
+                                                             "eader": {**cfg.classifier.eader.to_dict(), "alpha": 0.0}}})
+    out.unlink(), curves.unlink()
+    train_cls.run(unused, data, out, curves)
+    assert out.read_bytes() == first
     with pytest.raises(AssertionError, match="trained again"):  # other params: no memo
         train_cls.run(config.load(None, [f"{k}={v}" for k, v in [
             ("device", "cpu"), ("synthetic.image_size", 32), ("synthetic.num_classes", 3), ("classifier.epochs", 2),

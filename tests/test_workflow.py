@@ -118,6 +118,26 @@ def test_dvc_stages_match_snakemake_dag():
         assert st["params"] == params, f"{rule}: DVC params != the sections the rule passes to advcam"
 
 
+def _rule_params(cwd: Path, rule: str, *config_args: str) -> dict:
+    out = sh("snakemake", "-n", "-p", "--forceall", *config_args, cwd=cwd).stdout
+    for block in re.split(r"\n(?=\[.*\]\nrule )", out):
+        if re.search(rf"^rule {rule}:$", block, re.M):
+            return json.loads(re.search(r"--params-json '(\{.*?\})'", block).group(1))
+    raise AssertionError(f"no job of rule {rule}")
+
+
+def test_params_of_unused_methods_rerun_nothing():
+    """A rule's params leave out the sub-sections of methods it does not use, so Snakemake reruns nothing when
+    one of them changes (classifier.seam.lr while classifier.method is cam)."""
+    cls = _rule_params(REPO, "train_cls")["classifier"]
+    assert "seam" not in cls and "eader" not in cls
+    assert _rule_params(REPO, "train_cls", "--config", "classifier={seam: {lr: 0.5}}")["classifier"] == cls
+    seam = _rule_params(REPO, "train_cls", "--config", "classifier={method: seam}")["classifier"]
+    assert "seam" in seam and "eader" not in seam
+    assert "randomwalk" not in _rule_params(REPO, "refine")["refine"]
+    assert "advcam" in _rule_params(REPO, "figures", "--config", "cam={method: cam}")["cam"]  # the report draws both
+
+
 def test_snakemake_lint_is_clean():
     r = sh("snakemake", "--lint", cwd=REPO, check=False)
     assert r.returncode == 0 and "Lints for" not in r.stdout + r.stderr, r.stdout + r.stderr

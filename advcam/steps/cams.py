@@ -30,6 +30,7 @@ from torch import nn
 
 from advcam.attribution.advcam import prepare_model
 from advcam.attribution.cam import compute_maps_images, is_valid_cam, load_cam, save_cam
+from advcam import config
 from advcam.config import Config
 from advcam.data import image_classes, image_size, load_info
 from advcam.data.transforms import normalize
@@ -68,7 +69,8 @@ def record_for(cfg: Any, model_path: Path) -> dict:
     """What the CAM files depend on (``.advcam-params.json``): the map params, the classifier's bytes and the code
     that computes them. The image-level labels are checked per file (:func:`done`), so re-preparing the dataset
     keeps the files. Computed once per job (it hashes the classifier file and the code)."""
-    maps_params = {k: v for k, v in cfg.cam.to_dict().items() if k not in ("thresholds", "eval_threshold")}
+    maps_params = {k: v for k, v in config.active("cam", cfg.cam.to_dict()).items()
+                   if k not in ("thresholds", "eval_threshold")}
     return {"cam": maps_params, "model": model_digest(model_path), "code": cams_code()}
 
 

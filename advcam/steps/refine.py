@@ -38,6 +38,7 @@ import numpy as np
 
 import torch
 
+from advcam import config
 from advcam.attribution.cam import load_cam
 from advcam.data import image_size, load_info
 from advcam.data.datasets import SegmentationDataset
@@ -232,7 +233,8 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
         if work is not None:
             sharding.publish(work, out, [f"{i}.png" for i in part] + [FINGERPRINT])
         return
-    record: dict[str, Any] = {"refine": cfg.refine.to_dict(), "cams": cams_record, "code": code}
+    record: dict[str, Any] = {"refine": config.active("refine", cfg.refine.to_dict()), "cams": cams_record,
+                              "code": code}
     if method in STAGED:
         record["affinity"] = {"arch": cfg.classifier.arch, "pretrained": cfg.classifier.pretrained, "seed": cfg.seed}
     # per-image work of this job (the labels unless gathered, the affinity training and the walk) goes to the work

@@ -5,6 +5,7 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
+from advcam import config
 from advcam.config import Config
 from advcam.data import load_info
 from advcam.data.datasets import ClassificationDataset
@@ -35,7 +36,7 @@ def run(cfg: Config, data: Path, out: Path, curves: Path) -> None:
     info = load_info(data)
     ids = info.lists["train"]
     c = cfg.classifier
-    params = {**c.to_dict(), "seed": cfg.seed}
+    params = {**config.active("classifier", c.to_dict()), "seed": cfg.seed}
     resume = loop.resume_path_for(out)
     if clean_stale_temps_for([out, resume]):
         log.info("train-cls: removed the temporary files of a killed run next to %s", out)

@@ -14,13 +14,16 @@ DATA = f"data/{config['dataset']['name']}"
 COMMON = ["seed", "device", "workers"]
 
 
-def params_json(*sections):
+def params_json(*sections, inactive=False):
     """The params a rule depends on, as JSON for `advcam --params-json`.
 
     Only the listed sections are passed, so Snakemake's params trigger re-runs a rule exactly when one of
-    its own params changes (a CAM param does not retrain the classifier).
+    its own params changes (a CAM param does not retrain the classifier); the sub-sections of methods a
+    section does not use are left out too (classifier.seam while classifier.method is cam), unless
+    `inactive` (the report draws the attribution method not configured as well).
     """
-    return json.dumps({k: config[k] for k in COMMON + list(sections)}, sort_keys=True)
+    pick = (lambda k: config[k]) if inactive else (lambda k: advcam_config.active(k, config[k]))
+    return json.dumps({k: pick(k) for k in COMMON + list(sections)}, sort_keys=True)
 
 
 SHARDS = int(config["workflow"]["shards"])

@@ -50,7 +50,7 @@ rule figures:
             labels={"figure": "image, ground truth, CAM, AdvCAM, pseudo label, prediction"},
         ),
     params:
-        cfg=params_json("dataset", "classifier", "cam", "refine", "evaluation"),
+        cfg=params_json("dataset", "classifier", "cam", "refine", "evaluation", inactive=True),
     log:
         "logs/figures.log",
     conda:
