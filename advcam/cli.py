@@ -145,7 +145,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _common(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--params", default="params.yaml", help="params file")
+    s.add_argument("--params", default=None,
+                   help="params file (default: params.yaml; where the current folder has none, the schema's "
+                        "defaults)")
     s.add_argument("--params-json", default=None, help="params as JSON text (used by the Snakemake rules)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one param, e.g. --set cam.scales=[1.0]")
@@ -180,12 +182,23 @@ def _stdout_is_a_closed_pipe() -> bool:
         return False
 
 
+def params_file(given: str | None) -> str | None:
+    """The params file to read: ``--params``, else ``params.yaml``, else None (the schema's defaults, with a note:
+    a stage run outside the repository takes every key from ``--set`` or the defaults)."""
+    if given is not None:
+        return given
+    if Path("params.yaml").is_file():
+        return "params.yaml"
+    log.info("no params.yaml in %s: the schema's defaults (and --set) are used", Path.cwd())
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     setup_logging(debug)
     try:
-        cfg = config.load(None if args.params_json else args.params, args.overrides, args.params_json)
+        cfg = config.load(None if args.params_json else params_file(args.params), args.overrides, args.params_json)
         if args.stage == "params" and args.reference:
             _write(config.markdown_reference())
             return 0

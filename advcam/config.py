@@ -165,6 +165,11 @@ def _check_relations(cfg: dict, source: str) -> None:
     ds = cfg["dataset"]
     if ds["kind"] == "voc" and not ds["root"]:
         raise ConfigError(f"{source}: dataset.root is required when dataset.kind is voc")
+    names = [str(c) for c in ds.get("classes") or []]
+    bg = [c for c in names if c.strip().strip("_").lower() == "background"]
+    if bg:
+        raise ConfigError(f"{source}: dataset.classes lists {bg[0]!r}; background is label 0 of every mask and is "
+                          f"not listed: give the foreground classes only, in label order 1..C (got {names})")
     syn = cfg["synthetic"]
     if ds["kind"] == "synthetic" and syn["num_train"] > syn["num_train_aug"]:
         raise ConfigError(f"{source}: synthetic.num_train ({syn['num_train']}) must not exceed "

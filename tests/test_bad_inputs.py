@@ -380,6 +380,7 @@ def test_no_file_outside_the_dataset_root_is_read_or_written(work):
     ("bogus=1", ["unknown key bogus"]),
     ("cam=3", ["cam", "not of type 'object'"]),
     ("refine.bg_threshold=0.9", ["refine.bg_threshold (0.9) must not exceed refine.fg_threshold"]),
+    ("dataset.classes=[background,a,b]", ["dataset.classes lists 'background'", "foreground classes only"]),
 ])
 def test_bad_param_quotes_key_and_allowed_range(work, override, words):
     work.prepared()

@@ -9,8 +9,9 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 
-from advcam import cli
+from advcam import cli, config
 from conftest import REPO
 
 
@@ -289,3 +290,13 @@ def test_output_cut_short_by_its_reader_is_quiet():
     finally:
         os.close(write)
     assert r.returncode == 141 and r.stderr == "", r.stderr
+
+
+def test_without_params_yaml_the_defaults_are_used(tmp_path):
+    """Run outside the repository, a stage takes every key from --set or the schema's defaults (with a note); a
+    --params file that does not exist is still an error naming it."""
+    r = run_cli("params", "--set", "seed=3", cwd=tmp_path)
+    assert r.returncode == 0 and "seed: 3" in r.stdout and "no params.yaml" in r.stderr, r.stderr
+    assert yaml.safe_load(r.stdout) == {**config.defaults(), "seed": 3}
+    r = run_cli("params", "--params", "missing.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "params file not found: missing.yaml" in r.stderr

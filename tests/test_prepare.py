@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -183,3 +184,18 @@ def test_cli_prepare_reports_one_line(tmp_path, capsys):
                      f"dataset.root={root}", "--set", "dataset.train_list=train", "--set", "dataset.val_list=train",
                      "--set", f"dataset.classes={list(DEFAULT_CLASSES)}"]) == 0
     assert load_info(tmp_path / "p").lists["val"] == load_info(tmp_path / "p").lists["train"]
+
+
+def test_a_class_without_training_images_is_named(tmp_path, caplog):
+    """Class names that do not match the masks (one too many here) leave a class with no training image: prepare
+    says which, instead of training a classifier that cannot learn it."""
+    root = make_voc_fixture(tmp_path / "voc")
+    names = list(DEFAULT_CLASSES) + ["unicorn"]
+    with caplog.at_level(logging.WARNING, logger="advcam"):
+        prepare.run(voc_cfg(root, f"dataset.classes={names}"), tmp_path / "data")
+    warned = [r.getMessage() for r in caplog.records if "so the classifier cannot learn" in r.getMessage()]
+    assert len(warned) == 1 and "unicorn" in warned[0] and "train.txt" in warned[0], caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="advcam"):
+        prepare.run(voc_cfg(root), tmp_path / "data2")
+    assert "unicorn" not in caplog.text

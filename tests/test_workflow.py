@@ -208,7 +208,7 @@ def test_cam_param_experiment_reruns_cams_not_classifier(dvc_project):
     out = root / "plots-diff"
     sh("dvc", "plots", "diff", "HEAD", "-o", str(out), cwd=root)
     page = (out / "index.html").read_text()
-    assert "seeds_threshold.csv" in page and "HEAD" in page and "workspace" in page
+    assert "seed mIoU vs background threshold" in page and "HEAD" in page and "workspace" in page
 
 
 def test_bad_value_experiment_stops_before_any_stage_removes_outputs(dvc_project):

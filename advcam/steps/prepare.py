@@ -152,6 +152,11 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
     meta.update({"root": root_ref, "mask_dir": mask_dir, "classes": classes, "lists": list_names,
                  "counts": {role: len(ids) for role, ids in lists.items()},
                  "class_counts": {role: _class_counts(ids, labels, classes) for role, ids in lists.items()}})
+    unseen = [c for c, n in meta["class_counts"]["train"].items() if n == 0]
+    if unseen:
+        log.warning("train: no image of %s in %s.txt, so the classifier cannot learn %s (check dataset.classes "
+                    "against the mask values 1..%d)", ", ".join(unseen), list_names["train"],
+                    "it" if len(unseen) == 1 else "them", len(classes))
     for role in ROLES:
         write_text(tmp / "lists" / f"{role}.txt", "".join(f"{i}\n" for i in lists[role]))
         empty = [i for i in lists[role] if not labels[i]]
