@@ -217,7 +217,8 @@ def test_per_image_stage_killed_and_rerun_equals_straight_run(ref, tmp_path, sta
     if stage == "cams":
         assert f"cams: {n - done} of {n} images to compute ({done} done already)" in again.stderr, where
     else:
-        assert f"refine: {n - done} pseudo labels computed, {done} kept" in again.stderr, where
+        kept = f", {done} kept from an earlier run" if done else ""
+        assert f"refine: {n} pseudo labels: {n - done} computed{kept}\n" in again.stderr, where
     after = stamps(out, suffix)
     assert {name: after[name] for name in finished} == finished, f"finished work was redone {where}"
     same_bytes(out, r / stage.replace("refine", "pseudo"), suffix)
