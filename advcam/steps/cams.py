@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from advcam import config
 from advcam.attribution.advcam import prepare_model
 from advcam.attribution.cam import compute_maps_images, is_valid_cam, load_cam, save_cam
-from advcam import config
 from advcam.config import Config
 from advcam.data import image_classes, image_size, load_info
 from advcam.data.transforms import normalize

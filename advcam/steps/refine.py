@@ -246,7 +246,8 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
     if method == "crf":
         if gather:  # the shards' CRF labels are the final labels; the out record stays the full one
             gathered = sharding.gather([Path(f) for f in gather], ids, ".png", dest,
-                            lambda p, i: read_label(p, image_size(info, i)) is not None, crf_record, "refine")
+                                       lambda p, i: read_label(p, image_size(info, i)) is not None, crf_record,
+                                       "refine")
         final = crf = label_all(info, ids, cams, dest, lambda im, maps: METHODS[method](im, maps, cfg.refine),
                                 f"refine ({method})", scored)
     else:
