@@ -492,3 +492,27 @@ def test_dvclive_mirror_is_rewritten_whole_and_can_be_switched_off(tmp_path, mon
     monkeypatch.setenv("ADVCAM_DVCLIVE", "0")
     assert live.log_curves(tmp_path / "other.csv", [[1, 1, 0.5, 0.1]]) is None
     assert not (tmp_path / "dvclive").exists()
+
+
+@pytest.mark.skipif(shutil.which("dvc", path=ENV["PATH"]) is None, reason="dvc is not installed (pip install -e .[test])")
+def test_readme_baseline_commit_after_a_snakemake_run(project, tmp_path):
+    """`make run` runs Snakemake, not DVC: the README's one line records its outputs as the baseline of the
+    experiments (every DVC stage up to date, the metrics in git), without running anything again."""
+    line = next(l for l in (REPO / "README.md").read_text().splitlines() if l.startswith("dvc repro check_params"))
+    root = tmp_path / "repo"
+    shutil.copytree(project, root, symlinks=True)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    sh("git", "init", "-q", cwd=root)
+    sh("git", "config", "user.email", "t@example.com", cwd=root)
+    sh("git", "config", "user.name", "t", cwd=root)
+    sh("dvc", "init", "-q", cwd=root)
+    before = {f: (root / f).read_bytes() for f in ("models/classifier.pt", "models/segmenter.pt",
+                                                    "metrics/pseudo.json")}
+    sh("bash", "-c", line, cwd=root)
+    assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=root).stdout
+    assert {f: (root / f).read_bytes() for f in before} == before  # nothing trained or computed again
+    tracked = sh("git", "ls-files", cwd=root).stdout.split()
+    assert {"dvc.lock", "metrics/seeds.json", "metrics/segmentation.json", "figures/methods.csv"} <= set(tracked)
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=root).stdout)
+    assert "seed_miou" in json.dumps(shown)
