@@ -332,6 +332,24 @@ def test_same_seed_same_bytes_in_another_process(ref, tmp_path):
         assert (tmp_path / name).read_bytes() == (r / name).read_bytes(), name
 
 
+def test_loader_workers_do_not_change_the_trainings(ref, tmp_path):
+    """`workers` is not a rule param (changing it reruns nothing), because it cannot change a result: train-cls
+    and train-seg with 2 DataLoader worker processes give the reference's bytes (trained with none)."""
+    r, js = ref["ref"], ref["js"]
+    assert json.loads(js)["workers"] == 0
+    code = ("import sys, json\nfrom advcam.cli import main\nfor a in sys.argv[1:]:\n"
+            "    rc = main(json.loads(a))\n    assert rc == 0, rc\n")
+    a1 = stage_args("train-cls", js, data=ref["data"], out=tmp_path / "classifier.pt", curves=tmp_path / "cls.csv")
+    a2 = stage_args("train-seg", js, data=ref["data"], pseudo=r / "pseudo", out=tmp_path / "segmenter.pt",
+                    curves=tmp_path / "seg.csv")
+    run = subprocess.run([sys.executable, "-c", code, *(json.dumps([*a, "--set", "workers=2"]) for a in (a1, a2))],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, ref_name in (("classifier.pt", "classifier.pt"), ("cls.csv", "cls.csv"),
+                           ("segmenter.pt", "segmenter.pt"), ("seg.csv", "seg.csv")):
+        assert (tmp_path / name).read_bytes() == (r / ref_name).read_bytes(), name
+
+
 def test_sigint_stops_training_cleanly_and_it_resumes(ref, tmp_path):
     """Ctrl-C in the middle of an epoch of train-cls (k finished epochs, k random): exit 130, one clean line, no
     traceback; the resume file of epoch k is kept and the rerun ends with the uninterrupted run's weights."""

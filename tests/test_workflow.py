@@ -226,4 +226,30 @@ def test_bad_value_experiment_stops_before_any_stage_removes_outputs(dvc_project
         assert "Running stage 'train_seg'" not in r.stdout + r.stderr
         assert {f: (root / f).read_bytes() for f in kept if (root / f).is_file()} == before
     finally:
-        sh("git", "checkout", "--", "params.yaml", cwd=root)
+        sh("git", "checkout", "HEAD", "--", "params.yaml", cwd=root)  # DVC may have staged it
+
+
+def test_changing_workers_reruns_nothing(dvc_project):
+    """DataLoader workers cannot change a result, so neither Snakemake nor DVC reruns a stage for them; a param
+    that does change results (the contrast) is planned."""
+    root = dvc_project
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "before workers", "--allow-empty", cwd=root)
+    plan = sh("snakemake", "-n", "--config", "workers=2", cwd=root)
+    assert "Nothing to be done" in plan.stdout + plan.stderr, plan.stdout
+    shell = sh("snakemake", "-n", "-p", "--forceall", "--config", "workers=2", cwd=root).stdout
+    assert shell.count("--set workers=2") == 3, shell  # train_cls, refine (the affinity net), train_seg
+    contrast = sh("snakemake", "-n", "--config", "segmentation={epochs: 2}", cwd=root)
+    assert "train_seg" in contrast.stdout and "Nothing to be done" not in contrast.stdout, contrast.stdout
+    params = root / "params.yaml"
+    text = params.read_text()
+    try:
+        params.write_text(text.replace("\nworkers: 0\n", "\nworkers: 2\n"))
+        assert params.read_text() != text
+        r = sh("dvc", "repro", cwd=root)
+        log = r.stdout + r.stderr
+        assert "Running stage 'check_params'" in log, log
+        ran = re.findall(r"Running stage '(\w+)'", log)
+        assert ran == ["check_params"], log
+    finally:
+        sh("git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock", cwd=root)

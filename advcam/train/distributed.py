@@ -9,7 +9,7 @@ way DDP's gradient average is the gradient of the global batch's loss, and the c
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, cast
+from typing import Any, Callable, Iterator, Mapping, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -30,24 +30,25 @@ def world() -> tuple[int, int]:
 class GlobalBatchSlices(Sampler[list[int]]):
     """Batches of one process: its contiguous slice (sizes differ by at most one) of each global batch.
 
-    The global batches are the shuffled loader's: ``torch.randperm(n)`` from ``generator``, cut into
-    ``batch_size`` pieces (the last partial one dropped when ``drop_last``)."""
+    The global batches are ``order`` cut into ``batch_size`` pieces (the last partial one dropped when
+    ``drop_last``); one process (``size`` 1) gets them whole. The order is fixed when the sampler is made, so
+    iterating it again, or from DataLoader worker processes, gives the same batches."""
 
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator, drop_last: bool, rank: int,
-                 size: int) -> None:
+    def __init__(self, order: Sequence[int], batch_size: int, drop_last: bool, rank: int = 0, size: int = 1) -> None:
+        n = len(order)
         if min(batch_size, n) < size:
             raise AdvcamError(f"batch size {min(batch_size, n)} is smaller than the {size} training processes; "
                               f"every process needs at least one image per batch")
-        self.n, self.batch_size, self.generator, self.drop_last = n, batch_size, generator, drop_last
+        self.order, self.batch_size, self.drop_last = list(order), batch_size, drop_last
         self.rank, self.size = rank, size
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        n = len(self.order)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        order = torch.randperm(self.n, generator=self.generator).tolist()
+    def __iter__(self) -> Iterator[list[int]]:
         for b in range(len(self)):
-            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            batch = self.order[b * self.batch_size:(b + 1) * self.batch_size]
             yield batch[self.rank * len(batch) // self.size:(self.rank + 1) * len(batch) // self.size]
 
 

@@ -68,22 +68,31 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max
     return set_lr(optimizer, poly_lr(base_lr, step, max_step))
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of ``n`` items in ``epoch``: a permutation that depends only on ``(seed, epoch)``.
+
+    The two 64-bit draws before the permutation keep the order of advcam's earlier releases, and so every
+    number measured with them: their loader drew the permutation from its generator after the base seeds of
+    two iterators (the progress bar's tqdm.auto opened every loader twice, see :mod:`advcam.utils.progress`)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    for _ in range(2):
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+    return torch.randperm(n, generator=generator).tolist()
+
+
 def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, workers: int = 0) -> DataLoader:
-    """A shuffled loader whose order depends only on ``(seed, epoch)``; drops the last partial batch (IRN)
-    unless the dataset is smaller than one batch. In distributed training, this process's slices of the same
-    global batches (:class:`GlobalBatchSlices`)."""
+    """A shuffled loader whose batches depend only on ``(seed, epoch)`` (:func:`epoch_order`), not on
+    ``workers`` or on how often it is iterated; drops the last partial batch (IRN) unless the dataset is
+    smaller than one batch. In distributed training, this process's slices of the same global batches
+    (:class:`GlobalBatchSlices`)."""
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)  # type: ignore[attr-defined]
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    drop_last = len(dataset) >= batch_size  # type: ignore[arg-type]
+    n = len(dataset)  # type: ignore[arg-type]
     rank, size = world()
-    if size > 1:
-        sampler = GlobalBatchSlices(len(dataset), batch_size, generator, drop_last, rank, size)  # type: ignore[arg-type]
-        # the generator also seeds the loader (as a shuffled loader does, before the permutation is drawn)
-        return DataLoader(dataset, batch_sampler=sampler, generator=generator, num_workers=workers,
-                          persistent_workers=False)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=workers,
-                      drop_last=drop_last, persistent_workers=False)  # type: ignore[arg-type]
+    sampler = GlobalBatchSlices(epoch_order(n, seed, epoch), batch_size, n >= batch_size, rank, size)
+    # The generator seeds the worker processes' RNGs, so loading never draws from the global one.
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def rng_state() -> dict[str, Any]:

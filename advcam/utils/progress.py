@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Iterable, TypeVar
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 T = TypeVar("T")
 log = logging.getLogger("advcam")
@@ -15,7 +15,9 @@ log = logging.getLogger("advcam")
 def progress(iterable: Iterable[T] | None, desc: str, total: int | None = None, unit: str = "it") -> "tqdm[T]":
     """A progress bar (a tqdm iterator: ``set_postfix`` works) for a loop a user waits for.
 
-    ``ADVCAM_PROGRESS=0`` turns the bars off."""
+    ``ADVCAM_PROGRESS=0`` turns the bars off. Plain tqdm, not ``tqdm.auto``, whose asyncio variant opens an
+    iterator on ``iterable`` when the bar is made and another when the loop starts: a DataLoader with workers
+    started its worker processes twice."""
     disable = os.environ.get("ADVCAM_PROGRESS", "1") == "0"
     return (tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, disable=disable,
                      dynamic_ncols=True, mininterval=0.5))

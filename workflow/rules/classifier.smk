@@ -10,7 +10,8 @@ rule train_cls:
         "logs/train_cls.log",
     resources:
         gpu=1,
+        loader_workers=LOADER_WORKERS,
     conda:
         "../envs/advcam.yaml"
     shell:
-        "advcam train-cls --params-json {params.cfg:q} --data {input.data} --out {output.model} --curves {output.curves} 2>&1 | tee -i {log}"
+        "advcam train-cls --params-json {params.cfg:q} --set workers={resources.loader_workers} --data {input.data} --out {output.model} --curves {output.curves} 2>&1 | tee -i {log}"

@@ -11,7 +11,11 @@ config.update(_validated)
 
 DATA = f"data/{config['dataset']['name']}"
 # Sections every stage depends on, then each stage's own sections (DVC's params: use the same lists).
-COMMON = ["seed", "device", "workers"]
+COMMON = ["seed", "device"]
+# DataLoader worker processes (`workers`) cannot change a result (each item's randomness comes from (seed, epoch,
+# index)), so the training rules take them as a resource, which, unlike params, never triggers a rerun; DVC's
+# stages do not list `workers` either. Changing it reruns nothing.
+LOADER_WORKERS = int(config["workers"])
 
 
 def params_json(*sections, inactive=False):

@@ -41,7 +41,8 @@ rule refine:
         "logs/refine.log",
     resources:
         gpu=1 if config["refine"]["method"] == "randomwalk" else 0,
+        loader_workers=LOADER_WORKERS,
     conda:
         "../envs/advcam.yaml"
     shell:
-        "ADVCAM_WORK_DIR={params.work:q} advcam refine --params-json {params.cfg:q} --data {input.data} --cams {input.cams} --gather {input.shards} --out {output.pseudo} --metrics {output.metrics} 2>&1 | tee -i {log}"
+        "ADVCAM_WORK_DIR={params.work:q} advcam refine --params-json {params.cfg:q} --set workers={resources.loader_workers} --data {input.data} --cams {input.cams} --gather {input.shards} --out {output.pseudo} --metrics {output.metrics} 2>&1 | tee -i {log}"

@@ -11,10 +11,11 @@ rule train_seg:
         "logs/train_seg.log",
     resources:
         gpu=1,
+        loader_workers=LOADER_WORKERS,
     conda:
         "../envs/advcam.yaml"
     shell:
-        "advcam train-seg --params-json {params.cfg:q} --data {input.data} --pseudo {input.pseudo} --out {output.model} --curves {output.curves} 2>&1 | tee -i {log}"
+        "advcam train-seg --params-json {params.cfg:q} --set workers={resources.loader_workers} --data {input.data} --pseudo {input.pseudo} --out {output.model} --curves {output.curves} 2>&1 | tee -i {log}"
 
 
 rule evaluate:
