@@ -40,6 +40,33 @@ class Items(Dataset):
         return {"i": torch.tensor(i)}
 
 
+@pytest.mark.parametrize("n,batch", [(24, 8), (5, 8), (31, 5)])
+def test_data_order_depends_on_seed_and_epoch_only(n, batch):
+    """The batches of an epoch are the same with DataLoader workers, iterated again, or under a progress bar,
+    and they are the order of advcam's earlier releases (a shuffled loader opened twice), so numbers measured
+    with those reproduce; another epoch or seed gives another order."""
+    from torch.utils.data import DataLoader
+
+    from advcam.utils.progress import progress
+
+    def batches(loader) -> list[list[int]]:
+        return [b["i"].tolist() for b in loader]
+
+    ref = batches(loop.epoch_loader(Items(n), batch, seed=3, epoch=2))
+    seen = sum(ref, [])
+    assert len(set(seen)) == len(seen) == (n if n < batch else n // batch * batch)
+    assert all(len(b) == min(batch, n) for b in ref)
+    with_workers = loop.epoch_loader(Items(n), batch, seed=3, epoch=2, workers=2)
+    assert batches(with_workers) == ref and batches(with_workers) == ref
+    assert batches(progress(loop.epoch_loader(Items(n), batch, seed=3, epoch=2, workers=1), "x")) == ref
+    earlier = DataLoader(Items(n), batch_size=batch, shuffle=True, drop_last=n >= batch,
+                         generator=torch.Generator().manual_seed(3 * 100_003 + 2))
+    iter(earlier)  # the iterator that tqdm.auto opened when the bar was made
+    assert batches(earlier) == ref
+    assert batches(loop.epoch_loader(Items(n), batch, seed=3, epoch=3)) != ref
+    assert batches(loop.epoch_loader(Items(n), batch, seed=4, epoch=2)) != ref
+
+
 @pytest.mark.parametrize("n,batch,size", [(24, 8, 2), (10, 8, 3), (5, 8, 2)])
 def test_process_slices_make_up_the_single_process_batches(n, batch, size):
     """Rank slices, concatenated, are exactly the batches one process draws (same seed and epoch)."""
