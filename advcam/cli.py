@@ -126,9 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     s = add("params", "Print the resolved params as YAML (or the reference table).")
     s.add_argument("--reference", action="store_true", help="print the params reference (Markdown) instead")
     s.add_argument("--check", metavar="FILE", default=None,
-                   help="only validate; when valid, write FILE, always the same text (DVC's first stage, "
-                        "check_params, so a bad value stops before any stage removes its outputs) (default: print "
-                        "the params)")
+                   help="only check, and when all is well write FILE, always the same text (DVC's first stage, "
+                        "check_params, so a bad value stops before any stage removes its outputs): the params as "
+                        "advcam and as Snakemake (YAML 1.1) read them, the dataset's folders and lists, and the "
+                        "pretrained weight files against their arch (default: print the params)")
     s = add("visualize", "Overlay PNG of one image: image, ground truth, CAM, AdvCAM, pseudo label, prediction "
             "(the ones that exist).")
     s.add_argument("image_id", help="image id (file name without extension)")
@@ -203,8 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _write(config.markdown_reference())
             return 0
         if args.stage == "params" and args.check:
-            from advcam.utils.io import write_text
-            write_text(args.check, "params valid (advcam params --check)\n")
+            from advcam.steps import check
+            given = None if args.params_json else params_file(args.params)
+            check.run(cfg, Path(given) if given else None, Path(args.check))
             return 0
         if args.stage == "params":
             import yaml

@@ -559,3 +559,49 @@ def test_full_disk_stops_per_image_stages_before_writing(work, stage, monkeypatc
     fill_disk(monkeypatch)
     work.refused(stage, "not enough free disk space", f"in {out}:", "needs about", "only 1.0 MiB free")
     assert sorted(p.name for p in out.glob(f"*{suffix}")) == sorted(f"{i}{suffix}" for i in ids[:-1])
+
+
+def test_params_check_refuses_what_a_stage_would_fail_on(work, tmp_path):
+    """`advcam params --check` (DVC's first stage) refuses, before any stage removes outputs: an unquoted VOC id
+    as Snakemake reads it, a missing dataset folder or list, missing or unfitting weight files; all well, it
+    writes its file."""
+    from advcam.models.resnet import resnet_small
+
+    out = tmp_path / "logs" / "params.checked"
+
+    def check(*sets: str, params: Path | None = None) -> tuple[int, str]:
+        argv = work.argv("prepare", *sets)
+        argv[0:1] = ["params", "--check", str(out)]
+        argv = [a for a in argv if a != str(work.data) and a != "--out"]
+        if params is not None:
+            i = argv.index("--params-json")
+            argv[i:i + 2] = ["--params", str(params)]
+        work.capsys.readouterr()
+        return cli.main(argv), work.capsys.readouterr().err
+
+    code, err = check()
+    assert code == 0 and out.read_text().startswith("params valid"), err
+    out.unlink()
+    weights = tmp_path / "small.pth"
+    torch.save(resnet_small().state_dict(), weights)
+    unquoted = tmp_path / "unquoted.yaml"
+    unquoted.write_text("segmentation:\n  gt_ids: [2008_000039]\n")
+    cases = [
+        ((), unquoted, ["unquoted.yaml (as Snakemake reads it", "gt_ids[0]: 2008000039", "quote it"]),
+        ((f"dataset.root={tmp_path / 'nowhere'}",), None, ["dataset folder not found", "nowhere"]),
+        (("dataset.val_list=vall",), None, ["list file not found", "vall.txt", "lists there"]),
+        (("dataset.mask_dir=SegmentationClassAug",), None, ["mask folder (dataset.mask_dir) not found"]),
+        ((f"classifier.pretrained={tmp_path / 'missing.pth'}",), None,
+         ["classifier.pretrained: pretrained weights not found", "missing.pth"]),
+        ((f"segmentation.pretrained={weights}", "segmentation.arch=deeplab_resnet50"), None,
+         ["segmentation.pretrained: ", "small.pth: keys do not match"]),
+    ]
+    for sets, params, names in cases:
+        code, err = check(*sets, params=params)
+        lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("[advcam ")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, (sets, err)
+        assert lines[0].startswith("advcam params: error: "), lines
+        assert all(n in lines[0] for n in names), (names, lines[0])
+        assert not out.exists(), sets
+    code, err = check(f"classifier.pretrained={weights}")
+    assert code == 0 and out.is_file(), err

@@ -218,3 +218,26 @@ def test_fold_batchnorm_keeps_the_function(arch: str):
     assert float((out - ref).norm() / ref.norm()) < 1e-5
     with pytest.raises(AdvcamError, match="eval mode"):
         fold_batchnorm(model.train())
+
+
+def test_weight_files_in_wrappers_and_depth_hint(tmp_path: Path, monkeypatch):
+    """torchvision training checkpoints ({"model": ...}), DDP-saved files ("module." keys) and ``~`` paths load;
+    a file of another depth names both depths."""
+    net = resnet_small()
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name, payload in (("train.pth", {"model": state, "epoch": 3}),
+                          ("ddp.pth", {f"module.{k}": v for k, v in state.items()})):
+        torch.save(payload, tmp_path / name)
+        fresh = resnet_small()
+        load_torchvision_weights(fresh, f"~/{name}")
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items()), name
+    deeper = {f"layer{s}.{b}.conv1.weight": torch.zeros(1) for s, n in zip(range(1, 5), (3, 4, 23, 3))
+              for b in range(n)}
+    torch.save(deeper, tmp_path / "r101.pth")
+    with pytest.raises(AdvcamError, match=r"r101\.pth: keys do not match.*holds a ResNet-101 \(blocks per stage "
+                                          r"\(3, 4, 23, 3\)\), this arch needs a ResNet-34 or ResNet-50"):
+        load_torchvision_weights(resnet50(), tmp_path / "r101.pth")
+    torch.save({"epoch": 3, "args": [1]}, tmp_path / "meta.pth")
+    with pytest.raises(AdvcamError, match=r"not a state dict .*its keys: epoch, args"):
+        load_torchvision_weights(net, tmp_path / "meta.pth")

@@ -253,3 +253,28 @@ def test_changing_workers_reruns_nothing(dvc_project):
         assert ran == ["check_params"], log
     finally:
         sh("git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock", cwd=root)
+
+
+def test_files_outside_the_repository_are_rule_inputs(tmp_path):
+    """A VOC dataset's list files are prepare's inputs and a set `pretrained` file the trainings' (the affinity
+    network's with the random walk), so a newer one reruns the stage; unset, they are not inputs."""
+    lists = tmp_path / "VOC" / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    for name in ("train_aug", "train", "val"):
+        (lists / f"{name}.txt").write_text("a\n")
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    out = sh("snakemake", "-n", "--forceall", "--config", f"dataset={{kind: voc, root: {tmp_path / 'VOC'}}}",
+             f"classifier={{pretrained: {weights}}}", f"segmentation={{pretrained: {weights}}}",
+             "refine={method: randomwalk}", cwd=REPO).stdout
+    jobs = {}
+    for block in re.split(r"\n(?=\[.*\]\nrule )", out):
+        m = re.search(r"^rule (\w+):$", block, re.M)
+        if m:
+            inputs = re.search(r"^\s+input: (.*)$", block, re.M)
+            jobs[m.group(1)] = {s.strip() for s in inputs.group(1).split(",")} if inputs else set()
+    assert jobs["prepare"] == {str(lists / f"{n}.txt") for n in ("train_aug", "train", "val")}, jobs["prepare"]
+    for rule in ("train_cls", "train_seg", "refine"):
+        assert str(weights) in jobs[rule], (rule, jobs[rule])
+    plain = snakemake_jobs(REPO)
+    assert plain["prepare"]["input"] == [] and str(weights) not in plain["train_cls"]["input"]

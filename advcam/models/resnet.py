@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Callable, Sequence, Type
+from typing import Callable, Mapping, Sequence, Type
 
 import torch
 from torch import nn
@@ -175,14 +175,40 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def load_torchvision_weights(model: ResNet, path: str | Path) -> None:
-    """Load a torchvision-format ImageNet state dict (e.g. ``resnet50-0676ba61.pth``) from a local file.
+    """Load a torchvision-format ImageNet state dict (e.g. ``resnet50-0676ba61.pth``) from a local file
+    (checked by :func:`read_torchvision_weights`)."""
+    model.load_state_dict(read_torchvision_weights(path, model.state_dict()))
+
+
+def _blocks(state: Mapping[str, object]) -> tuple[int, ...]:
+    """Residual blocks per stage of a ResNet state dict (``layerS.B.*`` keys)."""
+    return tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{s}.")}) for s in range(1, 5))
+
+
+DEPTHS = {(2, 2, 2, 2): "ResNet-18", (3, 4, 6, 3): "ResNet-34 or ResNet-50", (3, 4, 23, 3): "ResNet-101",
+          (3, 8, 36, 3): "ResNet-152"}
+
+
+def _depth_hint(state: Mapping[str, object], own: Mapping[str, object]) -> str:
+    """Where the block counts differ, name both depths (a ResNet-101 file given for a ResNet-50 arch)."""
+    theirs, ours = _blocks(state), _blocks(own)
+    if theirs == ours or not all(theirs):
+        return ""
+    name = lambda b: f"a {DEPTHS[b]}" if b in DEPTHS else "a ResNet"  # noqa: E731
+    return (f"; the file holds {name(theirs)} (blocks per stage {theirs}), this arch needs {name(ours)} "
+            f"({ours})")
+
+
+def read_torchvision_weights(path: str | Path, own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone state dict in a torchvision-format weight file, checked against ``own`` (a backbone's
+    ``state_dict()``; shapes are enough, so a model on the ``meta`` device does).
 
     ``fc.*`` keys are ignored, BatchNorm ``num_batches_tracked`` counters may be absent (files from before
-    PyTorch 0.4.1); every other key must match ``model`` in name and shape. Loaded with
+    PyTorch 0.4.1); every other key must match ``own`` in name and shape. ``~`` is expanded. Loaded with
     ``weights_only=True`` (no code is unpickled). Raises :class:`AdvcamError` naming the file on a missing
     file, a file that is not a state dict, or keys/shapes that do not match.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise AdvcamError(f"pretrained weights not found: {path}")
     try:
@@ -190,22 +216,27 @@ def load_torchvision_weights(model: ResNet, path: str | Path) -> None:
     except Exception as exc:  # noqa: BLE001 - a corrupt file can fail anywhere in the unpickler (even KeyError)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AdvcamError(f"{path}: not a loadable torchvision weight file ({first})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):  # {"state_dict": ...}; torchvision's training scripts save {"model": ...}
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise AdvcamError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
+        keys = f" (its keys: {', '.join(map(str, list(state)[:5]))})" if isinstance(state, dict) else ""
+        raise AdvcamError(f"{path}: not a state dict (expected a mapping of parameter names to tensors){keys}")
+    if state and all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = model.state_dict()
     # files saved before PyTorch 0.4.1 (e.g. torchvision's resnet50-19c8e357.pth, which IRN and AdvCAM use) have no
     # BatchNorm step counters; they only matter with momentum=None, so the model's own (zero) counters stay
+    hint = _depth_hint(state, own)
     state.update({k: own[k] for k in own if k.endswith(".num_batches_tracked") and k not in state})
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         parts = [f"{len(keys)} {what}, e.g. {', '.join(keys[:3])}"
                  for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-        raise AdvcamError(f"{path}: keys do not match this backbone ({'; '.join(parts)})")
+        raise AdvcamError(f"{path}: keys do not match this backbone ({'; '.join(parts)}){hint}")
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
         raise AdvcamError(f"{path}: shapes do not match this backbone ({len(wrong)} tensors, e.g. {wrong[:2]})")
-    model.load_state_dict(state)
+    return state

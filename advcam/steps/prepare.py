@@ -73,6 +73,23 @@ def _check_one(root: Path, mask_dir: str, num_classes: int, image_id: str, list_
         return exc
 
 
+def check_layout(root: Path, mask_dir: str, list_names: dict[str, str]) -> dict[str, list[str]]:
+    """The lists (ids by role) of a VOC-layout ``root`` whose image and mask folders exist; raises AdvcamError
+    naming a missing folder or list file, an unsafe or duplicate id, or an empty list."""
+    if not root.is_dir():
+        raise AdvcamError(f"dataset folder not found: {root} (dataset.root)")
+    for sub, key in ((voc.IMAGE_DIR, "image folder"), (_check_mask_dir(mask_dir), "mask folder (dataset.mask_dir)")):
+        if not (root / sub).is_dir():
+            raise AdvcamError(f"{key} not found: {root / sub}")
+    return {role: voc.read_list(root, name) for role, name in list_names.items()}
+
+
+def role_list_names(ds: Any) -> dict[str, str]:
+    """The list file (name) of each role: the ``dataset`` section's lists, ``seg`` defaulting to the infer list."""
+    return {"train": ds.train_list, "infer": ds.infer_list, "seg": ds.get("seg_list") or ds.infer_list,
+            "val": ds.val_list}
+
+
 def index(root: Path, mask_dir: str, classes: list[str], list_names: dict[str, str],
           workers: int | None = None) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
     """Read and validate the lists of a VOC-layout ``root``; return ``(lists by role, labels by id)``.
@@ -81,12 +98,7 @@ def index(root: Path, mask_dir: str, classes: list[str], list_names: dict[str, s
     collected, the first few listed) ids without an image or mask, unreadable images, masks with labels
     outside 0..C / 255, and masks whose size differs from their image.
     """
-    if not root.is_dir():
-        raise AdvcamError(f"dataset folder not found: {root} (dataset.root)")
-    for sub, key in ((voc.IMAGE_DIR, "image folder"), (mask_dir, "mask folder (dataset.mask_dir)")):
-        if not (root / sub).is_dir():
-            raise AdvcamError(f"{key} not found: {root / sub}")
-    lists = {role: voc.read_list(root, name) for role, name in list_names.items()}
+    lists = check_layout(root, mask_dir, list_names)
     first_list: dict[str, Path] = {}
     full: dict[str, bool] = {}
     for role, ids in lists.items():
@@ -121,8 +133,7 @@ def _class_counts(ids: list[str], labels: dict[str, list[int]], classes: list[st
 
 def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
     ds = cfg.dataset
-    list_names = {"train": ds.train_list, "infer": ds.infer_list, "seg": ds.get("seg_list") or ds.infer_list,
-                  "val": ds.val_list}
+    names = role_list_names(ds)
     meta: dict[str, Any] = {"kind": ds.kind}
     if ds.kind == "synthetic":
         syn = cfg.synthetic
@@ -145,22 +156,22 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
         root = Path(ds.root).expanduser().absolute()
         root_ref, mask_dir = str(root), _check_mask_dir(ds.mask_dir)
         classes = list(ds.classes) if ds.classes is not None else list(voc.VOC_CLASSES)
-    lists, labels = index(root, mask_dir, classes, list_names)
+    lists, labels = index(root, mask_dir, classes, names)
     if not ds.get("allow_background_only", False):
-        _check_foreground(lists, labels, voc.list_path(root, list_names["train"]),
+        _check_foreground(lists, labels, voc.list_path(root, names["train"]),
                           lambda i: voc.mask_path(root, mask_dir, i))
-    meta.update({"root": root_ref, "mask_dir": mask_dir, "classes": classes, "lists": list_names,
+    meta.update({"root": root_ref, "mask_dir": mask_dir, "classes": classes, "lists": names,
                  "counts": {role: len(ids) for role, ids in lists.items()},
                  "class_counts": {role: _class_counts(ids, labels, classes) for role, ids in lists.items()}})
     unseen = [c for c, n in meta["class_counts"]["train"].items() if n == 0]
     if unseen:
         log.warning("train: no image of %s in %s.txt, so the classifier cannot learn %s (check dataset.classes "
-                    "against the mask values 1..%d)", ", ".join(unseen), list_names["train"],
+                    "against the mask values 1..%d)", ", ".join(unseen), names["train"],
                     "it" if len(unseen) == 1 else "them", len(classes))
     for role in ROLES:
         write_text(tmp / "lists" / f"{role}.txt", "".join(f"{i}\n" for i in lists[role]))
         empty = [i for i in lists[role] if not labels[i]]
-        log.info("%s: %d images from %s.txt; images per class: %s", role, len(lists[role]), list_names[role],
+        log.info("%s: %d images from %s.txt; images per class: %s", role, len(lists[role]), names[role],
                  ", ".join(f"{k} {v}" for k, v in meta["class_counts"][role].items()))
         if empty:
             log.warning("%s: %d image(s) have no foreground class in their mask, e.g. %s", role, len(empty),

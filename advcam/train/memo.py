@@ -37,7 +37,8 @@ def weights_digest(path: str | Path | None) -> str | None:
     builder then names it)."""
     if not path:
         return None
-    return files_digest([path]) if Path(path).is_file() else str(path)
+    file = Path(path).expanduser()
+    return files_digest([file]) if file.is_file() else str(path)
 
 
 def _plain(value: Any) -> Any:

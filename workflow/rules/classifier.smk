@@ -1,6 +1,7 @@
 rule train_cls:
     input:
         data=DATA,
+        weights=outside_files("classifier"),
     output:
         model="models/classifier.pt",
         curves="plots/train_cls.csv",

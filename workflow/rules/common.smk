@@ -1,5 +1,6 @@
 # Helpers shared by the rules: config validation (one schema, shared with the CLI) and the per-rule params.
 import json
+import os
 
 from advcam import config as advcam_config
 
@@ -29,6 +30,20 @@ def params_json(*sections, inactive=False):
     pick = (lambda k: config[k]) if inactive else (lambda k: advcam_config.active(k, config[k]))
     return json.dumps({k: pick(k) for k in COMMON + list(sections)}, sort_keys=True)
 
+
+
+def outside_files(section):
+    """Files outside the repository that a stage reads, as its inputs, so that a newer one reruns it and what
+    follows: the set `pretrained` weight file of `classifier` / `segmentation`, the list files of a VOC-layout
+    `dataset`. (DVC's stages cannot list them; `advcam params --check` checks that they exist.)"""
+    cfg = config[section]
+    if section == "dataset":
+        if cfg["kind"] != "voc":
+            return []
+        names = {cfg["train_list"], cfg["infer_list"], cfg.get("seg_list") or cfg["infer_list"], cfg["val_list"]}
+        root = os.path.expanduser(cfg["root"])
+        return [os.path.join(root, "ImageSets", "Segmentation", f"{n}.txt") for n in sorted(names)]
+    return [os.path.expanduser(cfg["pretrained"])] if cfg.get("pretrained") else []
 
 SHARDS = int(config["workflow"]["shards"])
 

@@ -1,4 +1,6 @@
 rule prepare:
+    input:
+        lists=outside_files("dataset"),
     output:
         directory(DATA),
     params:

@@ -1,6 +1,7 @@
 rule train_seg:
     input:
         data=DATA,
+        weights=outside_files("segmentation"),
         pseudo="pseudo",
     output:
         model="models/segmenter.pt",

@@ -1,0 +1,76 @@
+"""`advcam params --check FILE`: DVC's first stage, ``check_params``.
+
+DVC removes a stage's outputs before it runs the stage, so whatever makes a stage fail at its start costs its
+finished outputs (a trained segmenter, a prepared dataset). This check runs before any stage and refuses, with
+the same one-line messages as the stages:
+
+- params the schema refuses, as advcam reads the file and as Snakemake reads it (YAML 1.1, where an unquoted
+  VOC id ``2007_000032`` is the number 2007000032);
+- a dataset folder, image or mask folder, or list file that is missing (``dataset.kind: voc``; the images
+  themselves are checked by ``prepare``);
+- a ``pretrained`` weight file that is missing, unreadable, or does not fit its arch (keys and shapes against
+  the backbone built on the ``meta`` device: no memory, no computation).
+
+When all is well it writes FILE, always the same text, so a valid change reruns nothing after this stage.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from advcam import config
+from advcam.data import voc
+from advcam.models import resnet
+from advcam.models.classifier import build_classifier
+from advcam.models.deeplab import build_segmenter
+from advcam.steps.prepare import check_layout, role_list_names
+from advcam.utils.errors import AdvcamError
+from advcam.utils.io import write_text
+from advcam.utils.progress import log
+
+CHECKED = "params valid (advcam params --check)\n"
+
+
+def as_snakemake_reads(params: Path) -> None:
+    """Validate ``params`` as Snakemake's configfile reader sees it (PyYAML, YAML 1.1), as the workflow does."""
+    try:
+        data = yaml.safe_load(params.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise AdvcamError(f"{params}: cannot read ({exc})") from None
+    config.validate(data or {}, f"{params} (as Snakemake reads it: YAML 1.1)", coerce_strings=True)
+
+
+def dataset_layout(cfg: Any) -> None:
+    """The dataset root, its image and mask folders and its list files exist (a VOC-layout dataset)."""
+    ds = cfg.dataset
+    if ds.kind == "voc":
+        check_layout(Path(ds.root).expanduser().absolute(), ds.mask_dir, role_list_names(ds))
+
+
+def weights_fit(build: Callable[..., torch.nn.Module], arch: str, path: str, key: str) -> None:
+    """``path`` is a readable torchvision weight file whose backbone keys and shapes fit ``arch``."""
+    with torch.device("meta"):
+        model = build(arch, 2, None)
+    try:
+        backbone = model.backbone
+        assert isinstance(backbone, torch.nn.Module)
+        resnet.read_torchvision_weights(path, backbone.state_dict())
+    except AdvcamError as exc:
+        raise AdvcamError(f"{key}: {exc}") from None
+
+
+def run(cfg: Any, params: Path | None, out: Path) -> None:
+    if params is not None:
+        as_snakemake_reads(params)
+    dataset_layout(cfg)
+    for key, build, arch, path in (("classifier.pretrained", build_classifier, cfg.classifier.arch,
+                                    cfg.classifier.pretrained),
+                                   ("segmentation.pretrained", build_segmenter, cfg.segmentation.arch,
+                                    cfg.segmentation.pretrained)):
+        if path:
+            weights_fit(build, arch, path, key)
+    write_text(out, CHECKED)
+    log.info("params valid: wrote %s", out)
