@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
-from jsonschema import Draft202012Validator, ValidationError
+from jsonschema import Draft202012Validator, ValidationError, validators
 
 from advcam.utils.errors import AdvcamError
 
@@ -35,6 +36,20 @@ _Loader.add_implicit_resolver(
     re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."))
+
+
+def _is_integer(checker: Any, value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(checker: Any, value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# JSON Schema counts 2.0 as an integer and NaN / infinity as numbers; a stage would then fail deep inside (range(2.0))
+# or silently (a NaN learning rate), so integers must be written as integers and numbers must be finite.
+_Validator = validators.extend(Draft202012Validator, type_checker=Draft202012Validator.TYPE_CHECKER.redefine_many(
+    {"integer": _is_integer, "number": _is_number}))
 
 
 def _yaml(text: Any) -> Any:
@@ -116,6 +131,10 @@ def _describe(err: ValidationError, source: str, origins: Mapping[str, str] | No
             and not isinstance(err.instance, bool):
         hint = ("; quote it: YAML 1.1 readers (PyYAML, so Snakemake's configfile) read 2007_000032 as the number "
                 "2007000032")
+    if err.validator == "type" and isinstance(err.instance, float) and not math.isfinite(err.instance):
+        hint = "; numbers must be finite"
+    elif err.validator == "type" and isinstance(err.instance, float) and "integer" in str(sch.get("type")):
+        hint = f"; write it as an integer ({int(err.instance)})" if err.instance.is_integer() else ""
     return f"{source}: {where}: {err.message}{allowed}{hint}"
 
 
@@ -154,7 +173,7 @@ def validate(data: Mapping[str, Any], source: str = "params", coerce_strings: bo
     if coerce_strings:
         out = _coerce_strings(out, sch)
     _fill_defaults(out, sch)
-    errors = sorted(Draft202012Validator(sch).iter_errors(out), key=lambda e: list(map(str, e.absolute_path)))
+    errors = sorted(_Validator(sch).iter_errors(out), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         raise ConfigError("; ".join(_describe(e, source, origins) for e in errors))
     _check_relations(out, source)

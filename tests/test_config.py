@@ -31,6 +31,12 @@ def test_overrides_and_attribute_access():
     ("bogus=1", ["unknown key bogus"]),
     ("dataset.kind=voc", ["dataset.root", "required"]),
     ("refine.bg_threshold=0.5", ["refine.bg_threshold", "fg_threshold"]),
+    # JSON Schema alone takes 2.0 as an integer and NaN / infinity as numbers; the stages then fail deep inside
+    ("classifier.epochs=2.0", ["classifier.epochs", "not of type 'integer'", "write it as an integer (2)"]),
+    ("seed=7.0", ["seed", "not of type 'integer'"]),
+    ("classifier.lr=.nan", ["classifier.lr", "numbers must be finite"]),
+    ("cam.advcam.xi=.inf", ["cam.advcam.xi", "numbers must be finite"]),
+    ("cam.scales=[1.0, -.inf]", ["cam.scales[1]", "numbers must be finite"]),
 ])
 def test_errors_name_key_and_range(override, words):
     with pytest.raises(ConfigError) as err:
