@@ -127,8 +127,6 @@ def test_empty_classes_and_bad_input(model64, image64):
 
 
 def test_non_finite_names_the_step(model64, image64):
-    with pytest.raises(AdvcamError, match=r"non-finite .* at step 1 of 3"):
-        climb(model64, image64, [1], steps=3, xi=float("nan"))
     bad = TinyCAMNet().double().eval()
     with torch.no_grad():
         bad.classifier.weight[1] = float("inf")
@@ -331,3 +329,68 @@ def test_max_classes_per_climb_keeps_the_maps(model64, option):
     if option:  # the image's other classes matter: climbing a class alone without them would differ
         alone = advcam_maps_images(model64, images[:1], [[1]], cfg)[0]
         assert rel_err(alone[0], together[0][0][:1]) > 1e-6
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"steps": 2.7}, "cam.advcam.steps: must be a whole number >= 1, got 2.7"),
+    ({"steps": True}, "cam.advcam.steps"),
+    ({"steps": "3"}, "cam.advcam.steps"),
+    ({"steps": 0}, "cam.advcam.steps"),
+    ({"xi": float("nan")}, "cam.advcam.xi: must be a finite number > 0, got nan"),
+    ({"xi": float("inf")}, "cam.advcam.xi"),
+    ({"xi": 0.0}, "cam.advcam.xi"),
+    ({"xi": -0.08}, "cam.advcam.xi"),
+    ({"lam": -1.0}, "cam.advcam.lam: must be a finite number >= 0"),
+    ({"tau": 2.0}, "cam.advcam.tau: must be a finite number >= 0 and <= 1, got 2.0"),
+    ({"tau": float("nan")}, "cam.advcam.tau"),
+])
+def test_climb_refuses_values_outside_the_schema_ranges(model64, image64, kwargs, words):
+    """The library takes the params' ranges too (a negative step would descend, a fractional one truncate)."""
+    with pytest.raises(AdvcamError, match=words.replace(".", r"\.").replace("(", r"\(")):
+        climb(model64, image64, [1], **{"steps": 2, **kwargs})
+
+
+def test_climb_names_a_non_finite_image(model64, image64):
+    for value in (float("nan"), float("inf")):
+        image = image64.clone()
+        image[0, 3, 4] = value
+        with pytest.raises(AdvcamError, match="the image holds NaN or infinite values"):
+            climb(model64, image, [1], steps=2)
+
+
+class BNNet(TinyCAMNet):
+    """TinyCAMNet with BatchNorm and dropout, whose train mode would change the maps and the statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Dropout2d(0.5), nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU())
+
+
+@pytest.mark.parametrize("method", ["advcam", "cam"])
+def test_a_model_in_training_mode_is_used_in_eval_mode_and_given_back(image64, method):
+    """climb / compute_maps on a model in training: the maps of eval mode, BatchNorm's statistics untouched,
+    every submodule's mode restored (a frozen part stays in eval)."""
+    model = BNNet().double()
+    with torch.no_grad():
+        model.backbone[1].running_mean.uniform_(-1, 1)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = {"method": method, "scales": [1.0, 0.5], "advcam": {"steps": 3}}
+    expected = compute_maps(model.eval(), image64, [1, 3], cfg)
+    model.train()
+    model.backbone[1].eval()  # a frozen BatchNorm inside a training model keeps its own mode
+    got = compute_maps(model, image64, [1, 3], cfg)
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+    assert model.training and model.backbone[3].training and not model.backbone[1].training
+    assert all((got[k] == expected[k]).all() for k in ("keys", "cam", "high_res"))
+    if method == "advcam":
+        climb(model, image64.float().double(), [2], steps=2)
+        assert model.training and all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+
+
+def test_compute_maps_names_class_ids_out_of_range_and_takes_the_models_dtype(model64, image64):
+    for method in ("cam", "advcam"):
+        with pytest.raises(AdvcamError, match=r"class ids \[7\] outside 0\.\.4"):
+            compute_maps(model64, image64, [1, 7], {"method": method, "scales": [1.0]})
+    maps = compute_maps(model64, image64.float(), [1], {"method": "cam", "scales": [1.0]})  # float32 image
+    assert maps["cam"].shape[0] == 1

@@ -29,8 +29,10 @@ normalisation), ``cumulative_mask`` (``M_t = M_{t-1} OR 1(A/max A > tau)``), ``s
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,7 +41,7 @@ from advcam.attribution.cam import class_map_net, resize_image
 from advcam.attribution.graphs import ClimbBuffers, StepGraphs, cached_graphs, clear_graphs, store_graphs, tf32_mode
 from advcam.ops import ascent_step_, masked_l1
 from advcam.utils import param
-from advcam.utils.device import frozen
+from advcam.utils.device import evaluating, frozen
 from advcam.utils.errors import AdvcamError
 
 DEFAULTS: dict[str, Any] = {"steps": 27, "xi": 0.08, "lam": 7.0, "tau": 0.5, "half_steps_at_half_scale": True,
@@ -68,6 +70,8 @@ def _check_inputs(model: nn.Module, image: torch.Tensor, classes: Sequence[int])
         raise AdvcamError(f"AdvCAM: expected a normalised (3, H, W) image tensor, got {shape}")
     if not image.is_floating_point():
         raise AdvcamError(f"AdvCAM: image must be a float tensor (normalised), got {image.dtype}")
+    if not bool(torch.isfinite(image).all()):
+        raise AdvcamError("AdvCAM: the image holds NaN or infinite values")
     weight = getattr(getattr(model, "classifier", None), "weight", None)
     if weight is None or not hasattr(model, "cam"):
         raise AdvcamError("AdvCAM: the model needs cam(x) and a bias-free 1x1 classifier (classifier.weight)")
@@ -79,12 +83,24 @@ def _check_inputs(model: nn.Module, image: torch.Tensor, classes: Sequence[int])
     return out
 
 
+def _check_scalars(steps: Any, xi: Any, lam: Any, tau: Any) -> None:
+    """The schema's ranges of ``cam.advcam.steps/xi/lam/tau``, for callers of the library."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise AdvcamError(f"cam.advcam.steps: must be a whole number >= 1, got {steps!r}")
+    for name, value, low, strict, high in (("xi", xi, 0.0, True, None), ("lam", lam, 0.0, False, None),
+                                           ("tau", tau, 0.0, False, 1.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) \
+                or value < low or (strict and value == low) or (high is not None and value > high):
+            bounds = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise AdvcamError(f"cam.advcam.{name}: must be a finite number {bounds}, got {value!r}")
+
+
 def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, steps: int = 27, xi: float = 0.08,
           lam: float = 7.0, tau: float = 0.5, **options: Any) -> torch.Tensor:
     """AdvCAM maps of ``classes`` at one scale: ``sum_{t<steps} A(x_t)``, flip-merged, at feature resolution.
 
     ``image`` is a normalised ``(3, H, W)`` tensor (already resized to the scale) on the model's device; the
-    model should be in eval mode. Options: ``flip`` (True; climb the flip as well), ``sign_steps``,
+    model climbs in eval mode (a model in training mode gets its modes back after). Options: ``flip`` (True; climb the flip as well), ``sign_steps``,
     ``cumulative_mask``, ``suppress_image_classes_only`` (all False), ``backend`` (auto|extension|fallback),
     ``callback``: called as ``callback(t, state)`` at every step ``t`` with detached copies, one row per
     class: ``x`` (the images x_t, ``(n * nf, 3, H, W)``), ``map`` (A(x_t), ``(n, h, w)``), ``score`` and
@@ -114,12 +130,18 @@ def climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequ
     mode, treats rows independently), so each image's maps are those of :func:`climb` on it alone, up to float
     rounding: a convolution may pick another algorithm for another batch size (in float64 they agree to
     1e-10). Batching images cuts the per-step launch and framework overhead, which dominates on a GPU
-    (``cam.advcam.batch_images``)."""
+    (``cam.advcam.batch_images``). A model in training mode climbs in eval mode (BatchNorm's running
+    statistics, no dropout) and gets its modes back, its statistics untouched."""
+    with evaluating(model):
+        return _climb_images(model, images, classes, steps=steps, xi=xi, lam=lam, tau=tau, **options)
+
+
+def _climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequence[Sequence[int]], *,
+                  steps: int, xi: float, lam: float, tau: float, **options: Any) -> list[torch.Tensor]:
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise AdvcamError(f"AdvCAM: unknown option(s) {sorted(unknown)} (known: {', '.join(OPTIONS)})")
-    if int(steps) < 1:
-        raise AdvcamError(f"cam.advcam.steps: must be >= 1, got {steps}")
+    _check_scalars(steps, xi, lam, tau)
     if len(images) == 0 or len(images) != len(classes):
         raise AdvcamError(f"AdvCAM: {len(images)} images but {len(classes)} class lists")
     classes = [_check_inputs(model, im, cs) for im, cs in zip(images, classes)]

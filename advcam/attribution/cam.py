@@ -20,14 +20,16 @@ size is ``round(H * scale)``, as IRN's ``pil_rescale``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, cast
+from typing import Any, Callable, Mapping, Protocol, Sequence, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advcam import config
 from advcam.utils import param
+from advcam.utils.device import evaluating
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import load_npz, save_npz
 
@@ -178,8 +180,11 @@ METHODS: dict[str, MapFn] = {"cam": plain_cam, "advcam": advcam}
 def compute_maps(model: nn.Module, image: torch.Tensor, classes: Sequence[int], cfg_cam: Any) -> dict[str, np.ndarray]:
     """Maps of one image as the CAM file holds them: ``keys`` int64 (n,), ``cam`` and ``high_res`` float32.
 
-    ``image`` is a normalised ``(3, H, W)`` tensor (moved to the model's device here); ``classes`` are the
-    image's 0-based foreground classes. The method is ``cfg_cam.method`` (a key of :data:`METHODS`).
+    ``image`` is a normalised ``(3, H, W)`` tensor (moved to the model's device and dtype here); ``classes`` are
+    the image's 0-based foreground classes (sorted and de-duplicated, as ``keys`` holds them). ``cfg_cam`` is
+    ``cfg.cam`` of :func:`advcam.config.load`, or a plain dict of ``cam`` params (the others take their
+    defaults). The method is ``cfg_cam.method`` (a key of :data:`METHODS`). The model computes in eval mode; a
+    model in training mode gets its modes back.
     """
     return compute_maps_images(model, [image], [classes], cfg_cam)[0]
 
@@ -189,23 +194,33 @@ def compute_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classe
     """:func:`compute_maps` for several images. AdvCAM climbs those of one size together
     (:func:`advcam.attribution.advcam.advcam_maps_images`; the maps are those of one image at a time up to float
     rounding); the other methods take them one by one."""
+    if isinstance(cfg_cam, Mapping) and not isinstance(cfg_cam, config.Config):  # a plain dict: defaults filled in
+        cfg_cam = config.Config(config.validate({"cam": dict(cfg_cam)}, "cfg_cam")["cam"])
     method = str(cfg_cam.method)
     if method not in METHODS:
         raise AdvcamError(f"cam.method: unknown attribution method {method!r} (known: {', '.join(sorted(METHODS))})")
     keys = [np.asarray(sorted({int(c) for c in cs}), dtype=np.int64) for cs in classes]
+    head = getattr(getattr(model, "classifier", None), "weight", None)
+    num = int(head.shape[0]) if head is not None else None
+    bad = sorted({int(c) for key in keys for c in key if num is not None and not 0 <= c < num})
+    if bad:
+        raise AdvcamError(f"class ids {bad} outside 0..{num - 1 if num else 0} (the classifier's classes)")
     normalise = resolve_normalise(cfg_cam, model)
     weight = next(iter(model.parameters()), None)
-    if weight is not None:
-        images = [im.to(weight.device) for im in images]
+    if weight is not None:  # the model's device, and its dtype (a float64 model takes float64 images)
+        images = [im.to(weight.device, weight.dtype if im.is_floating_point() and weight.is_floating_point()
+                        else im.dtype) for im in images]
     todo = [k for k, key in enumerate(keys) if key.size]
     maps: dict[int, list[torch.Tensor]] = {}
-    if method == "advcam" and len(todo) > 1 and len({tuple(images[k].shape) for k in todo}) == 1:
-        from advcam.attribution.advcam import advcam_maps_images
+    with evaluating(model):  # the maps of the network in eval mode; a model in training gets its modes back
+        if method == "advcam" and len(todo) > 1 and len({tuple(images[k].shape) for k in todo}) == 1:
+            from advcam.attribution.advcam import advcam_maps_images
 
-        climbed = advcam_maps_images(model, [images[k] for k in todo], [keys[k].tolist() for k in todo], cfg_cam)
-        maps = dict(zip(todo, climbed))
-    else:
-        maps = {k: METHODS[method](model, images[k], keys[k].tolist(), cfg_cam) for k in todo}
+            climbed = advcam_maps_images(model, [images[k] for k in todo], [keys[k].tolist() for k in todo],
+                                         cfg_cam)
+            maps = dict(zip(todo, climbed))
+        else:
+            maps = {k: METHODS[method](model, images[k], keys[k].tolist(), cfg_cam) for k in todo}
     out: list[dict[str, np.ndarray]] = []
     for k, (image, key) in enumerate(zip(images, keys)):
         size = (int(image.shape[-2]), int(image.shape[-1]))

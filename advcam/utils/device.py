@@ -42,6 +42,19 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode for the duration; each submodule's own mode is restored after (also on an
+    error), so a model in training keeps its BatchNorm statistics and its mode."""
+    training = [m for m in module.modules() if m.training]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True  # not m.train(), which would set every child too
+
+
 def native_bf16(device: torch.device, cpuinfo: str | None = None) -> bool | None:
     """Whether ``device`` computes bf16 in hardware: the GPU's own answer on CUDA; on a Linux CPU, whether it
     has AMX-BF16 or AVX512-BF16 (elsewhere bf16 convolutions are emulated and slower than float32); ``None``
