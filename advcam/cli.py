@@ -233,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from advcam.steps.shards import parse_shard
             paths.update(shard=parse_shard(args.shard) if args.shard else None,
                          gather=[Path(g) for g in args.gather])
+        from advcam.train.distributed import refuse_torchrun
+        refuse_torchrun(args.stage, cfg.classifier.method)
         step = importlib.import_module(f"advcam.steps.{args.stage.replace('-', '_')}")
         step.run(cfg, **paths)
         return 0

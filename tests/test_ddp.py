@@ -165,3 +165,21 @@ def test_segmentation_two_gloo_processes_follow_the_single_process_curve(seg_wor
     args = set_args([*SEG_PARAMS, f"segmentation.balanced_ce={str(balanced).lower()}"])
     common = ["train-seg", *args, "--data", "data", "--pseudo", "pseudo"]
     one_and_two_processes_agree(common, seg_work / f"one-{balanced}", seg_work / f"two-{balanced}", "s", seg_work)
+
+
+def test_stages_that_are_not_data_parallel_refuse_torchrun(monkeypatch, capsys):
+    """Under torchrun every process would run cams (or EADER's trainer) whole and write the same files, removing
+    each other's temporaries: refused with one line; the data-parallel trainings pass."""
+    from advcam import cli
+    from advcam.train.distributed import refuse_torchrun
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["cams", "--set", "cam.method=cam"]) == 2
+    assert "advcam cams: error: advcam cams runs as one process, but WORLD_SIZE is 2" in capsys.readouterr().err
+    with pytest.raises(AdvcamError, match="EADER's trainer"):
+        refuse_torchrun("train-cls", "eader")
+    refuse_torchrun("train-cls", "cam")
+    refuse_torchrun("train-cls", "seam")
+    refuse_torchrun("train-seg", "eader")  # the segmenter does not depend on the classifier's method
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    refuse_torchrun("cams")

@@ -11,6 +11,7 @@ from advcam.data import load_info
 from advcam.data.datasets import ClassificationDataset
 from advcam.models.classifier import builder_for, classifier_header
 from advcam.train import loop, memo
+from advcam.train.distributed import launch_rank
 from advcam.train import eader as eader_training
 from advcam.train import seam as seam_training
 from advcam.utils.checkpoint import save_checkpoint
@@ -55,6 +56,8 @@ def run(cfg: Config, data: Path, out: Path, curves: Path) -> None:
              c.method, c.arch, len(ids), data, info.num_classes, c.epochs, device)
     rows = trainer_for(c.method)(model, dataset, cfg=c, seed=cfg.seed, workers=cfg.workers, resume=resume,
                                  curves=curves, fingerprint=fingerprint)
+    if launch_rank() != 0:  # under torchrun every process holds the same weights; one writes them
+        return
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     save_checkpoint(out, classifier_header(model, list(info.classes), params), model=state)
     loop.finish(resume)

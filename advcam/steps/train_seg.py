@@ -14,6 +14,7 @@ from advcam.data import load_info
 from advcam.data.datasets import SegmentationDataset
 from advcam.models.deeplab import build_segmenter, segmenter_header
 from advcam.train import loop, memo
+from advcam.train.distributed import launch_rank
 from advcam.train.segmentation import (check_gt_masks, check_pseudo_labels, class_weights, select_gt_ids,
                                        train_segmenter, training_label_reader)
 from advcam.utils.checkpoint import save_checkpoint
@@ -74,6 +75,8 @@ def run(cfg: Config, data: Path, pseudo: Path, out: Path, curves: Path) -> None:
                            weight_decay=s.weight_decay, momentum=s.momentum, seed=cfg.seed, workers=cfg.workers,
                            resume=resume, curves=curves, fingerprint=fingerprint, class_weight=weight,
                            train_scales=[float(v) for v in s.train_scales])
+    if launch_rank() != 0:  # under torchrun every process holds the same weights; one writes them
+        return
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     header = segmenter_header(model, list(info.classes), params)
     header["num_gt_images"] = len(gt_ids)

@@ -27,6 +27,24 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun started it (``RANK``; 0 outside torchrun), also after the group is gone."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def refuse_torchrun(stage: str, method: str | None = None) -> None:
+    """Stages other than the data-parallel trainings would run whole in every torchrun process, each writing
+    the same files (and removing the others' temporaries): refuse them under ``WORLD_SIZE`` > 1."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or stage == "train-seg" or (stage == "train-cls" and method != "eader"):
+        return
+    what = "EADER's trainer (classifier.method eader)" if stage == "train-cls" else f"advcam {stage}"
+    raise AdvcamError(f"{what} runs as one process, but WORLD_SIZE is {size} (torchrun): every process would do "
+                      "the whole work and write the same files. Run it without torchrun (cams uses every visible "
+                      "GPU itself; workflow.shards splits the images over jobs); train-cls (cam, seam) and "
+                      "train-seg train data-parallel under torchrun")
+
+
 class GlobalBatchSlices(Sampler[list[int]]):
     """Batches of one process: its contiguous slice (sizes differ by at most one) of each global batch.
 
