@@ -261,6 +261,35 @@ def test_mask_of_another_size_is_named(work):
     work.refused("prepare", f"SegmentationClass/{victim}.png", f"mask is {H - 2}x{W}", f"is {H}x{W}")
 
 
+def test_mask_of_the_turned_image_and_a_missing_augmented_mask_get_hints(work):
+    """A mask drawn on the EXIF-turned image (H and W swapped) names EXIF; masks missing from SegmentationClass
+    while SegmentationClassAug exists name dataset.mask_dir."""
+    victim = work.ids()[1]
+    keep = work.mask(victim).read_bytes()
+    save_as(work.mask(victim), np.zeros((W, H), np.uint8))
+    work.refused("prepare", f"mask is {W}x{H}", "turned by 90 degrees", "EXIF orientation")
+    work.mask(victim).write_bytes(keep)
+    (work.root / "SegmentationClassAug").mkdir()
+    work.mask(victim).unlink()
+    work.refused("prepare", f"id {victim!r} has no mask", "dataset.mask_dir is SegmentationClass",
+                 "mask_dir: SegmentationClassAug")
+
+
+def test_list_with_a_byte_order_mark_and_val_images_in_training_lists(work, caplog):
+    """A list saved with a UTF-8 byte-order mark reads as without; val images in the training lists (SBD's
+    train_aug leak) are named in a warning."""
+    train = work.lists / "train.txt"
+    train.write_bytes(b"\xef\xbb\xbf" + train.read_bytes())
+    val = work.ids("val")
+    train.write_text(train.read_text(encoding="utf-8-sig") + f"{val[0]}\n", encoding="utf-8-sig")
+    with caplog.at_level("WARNING", logger="advcam"):
+        work.ok("prepare")
+    ids = (work.data / "lists" / "train.txt").read_text().split()
+    assert ids[0] == work.ids()[0].lstrip("\ufeff") and "\ufeff" not in "".join(ids)
+    assert any("train.txt and val.txt share 1 image(s), e.g. " + val[0] in r.message and "classifier" in r.message
+               for r in caplog.records), caplog.text
+
+
 @pytest.mark.parametrize("value", [4, 200, 254])
 def test_mask_label_out_of_range_is_named(work, value):
     victim = work.ids("val")[1]

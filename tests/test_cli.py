@@ -198,6 +198,8 @@ def test_compare_draws_the_images_every_folder_has(prepared, tmp_path):
     (tmp_path / "empty").mkdir()
     r = run_cli(*args[:7], str(tmp_path / "empty"), "--labels", "CAM", "X", "--out", str(tmp_path / "x.png"))
     assert r.returncode == 2 and "no image of the infer list" in r.stderr, r.stderr
+    r = run_cli(*args[:-1], str(tmp_path / "n0.png"), "-n", "-3")
+    assert r.returncode == 2 and "-n must be at least 1, got -3" in r.stderr and not (tmp_path / "n0.png").exists()
     assert not (tmp_path / "x.png").exists()
 
 

@@ -101,7 +101,7 @@ def parse_list_file(path: Path, first_field: bool = False, hint: str = "") -> li
     a first field ``/JPEGImages/<id>.jpg`` (the DeepLab / SBD-aug two-column lists) gives ``<id>``.
     ``hint`` is appended to the error messages."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Windows editors) is dropped
     except (OSError, UnicodeDecodeError) as exc:
         raise AdvcamError(f"{path}: cannot read list ({exc})") from None
     ids: list[str] = []

@@ -19,6 +19,8 @@ def run(cfg: Any, data: Path, cams: Sequence[Path], labels: Sequence[str], out: 
     """Rows: images present in every CAM folder (or ``ids``); columns: image, ground truth, one map per folder."""
     if len(labels) != len(cams):
         raise AdvcamError(f"compare: {len(cams)} CAM folders but {len(labels)} labels")
+    if n < 1 and not ids:
+        raise AdvcamError(f"compare: -n must be at least 1, got {n}")
     info = load_info(data)
     for folder in cams:
         if not Path(folder).is_dir():

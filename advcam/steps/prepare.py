@@ -66,8 +66,10 @@ def _check_one(root: Path, mask_dir: str, num_classes: int, image_id: str, list_
         h, w = voc.check_image(img_path, full=full)
         mask = voc.read_mask(msk_path, num_classes)
         if mask.shape != (h, w):
+            turned = ("; it fits the image turned by 90 degrees: advcam ignores EXIF orientation, so masks must "
+                      "follow the stored pixels") if mask.shape == (w, h) else ""
             raise AdvcamError(f"{msk_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image {img_path} "
-                              f"is {h}x{w}")
+                              f"is {h}x{w}{turned}")
         return voc.labels_from_mask(mask)
     except AdvcamError as exc:
         return exc
@@ -117,8 +119,12 @@ def index(root: Path, mask_dir: str, classes: list[str], list_names: dict[str, s
     problems = [r for r in results if isinstance(r, AdvcamError)]
     if problems:
         more = f" (and {len(problems) - MAX_REPORTED} more)" if len(problems) > MAX_REPORTED else ""
+        aug = "SegmentationClassAug"
+        hint = (f"; dataset.mask_dir is {mask_dir}, and {root / aug} exists (the SBD-augmented masks of train_aug: "
+                f"mask_dir: {aug})" if mask_dir != aug and (root / aug).is_dir()
+                and any("has no mask" in str(p) for p in problems) else "")
         raise AdvcamError(f"{len(problems)} problem(s) in dataset {root}: "
-                          + "; ".join(str(p) for p in problems[:MAX_REPORTED]) + more)
+                          + "; ".join(str(p) for p in problems[:MAX_REPORTED]) + more + hint)
     labels = {image_id: res for image_id, res in zip(ids, results)}
     return lists, labels  # type: ignore[return-value]
 
@@ -163,6 +169,12 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
     meta.update({"root": root_ref, "mask_dir": mask_dir, "classes": classes, "lists": names,
                  "counts": {role: len(ids) for role, ids in lists.items()},
                  "class_counts": {role: _class_counts(ids, labels, classes) for role, ids in lists.items()}})
+    for role in ("train", "seg"):  # the classic leak: SBD's train_aug holds VOC val images unless they are removed
+        shared = sorted(set(lists[role]) & set(lists["val"]))
+        if shared:
+            log.warning("%s.txt and %s.txt share %d image(s), e.g. %s: the %s trains on images it is scored on "
+                        "(remove them from %s.txt)", names[role], names["val"], len(shared), ", ".join(shared[:3]),
+                        "classifier" if role == "train" else "segmenter", names[role])
     unseen = [c for c, n in meta["class_counts"]["train"].items() if n == 0]
     if unseen:
         log.warning("train: no image of %s in %s.txt, so the classifier cannot learn %s (check dataset.classes "

@@ -85,18 +85,19 @@ def pseudo_label_reader(info: DatasetInfo, pseudo: Path) -> Callable[[str], np.n
 
 
 def select_gt_ids(ids: Sequence[str], gt_ids: Iterable[str] = (), gt_fraction: float = 0.0,
-                  seed: int = 0) -> list[str]:
+                  seed: int = 0, list_name: str = "seg") -> list[str]:
     """The images trained on ground truth: ``gt_ids`` plus ``round(gt_fraction * len(ids))`` ids drawn
     without replacement from ``ids`` by ``seed`` (the draw ignores ``gt_ids``, so the two may overlap).
 
     The draw is a permutation of the sorted ids, so it does not depend on list order. Returned in the order
-    of ``ids``. AdvcamError naming the id when ``gt_ids`` names an image outside ``ids``.
+    of ``ids``. AdvcamError naming the id and ``list_name`` when ``gt_ids`` names an image outside ``ids``.
     """
     known = set(ids)
     chosen = set()
     for image_id in gt_ids:
         if image_id not in known:
-            raise AdvcamError(f"segmentation.gt_ids: image {image_id!r} is not in the training (infer) list")
+            raise AdvcamError(f"segmentation.gt_ids: image {image_id!r} is not in the segmenter's training list "
+                              f"({list_name}.txt, dataset.seg_list)")
         chosen.add(image_id)
     if not 0.0 <= gt_fraction <= 1.0:
         raise AdvcamError(f"segmentation.gt_fraction must be in [0, 1], got {gt_fraction}")
