@@ -62,7 +62,12 @@ def test_gather_names_the_missing_image_and_refuses_foreign_shards(tmp_path):
     valid = lambda p, i: p.is_file()  # noqa: E731
     with pytest.raises(AdvcamError, match=r"image c: .*1-of-2/c\.npz"):
         shards.gather([one, two], ids, ".npz", out, valid, record, "cams")
+    assert not list(out.iterdir())  # a's file was not linked before c was found missing
     (one / "c.npz").write_bytes(b"C")
+    foreign = _fingerprinted(tmp_path / "other", {"cam": 2})
+    with pytest.raises(AdvcamError, match="other params"):
+        shards.gather([one, foreign], ids, ".npz", out, valid, record, "cams")
+    assert not list(out.iterdir())  # nor shard 1's files before the second folder was refused
     assert shards.gather([one, two], ids, ".npz", out, valid, record, "cams") == 3
     assert [(out / f"{i}.npz").read_bytes() for i in ids] == [b"A", b"B", b"C"]
     assert not list(out.glob(".tmp-*"))

@@ -109,27 +109,29 @@ def gather(shards: Sequence[Path], ids: Sequence[str], suffix: str, out: Path,
     Each shard folder must hold every id of its shard (as :func:`shard_items` assigns them), unless ``out``
     already has a valid file for it; when ``fingerprint`` is given, each shard's ``.advcam-params.json``
     must equal it (shards computed with other params or inputs are never mixed in). Returns the number of
-    files linked; raises AdvcamError naming the shard folder and the first missing image."""
-    linked = 0
-    for k, folder in enumerate(shards, start=1):
+    files linked; raises AdvcamError naming the shard folder and the first missing image, before linking any."""
+    todo: list[tuple[Path, Path]] = []
+    n = len(shards)
+    for k, folder in enumerate(shards, start=1):  # every shard is checked before anything is linked
         folder = Path(folder)
         if not folder.is_dir():
-            raise AdvcamError(f"{what}: shard folder {folder} not found (shard {k} of {len(shards)})")
+            raise AdvcamError(f"{what}: shard folder {folder} not found (shard {k} of {n})")
         if fingerprint is not None:
             record = folder / FINGERPRINT
             got = read_json(record) if record.is_file() else None
             if got != fingerprint:
                 raise AdvcamError(f"{what}: shard folder {folder} was computed with other params or inputs "
                                   f"({record} differs from this run's); recompute that shard")
-        for image_id in shard_items(ids, k, len(shards)):
+        for image_id in shard_items(ids, k, n):
             src, dst = folder / f"{image_id}{suffix}", out / f"{image_id}{suffix}"
             if src.is_file() and is_valid(src, image_id):
-                link_or_copy(src, dst)
-                linked += 1
+                todo.append((src, dst))
             elif not is_valid(dst, image_id):
-                raise AdvcamError(f"{what}: image {image_id}: {src} is missing or invalid (shard {k} of "
-                                  f"{len(shards)}); recompute that shard")
-    return linked
+                raise AdvcamError(f"{what}: image {image_id}: {src} is missing or invalid (shard {k} of the {n} "
+                                  f"folder(s) given to gather); recompute that shard, or give every shard's folder")
+    for src, dst in todo:
+        link_or_copy(src, dst)
+    return len(todo)
 
 
 def work_key(record: dict) -> str:
