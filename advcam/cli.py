@@ -199,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False))
     setup_logging(debug)
     try:
+        if args.params_json and args.params:
+            raise AdvcamError("give --params or --params-json, not both (--params-json holds every param)")
         cfg = config.load(None if args.params_json else params_file(args.params), args.overrides, args.params_json)
         if args.stage == "params" and args.reference:
             _write(config.markdown_reference())

@@ -105,6 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if any(n < 1 for n in args.gpus):
         ap.error("--gpus: counts must be >= 1")
+    if args.images < 1:
+        ap.error(f"--images: must be >= 1, got {args.images}")
+    if not (math.isfinite(args.classes_per_image) and args.classes_per_image > 0):
+        ap.error(f"--classes-per-image: must be a finite number > 0, got {args.classes_per_image}")
+    if not (math.isfinite(args.startup) and args.startup >= 0):
+        ap.error(f"--startup: must be a finite number >= 0, got {args.startup}")
 
     rows: list[tuple[str, float]] = []
     notes = []

@@ -29,6 +29,7 @@ from advcam.data.voc import read_image
 from advcam.models.classifier import build_classifier, classifier_header
 from advcam.models.deeplab import build_segmenter, segmenter_header
 from advcam.utils.checkpoint import FORMAT, save_checkpoint
+from advcam.utils.errors import AdvcamError
 from advcam.utils.io import TMP_PREFIX
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -472,7 +473,21 @@ def test_file_that_is_not_a_checkpoint_is_refused(work, what):
     else:
         path.write_bytes({"zero-byte": b"", "text": b"hello\n", "random bytes": os.urandom(4096),
                           "json": json.dumps({"format": FORMAT}).encode(), "truncated": data[: len(data) // 2]}[what])
-    work.refused("cams", "classifier.pt")
+    line = work.refused("cams", "classifier.pt")
+    if what in ("text", "json") or (what == "random bytes" and not path.read_bytes().startswith(b"\x80")):
+        assert "not a PyTorch checkpoint (neither a zip archive nor a pickle" in line, line
+
+
+def test_folder_and_cuda_map_location_are_named(tmp_path):
+    from advcam.utils.checkpoint import load_checkpoint
+
+    with pytest.raises(AdvcamError, match="is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path)
+    if not torch.cuda.is_available():
+        ckpt = tmp_path / "c.pt"
+        torch.save({"format": FORMAT}, ckpt)
+        with pytest.raises(AdvcamError, match="asks for CUDA, which this machine lacks"):
+            load_checkpoint(ckpt, map_location="cuda")
 
 
 def test_bad_checkpoint_keeps_existing_cams(work):

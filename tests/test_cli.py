@@ -302,3 +302,23 @@ def test_without_params_yaml_the_defaults_are_used(tmp_path):
     assert yaml.safe_load(r.stdout) == {**config.defaults(), "seed": 3}
     r = run_cli("params", "--params", "missing.yaml", cwd=tmp_path)
     assert r.returncode == 2 and "params file not found: missing.yaml" in r.stderr
+
+
+def test_params_and_params_json_together_are_refused(capsys):
+    assert cli.main(["params", "--params", "params.yaml", "--params-json", "{}"]) == 2
+    assert "give --params or --params-json, not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--images", "0"], ["--classes-per-image", "-1"], ["--classes-per-image", "nan"],
+                                  ["--startup", "-5"], ["--gpus", "0"]])
+def test_cost_model_refuses_values_that_make_no_time(args, capsys):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import cost_model
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit) as stop:
+        cost_model.main(args)
+    assert stop.value.code == 2 and args[0] in capsys.readouterr().err

@@ -241,3 +241,16 @@ def test_weight_files_in_wrappers_and_depth_hint(tmp_path: Path, monkeypatch):
     torch.save({"epoch": 3, "args": [1]}, tmp_path / "meta.pth")
     with pytest.raises(AdvcamError, match=r"not a state dict .*its keys: epoch, args"):
         load_torchvision_weights(net, tmp_path / "meta.pth")
+
+
+def test_fold_batchnorm_says_what_it_left(caplog):
+    """Only ResNet-style pairs fold; a model with other names gets a warning instead of a silent no-op."""
+    from torch import nn
+
+    from advcam.models.resnet import fold_batchnorm
+
+    with caplog.at_level("WARNING", logger="advcam"):
+        fold_batchnorm(resnet_small().eval())
+        assert not caplog.records
+        fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
+    assert "folded 0 conv/BatchNorm pair(s); 1 BatchNorm layer(s) left" in caplog.text

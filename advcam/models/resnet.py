@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from advcam.utils.errors import AdvcamError
+from advcam.utils.progress import log
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -161,16 +162,23 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     if any(m.training for m in model.modules()):
         raise AdvcamError("fold_batchnorm: the model must be in eval mode (call model.eval() first)")
     folded = copy.deepcopy(model)
+    pairs = 0
     for module in folded.modules():
         for i in range(1, 4):
             conv, bn = getattr(module, f"conv{i}", None), getattr(module, f"bn{i}", None)
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                 setattr(module, f"conv{i}", fuse_conv_bn_eval(conv, bn))
                 setattr(module, f"bn{i}", nn.Identity())
+                pairs += 1
         down = getattr(module, "downsample", None)
         if (isinstance(down, nn.Sequential) and len(down) == 2 and isinstance(down[0], nn.Conv2d)
                 and isinstance(down[1], nn.BatchNorm2d)):
             module.downsample = nn.Sequential(fuse_conv_bn_eval(down[0], down[1]), nn.Identity())
+            pairs += 1
+    left = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    if left:  # another architecture's names: say so rather than look like a speed-up
+        log.warning("fold_batchnorm: folded %d conv/BatchNorm pair(s); %d BatchNorm layer(s) left as they are (only "
+                    "ResNet-style convN/bnN and downsample pairs are folded)", pairs, left)
     return folded
 
 

@@ -10,6 +10,7 @@ import json
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -61,10 +62,19 @@ def _reason(exc: BaseException) -> str:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
     """Return ``(header, state)``; refuses anything that is not an advcam checkpoint, never unpickles code."""
     path = Path(path)
+    if path.is_dir():
+        raise AdvcamError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise AdvcamError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise AdvcamError(f"{path}: checkpoint file is empty (0 bytes); delete it and rerun the stage")
+    with open(path, "rb") as f:
+        first = f.read(1)
+    if first != b"\x80" and not zipfile.is_zipfile(path):  # torch.save writes a zip, its legacy format a pickle
+        raise AdvcamError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle: text, or another "
+                          "format)")
+    if torch.device(map_location).type == "cuda" and not torch.cuda.is_available():
+        raise AdvcamError(f"{path}: map_location {str(map_location)!r} asks for CUDA, which this machine lacks")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise before the refusal
             warnings.simplefilter("ignore")

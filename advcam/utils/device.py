@@ -16,6 +16,8 @@ from advcam.utils.errors import AdvcamError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The ``device`` param as a torch device: ``auto`` is CUDA where available, else the CPU; ``cuda`` on a
+    machine without CUDA is an AdvcamError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -24,6 +26,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's global generators (CPU and every CUDA device) with ``seed``, and
+    nothing else (no deterministic-algorithm switches: docs/reliability.md, Determinism)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
