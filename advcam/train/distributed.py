@@ -70,6 +70,23 @@ class GlobalBatchSlices(Sampler[list[int]]):
             yield batch[self.rank * len(batch) // self.size:(self.rank + 1) * len(batch) // self.size]
 
 
+class AllReduceSum(torch.autograd.Function):
+    """A differentiable sum over the processes: the forward all-reduces the tensor, the backward the gradient
+    (what ``torch.distributed.nn.functional.all_reduce`` did, which PyTorch deprecates for a private module)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose training statistics are those of the global batch over all processes.
 
@@ -79,13 +96,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         count = torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device)
         dist.all_reduce(count)
-        mean = all_reduce(x.sum((0, 2, 3))) / count
+        mean = AllReduceSum.apply(x.sum((0, 2, 3))) / count
         centred = x - mean[None, :, None, None]
-        var = all_reduce((centred * centred).sum((0, 2, 3))) / count
+        var = AllReduceSum.apply((centred * centred).sum((0, 2, 3))) / count
         tracked = self.num_batches_tracked
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None \
                 and tracked is not None:
