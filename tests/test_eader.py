@@ -266,7 +266,7 @@ def test_train_cls_cli_with_eader(tiny_overrides, tmp_path: Path):
 
     sets = [a for o in tiny_overrides for a in ("--set", o)]
     data = tmp_path / "data"
-    assert main(["prepare", "--params", "none.yaml", "--params-json", "{}", *sets, "--out", str(data)]) == 0
+    assert main(["prepare", "--params-json", "{}", *sets, "--out", str(data)]) == 0
     out = tmp_path / "models" / "classifier.pt"
     code = main(["train-cls", "--params-json", "{}", *sets, "--set", "classifier.method=eader", "--set",
                  "classifier.eader.phase_steps=2", "--set", "classifier.epochs=2", "--data", str(data),
