@@ -256,7 +256,8 @@ def test_select_gt_ids_is_deterministic_and_validated():
     assert select_gt_ids(ids, gt_fraction=1.0) == ids
     with pytest.raises(AdvcamError, match="segmentation.gt_ids.*nope"):
         select_gt_ids(ids, ["nope"])
-    with pytest.raises(AdvcamError, match=r"not in the segmenter's training list \(train_aug\.txt, dataset\.seg_list\)"):
+    with pytest.raises(AdvcamError,
+                       match=r"not in the segmenter's training list \(train_aug\.txt, dataset\.seg_list\)"):
         select_gt_ids(ids, ["nope"], list_name="train_aug")
 
 

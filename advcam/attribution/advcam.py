@@ -100,9 +100,9 @@ def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, step
     """AdvCAM maps of ``classes`` at one scale: ``sum_{t<steps} A(x_t)``, flip-merged, at feature resolution.
 
     ``image`` is a normalised ``(3, H, W)`` tensor (already resized to the scale) on the model's device; the
-    model climbs in eval mode (a model in training mode gets its modes back after). Options: ``flip`` (True; climb the flip as well), ``sign_steps``,
-    ``cumulative_mask``, ``suppress_image_classes_only`` (all False), ``backend`` (auto|extension|fallback),
-    ``callback``: called as ``callback(t, state)`` at every step ``t`` with detached copies, one row per
+    model climbs in eval mode (a model in training mode gets its modes back after). Options: ``flip`` (True;
+    climb the flip as well), ``sign_steps``, ``cumulative_mask``, ``suppress_image_classes_only`` (all False),
+    ``backend`` (auto|extension|fallback), ``callback``: called as ``callback(t, state)`` at every step ``t`` with detached copies, one row per
     class: ``x`` (the images x_t, ``(n * nf, 3, H, W)``), ``map`` (A(x_t), ``(n, h, w)``), ``score`` and
     ``others`` (y_c and the sum of the other classes' y, summed over the flips, ``(n,)``) and ``l1`` (the
     masked L1 term, ``(n,)``); for diagnostics (``benchmarks/seed_study.py --trace``), it changes nothing.

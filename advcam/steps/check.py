@@ -22,7 +22,6 @@ import torch
 import yaml
 
 from advcam import config
-from advcam.data import voc
 from advcam.models import resnet
 from advcam.models.classifier import build_classifier
 from advcam.models.deeplab import build_segmenter
