@@ -12,7 +12,9 @@ import importlib
 import logging
 import os
 import select
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -194,7 +196,27 @@ def params_file(given: str | None) -> str | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: SLURM's scancel or preemption, or torchrun stopping its processes after a Ctrl-C. It takes the
+    path of Ctrl-C (temporaries removed, finished work kept, one line) and exits with 143 (128 + SIGTERM)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one stage; the exit status (0, 2 for a refused input, 130 / 143 when interrupted / terminated)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     setup_logging(debug)
@@ -245,11 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"advcam {args.stage}: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if debug:
             raise
-        print(f"advcam {args.stage}: interrupted; finished work is kept, run again to resume", file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(f"advcam {args.stage}: {what}; finished work is kept, run again to resume", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     except Exception as exc:  # a bug or the system (disk full, out of memory): still one line, no traceback
         if debug:
             raise

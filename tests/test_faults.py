@@ -292,8 +292,11 @@ def test_resume_file_is_not_used_on_another_dataset(tmp_path, caplog, monkeypatc
     assert "resuming" not in caplog.text
 
 
-def test_sigint_stops_cleanly_and_keeps_finished_work(ref, tmp_path):
-    """Ctrl-C in the middle of the climbing loop: exit 130, one clean line, finished CAM files kept."""
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_sigint_stops_cleanly_and_keeps_finished_work(ref, tmp_path, sig, code, said):
+    """Ctrl-C (and SIGTERM: scancel, preemption, torchrun) in the middle of the climbing loop: exit 130 (143), one
+    clean line, finished CAM files kept."""
     r = ref["ref"]
     # 150 climbing steps: seconds per image, room for the signal to arrive before the last one
     slow = json.dumps(config.load(None, [*OVERRIDES, "cam.advcam.steps=150"]).to_dict())
@@ -306,10 +309,10 @@ def test_sigint_stops_cleanly_and_keeps_finished_work(ref, tmp_path):
     finished = lambda: [p for p in out.glob("*.npz") if not p.name.startswith(TMP_PREFIX)]  # noqa: E731
     while not finished() and proc.poll() is None and time.monotonic() < deadline:  # a whole file, not a temporary
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
-    assert "Traceback" not in err and "interrupted; finished work is kept, run again to resume" in err
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err and f"advcam cams: {said}; finished work is kept, run again to resume" in err
     assert 1 <= len(finished()) < ref["n"] and temps(out) == []
     assert not (tmp_path / "s.json").exists()
 
