@@ -85,9 +85,10 @@ def test_too_many_processes_for_the_batch_is_an_error():
         GlobalBatchSlices(list(range(10)), 3, True, 0, 4)
 
 
-def run(*cmd: str, cwd: Path) -> None:
+def run(*cmd: str, cwd: Path) -> str:
     r = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)  # a hang fails, not stalls
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r.stdout + r.stderr
 
 
 def curve(path: Path) -> np.ndarray:
@@ -107,8 +108,11 @@ def one_and_two_processes_agree(command: list[str], one_dir: Path, two_dir: Path
     """Run ``advcam <command>`` in one process and under torchrun with two (writing ``<dir>/<name>.pt`` and
     ``.csv``); both follow the same loss curve and end with the same weights, and nothing temporary is left."""
     run("advcam", *command, "--out", f"{one_dir}/{name}.pt", "--curves", f"{one_dir}/{name}.csv", cwd=cwd)
-    run("torchrun", "--standalone", "--nproc-per-node", "2", "-m", "advcam.cli", *command, "--out",
-        f"{two_dir}/{name}.pt", "--curves", f"{two_dir}/{name}.csv", cwd=cwd)
+    log = run("torchrun", "--standalone", "--nproc-per-node", "2", "-m", "advcam.cli", *command, "--out",
+              f"{two_dir}/{name}.pt", "--curves", f"{two_dir}/{name}.csv", cwd=cwd)
+    # rank 0 alone writes the checkpoint and logs; the other process logs only warnings, and nothing is deprecated
+    assert log.count(f"wrote {two_dir}/{name}.pt\n") == 1 and log.count("process 1 of 2") == 1, log[-3000:]
+    assert "process 2 of 2" not in log and "FutureWarning" not in log, log[-3000:]
     one, two = curve(one_dir / f"{name}.csv"), curve(two_dir / f"{name}.csv")
     assert one.shape == two.shape == (6, 3)
     np.testing.assert_array_equal(one[:, [0, 2]], two[:, [0, 2]])  # the same steps and learning rates

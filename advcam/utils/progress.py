@@ -18,11 +18,22 @@ def progress(iterable: Iterable[T] | None, desc: str, total: int | None = None, 
     ``ADVCAM_PROGRESS=0`` turns the bars off. Plain tqdm, not ``tqdm.auto``, whose asyncio variant opens an
     iterator on ``iterable`` when the bar is made and another when the loop starts: a DataLoader with workers
     started its worker processes twice."""
-    disable = os.environ.get("ADVCAM_PROGRESS", "1") == "0"
+    disable = os.environ.get("ADVCAM_PROGRESS", "1") == "0" or _rank() != 0  # under torchrun, rank 0's bar only
     return (tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, disable=disable,
                      dynamic_ncols=True, mininterval=0.5))
 
 
+def _rank() -> int:
+    """torchrun's ``RANK`` of this process (0 outside torchrun)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def setup_logging(debug: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+    """advcam's log lines on stderr; under torchrun the other processes log warnings and errors only, so each
+    line appears once."""
+    quiet = _rank() != 0 and not debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO,
                         format="[advcam %(asctime)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
