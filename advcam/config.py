@@ -66,6 +66,14 @@ def schema() -> dict:
         return yaml.safe_load(f)
 
 
+def schema_property(key: str) -> dict:
+    """The schema of one dotted key (``cam.advcam.xi``): its type, bounds and default (read-only)."""
+    node = schema()
+    for part in key.split("."):
+        node = node["properties"][part]
+    return node
+
+
 class Config(Mapping):
     """Read-only view of a validated params dict: ``cfg.cam.scales`` or ``cfg["cam"]["scales"]``."""
 

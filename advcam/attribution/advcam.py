@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advcam import config
 from advcam.attribution.cam import class_map_net, resize_image
 from advcam.attribution.graphs import ClimbBuffers, StepGraphs, cached_graphs, clear_graphs, store_graphs, tf32_mode
 from advcam.ops import ascent_step_, masked_l1
@@ -83,29 +84,34 @@ def _check_inputs(model: nn.Module, image: torch.Tensor, classes: Sequence[int])
     return out
 
 
-def _check_scalars(steps: Any, xi: Any, lam: Any, tau: Any) -> None:
-    """The schema's ranges of ``cam.advcam.steps/xi/lam/tau``, for callers of the library."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise AdvcamError(f"cam.advcam.steps: must be a whole number >= 1, got {steps!r}")
-    for name, value, low, strict, high in (("xi", xi, 0.0, True, None), ("lam", lam, 0.0, False, None),
-                                           ("tau", tau, 0.0, False, 1.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) \
-                or value < low or (strict and value == low) or (high is not None and value > high):
-            bounds = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
-            raise AdvcamError(f"cam.advcam.{name}: must be a finite number {bounds}, got {value!r}")
+def _check_scalars(**values: Any) -> None:
+    """The schema's ranges of ``cam.advcam.<name>`` (steps, xi, lam, tau), for callers of the library."""
+    for name, value in values.items():
+        sch = config.schema_property(f"cam.advcam.{name}")
+        whole = sch["type"] == "integer"
+        strict = "exclusiveMinimum" in sch
+        low, high = sch.get("exclusiveMinimum", sch.get("minimum")), sch.get("maximum")
+        ok = (not isinstance(value, bool) and isinstance(value, (int, np.integer) if whole else (int, float, np.number))
+              and math.isfinite(value) and (low is None or (value > low if strict else value >= low))
+              and (high is None or value <= high))
+        if not ok:
+            bounds = " and ".join(b for b in (f"{'>' if strict else '>='} {low:g}" if low is not None else "",
+                                               f"<= {high:g}" if high is not None else "") if b)
+            raise AdvcamError(f"cam.advcam.{name}: must be a {'whole' if whole else 'finite'} number {bounds}, "
+                              f"got {value!r}")
 
 
 def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, steps: int = 27, xi: float = 0.08,
           lam: float = 7.0, tau: float = 0.5, **options: Any) -> torch.Tensor:
     """AdvCAM maps of ``classes`` at one scale: ``sum_{t<steps} A(x_t)``, flip-merged, at feature resolution.
 
-    ``image`` is a normalised ``(3, H, W)`` tensor (already resized to the scale) on the model's device; the
-    model climbs in eval mode (a model in training mode gets its modes back after). Options: ``flip`` (True;
-    climb the flip as well), ``sign_steps``, ``cumulative_mask``, ``suppress_image_classes_only`` (all False),
-    ``backend`` (auto|extension|fallback), ``callback``: called as ``callback(t, state)`` at every step ``t`` with detached copies, one row per
-    class: ``x`` (the images x_t, ``(n * nf, 3, H, W)``), ``map`` (A(x_t), ``(n, h, w)``), ``score`` and
-    ``others`` (y_c and the sum of the other classes' y, summed over the flips, ``(n,)``) and ``l1`` (the
-    masked L1 term, ``(n,)``); for diagnostics (``benchmarks/seed_study.py --trace``), it changes nothing.
+    ``image`` is a normalised ``(3, H, W)`` tensor (already resized to the scale) on the model's device; the model
+    climbs in eval mode (a model in training mode gets its modes back after). Options: ``flip`` (True; climb the
+    flip as well), ``sign_steps``, ``cumulative_mask``, ``suppress_image_classes_only`` (all False), ``backend``
+    (auto|extension|fallback), ``callback``: called as ``callback(t, state)`` at every step ``t`` with detached
+    copies, one row per class: ``x`` (the images x_t, ``(n * nf, 3, H, W)``), ``map`` (A(x_t), ``(n, h, w)``),
+    ``score`` and ``others`` (y_c and the sum of the other classes' y, summed over the flips, ``(n,)``) and ``l1``
+    (the masked L1 term, ``(n,)``); for diagnostics (``benchmarks/seed_study.py --trace``), it changes nothing.
     ``image_classes`` (:func:`climb_images`: one list per image): all of each image's classes, when ``classes``
     climbs only some of them (``cam.advcam.max_classes_per_climb``), for ``suppress_image_classes_only``.
     Speed options (off by default; they change rounding, not the method): ``precision`` (``fp32``: true float32,
@@ -141,7 +147,7 @@ def _climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Seq
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise AdvcamError(f"AdvCAM: unknown option(s) {sorted(unknown)} (known: {', '.join(OPTIONS)})")
-    _check_scalars(steps, xi, lam, tau)
+    _check_scalars(steps=steps, xi=xi, lam=lam, tau=tau)
     if len(images) == 0 or len(images) != len(classes):
         raise AdvcamError(f"AdvCAM: {len(images)} images but {len(classes)} class lists")
     classes = [_check_inputs(model, im, cs) for im, cs in zip(images, classes)]

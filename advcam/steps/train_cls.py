@@ -11,13 +11,12 @@ from advcam.data import load_info
 from advcam.data.datasets import ClassificationDataset
 from advcam.models.classifier import builder_for, classifier_header
 from advcam.train import loop, memo
-from advcam.train.distributed import launch_rank
 from advcam.train import eader as eader_training
 from advcam.train import seam as seam_training
 from advcam.utils.checkpoint import save_checkpoint
 from advcam.utils.io import clean_stale_temps_for, code_digest, files_digest, ids_digest
 from advcam.utils.device import resolve_device, seed_everything
-from advcam.utils.progress import log
+from advcam.utils.progress import launch_rank, log
 
 
 # Training method -> "module:function" with the signature of :func:`advcam.train.classifier.train_cam`.

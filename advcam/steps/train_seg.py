@@ -14,14 +14,13 @@ from advcam.data import load_info
 from advcam.data.datasets import SegmentationDataset
 from advcam.models.deeplab import build_segmenter, segmenter_header
 from advcam.train import loop, memo
-from advcam.train.distributed import launch_rank
 from advcam.train.segmentation import (check_gt_masks, check_pseudo_labels, class_weights, select_gt_ids,
                                        train_segmenter, training_label_reader)
 from advcam.utils.checkpoint import save_checkpoint
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import clean_stale_temps_for, code_digest, files_digest, ids_digest
-from advcam.utils.progress import log
+from advcam.utils.progress import launch_rank, log
 
 
 def pseudo_digest(pseudo: Path, ids: list[str]) -> str:

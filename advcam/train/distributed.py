@@ -27,11 +27,6 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def launch_rank() -> int:
-    """This process's rank as torchrun started it (``RANK``; 0 outside torchrun), also after the group is gone."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def refuse_torchrun(stage: str, method: str | None = None) -> None:
     """Stages other than the data-parallel trainings would run whole in every torchrun process, each writing
     the same files (and removing the others' temporaries): refuse them under ``WORLD_SIZE`` > 1."""

@@ -68,13 +68,17 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max
     return set_lr(optimizer, poly_lr(base_lr, step, max_step))
 
 
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled order of ``n`` items in ``epoch``: a permutation that depends only on ``(seed, epoch)``.
 
     The two 64-bit draws before the permutation keep the order of advcam's earlier releases, and so every
     number measured with them: their loader drew the permutation from its generator after the base seeds of
     two iterators (the progress bar's tqdm.auto opened every loader twice, see :mod:`advcam.utils.progress`)."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    generator = _epoch_generator(seed, epoch)
     for _ in range(2):
         torch.empty((), dtype=torch.int64).random_(generator=generator)
     return torch.randperm(n, generator=generator).tolist()
@@ -92,7 +96,7 @@ def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, worke
     sampler = GlobalBatchSlices(epoch_order(n, seed, epoch), batch_size, n >= batch_size, rank, size)
     # The generator seeds the worker processes' RNGs, so loading never draws from the global one.
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
-                      generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+                      generator=_epoch_generator(seed, epoch))
 
 
 def rng_state() -> dict[str, Any]:

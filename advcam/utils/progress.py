@@ -18,13 +18,14 @@ def progress(iterable: Iterable[T] | None, desc: str, total: int | None = None, 
     ``ADVCAM_PROGRESS=0`` turns the bars off. Plain tqdm, not ``tqdm.auto``, whose asyncio variant opens an
     iterator on ``iterable`` when the bar is made and another when the loop starts: a DataLoader with workers
     started its worker processes twice."""
-    disable = os.environ.get("ADVCAM_PROGRESS", "1") == "0" or _rank() != 0  # under torchrun, rank 0's bar only
+    disable = os.environ.get("ADVCAM_PROGRESS", "1") == "0" or launch_rank() != 0  # under torchrun, rank 0's bar only
     return (tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, disable=disable,
                      dynamic_ncols=True, mininterval=0.5))
 
 
-def _rank() -> int:
-    """torchrun's ``RANK`` of this process (0 outside torchrun)."""
+def launch_rank() -> int:
+    """This process's rank as torchrun started it (``RANK``; 0 outside torchrun), also after the process group
+    is gone."""
     try:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
@@ -34,6 +35,6 @@ def _rank() -> int:
 def setup_logging(debug: bool = False) -> None:
     """advcam's log lines on stderr; under torchrun the other processes log warnings and errors only, so each
     line appears once."""
-    quiet = _rank() != 0 and not debug
+    quiet = launch_rank() != 0 and not debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO,
                         format="[advcam %(asctime)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
