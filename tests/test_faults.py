@@ -317,6 +317,36 @@ def test_sigint_stops_cleanly_and_keeps_finished_work(ref, tmp_path, sig, code, 
     assert not (tmp_path / "s.json").exists()
 
 
+@pytest.mark.parametrize("stage", ["cams", "refine"])
+def test_second_run_into_the_same_folder_is_refused(ref, tmp_path, stage):
+    """Two runs writing into one output folder: the second is refused (exit 2, one line naming the folder) and
+    leaves the first one's files alone; it used to remove the first one's temporary file as stale."""
+    r, out = ref["ref"], tmp_path / stage
+    inputs = {"model": r / "classifier.pt"} if stage == "cams" else {"cams": r / "cams"}
+    extra = {"curve": tmp_path / "seeds.csv"} if stage == "cams" else {}
+    args = stage_args(stage, ref["js"], data=ref["data"], **inputs, out=out, metrics=tmp_path / "m.json", **extra)
+    env, ready = fault_env("*.npz" if stage == "cams" else "*.png", 2, "before", tmp_path)
+    with open(tmp_path / "first.log", "w") as log:  # the first run pauses with its 2nd output still a temporary
+        first = subprocess.Popen([sys.executable, "-c", WRAPPER, *args], env=env, stdout=log, stderr=log,
+                                 preexec_fn=interruptible)
+        try:
+            deadline = time.monotonic() + 240
+            while not ready.exists() and first.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert ready.exists(), (tmp_path / "first.log").read_text()[-3000:]
+            busy = temps(out)
+            assert len(busy) == 1
+            second = run_cli(args)
+            assert second.returncode == 2, second.stderr[-2000:]
+            assert f"advcam {stage}: error: {stage}: another process is writing into {out} now" in second.stderr
+            assert temps(out) == busy and not (tmp_path / "m.json").exists()
+        finally:
+            first.send_signal(signal.SIGINT)
+            first.wait(timeout=60)
+    assert first.returncode == 130 and temps(out) == []
+    assert run_cli(args).returncode == 0  # the folder is free again once the first run has ended
+
+
 def test_same_seed_same_bytes_in_another_process(ref, tmp_path):
     """Determinism on CPU: train-cls + cams in a fresh process give the reference's bytes."""
     r, js = ref["ref"], ref["js"]

@@ -41,7 +41,8 @@ from advcam.steps import shards as sharding
 from advcam.steps.shards import FINGERPRINT, invalidate_if_changed
 from advcam.utils.device import native_bf16, resolve_device
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import check_free_space, clean_stale_temps, code_digest, files_digest, write_json, write_text
+from advcam.utils.io import (check_free_space, clean_stale_temps, code_digest, files_digest, sole_writer, write_json,
+                             write_text)
 from advcam.utils.progress import log, progress
 
 
@@ -258,24 +259,25 @@ def run(cfg: Any, data: Path, model: Path, out: Path, metrics: Path, curve: Path
     info = load_info(data)
     ids = sharding.map_ids("cams", info, data, shard, gather)
     record = record_for(cfg, Path(model))
-    if shard is not None:
-        part = sharding.shard_items(ids, *shard)
-        log.info("cams: shard %d/%d: %d of %d images", shard[0], shard[1], len(part), len(ids))
-        compute(cfg, info, part, Path(model), Path(out), record)
-        return
-    if gather:
-        gather_shards(info, ids, Path(out), gather, record)
-    else:
-        compute(cfg, info, ids, Path(model), Path(out), record)
-    result, points = evaluate_seeds(cfg, info, list(info.lists["infer"]), Path(out))
-    write_json(metrics, result)
-    write_text(curve, "threshold,miou\n" + "".join(
-        f"{t:g},{'' if not np.isfinite(m) else f'{m:.6f}'}\n" for t, m in points))
-    sharding.discard_work("cams", keep=record)  # every output written: other params' work folders go
-    if result.get("seed_miou") is not None:
-        log.info("cams: seed mIoU %.4f at threshold %g (%.4f at %g)", result["seed_miou"],
-                 result["seed_best_threshold"], result["seed_miou_fixed"], cfg.cam.eval_threshold)
-        if "seed_miou_reference_range" in result:
-            log.info("cams: seed mIoU %.4f at threshold %g, the best within the papers' range %g..%g",
-                     result["seed_miou_reference_range"], result["seed_best_threshold_reference_range"],
-                     *REFERENCE_RANGE)
+    with sole_writer(out, "cams"):  # a second run into this folder would clean this one's temporaries
+        if shard is not None:
+            part = sharding.shard_items(ids, *shard)
+            log.info("cams: shard %d/%d: %d of %d images", shard[0], shard[1], len(part), len(ids))
+            compute(cfg, info, part, Path(model), Path(out), record)
+            return
+        if gather:
+            gather_shards(info, ids, Path(out), gather, record)
+        else:
+            compute(cfg, info, ids, Path(model), Path(out), record)
+        result, points = evaluate_seeds(cfg, info, list(info.lists["infer"]), Path(out))
+        write_json(metrics, result)
+        write_text(curve, "threshold,miou\n" + "".join(
+            f"{t:g},{'' if not np.isfinite(m) else f'{m:.6f}'}\n" for t, m in points))
+        sharding.discard_work("cams", keep=record)  # every output written: other params' work folders go
+        if result.get("seed_miou") is not None:
+            log.info("cams: seed mIoU %.4f at threshold %g (%.4f at %g)", result["seed_miou"],
+                     result["seed_best_threshold"], result["seed_miou_fixed"], cfg.cam.eval_threshold)
+            if "seed_miou_reference_range" in result:
+                log.info("cams: seed mIoU %.4f at threshold %g, the best within the papers' range %g..%g",
+                         result["seed_miou_reference_range"], result["seed_best_threshold_reference_range"],
+                         *REFERENCE_RANGE)

@@ -57,7 +57,7 @@ from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import (check_free_space, clean_stale_temps, code_digest, files_digest, read_json, save_png,
-                             write_json)
+                             sole_writer, write_json)
 from advcam.utils.progress import log, progress
 
 RefineFn = Callable[[np.ndarray, dict, Any], np.ndarray]
@@ -218,78 +218,80 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
     ids = sharding.map_ids("refine", info, data, shard, gather)
     scored = set(info.lists["infer"])
     cams, out = Path(cams), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if clean_stale_temps(out):
-        log.info("refine: removed stale temporary files in %s", out)
-    cams_record = read_json(cams / FINGERPRINT) if (cams / FINGERPRINT).is_file() else None
-    crf_keys = {k: v for k, v in cfg.refine.to_dict().items() if k in ("fg_threshold", "bg_threshold", "crf")}
-    code = code_digest("refine", "data")  # the labels' code (the CAMs' is in their record)
-    crf_record = {"refine": crf_keys, "cams": cams_record, "code": code}
-    if shard is not None:
-        part = sharding.shard_items(ids, *shard)
-        log.info("refine: shard %d/%d: CRF labels of %d of %d images", shard[0], shard[1], len(part), len(ids))
-        work = sharding.work_folder("refine-crf", crf_record)
-        crf_labels(cfg, info, part, cams, work or out, crf_record, shared=work is not None)
-        if work is not None:
-            sharding.publish(work, out, [f"{i}.png" for i in part] + [FINGERPRINT])
-        return
-    record: dict[str, Any] = {"refine": config.active("refine", cfg.refine.to_dict()), "cams": cams_record,
-                              "code": code}
-    if method in STAGED:
-        record["affinity"] = {"arch": cfg.classifier.arch, "pretrained": cfg.classifier.pretrained, "seed": cfg.seed}
-    # per-image work of this job (the labels unless gathered, the affinity training and the walk) goes to the work
-    # folder when there is one (ADVCAM_WORK_DIR), and is linked into out at the end
-    work = sharding.work_folder("refine", record) if method in STAGED or not gather else None
-    dest = work or out
-    invalidate_if_changed(dest, record, ids, ".png")
-    gathered = 0
-    if method == "crf":
-        if gather:  # the shards' CRF labels are the final labels; the out record stays the full one
-            gathered = sharding.gather([Path(f) for f in gather], ids, ".png", dest,
-                                       lambda p, i: read_label(p, image_size(info, i)) is not None, crf_record,
-                                       "refine")
-        final = crf = label_all(info, ids, cams, dest, lambda im, maps: METHODS[method](im, maps, cfg.refine),
-                                f"refine ({method})", scored)
-    else:
-        labels = dest / CRF_DIR
-        crf = crf_labels(cfg, info, ids, cams, labels, crf_record, gather, score=scored)
-        device = resolve_device(cfg.device)
-        make = lambda: affinity_model(cfg, info, ids, labels, dest, device)  # noqa: E731
-        if any(not (dest / f"{i}.png").is_file() for i in ids):  # train (or load) it before the labels' bar
-            trained = make()
-            make = lambda: trained  # noqa: E731
-        fn = walker(make, cfg.refine.randomwalk, device)
-        final = label_all(info, ids, cams, dest, fn, "refine (random walk)", scored)
-    if work is not None:
-        names = [f"{i}.png" for i in ids]
+    with sole_writer(out, "refine"):  # a second run into this folder would clean this one's temporaries
+        if clean_stale_temps(out):
+            log.info("refine: removed stale temporary files in %s", out)
+        cams_record = read_json(cams / FINGERPRINT) if (cams / FINGERPRINT).is_file() else None
+        crf_keys = {k: v for k, v in cfg.refine.to_dict().items() if k in ("fg_threshold", "bg_threshold", "crf")}
+        code = code_digest("refine", "data")  # the labels' code (the CAMs' is in their record)
+        crf_record = {"refine": crf_keys, "cams": cams_record, "code": code}
+        if shard is not None:
+            part = sharding.shard_items(ids, *shard)
+            log.info("refine: shard %d/%d: CRF labels of %d of %d images", shard[0], shard[1], len(part), len(ids))
+            work = sharding.work_folder("refine-crf", crf_record)
+            crf_labels(cfg, info, part, cams, work or out, crf_record, shared=work is not None)
+            if work is not None:
+                sharding.publish(work, out, [f"{i}.png" for i in part] + [FINGERPRINT])
+            return
+        record: dict[str, Any] = {"refine": config.active("refine", cfg.refine.to_dict()), "cams": cams_record,
+                                  "code": code}
         if method in STAGED:
-            names += [f"{CRF_DIR}/{i}.png" for i in ids] + [f"{CRF_DIR}/{FINGERPRINT}"]
-            names += [n for n in (AFFINITY_FILE, AFFINITY_CURVE) if (work / n).is_file()]
-            live = live_dir(work / AFFINITY_CURVE)  # the curve's dvclive mirror, when dvclive is installed
-            names += sorted(str(f.relative_to(work)) for f in live.rglob("*") if f.is_file()) if live.is_dir() else []
-        sharding.publish(work, out, names + [FINGERPRINT])
-    computed = final["computed"]
-    kept = max(0, len(ids) - computed - gathered)
-    parts = [f"{computed} computed"]
-    if gathered:
-        parts.append(f"{gathered} gathered from {len(gather or [])} shard(s)")
-    if kept:
-        parts.append(f"{kept} kept from an earlier run")
-    log.info("refine: %d pseudo labels: %s", len(ids), ", ".join(parts))
-    result = scores(final, "pseudo", info.classes)
-    before = scores(crf, "pseudo", info.classes)
-    result.update(pseudo_miou_crf=before["pseudo_miou"],
-                  pseudo_miou_unsure_as_background_crf=before["pseudo_miou_unsure_as_background"],
-                  pseudo_labelled_fraction_crf=before["pseudo_labelled_fraction"])
-    if final["scored"]:
-        if method != "crf":
-            log.info("refine: CRF labels mIoU %.4f (%.1f%% labelled)", before["pseudo_miou"] or float("nan"),
-                     100 * before["pseudo_labelled_fraction"])
-        log.info("refine: pseudo-label mIoU %.4f on labelled pixels (%.1f%% labelled)",
-                 result["pseudo_miou"] or float("nan"), 100 * result["pseudo_labelled_fraction"])
-    write_json(metrics, {"num_images": len(scored), **result})
-    sharding.discard_work("refine", keep=record)  # every output written: other params' work folders go
-    sharding.discard_work("refine-crf", keep=crf_record)
+            record["affinity"] = {"arch": cfg.classifier.arch, "pretrained": cfg.classifier.pretrained,
+                                  "seed": cfg.seed}
+        # per-image work of this job (the labels unless gathered, the affinity training and the walk) goes to the work
+        # folder when there is one (ADVCAM_WORK_DIR), and is linked into out at the end
+        work = sharding.work_folder("refine", record) if method in STAGED or not gather else None
+        dest = work or out
+        invalidate_if_changed(dest, record, ids, ".png")
+        gathered = 0
+        if method == "crf":
+            if gather:  # the shards' CRF labels are the final labels; the out record stays the full one
+                gathered = sharding.gather([Path(f) for f in gather], ids, ".png", dest,
+                                           lambda p, i: read_label(p, image_size(info, i)) is not None, crf_record,
+                                           "refine")
+            final = crf = label_all(info, ids, cams, dest, lambda im, maps: METHODS[method](im, maps, cfg.refine),
+                                    f"refine ({method})", scored)
+        else:
+            labels = dest / CRF_DIR
+            crf = crf_labels(cfg, info, ids, cams, labels, crf_record, gather, score=scored)
+            device = resolve_device(cfg.device)
+            make = lambda: affinity_model(cfg, info, ids, labels, dest, device)  # noqa: E731
+            if any(not (dest / f"{i}.png").is_file() for i in ids):  # train (or load) it before the labels' bar
+                trained = make()
+                make = lambda: trained  # noqa: E731
+            fn = walker(make, cfg.refine.randomwalk, device)
+            final = label_all(info, ids, cams, dest, fn, "refine (random walk)", scored)
+        if work is not None:
+            names = [f"{i}.png" for i in ids]
+            if method in STAGED:
+                names += [f"{CRF_DIR}/{i}.png" for i in ids] + [f"{CRF_DIR}/{FINGERPRINT}"]
+                names += [n for n in (AFFINITY_FILE, AFFINITY_CURVE) if (work / n).is_file()]
+                live = live_dir(work / AFFINITY_CURVE)  # the curve's dvclive mirror, when dvclive is installed
+                if live.is_dir():
+                    names += sorted(str(f.relative_to(work)) for f in live.rglob("*") if f.is_file())
+            sharding.publish(work, out, names + [FINGERPRINT])
+        computed = final["computed"]
+        kept = max(0, len(ids) - computed - gathered)
+        parts = [f"{computed} computed"]
+        if gathered:
+            parts.append(f"{gathered} gathered from {len(gather or [])} shard(s)")
+        if kept:
+            parts.append(f"{kept} kept from an earlier run")
+        log.info("refine: %d pseudo labels: %s", len(ids), ", ".join(parts))
+        result = scores(final, "pseudo", info.classes)
+        before = scores(crf, "pseudo", info.classes)
+        result.update(pseudo_miou_crf=before["pseudo_miou"],
+                      pseudo_miou_unsure_as_background_crf=before["pseudo_miou_unsure_as_background"],
+                      pseudo_labelled_fraction_crf=before["pseudo_labelled_fraction"])
+        if final["scored"]:
+            if method != "crf":
+                log.info("refine: CRF labels mIoU %.4f (%.1f%% labelled)", before["pseudo_miou"] or float("nan"),
+                         100 * before["pseudo_labelled_fraction"])
+            log.info("refine: pseudo-label mIoU %.4f on labelled pixels (%.1f%% labelled)",
+                     result["pseudo_miou"] or float("nan"), 100 * result["pseudo_labelled_fraction"])
+        write_json(metrics, {"num_images": len(scored), **result})
+        sharding.discard_work("refine", keep=record)  # every output written: other params' work folders go
+        sharding.discard_work("refine-crf", keep=crf_record)
 
 
 def scores(s: dict[str, Any], prefix: str, classes: Sequence[str]) -> dict[str, Any]:

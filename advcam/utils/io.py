@@ -3,8 +3,9 @@
 Every file a stage writes goes through :func:`atomic_path`: it is written under a temporary name in the same
 folder, flushed to disk (``fsync``) and renamed into place, so a killed run (or a crashed machine) leaves
 either the whole file or nothing under the real name. What a killed run leaves is a ``.tmp-<name>.*`` file,
-which :func:`clean_stale_temps` / :func:`clean_stale_temps_for` remove. :func:`check_free_space` lets a stage
-fail early, with a clear message, when its outputs will not fit on the disk.
+which :func:`clean_stale_temps` / :func:`clean_stale_temps_for` remove. :func:`sole_writer` keeps a second process
+from writing into (and cleaning) a folder that one is writing into. :func:`check_free_space` lets a stage fail
+early, with a clear message, when its outputs will not fit on the disk.
 """
 from __future__ import annotations
 
@@ -59,6 +60,35 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def sole_writer(folder: str | Path, what: str) -> Iterator[Path]:
+    """Create ``folder`` and hold an exclusive ``flock`` on the folder itself while the block runs.
+
+    A second advcam process that would write into the same folder (e.g. two ``advcam cams`` runs with one
+    ``--out``) is refused with a message instead of removing the first one's temporary files as stale. The
+    lock is on the directory, so no file is added to the output; it dies with its process, also by SIGKILL.
+    Where the file system has no ``flock`` (Windows, some network mounts) the block runs unguarded."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield folder
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AdvcamError(f"{what}: another process is writing into {folder} now; wait for it to finish, or "
+                              "give this run another output folder") from None
+        except OSError:  # a file system without flock: unguarded
+            pass
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_text(path: str | Path, text: str) -> None:
