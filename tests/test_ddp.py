@@ -187,3 +187,6 @@ def test_stages_that_are_not_data_parallel_refuse_torchrun(monkeypatch, capsys):
     refuse_torchrun("train-seg", "eader")  # the segmenter does not depend on the classifier's method
     monkeypatch.setenv("WORLD_SIZE", "1")
     refuse_torchrun("cams")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert cli.main(["cams", "--set", "cam.method=cam"]) == 2
+    assert "WORLD_SIZE is 'two': expected a whole number" in capsys.readouterr().err

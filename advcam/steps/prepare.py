@@ -54,6 +54,10 @@ def _check_foreground(lists: dict[str, list[str]], labels: dict[str, list[int]],
                           "to train on them as pure negatives")
 
 
+class MissingMask(AdvcamError):
+    """An id of a list whose mask file does not exist (the hint about ``SegmentationClassAug`` looks for these)."""
+
+
 def _check_one(root: Path, mask_dir: str, num_classes: int, image_id: str, list_file: Path,
                full: bool) -> list[int] | AdvcamError:
     """Labels of one image, or the problem with it (returned, not raised, so all problems are collected)."""
@@ -62,7 +66,7 @@ def _check_one(root: Path, mask_dir: str, num_classes: int, image_id: str, list_
         if not img_path.is_file():
             raise AdvcamError(f"{list_file}: id {image_id!r} has no image (expected {img_path})")
         if not msk_path.is_file():
-            raise AdvcamError(f"{list_file}: id {image_id!r} has no mask (expected {msk_path})")
+            raise MissingMask(f"{list_file}: id {image_id!r} has no mask (expected {msk_path})")
         h, w = voc.check_image(img_path, full=full)
         mask = voc.read_mask(msk_path, num_classes)
         if mask.shape != (h, w):
@@ -122,7 +126,7 @@ def index(root: Path, mask_dir: str, classes: list[str], list_names: dict[str, s
         aug = "SegmentationClassAug"
         hint = (f"; dataset.mask_dir is {mask_dir}, and {root / aug} exists (the SBD-augmented masks of train_aug: "
                 f"mask_dir: {aug})" if mask_dir != aug and (root / aug).is_dir()
-                and any("has no mask" in str(p) for p in problems) else "")
+                and any(isinstance(p, MissingMask) for p in problems) else "")
         raise AdvcamError(f"{len(problems)} problem(s) in dataset {root}: "
                           + "; ".join(str(p) for p in problems[:MAX_REPORTED]) + more + hint)
     labels = {image_id: res for image_id, res in zip(ids, results)}

@@ -27,10 +27,19 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def launched_size() -> int:
+    """The number of processes torchrun started (``WORLD_SIZE``; 1 without torchrun)."""
+    value = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise AdvcamError(f"environment variable WORLD_SIZE is {value!r}: expected a whole number of processes "
+                          "(set by torchrun; unset it to run as one process)")
+    return int(value)
+
+
 def refuse_torchrun(stage: str, method: str | None = None) -> None:
     """Stages other than the data-parallel trainings would run whole in every torchrun process, each writing
     the same files (and removing the others' temporaries): refuse them under ``WORLD_SIZE`` > 1."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = launched_size()
     if size <= 1 or stage == "train-seg" or (stage == "train-cls" and method != "eader"):
         return
     what = "EADER's trainer (classifier.method eader)" if stage == "train-cls" else f"advcam {stage}"
@@ -146,7 +155,7 @@ class LossStep(nn.Module):
 def join_process_group(model: nn.Module) -> bool:
     """Under torchrun (``WORLD_SIZE`` > 1): put the model on this process's GPU (``LOCAL_RANK``) when it is
     on CUDA and join the process group (nccl on CUDA, gloo on CPU). False when not distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_size() <= 1:
         return False
     if not dist.is_available():
         raise AdvcamError("WORLD_SIZE > 1 (torchrun) but this PyTorch build has no torch.distributed")
