@@ -150,6 +150,42 @@ def test_compute_maps_of_a_seam_classifier_are_min_max_normalised():
         assert np.corrcoef(expected.ravel(), auto[key].ravel())[0, 1] > 0.999
 
 
+def infer_seam_reference(model: nn.Module, image: torch.Tensor, classes: list[int], scales: list[float]) -> np.ndarray:
+    """SEAM's ``infer_SEAM.py`` written out, one pass per scale and flip: the network's PCM output resized to the
+    scaled input with ``align_corners=True`` (``resnet38_SEAM.Net.forward``), then to the image with
+    ``align_corners=False``, flipped back, summed, min-max normalised."""
+    h, w = image.shape[-2:]
+    total = torch.zeros(len(classes), h, w, dtype=torch.float64)
+    with torch.no_grad():
+        for s in scales:
+            size = (int(round(h * s)), int(round(w * s)))
+            x = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+            for flip in (False, True):
+                rv = model.seam_forward(x.flip(-1) if flip else x)[1][:, 1:]
+                rv = F.interpolate(rv, size=size, mode="bilinear", align_corners=True)
+                rv = F.interpolate(rv, size=(h, w), mode="bilinear", align_corners=False)[0, classes]
+                total += (rv.flip(-1) if flip else rv).double()
+    return seam_reference_normalisation(total.numpy())
+
+
+def test_a_seam_classifiers_maps_are_resized_as_infer_seam_does():
+    from advcam.models.seam import build_seam
+
+    torch.manual_seed(1)
+    model = build_seam("resnet_small", 4).eval()
+    image, classes, scales = torch.randn(3, 45, 38), [0, 3], [1.0, 0.5, 1.5]
+    ref = infer_seam_reference(model, image, classes, scales)
+    args = ["cam.method=cam", f"cam.scales={scales}"]
+    auto = compute_maps(model, image, classes, config.load(None, args).cam)["high_res"]
+    np.testing.assert_allclose(auto, np.maximum(ref, 0), rtol=0, atol=2e-5)
+    irn = compute_maps(model, image, classes, config.load(None, [*args, "cam.resize=irn"]).cam)["high_res"]
+    assert np.abs(irn - np.maximum(ref, 0)).max() > 0.02  # IRN's resize (to the stride multiple, cropped) differs
+    assert cam_mod.resolve_resize({}, model) == "seam" and cam_mod.resolve_resize({}, ColourNet()) == "irn"
+    assert cam_mod.resolve_resize({"resize": "seam"}, ColourNet()) == "seam"
+    with pytest.raises(AdvcamError, match="cam.resize"):
+        cam_mod.resolve_resize({"resize": "nearest"}, model)
+
+
 def test_model_stride_sets_the_up_size():
     assert cam_mod.model_stride(ColourNet(stride=4)) == 4
     holder = nn.Module()

@@ -7,7 +7,9 @@ the stride-4 size ``ceil(H/4) x ceil(W/4)`` (``cam``) and the "up" size ``S*ceil
 ``H x W`` (``high_res``), S = the network's output stride (16 for the reference ResNet-50, as IRN; the
 small CPU network has 8, where IRN's fixed 16 would stretch the maps); each map is normalised on its own
 (``cam.normalise``, :func:`normalise_maps`): divided by its maximum + 1e-5 (IRN, AdvCAM), or, for a SEAM
-classifier, min-max normalised as SEAM's ``infer_SEAM.py`` does.
+classifier, min-max normalised as SEAM's ``infer_SEAM.py`` does. A SEAM classifier's maps are also resized as
+SEAM's reference does (``cam.resize``): each scale's map to its scaled input (``align_corners=True``, as
+``resnet38_SEAM.Net.forward``), then to the image (``align_corners=False``, as ``infer_SEAM.py``).
 
 Methods plug in through :data:`METHODS`: ``name -> fn(model, image, classes, cfg_cam) -> list`` of per-scale
 maps ``(n, h_s, w_s)`` (unnormalised, any resolution). :func:`compute_maps` looks the method up, runs it
@@ -36,6 +38,7 @@ from advcam.utils.io import load_npz, save_npz
 EPS = 1e-5
 CAM_KEYS = ("keys", "cam", "high_res")
 NORMALISE = ("auto", "max", "min_max")
+RESIZE = ("auto", "irn", "seam")
 
 MapFn = Callable[[nn.Module, torch.Tensor, Sequence[int], Any], "list[torch.Tensor]"]
 
@@ -113,24 +116,36 @@ def normalise_maps(maps: torch.Tensor, how: str = "max") -> torch.Tensor:
     return ((maps - lo - EPS) / (hi - lo + EPS)).clamp_min(0)
 
 
-def resolve_normalise(cfg_cam: Any, model: nn.Module) -> str:
-    """``cam.normalise`` for ``model``: ``auto`` follows the classifier's reference inference (``min_max`` for a
-    SEAM classifier, ``max`` for the others)."""
-    how = str(param(cfg_cam, "normalise", "auto"))
-    if how not in NORMALISE:
-        raise AdvcamError(f"cam.normalise: {how!r} is not one of {', '.join(NORMALISE)}")
+def _resolve(cfg_cam: Any, model: nn.Module, key: str, known: Sequence[str], seam: str, other: str) -> str:
+    """``cam.<key>`` for ``model``: ``auto`` follows the classifier's reference inference (``seam`` for a SEAM
+    classifier, ``other`` for the others)."""
+    how = str(param(cfg_cam, key, "auto"))
+    if how not in known:
+        raise AdvcamError(f"cam.{key}: {how!r} is not one of {', '.join(known)}")
     if how == "auto":
-        return "min_max" if getattr(model, "method", None) == "seam" else "max"
+        return seam if getattr(model, "method", None) == "seam" else other
     return how
 
 
-def combine_scales(maps: Sequence[torch.Tensor], size: tuple[int, int], stride: int = 16, normalise: str = "max"
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def resolve_normalise(cfg_cam: Any, model: nn.Module) -> str:
+    """``cam.normalise`` for ``model``: ``auto`` is ``min_max`` for a SEAM classifier, ``max`` otherwise."""
+    return _resolve(cfg_cam, model, "normalise", NORMALISE, "min_max", "max")
+
+
+def resolve_resize(cfg_cam: Any, model: nn.Module) -> str:
+    """``cam.resize`` for ``model``: ``auto`` is ``seam`` for a SEAM classifier, ``irn`` otherwise."""
+    return _resolve(cfg_cam, model, "resize", RESIZE, "seam", "irn")
+
+
+def combine_scales(maps: Sequence[torch.Tensor], size: tuple[int, int], stride: int = 16, normalise: str = "max",
+                   input_sizes: Sequence[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum per-scale maps ``(n, h_s, w_s)`` into ``(cam, high_res)`` for an image of ``size = (H, W)``.
 
     ``cam`` is ``(n, ceil(H/4), ceil(W/4))``; ``high_res`` is ``(n, H, W)``: resized to the ``stride`` up size
     ``stride * ceil(H / stride)`` (where a feature cell of the scale-1 map covers exactly ``stride`` pixels),
     then cropped. ``stride`` is the network's output stride (16 = the reference ResNet-50, IRN's value).
+    With ``input_sizes`` (SEAM's resize, one size per map: the scaled image it was computed on) each map is
+    first resized to its input size with ``align_corners=True``, and from there to both sizes (no crop).
     Both are float32, each map normalised on its own by :func:`normalise_maps` (``normalise``: max, min_max).
     """
     if not maps:
@@ -138,15 +153,21 @@ def combine_scales(maps: Sequence[torch.Tensor], size: tuple[int, int], stride: 
     h, w = int(size[0]), int(size[1])
     n = maps[0].shape[0]
     small, up = strided_size((h, w), 4), strided_up_size((h, w), int(stride))
+    if input_sizes is not None:
+        if len(input_sizes) != len(maps):
+            raise ValueError(f"combine_scales: {len(maps)} maps but {len(input_sizes)} input sizes")
+        up = (h, w)
     dev = maps[0].device
     if n == 0:
         return torch.zeros((0, *small), device=dev), torch.zeros((0, h, w), device=dev)
     cam = torch.zeros((n, *small), dtype=torch.float32, device=dev)
     high = torch.zeros((n, *up), dtype=torch.float32, device=dev)
-    for m in maps:
+    for k, m in enumerate(maps):
         if m.ndim != 3 or m.shape[0] != n:
             raise ValueError(f"combine_scales: expected maps of shape ({n}, h, w), got {tuple(m.shape)}")
         m = m.float()[None]
+        if input_sizes is not None:
+            m = F.interpolate(m, size=tuple(input_sizes[k]), mode="bilinear", align_corners=True)
         cam += F.interpolate(m, size=small, mode="bilinear", align_corners=False)[0]
         high += F.interpolate(m, size=up, mode="bilinear", align_corners=False)[0]
     return normalise_maps(cam, normalise), normalise_maps(high[:, :h, :w], normalise)
@@ -206,6 +227,8 @@ def compute_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classe
     if bad:
         raise AdvcamError(f"class ids {bad} outside 0..{num - 1 if num else 0} (the classifier's classes)")
     normalise = resolve_normalise(cfg_cam, model)
+    seam_resize = resolve_resize(cfg_cam, model) == "seam"
+    scales = [float(s) for s in param(cfg_cam, "scales", [1.0])]
     weight = next(iter(model.parameters()), None)
     if weight is not None:  # the model's device, and its dtype (a float64 model takes float64 images)
         images = [im.to(weight.device, weight.dtype if im.is_floating_point() and weight.is_floating_point()
@@ -229,8 +252,14 @@ def compute_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classe
             out.append({"keys": key, "cam": np.zeros((0, *small), np.float32),
                         "high_res": np.zeros((0, *size), np.float32)})
             continue
+        inputs = None
+        if seam_resize:
+            if len(maps[k]) != len(scales):
+                raise AdvcamError(f"cam.resize seam: method {method!r} gave {len(maps[k])} maps for "
+                                  f"{len(scales)} scales; it needs one map per scale of cam.scales")
+            inputs = [scaled_size(size, s) for s in scales]
         with torch.no_grad():
-            cam, high = combine_scales([m.detach() for m in maps[k]], size, model_stride(model), normalise)
+            cam, high = combine_scales([m.detach() for m in maps[k]], size, model_stride(model), normalise, inputs)
         out.append({"keys": key, "cam": cam.cpu().numpy().astype(np.float32, copy=False),
                     "high_res": high.cpu().numpy().astype(np.float32, copy=False)})
     return out
