@@ -129,6 +129,14 @@ def test_losses_follow_the_reference_formulas_and_defaults():
     torch.testing.assert_close(got_loc["loss"], want_loc, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_adv["loss"], want_adv, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_loc["adversary"], want_adv, atol=1e-5, rtol=1e-5)
+    # --share_weights: the localiser classifies the erased images; its term is the raw logit (reference's
+    # shared branch: localizer(masked_image, compute_gradcam=False) returns logits), not a probability
+    model.drop_adversary()
+    with torch.no_grad():
+        logits = loc(erased)[torch.arange(len(rows)), classes]
+        got_shared = eader_losses(model, x, y, LOCALISER, **terms)
+    torch.testing.assert_close(got_shared["loss"], bce + 0.3 * att.mean() + 0.7 * logits.mean(), atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_phases_alternate_and_update_one_network_only():

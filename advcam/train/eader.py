@@ -24,8 +24,8 @@ the reference's ``RandomResizedCrop`` + flip, or the CAM classifier's.
 
 Differences from the reference: the localiser and the adversary are CAM networks of one arch with a
 bias-free classifier (the reference: a torchvision ResNet-101 localiser and a ResNet-18 adversary, each with a
-biased fc; the bias does not enter the attention map). In the shared-weights mode the
-adversarial term is the probability of the erased class (the reference's shared branch averages raw logits).
+biased fc; the bias does not enter the attention map). In the shared-weights mode the adversarial term is, as
+in the reference's shared branch, the mean raw logit of the erased class (with an adversary: its probability).
 
 Resume: after every epoch ``<out>.resume.pt`` holds both networks, both optimisers, the finished epochs and
 global step (the phase follows from it), the RNG states and the curve; a killed run started again continues from
@@ -110,7 +110,9 @@ def eader_losses(model: EADERNet, images: torch.Tensor, labels: torch.Tensor, ph
         with frozen(adv) if train_loc and not model.shares_weights else nullcontext():
             adv_logits = adv(erased if train_loc else erased.detach())
     prob = torch.sigmoid(adv_logits).gather(1, classes[:, None]).mean() if adv_logits is not None else area * 0
-    localiser_loss = bce + beta * area + alpha * prob
+    # the reference's shared branch calls the localiser without its sigmoid: the term is the raw logit there
+    term = adv_logits.gather(1, classes[:, None]).mean() if adv_logits is not None and model.shares_weights else prob
+    localiser_loss = bce + beta * area + alpha * term
     out = {"localiser": localiser_loss.detach(), "bce": bce.detach(), "area": area.detach(),
            "erased_prob": prob.detach()}
     if adv_logits is not None:
