@@ -26,19 +26,32 @@ def test_offsets_are_irn_half_disc():
 
 
 def test_affinity_labels_pos_neg_ignore():
-    label = torch.tensor([[[0, 0, 3, 255],
-                           [0, 3, 3, 1]]])
+    # the labels of interest sit inside IRN's source region label[:-1, 1:-1] (radius 2); the frame is unsure
+    label = torch.tensor([[[255, 0, 0, 3, 255, 255],
+                           [255, 0, 3, 3, 1, 255],
+                           [255, 255, 255, 255, 255, 255]]])
     bg, fg, neg = affinity_labels(label, 2)  # offsets (0,1), (1,-1), (1,0), (1,1)
-    assert bg.shape == (1, 4, 2, 4)
+    assert bg.shape == (1, 4, 3, 6)
     right, down_left, down, down_right = 0, 1, 2, 3
-    assert bg[0, right, 0, 0] and not fg[0, right, 0, 0] and not neg[0, right, 0, 0]  # 0-0
-    assert neg[0, right, 0, 1] and not bg[0, right, 0, 1]  # 0-3
-    assert not (bg | fg | neg)[0, right, 0, 2]  # 3-255: ignored
-    assert fg[0, down, 0, 2] and fg[0, down_left, 0, 2]  # 3-3 below, 3-3 below left
-    assert neg[0, down_right, 0, 2]  # 3-1
-    assert not (bg | fg | neg)[0, :, 0, 3].any()  # a 255 source pairs with nothing
-    assert not (bg | fg | neg)[0, down, 1].any() and not (bg | fg | neg)[0, right, :, 3].any()  # off the grid
+    assert bg[0, right, 0, 1] and not fg[0, right, 0, 1] and not neg[0, right, 0, 1]  # 0-0
+    assert neg[0, right, 0, 2] and not bg[0, right, 0, 2]  # 0-3
+    assert not (bg | fg | neg)[0, right, 0, 3]  # 3-255: ignored
+    assert fg[0, down, 0, 3] and fg[0, down_left, 0, 3]  # 3-3 below, 3-3 below left
+    assert neg[0, down_right, 0, 3]  # 3-1
+    assert not (bg | fg | neg)[0, :, 0, 4].any()  # a 255 source pairs with nothing
     assert int(bg.sum()) == 3 and int(fg.sum()) == 3 and int(neg.sum()) == 7
+
+
+def test_affinity_pairs_start_in_irns_source_region_only():
+    """IRN's PathIndex and AffinityNet's ExtractAffinityLabelInRadius take the first pixel of a pair from
+    label[:-rf, rf:-rf] (rf = radius - 1), so no pair leaves the grid and the borders start none."""
+    h, w, r = 9, 11, 3
+    bg, fg, neg = affinity_labels(torch.zeros(1, h, w, dtype=torch.long), r)
+    starts = bg.any(1)[0]
+    expected = torch.zeros(h, w, dtype=torch.bool)
+    expected[: h - (r - 1), r - 1: w - (r - 1)] = True
+    assert torch.equal(starts, expected)
+    assert int(bg.sum()) == len(offsets(r)) * (h - 2) * (w - 4) and not fg.any() and not neg.any()
 
 
 def test_downsample_label_takes_pixel_4i_plus_2():
@@ -55,10 +68,10 @@ def test_loss_terms_and_affinity_range():
     assert aff.shape == (2, len(offsets(3)), 6, 5) and aff.min() >= 0 and aff.max() <= 1
     same = pairwise_affinity(torch.zeros(1, 8, 4, 4), 3)
     assert torch.allclose(same[0, 0, :, :3], torch.ones(4, 3)) and (same[0, 0, :, 3] == 0).all()
-    label = torch.zeros(1, 4, 4, dtype=torch.long)
-    label[:, :, 2:] = 2
+    label = torch.zeros(1, 6, 8, dtype=torch.long)
+    label[:, :, 4:] = 2
     masks = affinity_labels(label, 3)
-    loss, terms = affinity_loss(same, *masks)
+    loss, terms = affinity_loss(pairwise_affinity(torch.zeros(1, 8, 6, 8), 3), *masks)
     assert terms["bg_pos"] < 1e-4 and terms["fg_pos"] < 1e-4 and terms["neg"] > 10  # all same: negatives cost
     assert loss.item() == pytest.approx(terms["neg"] / 2, rel=1e-3)
 

@@ -3,9 +3,11 @@
 Labels. A CRF pseudo label (0 = background, 1..C, 255 = unsure) is reduced to the stride-4 grid (nearest,
 the pixel ``4i + 2`` as IRN's ``pil_rescale(label, 0.25, 0)``). Every pixel is paired with its neighbours at
 the offsets of :func:`offsets` (IRN's search directions: one half-plane of the disc ``dy^2 + dx^2 < r^2``,
-so each unordered pair appears once). A pair of two labelled pixels is *positive* when both labels agree
-(background-positive when both are 0, foreground-positive otherwise) and *negative* when they differ; a pair
-touching an unsure (255) or padded pixel is ignored (:func:`affinity_labels`).
+so each unordered pair appears once). As in IRN (``PathIndex``) and AffinityNet (``ExtractAffinityLabelInRadius``),
+only the pixels of ``label[:-(r-1), (r-1):-(r-1)]`` are the first pixel of a training pair, so every pair lies
+inside the grid. A pair of two labelled pixels is *positive* when both labels agree (background-positive when both
+are 0, foreground-positive otherwise) and *negative* when they differ; a pair touching an unsure (255) or padded
+pixel is ignored (:func:`affinity_labels`).
 
 Network. :class:`AffinityNet` = a ResNet from :mod:`advcam.models.resnet` whose four stages each feed a
 1x1 conv + GroupNorm + ReLU; the four maps are resized to the layer-1 (stride-4) grid, concatenated and
@@ -63,11 +65,16 @@ def downsample_label(label: torch.Tensor) -> torch.Tensor:
 def affinity_labels(label: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(bg_pos, fg_pos, neg) bool masks ``(B, K, h, w)`` for a stride-4 label map ``(B, h, w)``.
 
-    Entry ``[b, k, y, x]`` is the pair (``(y, x)``, ``(y, x) + offsets(radius)[k]``)."""
-    src = label.long()
+    Entry ``[b, k, y, x]`` is the pair (``(y, x)``, ``(y, x) + offsets(radius)[k]``); only pixels with
+    ``y < h - (r - 1)`` and ``r - 1 <= x < w - (r - 1)`` start pairs (IRN / AffinityNet: ``label[:-rf, rf:-rf]``)."""
+    full = label.long()
+    h, w = full.shape[-2:]
+    rf = radius - 1
+    src = torch.full_like(full, IGNORE)
+    src[..., : max(h - rf, 0), rf: max(w - rf, rf)] = full[..., : max(h - rf, 0), rf: max(w - rf, rf)]
     bg, fg, neg = [], [], []
     for dy, dx in offsets(radius):
-        dst = shifted(src, dy, dx, IGNORE)
+        dst = shifted(full, dy, dx, IGNORE)
         valid = (src != IGNORE) & (dst != IGNORE)
         same = (src == dst) & valid
         bg.append(same & (src == 0))

@@ -65,7 +65,6 @@ LabelFn = Callable[[np.ndarray, dict], np.ndarray]
 CRF_DIR = ".crf"  # CRF labels of the randomwalk method, inside the output folder
 AFFINITY_FILE = ".affinity.pt"
 AFFINITY_CURVE = ".affinity.csv"
-AFFINITY_MOMENTUM = 1e-4  # IRN's effective momentum (its PolyOptimizer passes weight_decay as SGD's momentum)
 AFFINITY_SCALES = (0.5, 1.5)  # random rescaling of the training images (IRN's train_irn: rescale=(0.5, 1.5))
 TRAIN_KEYS = ("epochs", "batch_size", "crop_size", "lr", "weight_decay", "radius")
 
@@ -151,7 +150,8 @@ def affinity_model(cfg: Any, info: Any, ids: list[str], labels: Path, out: Path,
     model = build_affinity_net(arch, cfg.classifier.pretrained).to(device)
     dataset = SegmentationDataset(info, ids, pseudo_label_reader(info, labels), int(rw.crop_size), train=True,
                                   seed=int(cfg.seed), scale_range=AFFINITY_SCALES)
-    optimizer = loop.make_sgd(model.param_groups(), float(rw.lr), float(rw.weight_decay), AFFINITY_MOMENTUM,
+    # IRN's PolyOptimizer passes its weight decay as SGD's momentum: the effective momentum is the weight decay
+    optimizer = loop.make_sgd(model.param_groups(), float(rw.lr), float(rw.weight_decay), float(rw.weight_decay),
                               head_mult=1.0)
     resume = loop.resume_path_for(path)
     log.info("refine: training the affinity network (%s, %d images, %d epochs) on %s", arch, len(ids),
