@@ -204,6 +204,11 @@ def test_alpha_zero_is_the_baseline_without_adversary(tmp_path: Path):
                        resume=tmp_path / "m.resume.pt", curves=tmp_path / "c.csv", fingerprint={"t": 1})
     assert model.adversary is None and _changed(before, model.localiser)
     assert len(rows) == 4 and all(np.isfinite(r[2]) for r in rows)  # 4 localiser steps: none went to an adversary
+    # the reference's loader keeps the last partial batch: 12 images in batches of 8 are 2 steps per epoch
+    rows = train_eader(build_eader("resnet_small", 3), Squares(12), cfg=_cfg(epochs=2, phase_steps=1, alpha=0.0),
+                       seed=0, workers=0, resume=tmp_path / "p.resume.pt", curves=tmp_path / "p.csv",
+                       fingerprint={"t": 2})
+    assert len(rows) == 4
     out = eader_losses(model, _batch()["image"], _batch()["label"], LOCALISER, **{**TERMS, "alpha": 0.0})
     assert "adversary" not in out and float(out["erased_prob"]) == 0.0
     assert torch.allclose(out["localiser"], out["bce"] + TERMS["beta"] * out["area"])

@@ -186,7 +186,8 @@ def train_eader(model: EADERNet, dataset: Dataset, *, cfg: Any, seed: int, worke
         model.drop_adversary()
     opt_loc, opt_adv = _optimisers(model, hp)
     loop.check_checkpoint_space(model, opt_loc, resume, "train-cls (eader)")
-    loader_for = lambda e: loop.epoch_loader(dataset, cfg.batch_size, seed, e, workers)  # noqa: E731
+    # the reference's DataLoader keeps the last partial batch (no drop_last), and its phases count it
+    loader_for = lambda e: loop.epoch_loader(dataset, cfg.batch_size, seed, e, workers, drop_last=False)  # noqa: E731
     steps_per_epoch = len(loader_for(0))
     if steps_per_epoch == 0:
         raise AdvcamError("train-cls (eader): the training list is empty")

@@ -84,16 +84,18 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, workers: int = 0) -> DataLoader:
+def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, workers: int = 0,
+                 drop_last: bool | None = None) -> DataLoader:
     """A shuffled loader whose batches depend only on ``(seed, epoch)`` (:func:`epoch_order`), not on
-    ``workers`` or on how often it is iterated; drops the last partial batch (IRN) unless the dataset is
-    smaller than one batch. In distributed training, this process's slices of the same global batches
-    (:class:`GlobalBatchSlices`)."""
+    ``workers`` or on how often it is iterated. ``drop_last`` None drops the last partial batch (IRN, SEAM)
+    unless the dataset is smaller than one batch; False keeps it (EADER's loader). In distributed training,
+    this process's slices of the same global batches (:class:`GlobalBatchSlices`)."""
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)  # type: ignore[attr-defined]
     n = len(dataset)  # type: ignore[arg-type]
     rank, size = world()
-    sampler = GlobalBatchSlices(epoch_order(n, seed, epoch), batch_size, n >= batch_size, rank, size)
+    drop = n >= batch_size if drop_last is None else bool(drop_last)
+    sampler = GlobalBatchSlices(epoch_order(n, seed, epoch), batch_size, drop, rank, size)
     # The generator seeds the worker processes' RNGs, so loading never draws from the global one.
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=False,
                       generator=_epoch_generator(seed, epoch))
