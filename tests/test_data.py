@@ -224,6 +224,44 @@ def test_crop_with_pad_places_small_images_inside():
     assert a.sum() == 3 * 4 and (m == 255).sum() == 4 and (a[..., 0] == 1).tolist() == (m == 1).tolist()
 
 
+def test_crop_pad_bottom_right_is_deeplab_pytorchs():
+    """deeplab-pytorch's _augmentation pads a short image at the bottom and right, crops, then flips: the
+    image sits at the top, on the left or (flipped) on the right; IRN's crop places it anywhere."""
+    img, mask = np.ones((3, 5, 1), np.float32), np.ones((3, 5), np.uint8)
+    a, m = T.crop_with_pad([img, mask], [0.0, 255], 8, np.random.default_rng(0), "bottom_right")
+    assert (m[:3, :5] == 1).all() and (m[3:] == 255).all() and (m[:, 5:] == 255).all() and a[:3, :5].all()
+    big = np.arange(100, dtype=np.uint8).reshape(10, 10)  # longer than the crop: still a random cut
+    cuts = {int(T.crop_with_pad([big], [255], 4, np.random.default_rng(k), "bottom_right")[0][0, 0])
+            for k in range(20)}
+    assert len(cuts) > 5
+    with pytest.raises(ValueError, match="pad must be one of"):
+        T.crop_box((3, 5), 8, None, "centre")
+
+
+def test_segmentation_dataset_scale_choices_and_padding(syn):
+    ids = syn.lists["val"]
+    info = _info(syn.root, syn.classes, ids)
+    ones = lambda i: np.ones(info.read_image(i).shape[:2], np.uint8)  # noqa: E731
+    h, w = info.read_image(ids[0]).shape[:2]
+    ds = SegmentationDataset(info, ids, ones, crop_size=2 * max(h, w), train=True, seed=3, scale_choices=[0.5],
+                             pad="bottom_right")
+    sides = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        m = ds[0]["mask"].numpy()
+        rows, cols = np.nonzero(m == 1)
+        assert (rows.min(), rows.max() + 1) == (0, round(h / 2))  # at the top, scaled by the one choice
+        assert cols.max() + 1 - cols.min() == round(w / 2)
+        sides.add("left" if cols.min() == 0 else "right" if cols.max() == m.shape[1] - 1 else "inside")
+    assert sides == {"left", "right"}  # flipped after the crop, never placed inside
+    irn = SegmentationDataset(info, ids, ones, crop_size=2 * max(h, w), train=True, seed=3, scale_choices=[0.5],
+                              pad="random")
+    tops = {int(np.nonzero(irn[k]["mask"].numpy() == 1)[0].min()) for k in range(len(ids))}
+    assert len(tops) > 1  # IRN's crop: a random offset
+    with pytest.raises(AdvcamError, match="crop padding"):
+        SegmentationDataset(info, ids, ones, 48, pad="centre")
+
+
 class Fixed:
     """An rng stand-in: ``uniform`` returns the factors given, ``permutation`` the order given."""
 

@@ -94,15 +94,22 @@ class SegmentationDataset(_Augmented):
     """Items ``{"image": (3, S, S) float32, "mask": (S, S) int64 (255 = ignore), "id": str}``.
 
     ``label_fn(id)`` returns the uint8 ``(H, W)`` target (ground truth or pseudo label). Training
-    augmentation, DeepLab-style: random scale in ``scale_range`` (0.5-1.5; bilinear image, nearest mask),
-    horizontal flip with p = 0.5, normalise, random S x S crop with padding (image 0, mask 255).
+    augmentation: a random scale (bilinear image, nearest mask), one of ``scale_choices`` when given
+    (deeplab-pytorch's ``random.choice(scales)``), else drawn uniformly in ``scale_range``; normalise; a random
+    S x S crop with padding (image 0, mask 255); a horizontal flip with p = 0.5. ``pad="bottom_right"`` is
+    deeplab-pytorch's ``_augmentation`` (short sides padded at the bottom / right, then crop, then flip);
+    ``pad="random"`` is IRN's (flip, then the image placed at a random offset in the crop).
     """
 
     def __init__(self, info: DatasetInfo, ids: Sequence[str], label_fn: Callable[[str], np.ndarray],
                  crop_size: int, train: bool = True, seed: int = 0, *,
-                 scale_range: tuple[float, float] = (0.5, 1.5)):
+                 scale_range: tuple[float, float] = (0.5, 1.5), scale_choices: Sequence[float] = (),
+                 pad: str = "random"):
         super().__init__(info, ids, crop_size, train, seed)
+        if pad not in T.PAD_PLACES:
+            raise AdvcamError(f"crop padding must be one of {', '.join(T.PAD_PLACES)}, got {pad!r}")
         self.label_fn, self.scale_range = label_fn, scale_range
+        self.scale_choices, self.pad = [float(c) for c in scale_choices], pad
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
@@ -113,10 +120,16 @@ class SegmentationDataset(_Augmented):
                               f"{img.shape[0]}x{img.shape[1]}")
         mask = mask.astype(np.uint8, copy=False)
         rng = self.rng(index) if self.train else None
+        flip_last = self.pad == "bottom_right"
         if rng is not None:
-            img, mask = T.random_scale(img, mask, *self.scale_range, rng)
-            if rng.random() < 0.5:
+            if self.scale_choices:
+                img, mask = T.rescale_pair(img, mask, self.scale_choices[int(rng.integers(len(self.scale_choices)))])
+            else:
+                img, mask = T.random_scale(img, mask, *self.scale_range, rng)
+            if not flip_last and rng.random() < 0.5:
                 img, mask = img[:, ::-1], mask[:, ::-1]
-        arr, mask = T.crop_with_pad([T.normalize_array(img), mask], [0.0, IGNORE], self.crop_size, rng)
+        arr, mask = T.crop_with_pad([T.normalize_array(img), mask], [0.0, IGNORE], self.crop_size, rng, self.pad)
+        if rng is not None and flip_last and rng.random() < 0.5:
+            arr, mask = arr[:, ::-1], mask[:, ::-1]
         return {"image": torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))),
                 "mask": torch.from_numpy(mask.astype(np.int64)), "id": image_id}

@@ -82,8 +82,13 @@ def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator, sc
 
 def random_scale(img: np.ndarray, mask: np.ndarray, low: float, high: float,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """DeepLab-style random scale in [low, high]: bilinear for the image, nearest for the mask."""
-    size = scaled_size(img.shape, float(rng.uniform(low, high)))
+    """Random scale drawn uniformly in [low, high]: bilinear for the image, nearest for the mask."""
+    return rescale_pair(img, mask, float(rng.uniform(low, high)))
+
+
+def rescale_pair(img: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Image and mask rescaled by ``factor``: bilinear for the image, nearest for the mask."""
+    size = scaled_size(img.shape, factor)
     return resize(img, size, "bilinear"), resize(mask, size, "nearest")
 
 
@@ -115,18 +120,26 @@ def shift_hue(pil: Image.Image, shift: float) -> Image.Image:
     return Image.merge("HSV", (Image.fromarray(hue.astype(np.uint8), "L"), s, v)).convert("RGB")
 
 
-def crop_box(hw: tuple[int, int], crop: int, rng: np.random.Generator | None) -> tuple[slice, slice, slice, slice]:
-    """Where an image of size ``hw`` lands in a ``crop`` x ``crop`` container (IRN's random crop).
+PAD_PLACES = ("random", "bottom_right")
+
+
+def crop_box(hw: tuple[int, int], crop: int, rng: np.random.Generator | None, pad: str = "random"
+             ) -> tuple[slice, slice, slice, slice]:
+    """Where an image of size ``hw`` lands in a ``crop`` x ``crop`` container.
 
     Returns ``(container_rows, container_cols, image_rows, image_cols)``: a side longer than ``crop`` is cut
-    at a random offset; a shorter one is placed at a random offset in the container (the rest is padding).
-    ``rng=None`` centres both (deterministic evaluation crops).
+    at a random offset; a shorter one is placed at a random offset in the container (``pad="random"``, IRN's
+    random crop) or at its start, padded at the bottom / right (``pad="bottom_right"``, deeplab-pytorch's
+    ``_augmentation``). ``rng=None`` centres both (deterministic evaluation crops).
     """
+    if pad not in PAD_PLACES:
+        raise ValueError(f"crop_box: pad must be one of {PAD_PLACES}, got {pad!r}")
     out = []
     for n in hw:
         space = n - crop
         pick = (lambda k: k // 2) if rng is None else (lambda k: int(rng.integers(0, k + 1)))
-        cont, img = (0, pick(space)) if space > 0 else (pick(-space), 0)
+        cont, img = (0, pick(space)) if space > 0 else (0 if pad == "bottom_right" and rng is not None
+                                                         else pick(-space), 0)
         length = min(crop, n)
         out.append((slice(cont, cont + length), slice(img, img + length)))
     (cr, ir), (cc, ic) = out
@@ -134,9 +147,10 @@ def crop_box(hw: tuple[int, int], crop: int, rng: np.random.Generator | None) ->
 
 
 def crop_with_pad(arrays: list[np.ndarray], pads: list[float], crop: int,
-                  rng: np.random.Generator | None) -> list[np.ndarray]:
-    """Crop (and pad with ``pads``) arrays of the same H, W to ``crop`` x ``crop`` with one shared box."""
-    cr, cc, ir, ic = crop_box(arrays[0].shape[:2], crop, rng)
+                  rng: np.random.Generator | None, pad: str = "random") -> list[np.ndarray]:
+    """Crop (and pad with ``pads``) arrays of the same H, W to ``crop`` x ``crop`` with one shared box
+    (:func:`crop_box`; ``pad`` places short sides)."""
+    cr, cc, ir, ic = crop_box(arrays[0].shape[:2], crop, rng, pad)
     out = []
     for arr, pad in zip(arrays, pads):
         box = np.full((crop, crop) + arr.shape[2:], pad, arr.dtype)

@@ -20,8 +20,10 @@ pixel-wise maximum (deeplab-pytorch: scales 1.0, 0.75, 0.5, no flip).
 Deviations from deeplab-pytorch: the dilated layers keep torchvision's convention (the first block of layer3 /
 layer4 has the previous dilation, 1 / 2; deeplab-pytorch dilates every block by 2 / 4); the multi-scale max is
 taken after resizing every scale to the image size (deeplab-pytorch: at the 1.0 scale's logit size, then one
-resize); the backbone is torchvision's ResNet (stride on the 3x3 convolution) with ImageNet weights, not the
-authors' Caffe-converted one.
+resize); each scale's input size is ``round(H * s)`` and the resize goes by that size (deeplab-pytorch: a
+``scale_factor`` resize, ``floor(H * s)`` with the factor's coordinates, which is not flip-equivariant where
+``H * s`` is not whole); the backbone is torchvision's ResNet (stride on the 3x3 convolution) with ImageNet
+weights, not the authors' Caffe-converted one.
 """
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ def run(cfg: Config, data: Path, pseudo: Path, out: Path, curves: Path) -> None:
         log.info("train-seg: balanced cross-entropy, class weights %s",
                  ", ".join(f"{n} {w:.3g}" for n, w in zip(["background", *info.classes], weight)))
     dataset = SegmentationDataset(info, ids, label_fn, s.crop_size, train=True, seed=cfg.seed,
-                                  scale_range=scale_range)
+                                  scale_range=scale_range, scale_choices=[float(c) for c in s.scale_choices],
+                                  pad=str(s.crop_pad))
     log.info("train-seg: %s, %d images of %s (list %s): %d with pseudo labels from %s, %d with ground truth; "
              "%d epochs on %s", s.arch, len(ids), data, source, len(pseudo_ids), pseudo, len(gt_ids), s.epochs,
              device)
