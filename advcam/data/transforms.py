@@ -152,8 +152,8 @@ def crop_with_pad(arrays: list[np.ndarray], pads: list[float], crop: int,
     (:func:`crop_box`; ``pad`` places short sides)."""
     cr, cc, ir, ic = crop_box(arrays[0].shape[:2], crop, rng, pad)
     out = []
-    for arr, pad in zip(arrays, pads):
-        box = np.full((crop, crop) + arr.shape[2:], pad, arr.dtype)
+    for arr, fill in zip(arrays, pads):
+        box = np.full((crop, crop) + arr.shape[2:], fill, arr.dtype)
         box[cr, cc] = arr[ir, ic]
         out.append(box)
     return out
