@@ -130,8 +130,10 @@ def test_non_finite_names_the_step(model64, image64):
     bad = TinyCAMNet().double().eval()
     with torch.no_grad():
         bad.classifier.weight[1] = float("inf")
-    with pytest.raises(AdvcamError, match="image im7, scale 1.0: .*step 0"):
+    with pytest.raises(AdvcamError, match="image im7, scale 1.0: .*step 0") as refused:
         advcam_maps(bad, image64, [1], {"scales": [1.0], "advcam": {"steps": 2}}, image_id="im7")
+    # before any climbing step the classifier is to blame, not the step size
+    assert "the classifier overflows" in str(refused.value) and "xi" not in str(refused.value)
 
 
 @pytest.mark.parametrize("option", [{"sign_steps": True}, {"cumulative_mask": True},
@@ -239,11 +241,18 @@ def test_cuda_graph_replays_the_eager_loop(precision):
     assert len(entries) == 1
     assert rel_err(replayed, climb(model, other, [2, 3, 0], steps=9, precision=precision)) < 1e-5
     assert rel_err(climb(model, image, [0, 1, 4], steps=9, precision=precision, cuda_graph=True), eager) < 1e-5
-    # a new class count is a new setting; a non-finite step is still named under replay
+    # a new class count is a new setting; a non-finite step is still named under replay (a non-finite xi is
+    # refused up front, so the classifier is broken in place: the captured graphs read its weights)
     climb(model, image, [1], steps=9, precision=precision, cuda_graph=True)
     assert len(entries) == 2
-    with pytest.raises(AdvcamError, match=r"non-finite .* at step 1 of 9"):
-        climb(model, image, [0], steps=9, xi=float("nan"), cuda_graph=True)
+    saved = model.classifier.weight.detach().clone()
+    with torch.no_grad():
+        model.classifier.weight[0] = float("inf")
+    with pytest.raises(AdvcamError, match=r"non-finite .* \(step 0 of 9, before any climbing step"):
+        climb(model, image, [0], steps=9, precision=precision, cuda_graph=True)
+    assert len(entries) == 2  # replayed, not captured again
+    with torch.no_grad():
+        model.classifier.weight.copy_(saved)
     adv.clear_graphs(model)
     assert model not in graphs._CACHE
 

@@ -93,6 +93,18 @@ def test_readme_params_reference_matches_schema():
     assert documented == config.markdown_reference(), "README params reference is stale: run `advcam params --reference`"
 
 
+def test_readme_params_examples_validate():
+    """Every ```yaml block of the README is a params file that the schema accepts (a renamed key or a typo in
+    the documented VOC params would fail a user's run)."""
+    import yaml
+
+    blocks = (REPO / "README.md").read_text().split("```yaml\n")[1:]
+    assert blocks
+    for block in blocks:
+        data = yaml.safe_load(block.split("```", 1)[0])
+        config.validate(data, "README example")
+
+
 # JSON Schema keywords the params schema may use: anything else is a YAML slip (an unquoted ", " inside a
 # flow mapping splits a description into stray keys, which jsonschema silently ignores).
 KEYWORDS = {"type", "default", "description", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",

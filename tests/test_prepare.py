@@ -110,6 +110,10 @@ def _break(case: str, root: Path) -> str:
     if case == "missing image":
         (root / "JPEGImages" / f"{first}.jpg").unlink()
         return f"id '{first}' has no image \\(expected .*JPEGImages/{first}.jpg\\)"
+    if case == "upper-case extension":
+        path = root / "JPEGImages" / f"{first}.jpg"
+        path.rename(path.with_name(f"{first}.JPG"))
+        return f"id '{first}' has no image \\(expected .*{first}.jpg\\); found {first}.JPG: advcam reads <id>.jpg only"
     if case == "unreadable image":
         path = root / "JPEGImages" / f"{first}.jpg"
         path.write_bytes(path.read_bytes()[:300])
@@ -136,8 +140,8 @@ def _break(case: str, root: Path) -> str:
     raise AssertionError(case)
 
 
-CASES = ["missing root", "missing list", "missing image", "unreadable image", "bad label", "separator", "dotdot",
-         "duplicate", "empty", "size mismatch"]
+CASES = ["missing root", "missing list", "missing image", "upper-case extension", "unreadable image", "bad label",
+         "separator", "dotdot", "duplicate", "empty", "size mismatch"]
 
 
 @pytest.mark.parametrize("case", CASES)

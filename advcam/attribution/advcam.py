@@ -284,6 +284,10 @@ def _climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Seq
     ok = torch.stack(finite).cpu()
     if not bool(ok.all()):
         bad = int((~ok).nonzero()[0, 0])
+        if bad == 0:  # before any ascent step: the classifier, not the step size
+            raise AdvcamError(f"AdvCAM: non-finite attribution map or gradient of the unchanged image (step 0 of "
+                              f"{steps}, before any climbing step; classes {shown}): the classifier overflows on "
+                              "this image; check its checkpoint and training curve (a diverged training?)")
         raise AdvcamError(f"AdvCAM: non-finite attribution map or gradient at step {bad} of {steps} "
                           f"(classes {shown}, xi {xi}, lam {lam}); try a smaller cam.advcam.xi")
     acc = buf.state()[1].clone() if graphs is not None else buf.state()[1]

@@ -17,6 +17,7 @@ catches truncation, at a fraction of the cost. Masks are read in full (they give
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -64,7 +65,10 @@ def _check_one(root: Path, mask_dir: str, num_classes: int, image_id: str, list_
     img_path, msk_path = voc.image_path(root, image_id), voc.mask_path(root, mask_dir, image_id)
     try:
         if not img_path.is_file():
-            raise AdvcamError(f"{list_file}: id {image_id!r} has no image (expected {img_path})")
+            others = sorted(p.name for p in img_path.parent.glob(glob.escape(image_id) + ".*") if p.is_file())
+            found = (f"; found {', '.join(others[:3])}: advcam reads <id>.jpg only (rename a .JPG, convert other "
+                     "formats to JPEG)") if others else ""
+            raise AdvcamError(f"{list_file}: id {image_id!r} has no image (expected {img_path}){found}")
         if not msk_path.is_file():
             raise MissingMask(f"{list_file}: id {image_id!r} has no mask (expected {msk_path})")
         h, w = voc.check_image(img_path, full=full)
