@@ -639,6 +639,12 @@ def test_params_check_refuses_what_a_stage_would_fail_on(work, tmp_path):
          ["classifier.pretrained: pretrained weights not found", "missing.pth"]),
         ((f"segmentation.pretrained={weights}", "segmentation.arch=deeplab_resnet50"), None,
          ["segmentation.pretrained: ", "small.pth: keys do not match"]),
+        (("segmentation.gt_ids=[nope_123]",), None,
+         ["segmentation.gt_ids: image 'nope_123' is not in the segmenter's training list"]),
+        (("dataset.kind=synthetic", "segmentation.gt_ids=[val_00000]"), None,
+         ["segmentation.gt_ids: image 'val_00000' is not in the segmenter's training list"]),
+        (("dataset.kind=synthetic", "dataset.seg_list=trainval"), None,
+         ["dataset.seg_list: the synthetic dataset has no list 'trainval'"]),
     ]
     for sets, params, names in cases:
         code, err = check(*sets, params=params)

@@ -13,7 +13,7 @@ from PIL import Image
 from advcam.data import DatasetInfo, voc
 from advcam.data import transforms as T
 from advcam.data.datasets import ClassificationDataset, SegmentationDataset
-from advcam.data.synthetic import (CLASS_NAMES, _mixed_texture, appearance, class_names, generate,
+from advcam.data.synthetic import (CLASS_NAMES, list_ids, _mixed_texture, appearance, class_names, generate,
                                     mixed_gap)
 from advcam.utils.errors import AdvcamError
 
@@ -47,6 +47,8 @@ def test_generator_is_byte_deterministic(syn, tmp_path):
     assert _digest(syn.root) == _digest(again.root)
     other = generate({**TINY, "seed": 4}, tmp_path / "other")
     assert _digest(syn.root) != _digest(other.root)
+    # the ids are known without generating (what `advcam params --check` checks gt_ids against)
+    assert list_ids(TINY) == syn.lists and list_ids({**TINY, "seed": 4}) == other.lists
 
 
 def test_body_contrast_scales_the_body_stripes_only(syn, tmp_path):

@@ -272,21 +272,30 @@ def _param(params: Mapping[str, Any], key: str, default: Any) -> Any:
     return params[key] if key in params else default
 
 
+def list_ids(params: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The ids of the lists ``train_aug``, ``val`` and ``train`` that :func:`generate` writes for ``params`` (the
+    ``synthetic`` section), without generating anything."""
+    seed = int(_param(params, "seed", 0))
+    n_aug, n_train = int(_param(params, "num_train_aug", 480)), int(_param(params, "num_train", 120))
+    n_val = int(_param(params, "num_val", 80))
+    lists = {split: [f"{PREFIX[split]}_{i:05d}" for i in range(n)]
+             for split, n in (("train_aug", n_aug), ("val", n_val))}
+    pick = np.random.default_rng([seed, 2]).choice(n_aug, size=min(n_train, n_aug), replace=False)
+    lists["train"] = [lists["train_aug"][i] for i in sorted(pick.tolist())]
+    return lists
+
+
 def generate(params: Mapping[str, Any], root: str | Path, style: Style | None = None) -> SyntheticDataset:
     """Write the dataset described by ``params`` (the ``synthetic`` section) in VOC layout under ``root``."""
     root = Path(root)
     seed = int(_param(params, "seed", 0))
     num_classes, size = int(_param(params, "num_classes", 6)), int(_param(params, "image_size", 96))
-    n_aug, n_train = int(_param(params, "num_train_aug", 480)), int(_param(params, "num_train", 120))
-    n_val, max_obj = int(_param(params, "num_val", 80)), int(_param(params, "max_objects", 3))
+    max_obj = int(_param(params, "max_objects", 3))
     n_dist = int(_param(params, "distractors", 3))
     style = replace(style or STYLE, body_amp=float(_param(params, "body_contrast", (style or STYLE).body_amp)))
     if not 1 <= num_classes <= len(CLASS_NAMES):
         raise ValueError(f"synthetic.num_classes must be 1..{len(CLASS_NAMES)}, got {num_classes}")
-    lists = {split: [f"{PREFIX[split]}_{i:05d}" for i in range(n)]
-             for split, n in (("train_aug", n_aug), ("val", n_val))}
-    pick = np.random.default_rng([seed, 2]).choice(n_aug, size=min(n_train, n_aug), replace=False)
-    lists["train"] = [lists["train_aug"][i] for i in sorted(pick.tolist())]
+    lists = list_ids(params)
     pal = voc.palette()
     objects: dict[str, list[dict[str, Any]]] = {}
     jobs = [(split, i, image_id) for split in ("train_aug", "val") for i, image_id in enumerate(lists[split])]

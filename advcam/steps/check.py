@@ -7,7 +7,9 @@ the same one-line messages as the stages:
 - params the schema refuses, as advcam reads the file and as Snakemake reads it (YAML 1.1, where an unquoted
   VOC id ``2007_000032`` is the number 2007000032);
 - a dataset folder, image or mask folder, or list file that is missing (``dataset.kind: voc``; the images
-  themselves are checked by ``prepare``);
+  themselves are checked by ``prepare``), or a list name the synthetic dataset does not write;
+- ``segmentation.gt_ids`` outside the segmenter's training list, or a ``gt_fraction`` outside [0, 1] (the
+  segmenter is the stage it would cost);
 - a ``pretrained`` weight file that is missing, unreadable, or does not fit its arch (keys and shapes against
   the backbone built on the ``meta`` device: no memory, no computation).
 
@@ -25,7 +27,9 @@ from advcam import config
 from advcam.models import resnet
 from advcam.models.classifier import build_classifier
 from advcam.models.deeplab import build_segmenter
+from advcam.data import synthetic
 from advcam.steps.prepare import check_layout, role_list_names
+from advcam.train.segmentation import select_gt_ids
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import write_text
 from advcam.utils.progress import log
@@ -42,11 +46,27 @@ def as_snakemake_reads(params: Path) -> None:
     config.validate(data or {}, f"{params} (as Snakemake reads it: YAML 1.1)", coerce_strings=True)
 
 
-def dataset_layout(cfg: Any) -> None:
-    """The dataset root, its image and mask folders and its list files exist (a VOC-layout dataset)."""
+def dataset_lists(cfg: Any) -> dict[str, list[str]]:
+    """The ids of each role's list: read from a VOC-layout dataset (whose root, image and mask folders and list
+    files must exist), or those the synthetic dataset will generate."""
     ds = cfg.dataset
+    names = role_list_names(ds)
     if ds.kind == "voc":
-        check_layout(Path(ds.root).expanduser().absolute(), ds.mask_dir, role_list_names(ds))
+        return check_layout(Path(ds.root).expanduser().absolute(), ds.mask_dir, names)
+    generated = synthetic.list_ids(cfg.synthetic.to_dict())
+    for role, name in names.items():
+        if name not in generated:
+            key = "seg_list" if role == "seg" else f"{role}_list"
+            raise AdvcamError(f"dataset.{key}: the synthetic dataset has no list {name!r} (it writes "
+                              f"{', '.join(sorted(generated))})")
+    return {role: generated[name] for role, name in names.items()}
+
+
+def gt_ids_fit(cfg: Any, lists: dict[str, list[str]]) -> None:
+    """``segmentation.gt_ids`` name images of the segmenter's training list; ``gt_fraction`` is in [0, 1]."""
+    seg = cfg.segmentation
+    select_gt_ids(lists["seg"], seg.get("gt_ids", []), float(seg.get("gt_fraction", 0.0)), int(cfg.seed),
+                  role_list_names(cfg.dataset)["seg"])
 
 
 def weights_fit(build: Callable[..., torch.nn.Module], arch: str, path: str, key: str) -> None:
@@ -64,7 +84,7 @@ def weights_fit(build: Callable[..., torch.nn.Module], arch: str, path: str, key
 def run(cfg: Any, params: Path | None, out: Path) -> None:
     if params is not None:
         as_snakemake_reads(params)
-    dataset_layout(cfg)
+    gt_ids_fit(cfg, dataset_lists(cfg))
     for key, build, arch, path in (("classifier.pretrained", build_classifier, cfg.classifier.arch,
                                     cfg.classifier.pretrained),
                                    ("segmentation.pretrained", build_segmenter, cfg.segmentation.arch,
