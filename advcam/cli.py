@@ -78,6 +78,39 @@ STAGES: dict[str, tuple[str, list[tuple[str, PathDefault, str]]]] = {
 }
 
 
+# Outputs that are files and outputs that are folders, by (stage, option): checked before a stage runs, so a
+# path of the wrong kind is one line (exit 2) before any work, not an OS error after it.
+FILE_OUTPUTS = {("train-cls", "out"), ("train-cls", "curves"), ("cams", "metrics"), ("cams", "curve"),
+                ("refine", "metrics"), ("train-seg", "out"), ("train-seg", "curves"), ("evaluate", "metrics"),
+                ("compare", "out"), ("visualize", "out"), ("params", "check")}
+FOLDER_OUTPUTS = {("prepare", "out"), ("cams", "out"), ("refine", "out"), ("evaluate", "plots"), ("figures", "out")}
+
+
+def check_output_paths(stage: str, args: argparse.Namespace) -> None:
+    """Refuse an output path of the wrong kind: a file output that is an existing folder or ends with a slash
+    (which would write a file named like the folder), a folder output that is an existing file."""
+    for opt in sorted({o for s, o in FILE_OUTPUTS | FOLDER_OUTPUTS if s == stage}):
+        value = getattr(args, opt, None)
+        if not value:
+            continue
+        text, path = str(value), Path(str(value)).expanduser()
+        if (stage, opt) in FILE_OUTPUTS:
+            if text.endswith(("/", os.sep)) or path.is_dir():
+                raise AdvcamError(f"--{opt} {text}: a folder, but --{opt} is a file to write; give a file path "
+                                  f"(e.g. {text.rstrip('/' + os.sep)}/{_example_name(stage, opt)})")
+        elif path.exists() and not path.is_dir():
+            raise AdvcamError(f"--{opt} {text}: an existing file, but --{opt} is a folder to write into; give a "
+                              "folder path")
+
+
+def _example_name(stage: str, opt: str) -> str:
+    """A file name to suggest for a file output given as a folder."""
+    for name, default, _ in STAGES.get(stage, ("", []))[1]:
+        if name == opt:
+            return Path(default(_LAYOUT)).name
+    return {"compare": "compare.png", "visualize": "image.png", "params": "params.checked"}.get(stage, "out")
+
+
 # Stages that scatter over image shards (--shard I/N) and gather them (--gather DIR...): advcam.steps.shards.
 SHARDED = ("cams", "refine")
 
@@ -224,6 +257,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.params_json and args.params:
             raise AdvcamError("give --params or --params-json, not both (--params-json holds every param)")
         cfg = config.load(None if args.params_json else params_file(args.params), args.overrides, args.params_json)
+        check_output_paths(args.stage, args)
         if args.stage == "params" and args.reference:
             _write(config.markdown_reference())
             return 0

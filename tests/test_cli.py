@@ -322,3 +322,29 @@ def test_cost_model_refuses_values_that_make_no_time(args, capsys):
     with pytest.raises(SystemExit) as stop:
         cost_model.main(args)
     assert stop.value.code == 2 and args[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["params", "--check", "{dir}"], "--check {dir}: a folder, but --check is a file to write"),
+    (["compare", "--cams", "cams", "--labels", "A", "--out", "{tmp}/nodir/"], "--out {tmp}/nodir/: a folder"),
+    (["visualize", "img_00006", "--out", "{dir}"], "--out {dir}: a folder, but --out is a file to write"),
+    (["train-cls", "--curves", "{tmp}/c/"], "(e.g. {tmp}/c/train_cls.csv)"),
+    (["figures", "--out", "{file}"], "--out {file}: an existing file, but --out is a folder to write into"),
+    (["cams", "--out", "{file}"], "--out {file}: an existing file"),
+])
+def test_an_output_path_of_the_wrong_kind_is_refused_before_any_work(argv, words, tmp_path, capsys):
+    """A file output given as a folder (existing, or ending with a slash: it used to write a file named like the
+    folder) or a folder output given as an existing file: one line, exit 2, before the stage reads anything."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    fill = {"dir": str(tmp_path / "dir"), "file": str(tmp_path / "file"), "tmp": str(tmp_path)}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert words.format(**fill) in err and len(_error_lines(err)) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not any((tmp_path / "dir").iterdir())
+    from advcam.utils.errors import AdvcamError
+    from advcam.utils.io import write_text
+
+    with pytest.raises(AdvcamError, match="is a folder, but a file is to be written there"):
+        write_text(tmp_path / "dir", "x")  # the library's writers refuse it too (it was an IsADirectoryError)

@@ -47,6 +47,8 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     ``durable`` (default) fsyncs the written file before the rename, so even a power cut cannot leave an
     empty or partial file under the real name (a SIGKILL cannot either way)."""
     path = Path(path)
+    if path.is_dir():
+        raise AdvcamError(f"{path}: is a folder, but a file is to be written there; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", suffix=path.suffix, dir=path.parent)
     os.close(fd)
