@@ -111,6 +111,23 @@ def _example_name(stage: str, opt: str) -> str:
     return {"compare": "compare.png", "visualize": "image.png", "params": "params.checked"}.get(stage, "out")
 
 
+# visualize's optional inputs: (option, default, what); a default that does not exist drops its column
+VISUALIZE_INPUTS = (("cams", "cams", "folder of <id>.npz CAM files"),
+                    ("pseudo", "pseudo", "folder of <id>.png pseudo labels"),
+                    ("classifier", "models/classifier.pt", "classifier checkpoint (CAM and AdvCAM)"),
+                    ("segmenter", "models/segmenter.pt", "segmenter checkpoint (prediction)"))
+
+
+def given_inputs_exist(stage: str, args: argparse.Namespace) -> None:
+    """Optional inputs a user named (visualize's folders and checkpoints, figures' --runs) must exist: only the
+    defaults are skipped quietly when missing."""
+    named = [opt for opt, _, _ in VISUALIZE_INPUTS] if stage == "visualize" else ["runs"] if stage == "figures" else []
+    for opt in named:
+        value = getattr(args, opt, None)
+        if value and not Path(value).expanduser().exists():
+            raise AdvcamError(f"--{opt} {value}: not found (leave the option out to skip it)")
+
+
 # Stages that scatter over image shards (--shard I/N) and gather them (--gather DIR...): advcam.steps.shards.
 SHARDED = ("cams", "refine")
 
@@ -169,10 +186,9 @@ def _parser() -> argparse.ArgumentParser:
             "(the ones that exist).")
     s.add_argument("image_id", help="image id (file name without extension)")
     s.add_argument("--data", default=None, help="prepared dataset folder (default: data/<dataset.name>)")
-    s.add_argument("--cams", default="cams", help="folder of <id>.npz CAM files")
-    s.add_argument("--pseudo", default="pseudo", help="folder of <id>.png pseudo labels")
-    s.add_argument("--classifier", default="models/classifier.pt", help="classifier checkpoint (CAM and AdvCAM)")
-    s.add_argument("--segmenter", default="models/segmenter.pt", help="segmenter checkpoint (prediction)")
+    for opt, default, what in VISUALIZE_INPUTS:
+        s.add_argument(f"--{opt}", default=None, help=f"{what} (default: {default}, skipped where it does not exist; "
+                                                      "a path given here must exist)")
     s.add_argument("--out", default=None, help="PNG to write (default: plots/visualize/<image_id>.png)")
     s = add("info", "Print the resolved params, the device, the C++/CUDA extension's build status and a summary "
             "of the prepared dataset.")
@@ -258,6 +274,7 @@ def _main(argv: Sequence[str] | None) -> int:
             raise AdvcamError("give --params or --params-json, not both (--params-json holds every param)")
         cfg = config.load(None if args.params_json else params_file(args.params), args.overrides, args.params_json)
         check_output_paths(args.stage, args)
+        given_inputs_exist(args.stage, args)
         if args.stage == "params" and args.reference:
             _write(config.markdown_reference())
             return 0
@@ -273,8 +290,9 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.stage == "visualize":
             from advcam.steps import figures
             data = Path(args.data or f"data/{cfg.dataset.name}")
+            inputs = {opt: Path(getattr(args, opt) or default) for opt, default, _ in VISUALIZE_INPUTS}
             figures.visualize(cfg, data, args.image_id, Path(args.out or f"plots/visualize/{args.image_id}.png"),
-                              Path(args.cams), Path(args.pseudo), Path(args.classifier), Path(args.segmenter))
+                              **inputs)
             return 0
         if args.stage == "info":
             from advcam.steps import info

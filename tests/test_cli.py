@@ -155,11 +155,20 @@ def test_visualize_draws_what_exists(prepared, tmp_path):
     assert columns == ["image", "ground truth", "AdvCAM"]  # no pseudo label, no models
     with Image.open(out) as im:
         assert im.width > 2.5 * im.height > 0  # one row of three panels
-    r = run_cli("visualize", image_id, "--set", "device=cpu", "--data", str(prepared), "--cams",
-                str(tmp_path / "cams"), "--pseudo", str(tmp_path / "none"), "--classifier", str(tmp_path / "none.pt"),
-                "--segmenter", str(tmp_path / "none.pt"), "--out", str(tmp_path / "cli.png"))
+    # in a folder without pseudo/ and models/: those columns are skipped
+    r = run_cli("visualize", image_id, "--set", "device=cpu", "--data", str(prepared.resolve()), "--cams",
+                str(tmp_path / "cams"), "--out", str(tmp_path / "cli.png"), "--params", str(REPO / "params.yaml"),
+                "--debug", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert "findfont" not in r.stderr and "STREAM" not in r.stderr  # --debug shows advcam's lines, not matplotlib's
     assert (tmp_path / "cli.png").stat().st_size > 0
+    # a path the user names must exist (it used to drop its column silently)
+    r = run_cli("visualize", image_id, "--set", "device=cpu", "--data", str(prepared.resolve()), "--segmenter",
+                str(tmp_path / "typo.pt"), "--out", str(tmp_path / "typo.png"), cwd=tmp_path)
+    assert r.returncode == 2 and f"--segmenter {tmp_path / 'typo.pt'}: not found" in r.stderr, r.stderr
+    assert not (tmp_path / "typo.png").exists()
+    r = run_cli("figures", "--runs", str(tmp_path / "nothere"), cwd=tmp_path)
+    assert r.returncode == 2 and "--runs" in r.stderr and "not found" in r.stderr, r.stderr
 
 
 def _random_cams(folder, info, ids, seed):

@@ -112,3 +112,16 @@ def test_crf_postprocess_keeps_a_confident_prediction():
     np.testing.assert_array_equal(crf_postprocess(image, prob), label)
     with pytest.raises(ValueError, match="does not match"):
         crf_postprocess(image[:8], prob)
+
+
+@pytest.mark.parametrize("method, title", [("advcam", "AdvCAM"), ("cam", "CAM")])
+def test_gallery_names_the_attribution_method_of_the_maps(stage, monkeypatch, method, title):
+    """cams/ holds the maps of cam.method: the gallery's column says which (it said "CAM" for AdvCAM's maps)."""
+    evaluate, paths, info = stage
+    seen = {}
+    monkeypatch.setattr(evaluate, "plot_gallery", lambda rows, out, columns, title: seen.update(
+        columns=columns, keys=[set(r) for r in rows]))
+    run(evaluate, paths, extra=[f"cam.method={method}"])
+    other = "CAM" if title == "AdvCAM" else "AdvCAM"
+    assert title in seen["columns"] and other not in seen["columns"]
+    assert all(title in keys for keys in seen["keys"])

@@ -156,6 +156,12 @@ def test_other_runs_add_rows_and_curves(project, tmp_path):
     rows = list(csv.DictReader((tmp_path / "out/methods.csv").read_text().splitlines()))
     assert [r["run"] for r in rows][1:] == ["baseline"] and rows[1]["val mIoU %"] == ""
     assert rows[1]["seed mIoU %"] == rows[0]["seed mIoU %"]
+    assert rows[1]["classifier"] == rows[1]["attribution"] == ""  # no params.yaml copied: unknown methods
+    (runs / "baseline" / "params.yaml").write_text("classifier: {method: seam}\ncam: {method: cam}\n")
+    figures.run(cfg, project / "data/synthetic", project / "models/classifier.pt", project / "models/segmenter.pt",
+                project / "cams", project / "pseudo", project / "metrics", project / "plots", runs, tmp_path / "out")
+    rows = list(csv.DictReader((tmp_path / "out/methods.csv").read_text().splitlines()))
+    assert (rows[1]["classifier"], rows[1]["attribution"], rows[1]["refinement"]) == ("seam", "cam", "crf")
 
 
 def test_training_curves_are_logged_with_dvclive(project):

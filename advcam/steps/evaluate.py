@@ -93,7 +93,7 @@ def gallery_ids(info: Any, cams: Path, pseudo: Path, n: int) -> list[str]:
 
 
 def _gallery_row(info: Any, image_id: str, model: torch.nn.Module, device: torch.device, cams: Path,
-                 pseudo: Path, pal: list[int], inference: tuple) -> dict:
+                 pseudo: Path, pal: list[int], inference: tuple, cam_title: str = "CAM") -> dict:
     scales, flip, crf = inference
     image = info.read_image(image_id)
     size = image.shape[:2]
@@ -104,7 +104,7 @@ def _gallery_row(info: Any, image_id: str, model: torch.nn.Module, device: torch
     if Path(info.mask_path(image_id)).is_file():
         row["ground truth"] = colorize(info.read_mask(image_id), pal)
     if (cams / f"{image_id}.npz").is_file():
-        row["CAM"] = cam_overlay(image, load_cam(cams / f"{image_id}.npz", size)["high_res"])
+        row[cam_title] = cam_overlay(image, load_cam(cams / f"{image_id}.npz", size)["high_res"])
     label = read_label(pseudo / f"{image_id}.png", size)
     if label is not None:
         row["pseudo label"] = colorize(label, pal)
@@ -156,11 +156,14 @@ def run(cfg: Any, data: Path, model: Path, cams: Path, pseudo: Path, metrics: Pa
                    title=f"val confusion (row-normalised), mIoU {100 * (result['val_miou'] or 0):.1f}")
     pal = palette()
     cams, pseudo = Path(cams), Path(pseudo)
-    gallery = [_gallery_row(info, i, net, device, cams, pseudo, pal, inference)
+    cam_title = "AdvCAM" if str(cfg.cam.method) == "advcam" else "CAM"  # the maps in cams/ are the method's
+    gallery = [_gallery_row(info, i, net, device, cams, pseudo, pal, inference, cam_title)
                for i in gallery_ids(info, cams, pseudo, int(cfg.evaluation.gallery_size))]
-    columns = (*GALLERY_COLUMNS, CRF_COLUMN) if crf is not None else GALLERY_COLUMNS
+    columns = tuple(cam_title if c == "CAM" else c for c in GALLERY_COLUMNS)
+    columns = (*columns, CRF_COLUMN) if crf is not None else columns
     plot_gallery(gallery, plots / "gallery.png", columns=columns,
-                 title="" if gallery else "evaluation.gallery_size is 0: no images shown")
+                 title="infer-list images (the segmenter trains on their pseudo labels)" if gallery
+                 else "evaluation.gallery_size is 0: no images shown")
     log.info("evaluate: val mIoU %.4f%s over %d images (all-background baseline %.4f)",
              result["val_miou"] or float("nan"),
              f", with CRF {result['val_miou_crf'] or float('nan'):.4f}" if crf is not None else "", scored,

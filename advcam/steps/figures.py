@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import torch
 
 from advcam.attribution.cam import compute_maps, load_cam
+from advcam import config
 from advcam.config import Config
 from advcam.data import image_classes, load_info
 from advcam.data.transforms import normalize
@@ -110,6 +111,21 @@ def table_csv(rows: list[list[str]]) -> str:
     writer.writerow(TABLE_COLUMNS)
     writer.writerows(rows)
     return buf.getvalue()
+
+
+def run_methods(folder: Path) -> dict[str, str]:
+    """The classifier, attribution and refinement methods of a ``runs/<label>/`` folder, from the copy of its
+    ``params.yaml`` (empty when there is none; a file that does not validate is named in a warning)."""
+    path = Path(folder) / "params.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        other = config.load(path)
+    except (AdvcamError, OSError) as exc:
+        log.warning("figures: ignoring %s (%s)", path, exc)
+        return {}
+    return {"classifier": str(other.classifier.method), "cam": str(other.cam.method),
+            "refine": str(other.refine.method)}
 
 
 def other_runs(runs: Path) -> dict[str, Path]:
@@ -201,7 +217,7 @@ def run(cfg: Any, data: Path, classifier: Path, segmenter: Path, cams: Path, pse
         best[label] = float(this["seed_best_threshold"])
     for name, folder in other_runs(runs).items():
         m = read_metrics(folder, required=False)
-        rows.append(table_row(name, {}, m))
+        rows.append(table_row(name, run_methods(folder), m))
         if (folder / "seeds_threshold.csv").is_file():
             curves[name] = read_csv_columns(folder / "seeds_threshold.csv")
             if m.get("seed_best_threshold") is not None:

@@ -38,3 +38,5 @@ def setup_logging(debug: bool = False) -> None:
     quiet = launch_rank() != 0 and not debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO,
                         format="[advcam %(asctime)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for chatty in ("matplotlib", "PIL"):  # --debug is for advcam's lines: their font and plugin searches flood it
+        logging.getLogger(chatty).setLevel(logging.INFO)
