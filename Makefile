@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.py | $(BIN)/python
 install: $(VENV)/.installed
 
 run: install
-	snakemake --cores all
+	snakemake --cores all --rerun-incomplete
 
 test: install
 	$(BIN)/python -m pytest -q tests
