@@ -115,7 +115,9 @@ def attention_maps(features: torch.Tensor, weight: torch.Tensor, rows: torch.Ten
     if rows.numel() == 0:
         return features.new_zeros((0, int(size[0]), int(size[1])))
     w = weight.detach().flatten(1)[classes]  # (P, K)
-    raw = torch.einsum("pkhw,pk->phw", features[rows], w)
+    # index_select: its backward adds the gradients of repeated rows in order (the backward of features[rows]
+    # adds them with parallel atomics on CPU, so results varied in the last bits from run to run under load)
+    raw = torch.einsum("pkhw,pk->phw", features.index_select(0, rows), w)
     up = F.interpolate(F.relu(raw)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     flat = up.flatten(1)
     flat = flat - flat.amin(1, keepdim=True)
