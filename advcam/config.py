@@ -133,6 +133,10 @@ def _describe(err: ValidationError, source: str, origins: Mapping[str, str] | No
         return f"{source}: unknown key {', '.join(full)} (allowed here: {allowed})"
     bounds = [f"{k} {sch[k]}" for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "enum",
                                          "minItems", "type") if k in sch]
+    if err.validator == "uniqueItems":
+        seen: set = set()
+        twice = [v for v in err.instance if repr(v) in seen or seen.add(repr(v))]  # type: ignore[func-returns-value]
+        bounds = [f"each item once; {', '.join(repr(v) for v in twice[:3])} repeated"]
     allowed = f" (allowed: {', '.join(bounds)})" if bounds else ""
     hint = ""
     if err.validator == "type" and "string" in str(sch.get("type")) and isinstance(err.instance, (int, float)) \

@@ -37,6 +37,7 @@ def test_overrides_and_attribute_access():
     ("classifier.lr=.nan", ["classifier.lr", "numbers must be finite"]),
     ("cam.advcam.xi=.inf", ["cam.advcam.xi", "numbers must be finite"]),
     ("cam.scales=[1.0, -.inf]", ["cam.scales[1]", "numbers must be finite"]),
+    ("segmentation.gt_ids=[a, b, a]", ["segmentation.gt_ids", "each item once; 'a' repeated"]),
 ])
 def test_errors_name_key_and_range(override, words):
     with pytest.raises(ConfigError) as err:
