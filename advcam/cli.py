@@ -98,6 +98,8 @@ def check_output_paths(stage: str, args: argparse.Namespace) -> None:
             if text.endswith(("/", os.sep)) or path.is_dir():
                 raise AdvcamError(f"--{opt} {text}: a folder, but --{opt} is a file to write; give a file path "
                                   f"(e.g. {text.rstrip('/' + os.sep)}/{_example_name(stage, opt)})")
+            if stage in ("compare", "visualize") and path.suffix.lower() != ".png":
+                raise AdvcamError(f"--{opt} {text}: the figure is written as PNG; give a path ending in .png")
         elif path.exists() and not path.is_dir():
             raise AdvcamError(f"--{opt} {text}: an existing file, but --{opt} is a folder to write into; give a "
                               "folder path")

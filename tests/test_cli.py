@@ -340,6 +340,7 @@ def test_cost_model_refuses_values_that_make_no_time(args, capsys):
     (["train-cls", "--curves", "{tmp}/c/"], "(e.g. {tmp}/c/train_cls.csv)"),
     (["figures", "--out", "{file}"], "--out {file}: an existing file, but --out is a folder to write into"),
     (["cams", "--out", "{file}"], "--out {file}: an existing file"),
+    (["compare", "--cams", "cams", "--labels", "A", "--out", "{tmp}/x.jpg"], "written as PNG; give a path ending"),
 ])
 def test_an_output_path_of_the_wrong_kind_is_refused_before_any_work(argv, words, tmp_path, capsys):
     """A file output given as a folder (existing, or ending with a slash: it used to write a file named like the
