@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -85,6 +85,13 @@ class DatasetInfo:
     def map_ids(self) -> list[str]:
         """The images CAMs and pseudo labels are made for: :func:`map_ids` of the lists."""
         return map_ids(self.lists)
+
+    def require_listed(self, image_ids: Sequence[str], what: str) -> None:
+        """AdvcamError naming the first of ``image_ids`` that is in none of the lists (``what``: the caller)."""
+        for image_id in image_ids:
+            if not any(image_id in ids for ids in self.lists.values()):
+                counts = ", ".join(f"{role}: {len(ids)} images" for role, ids in self.lists.items())
+                raise AdvcamError(f"{what}: image {image_id!r} is in none of the lists of {self.folder} ({counts})")
 
 
 def map_ids(lists: dict[str, list[str]]) -> list[str]:

@@ -25,6 +25,7 @@ def run(cfg: Any, data: Path, cams: Sequence[Path], labels: Sequence[str], out: 
     for folder in cams:
         if not Path(folder).is_dir():
             raise AdvcamError(f"compare: CAM folder not found: {folder}")
+    info.require_listed(ids, "compare")
     chosen = list(ids) or [i for i in info.lists["infer"]
                            if all((Path(f) / f"{i}.npz").is_file() for f in cams)][:n]
     if not chosen:

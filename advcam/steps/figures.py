@@ -257,9 +257,7 @@ def visualize(cfg: Any, data: Path, image_id: str, out: Path, cams: Path | None 
     Missing inputs are left out; with ``classifier`` both CAM and AdvCAM are drawn (computed if needed).
     """
     info = load_info(data)
-    if not any(image_id in ids for ids in info.lists.values()):
-        raise AdvcamError(f"visualize: image {image_id!r} is in none of the lists of {data} "
-                          f"({', '.join(f'{role}: {len(ids)} images' for role, ids in info.lists.items())})")
+    info.require_listed([image_id], "visualize")
     device, cls, seg = _load_models(cfg, info, classifier, segmenter)
     row = image_row(info, image_id, cams=cams, pseudo=pseudo, cam_method=str(cfg.cam.method), classifier=cls,
                     cfg_cam=cfg.cam, segmenter=seg, device=device, cfg_eval=cfg.evaluation)
