@@ -82,6 +82,23 @@ def test_progress_opens_its_iterable_once():
     assert list(progress(Counted(), "x")) == [0, 1, 2] and Counted.opened == 1
 
 
+def test_bars_into_a_log_file_refresh_seldom(tmp_path, capsys, monkeypatch):
+    """Into a file (Snakemake's logs, a SLURM job's output) a training bar refreshes every 10 s: it used to be
+    redrawn at every batch (set_postfix forced a refresh), hundreds of lines per log."""
+    monkeypatch.setenv("ADVCAM_PROGRESS", "1")
+    torch.manual_seed(0)
+    model = build_classifier("resnet_small", 3)
+    data = ToyShapes(n=64, size=16)
+    optimizer = loop.make_sgd(model.param_groups(), 0.05, 1e-4, 0.9)
+    capsys.readouterr()
+    loop.fit(model, optimizer, lambda e: loop.epoch_loader(data, 2, seed=0, epoch=e), classification_loss,
+             epochs=1, base_lr=0.05, resume=tmp_path / "m.resume.pt", curves=tmp_path / "c.csv",
+             fingerprint={"p": 1}, desc="bars")
+    err = capsys.readouterr().err  # pytest's capture is not a terminal
+    draws = err.count("\r") + err.count("\n")
+    assert "bars epoch 1/1" in err and draws < 10, (draws, err[-500:])  # 32 batches
+
+
 def test_poly_lr_and_param_groups():
     assert loop.poly_lr(0.1, 0, 100) == pytest.approx(0.1)
     assert loop.poly_lr(0.1, 50, 100) == pytest.approx(0.1 * 0.5 ** 0.9)

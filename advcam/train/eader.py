@@ -220,7 +220,7 @@ def train_eader(model: EADERNet, dataset: Dataset, *, cfg: Any, seed: int, worke
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(phase=phase[:3], loc=f"{out['localiser'].item():.4f}",
                                 adv=f"{out.get('adversary', torch.zeros(())).item():.4f}",
-                                p_erased=f"{out['erased_prob'].item():.3f}")
+                                p_erased=f"{out['erased_prob'].item():.3f}", refresh=False)
         done = ", ".join(f"{k} loss {s / c:.4f} ({c} steps)" for k, (s, c) in sums.items() if c)
         log.info("train-cls eader epoch %d/%d: %s", epoch + 1, epochs, done or "no steps")
         state: dict[str, Any] = {"model": model.state_dict(), "localiser_optimizer": opt_loc.state_dict(),

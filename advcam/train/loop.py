@@ -219,7 +219,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader_for_epoch: Ca
             total, count = total + value, count + 1
             rows.append([epoch + 1, step + 1, value, lr])
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")  # type: ignore[attr-defined]
+                # refresh=False: shown at the bar's next timed refresh (a forced one per batch fills log files)
+                bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}",  # type: ignore[attr-defined]
+                                refresh=False)
         log.info("%s epoch %d/%d: mean loss %.4f", desc, epoch + 1, epochs, total / max(count, 1))
         if rank == 0:
             save_checkpoint(resume, {"kind": "resume", "fingerprint": dict(fingerprint)}, model=model.state_dict(),

@@ -19,8 +19,10 @@ def progress(iterable: Iterable[T] | None, desc: str, total: int | None = None, 
     iterator on ``iterable`` when the bar is made and another when the loop starts: a DataLoader with workers
     started its worker processes twice."""
     disable = os.environ.get("ADVCAM_PROGRESS", "1") == "0" or launch_rank() != 0  # under torchrun, rank 0's bar only
+    # into a log file (Snakemake's logs/, a SLURM job's output) a refresh every 10 s, not twice a second
+    interval = 0.5 if sys.stderr.isatty() else 10.0
     return (tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, disable=disable,
-                     dynamic_ncols=True, mininterval=0.5))
+                 dynamic_ncols=True, mininterval=interval))
 
 
 def launch_rank() -> int:
