@@ -29,17 +29,15 @@ normalisation), ``cumulative_mask`` (``M_t = M_{t-1} OR 1(A/max A > tau)``), ``s
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advcam import config
 from advcam.attribution.cam import class_map_net, resize_image
 from advcam.attribution.graphs import ClimbBuffers, StepGraphs, cached_graphs, clear_graphs, store_graphs, tf32_mode
+from advcam.attribution.inputs import check_image_and_classes, check_scalars
 from advcam.ops import ascent_step_, masked_l1
 from advcam.utils import param
 from advcam.utils.device import evaluating, frozen
@@ -63,42 +61,6 @@ def gradcam_scale(cam_c: torch.Tensor, weight_c: torch.Tensor) -> torch.Tensor:
     pos = (cam_c.detach() > 0).flatten(2).sum(2).to(cam_c.dtype)
     kplus = (weight_c.detach() > 0).sum(1).to(cam_c.dtype)
     return pos / (kplus[:, None] * pos.sum(1, keepdim=True) + 1e-12)
-
-
-def _check_inputs(model: nn.Module, image: torch.Tensor, classes: Sequence[int]) -> list[int]:
-    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise AdvcamError(f"AdvCAM: expected a normalised (3, H, W) image tensor, got {shape}")
-    if not image.is_floating_point():
-        raise AdvcamError(f"AdvCAM: image must be a float tensor (normalised), got {image.dtype}")
-    if not bool(torch.isfinite(image).all()):
-        raise AdvcamError("AdvCAM: the image holds NaN or infinite values")
-    weight = getattr(getattr(model, "classifier", None), "weight", None)
-    if weight is None or not hasattr(model, "cam"):
-        raise AdvcamError("AdvCAM: the model needs cam(x) and a bias-free 1x1 classifier (classifier.weight)")
-    num = weight.shape[0]
-    out = [int(c) for c in classes]
-    bad = [c for c in out if not 0 <= c < num]
-    if bad:
-        raise AdvcamError(f"AdvCAM: class ids {bad} outside 0..{num - 1}")
-    return out
-
-
-def _check_scalars(**values: Any) -> None:
-    """The schema's ranges of ``cam.advcam.<name>`` (steps, xi, lam, tau), for callers of the library."""
-    for name, value in values.items():
-        sch = config.schema_property(f"cam.advcam.{name}")
-        whole = sch["type"] == "integer"
-        strict = "exclusiveMinimum" in sch
-        low, high = sch.get("exclusiveMinimum", sch.get("minimum")), sch.get("maximum")
-        ok = (not isinstance(value, bool) and isinstance(value, (int, np.integer) if whole else (int, float, np.number))
-              and math.isfinite(value) and (low is None or (value > low if strict else value >= low))
-              and (high is None or value <= high))
-        if not ok:
-            bounds = " and ".join(b for b in (f"{'>' if strict else '>='} {low:g}" if low is not None else "",
-                                               f"<= {high:g}" if high is not None else "") if b)
-            raise AdvcamError(f"cam.advcam.{name}: must be a {'whole' if whole else 'finite'} number {bounds}, "
-                              f"got {value!r}")
 
 
 def climb(model: nn.Module, image: torch.Tensor, classes: Sequence[int], *, steps: int = 27, xi: float = 0.08,
@@ -147,10 +109,10 @@ def _climb_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Seq
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise AdvcamError(f"AdvCAM: unknown option(s) {sorted(unknown)} (known: {', '.join(OPTIONS)})")
-    _check_scalars(steps=steps, xi=xi, lam=lam, tau=tau)
+    check_scalars(steps=steps, xi=xi, lam=lam, tau=tau)
     if len(images) == 0 or len(images) != len(classes):
         raise AdvcamError(f"AdvCAM: {len(images)} images but {len(classes)} class lists")
-    classes = [_check_inputs(model, im, cs) for im, cs in zip(images, classes)]
+    classes = [check_image_and_classes(model, im, cs) for im, cs in zip(images, classes)]
     image = images[0]
     if any(im.shape != image.shape for im in images):
         raise AdvcamError("AdvCAM: the images of one batch must have one size, got "
