@@ -24,10 +24,10 @@ import torch
 import yaml
 
 from advcam import config
+from advcam.data import synthetic
 from advcam.models import resnet
 from advcam.models.classifier import build_classifier
 from advcam.models.deeplab import build_segmenter
-from advcam.data import synthetic
 from advcam.steps.prepare import check_layout, role_list_names
 from advcam.train.segmentation import select_gt_ids
 from advcam.utils.errors import AdvcamError
