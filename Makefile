@@ -2,22 +2,26 @@
 # Installs into a virtual environment (.venv) that also sees the system's packages, so a CUDA build of
 # PyTorch that is already installed is used as is. Where no torch is importable, the pinned CPU-compatible
 # version is installed first, so pip never resolves `torch` to the newest (CUDA) build on its own.
+# Every other package is installed at the version in constraints.txt (the set CI tests; `make lock` renews it),
+# so a new release of a dependency cannot change a fresh install; `make install CONSTRAINTS=` resolves
+# setup.py's ranges instead.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+CONSTRAINTS ?= constraints.txt
 export PATH := $(abspath $(BIN)):$(PATH)
 # The compiled AdvCAM extension is cached outside the repo (DVC experiments run in temporary copies).
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/advcam/torch_extensions
 
-.PHONY: install run test clean
+.PHONY: install run test clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
-$(VENV)/.installed: setup.py | $(BIN)/python
+$(VENV)/.installed: setup.py $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install -e ".[test]"
+	$(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,6 +31,23 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Renews constraints.txt: the newest versions within setup.py's ranges, resolved in a venv of its own (no system
+# packages), for this Python. torch and the packages only torch needs are left out, so that a CUDA build of
+# torch that a user has keeps its own. Run `make test` (and `make run`) on the result before committing it.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install "torch==$(TORCH_VERSION)"
+	$(LOCK_VENV)/bin/python -m pip install -e ".[test]"
+	{ echo "# The versions CI tests (make lock, $$(date +%F); $$($(LOCK_VENV)/bin/python -V), $$(uname -sm))."; \
+	  echo "# make install applies them for this Python; other Pythons resolve setup.py's ranges."; \
+	  echo "# torch and the packages only torch needs (sympy, mpmath, triton, nvidia-*-cu*) are not pinned here."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable \
+	  | grep -viE '^(torch|sympy|mpmath|triton|nvidia-.*-cu[0-9]+|pip|setuptools|wheel)==' \
+	  | sed "s/\$$/ ; python_version == \"$$($(LOCK_VENV)/bin/python -c 'import sys; print(*sys.version_info[:2], sep=".")')\"/"; \
+	} > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf data models cams pseudo metrics plots logs .snakemake .advcam-work

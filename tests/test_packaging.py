@@ -1,0 +1,55 @@
+"""constraints.txt (the versions `make install` applies, renewed by `make lock`) against setup.py's ranges."""
+import importlib.metadata
+from pathlib import Path
+
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH_ONLY = {"torch", "sympy", "mpmath", "triton"}  # left to the torch a user already has
+
+
+def read_constraints(path: Path) -> list[Requirement]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return [Requirement(line) for line in lines if line and not line.startswith("#")]
+
+
+def test_every_constraint_is_one_exact_version_for_one_python():
+    pins = read_constraints(ROOT / "constraints.txt")
+    assert pins
+    names = [canonicalize_name(p.name) for p in pins]
+    assert len(names) == len(set(names)), "a package is pinned twice"
+    for pin in pins:
+        (spec,) = pin.specifier  # one specifier, an exact version
+        assert spec.operator == "==" and "*" not in spec.version, str(pin)
+        assert pin.marker is not None and str(pin.marker).startswith("python_version == "), str(pin)
+        assert canonicalize_name(pin.name) not in TORCH_ONLY and not pin.name.lower().startswith("nvidia-cu")
+
+
+def test_constraints_pin_every_requirement_within_setup_ranges():
+    """Every direct requirement of advcam[test] but torch is pinned, inside the range setup.py allows."""
+    pins = {canonicalize_name(p.name): next(iter(p.specifier)).version
+            for p in read_constraints(ROOT / "constraints.txt")}
+    required = [Requirement(r) for r in importlib.metadata.requires("advcam") or []]
+    assert required
+    for req in required:
+        if canonicalize_name(req.name) == "torch":
+            continue
+        assert canonicalize_name(req.name) in pins, f"{req.name} is not in constraints.txt"
+        assert req.specifier.contains(pins[canonicalize_name(req.name)], prereleases=True), \
+            f"constraints.txt pins {req.name}=={pins[canonicalize_name(req.name)]}, outside setup.py's {req}"
+
+
+def test_constraints_apply_to_the_python_they_were_resolved_for():
+    """The marker names one Python; the pins apply there and nowhere else (other Pythons resolve the ranges)."""
+    pins = read_constraints(ROOT / "constraints.txt")
+    markers = {str(p.marker) for p in pins}
+    assert len(markers) == 1
+    marker = pins[0].marker
+    assert marker is not None
+    version = str(marker).split('"')[1]
+    env = default_environment()
+    assert marker.evaluate({**env, "python_version": version})
+    other = "3.10" if version != "3.10" else "3.12"
+    assert not marker.evaluate({**env, "python_version": other})
