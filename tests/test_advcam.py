@@ -95,6 +95,22 @@ def test_climb_matches_literal_reference(model64, image64, backend):
     assert all(p.requires_grad for p in model64.parameters())  # restored
 
 
+class HalfBlindCAMNet(TinyCAMNet):
+    """Features exactly zero on the right half of the map, as over black or zero-padded regions: the CAM is 0
+    there, and the reference's Grad-CAM counts only gradient entries > 0 (ReLU's gradient at 0 is 0)."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.backbone(x)
+        return f * (torch.arange(f.shape[-1], device=f.device) < f.shape[-1] // 2).to(f.dtype)
+
+
+def test_pixels_with_a_zero_cam_are_not_counted(image64):
+    model = HalfBlindCAMNet().double().eval()
+    ours = climb(model, image64, [1, 3], steps=4)
+    assert bool((model.cam(image64[None])[..., -4:] == 0).all())
+    assert rel_err(ours, literal_climb(model, image64, [1, 3], steps=4)) < 1e-4
+
+
 def test_climb_float32_close_to_literal(model64, image64):
     model32 = TinyCAMNet().float().eval()
     ours = climb(model32, image64.float(), [0, 2], steps=4)
@@ -148,6 +164,7 @@ def test_options_change_the_result(model64, image64, option):
 def test_half_scale_steps_follow_the_reference():
     assert steps_for_scale(27, 0.5) == 13 and steps_for_scale(27, 1.0) == 27 and steps_for_scale(27, 1.5) == 27
     assert steps_for_scale(8, 0.5) == 5 and steps_for_scale(4, 0.5) == 4
+    assert [steps_for_scale(s, 0.5) for s in (5, 6, 10, 11, 12)] == [5, 5, 5, 5, 6]
     assert steps_for_scale(27, 0.5, half_steps_at_half_scale=False) == 27
 
 
@@ -158,6 +175,9 @@ def test_multiscale_driver(model64, image64):
     from advcam.attribution.cam import resize_image
     half = climb(model64, resize_image(image64, 0.5), [1, 3], steps=steps_for_scale(4, 0.5))
     assert torch.allclose(half, maps[1])
+    unflipped = advcam_maps(model64, image64, [1, 3], {**cfg, "scales": [1.0], "flip": False})[0]
+    assert torch.allclose(unflipped, climb(model64, image64, [1, 3], steps=4, flip=False))
+    assert not torch.allclose(unflipped, maps[0])
     out = compute_maps(model64, image64, [1, 3], Config({**cfg, "method": "advcam"}))
     cam, high = torch.from_numpy(out["cam"]), torch.from_numpy(out["high_res"])
     assert cam.shape == (2, 7, 9) and high.shape == (2, 27, 33)

@@ -90,6 +90,9 @@ def test_combine_scales_shapes_and_normalisation():
     up = sum(F.interpolate(m[None], size=(48, 64), mode="bilinear", align_corners=False)[0] for m in maps)
     up = up[:, :h, :w]
     torch.testing.assert_close(high, up / (up.amax(dim=(1, 2), keepdim=True) + 1e-5))
+    # cam (the random walk's input) = each map resized to the stride-4 size ceil(H/4) x ceil(W/4), summed
+    small = sum(F.interpolate(m[None], size=(10, 13), mode="bilinear", align_corners=False)[0] for m in maps)
+    torch.testing.assert_close(cam, small / (small.amax(dim=(1, 2), keepdim=True) + 1e-5))
 
 
 def seam_reference_normalisation(sum_cam: np.ndarray) -> np.ndarray:
@@ -323,6 +326,28 @@ def test_seed_metrics_also_report_the_papers_threshold_range(stage):
     assert m["seed_best_threshold"] == 0.1  # ties: the first best of the whole sweep
     assert m["seed_best_threshold_reference_range"] == 0.2  # the first best within 0.15..0.34
     assert m["seed_miou_reference_range"] == pytest.approx(1.0)
+
+
+def test_papers_range_includes_both_ends_and_per_class_ious_are_at_the_best_threshold(stage):
+    """0.15 and 0.34 are inside the papers' range, 0.14 and 0.35 outside; the per-class seed IoUs are those of
+    the best threshold, not of the sweep's last one (1.0 labels nothing: max-normalised maps stay below 1)."""
+    cams, cfg, paths, model, loads, info = stage
+    cams.run(cfg, **paths)  # perfect seeds at every threshold below 1: ties go to the first in sweep order
+    ids = ["img0", "img1", "img2"]
+
+    def scored(thresholds: str) -> dict:
+        cfg = config.load(None, ["device=cpu", "cam.method=cam", f"cam.thresholds={thresholds}",
+                                 "cam.eval_threshold=0.5"])
+        return cams.evaluate_seeds(cfg, info, ids, paths["out"])[0]
+
+    assert scored("[0.1, 0.35, 0.34]")["seed_best_threshold_reference_range"] == 0.34
+    assert scored("[0.1, 0.34]")["seed_best_threshold_reference_range"] == 0.34
+    assert scored("[0.14, 0.15]")["seed_best_threshold_reference_range"] == 0.15
+    assert "seed_miou_reference_range" not in scored("[0.14, 0.35]")
+    m = scored("[0.1, 0.5, 1.0]")
+    assert m["seed_best_threshold"] == 0.1 and m["seed_miou"] == pytest.approx(1.0)
+    ious = {k: v for k, v in m.items() if k.startswith("seed_iou_")}
+    assert len(ious) == info.num_classes + 1 and all(v == pytest.approx(1.0) for v in ious.values()), ious
 
 
 def test_cams_stage_resumes(stage):

@@ -70,8 +70,11 @@ def test_seed_confusions_match_per_threshold():
     keys = np.array([0, 2])
     gt = rng.integers(0, 4, (6, 7))
     gt[0, 0] = 255
-    thresholds = [0.1, 0.3, 0.6]
+    high[:, :2] = 0  # no map at all: background at every threshold, 0 included (the reference's argmax)
+    high[:, 3, 3] = [0.5, 0.25]  # a best map value equal to a threshold: not above it
+    thresholds = [0.0, 0.1, 0.5, 0.6]
     confs = seed_confusions(high, keys, gt, thresholds, 4)
+    assert (seeds_from_cams(high, keys, 0.0)[:2] == 0).all() and seeds_from_cams(high, keys, 0.5)[3, 3] == 0
     for t, c in zip(thresholds, confs):
         np.testing.assert_array_equal(c, confusion(seeds_from_cams(high, keys, t), gt, 4))
 

@@ -77,6 +77,13 @@ def test_mask_is_relative_to_the_current_max(ext):
         # M = a / max a > 0.5 -> the first two entries: |1 - 0| + |0.6 - 0|
         assert masked_l1(a, a0, 0.5, backend=backend).item() == pytest.approx(1.6)
         assert masked_l1(torch.zeros_like(a), a0, 0.5, backend=backend).item() == 0.0  # 0/0 is not > tau
+        # strictly above tau: a / max a == tau is outside the mask, tau 1 masks nothing, tau 0 not the zeros
+        tie = torch.tensor([[1.0, 0.5, 0.4, 0.0]], dtype=torch.float64)
+        assert masked_l1(tie, a0, 0.5, backend=backend).item() == pytest.approx(1.0)
+        assert masked_l1(tie, a0, 1.0, backend=backend).item() == 0.0
+        zeros_differ = torch.tensor([[0.0, 0.3]], dtype=torch.float64)
+        assert masked_l1(torch.tensor([[1.0, 0.0]], dtype=torch.float64), zeros_differ, 0.0,
+                         backend=backend).item() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from advcam.models.seam import SEAMNet, build_seam, pcm_input, pcm_refine, pixel_affinity
-from advcam.train.seam import ecr_loss, max_onehot, seam_losses, seam_params, top_fraction_mean, train_seam
+from advcam.train.seam import ecr_loss, max_norm, max_onehot, seam_losses, seam_params, top_fraction_mean, train_seam
 from advcam.utils.errors import AdvcamError
 from conftest import REPO, TINY
 
@@ -341,3 +341,17 @@ def test_augmentation_reference_or_shared():
     assert dataset_options({"augmentation": "shared"}, 96) == {}
     with pytest.raises(AdvcamError, match="classifier.seam.augmentation"):
         dataset_options({"augmentation": "irn"}, 96)
+
+
+def test_max_norm_is_the_references_min_max_of_the_relu():
+    """`visualization.max_norm` (4-d): ReLU, then (p - min - e) / (max - min + e) per channel, ReLU'd. A PCM
+    output has a positive floor (an affinity-weighted average), so the minimum matters."""
+    torch.manual_seed(0)
+    p = torch.rand(2, 3, 5, 4) * 4 + 1  # every entry >= 1
+    p[0, 1] -= 3  # some negative entries: ReLU first
+    e = 1e-5
+    r = F.relu(p)
+    hi = r.flatten(2).max(-1)[0][..., None, None]
+    lo = r.flatten(2).min(-1)[0][..., None, None]
+    torch.testing.assert_close(max_norm(p), F.relu(r - lo - e) / (hi - lo + e))
+    assert float(max_norm(p)[1].amin()) == 0.0 and float(max_norm(p)[1].amax()) > 0.99

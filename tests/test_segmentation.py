@@ -254,6 +254,7 @@ def test_select_gt_ids_is_deterministic_and_validated():
     assert a != select_gt_ids(ids, gt_fraction=0.1, seed=4) or a != select_gt_ids(ids, gt_fraction=0.1, seed=5)
     assert set(select_gt_ids(ids, ["x7"], 0.1, 3)) == set(a) | {"x7"}
     assert select_gt_ids(ids, gt_fraction=1.0) == ids
+    assert len(select_gt_ids(ids, gt_fraction=0.29)) == 6  # round(5.8), as the schema says: not int()
     with pytest.raises(AdvcamError, match="segmentation.gt_ids.*nope"):
         select_gt_ids(ids, ["nope"])
     with pytest.raises(AdvcamError,
