@@ -86,6 +86,79 @@ def test_params_from_config():
     assert crf_inference_label(img, truth // 3, 2, p).shape == (H, W)
 
 
+def irn_crf_inference_label(img: np.ndarray, labels: np.ndarray, t: int = 10, n_labels: int = 21,
+                            gt_prob: float = 0.7, gaussian: tuple[float, float] = (3, 3),
+                            bilateral: tuple[float, float, float] = (50, 5, 10)) -> np.ndarray:
+    """IRN's ``misc/imutils.py crf_inference_label``, written out; IRN's constants are the defaults of
+    ``gaussian`` = (sxy, compat) and ``bilateral`` = (sxy, srgb, compat)."""
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_labels
+
+    h, w = img.shape[:2]
+    d = dcrf.DenseCRF2D(w, h, n_labels)
+    unary = unary_from_labels(labels, n_labels, gt_prob=gt_prob, zero_unsure=False)
+    d.setUnaryEnergy(unary)
+    d.addPairwiseGaussian(sxy=gaussian[0], compat=gaussian[1])
+    d.addPairwiseBilateral(sxy=bilateral[0], srgb=bilateral[1], rgbim=np.ascontiguousarray(np.copy(img)),
+                           compat=bilateral[2])
+    q = d.inference(t)
+    return np.argmax(np.array(q).reshape((n_labels, h, w)), axis=0)
+
+
+@pytest.mark.parametrize("params, irn", [
+    (CRFParams(), {}),
+    (CRFParams(iterations=5, gt_prob=0.6, gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=30.0,
+               bilateral_srgb=13.0, bilateral_compat=4.0),
+     {"t": 5, "gt_prob": 0.6, "gaussian": (1, 3), "bilateral": (30, 13, 4)}),
+])
+def test_crf_inference_label_is_irns(params: CRFParams, irn: dict) -> None:
+    """crf_inference_label = IRN's crf_inference_label (unary_from_labels with gt_prob, zero_unsure=False;
+    Gaussian then bilateral kernel; argmax after ``t`` iterations), pixel for pixel: with IRN's constants (the
+    defaults) and with a set where sxy != compat (Gaussian) and srgb != compat (bilateral), so a swapped
+    argument shows."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, (24, 30))
+    want = irn_crf_inference_label(img, labels, n_labels=3, **irn)
+    assert len(np.unique(want)) == 3
+    np.testing.assert_array_equal(crf_inference_label(img, labels, 3, params), want)
+
+
+def test_default_params_are_the_schema_defaults_and_irns():
+    """CRFParams() (the defaults of crf_inference_label and cam_to_label) = the stage's params built from
+    params.schema.yaml's refine.crf defaults = IRN's constants (t 10, gt_prob 0.7, Gaussian 3/3,
+    bilateral 50/5/10)."""
+    irn = CRFParams(iterations=10, gt_prob=0.7, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=50.0,
+                    bilateral_srgb=5.0, bilateral_compat=10.0)
+    assert CRFParams() == CRFParams.from_config(config.load(None, []).refine.crf) == irn
+
+
+def test_cam_to_label_combines_the_two_runs_as_irn(monkeypatch):
+    """IRN's cam_to_ir_label: ``conf = fg_conf; conf[fg_conf == 0] = 255; conf[bg_conf + fg_conf == 0] = 0``:
+    the fg-threshold run's foreground is kept whatever the bg-threshold run says, background needs both runs,
+    and the rest is 255. The per-threshold CRF is replaced by fixed answers."""
+    from advcam.refine import crf
+
+    fg_conf = np.array([[2, 0, 0, 2, 5, 0]])  # the run with the background plane at fg_threshold
+    bg_conf = np.array([[0, 0, 3, 2, 2, 5]])  # the run at bg_threshold
+    answers = {0.5: fg_conf, 0.1: bg_conf}
+    seen = []
+
+    def fixed(image: np.ndarray, high_res: np.ndarray, keys: np.ndarray, bg: float, params: CRFParams) -> np.ndarray:
+        seen.append(bg)
+        return answers[bg].copy()
+
+    monkeypatch.setattr(crf, "_crf_with_background", fixed)
+    conf = fg_conf.copy()  # IRN, literally
+    conf[fg_conf == 0] = 255
+    conf[bg_conf + fg_conf == 0] = 0
+    assert conf.tolist() == [[2, 0, 255, 2, 5, 255]]
+    got = cam_to_label(np.zeros((1, 6, 3), np.uint8), np.zeros((2, 1, 6), np.float32), np.array([1, 4]),
+                       fg_threshold=0.5, bg_threshold=0.1)
+    assert sorted(seen) == [0.1, 0.5] and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, conf)
+
+
 # ---------------------------------------------------------------- the stage
 class FakeInfo:
     """DatasetInfo interface: ``n`` two-region images (object class 2), masks with a 255 ring."""

@@ -125,3 +125,64 @@ def test_gallery_names_the_attribution_method_of_the_maps(stage, monkeypatch, me
     other = "CAM" if title == "AdvCAM" else "AdvCAM"
     assert title in seen["columns"] and other not in seen["columns"]
     assert all(title in keys for keys in seen["keys"])
+
+
+class DeeplabPytorchDenseCRF:
+    """deeplab-pytorch's ``libs/utils/crf.py`` DenseCRF, written out (the probabilities Q ``(C, H, W)``)."""
+
+    def __init__(self, iter_max: int, pos_w: float, pos_xy_std: float, bi_w: float, bi_xy_std: float,
+                 bi_rgb_std: float) -> None:
+        self.iter_max = iter_max
+        self.pos_w = pos_w
+        self.pos_xy_std = pos_xy_std
+        self.bi_w = bi_w
+        self.bi_xy_std = bi_xy_std
+        self.bi_rgb_std = bi_rgb_std
+
+    def __call__(self, image: np.ndarray, probmap: np.ndarray) -> np.ndarray:
+        import pydensecrf.densecrf as dcrf
+        import pydensecrf.utils as utils
+
+        C, H, W = probmap.shape
+        U = utils.unary_from_softmax(probmap)
+        U = np.ascontiguousarray(U)
+        image = np.ascontiguousarray(image)
+        d = dcrf.DenseCRF2D(W, H, C)
+        d.setUnaryEnergy(U)
+        d.addPairwiseGaussian(sxy=self.pos_xy_std, compat=self.pos_w)
+        d.addPairwiseBilateral(sxy=self.bi_xy_std, srgb=self.bi_rgb_std, rgbim=image, compat=self.bi_w)
+        Q = d.inference(self.iter_max)
+        return np.array(Q).reshape((C, H, W))
+
+
+# deeplab-pytorch configs/voc12.yaml (CRF section; cocostuff*.yaml the same): ITER_MAX 10, POS_W 3, POS_XY_STD 1,
+# BI_W 4, BI_XY_STD 67, BI_RGB_STD 3
+DEEPLAB_PYTORCH_VOC12_CRF = {"iter_max": 10, "pos_w": 3, "pos_xy_std": 1, "bi_w": 4, "bi_xy_std": 67, "bi_rgb_std": 3}
+
+
+def test_deeplab_crf_is_deeplab_pytorchs_config():
+    """DEEPLAB_CRF holds configs/voc12.yaml's CRF numbers, and the schema's evaluation.crf defaults are it."""
+    from advcam.steps.evaluate import DEEPLAB_CRF, _inference
+
+    ref = DEEPLAB_PYTORCH_VOC12_CRF
+    assert (DEEPLAB_CRF.iterations, DEEPLAB_CRF.gaussian_compat, DEEPLAB_CRF.gaussian_sxy, DEEPLAB_CRF.bilateral_compat,
+            DEEPLAB_CRF.bilateral_sxy, DEEPLAB_CRF.bilateral_srgb) == (
+        ref["iter_max"], ref["pos_w"], ref["pos_xy_std"], ref["bi_w"], ref["bi_xy_std"], ref["bi_rgb_std"])
+    assert _inference(config.load(None, []).evaluation)[2] == DEEPLAB_CRF
+
+
+def test_crf_postprocess_is_deeplab_pytorchs_dense_crf():
+    """crf_postprocess = argmax of deeplab-pytorch's DenseCRF (unary -log p from unary_from_softmax, Gaussian
+    then bilateral kernel, voc12.yaml's numbers) on unsure softmax maps and a random image, pixel for pixel."""
+    from advcam.steps.evaluate import crf_postprocess
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)
+    logits = 0.5 * rng.standard_normal((4, 24, 30))
+    prob = (np.exp(logits) / np.exp(logits).sum(0, keepdims=True)).astype(np.float32)
+    q = DeeplabPytorchDenseCRF(**DEEPLAB_PYTORCH_VOC12_CRF)(image, prob)
+    want = q.argmax(axis=0)
+    assert len(np.unique(want)) == 4 and (want != prob.argmax(axis=0)).mean() > 0.1  # the CRF does change labels
+    got = crf_postprocess(image, prob)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, want)

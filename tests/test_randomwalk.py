@@ -1,11 +1,13 @@
 """Random-walk refinement: affinity labels and loss, the sparse walk, and the ``refine`` stage with it."""
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -177,6 +179,86 @@ def test_walk_labels_background_and_keys():
         walk_labels(cam, [2], aff, (20, 20))
 
 
+def irn_make_sem_seg_labels(cam: torch.Tensor, keys: list[int], aff: torch.Tensor, size: tuple[int, int],
+                            radius: int = 5, beta: float = 10.0, exp_times: int = 8, cam_power: float = 1.5,
+                            bg_threshold: float = 0.25) -> np.ndarray:
+    """IRN's ``step/make_sem_seg_labels.py`` with ``propagate_to_edge``'s dense walk, written out literally.
+
+    ``affinity_sparse2dense``: A = eye + the pair affinities, both directions; ``to_transition_matrix``:
+    A ** beta, columns normalised, squared ``exp_times`` times; ``rw = x @ T`` with AdvCAM's
+    ``x = cam ** 1.5`` (``cam_power``); upsampled x4 (bilinear, align_corners=False), cropped to the image,
+    divided by the global max, a ``bg_threshold`` plane in front, argmax, ``keys`` padded with 0 in front.
+    Float64, slow (dense (hw)^2), for the tests only."""
+    n, h, w = cam.shape
+    a = torch.eye(h * w, dtype=torch.float64)
+    for k, (dy, dx) in enumerate(offsets(radius)):
+        for y in range(h):
+            for x in range(w):
+                if 0 <= y + dy < h and 0 <= x + dx < w:
+                    i, j = y * w + x, (y + dy) * w + x + dx
+                    a[i, j] = a[j, i] = float(aff[k, y, x])
+    scaled = torch.pow(a, beta)
+    trans_mat = scaled / torch.sum(scaled, dim=0, keepdim=True)
+    for _ in range(exp_times):
+        trans_mat = torch.matmul(trans_mat, trans_mat)
+    cams = torch.pow(cam.double().clamp(min=0), cam_power)
+    rw = torch.matmul(cams.view(-1, h * w), trans_mat).view(n, 1, h, w)
+    rw_up = F.interpolate(rw, scale_factor=4, mode="bilinear", align_corners=False)[..., 0, :size[0], :size[1]]
+    rw_up = rw_up / torch.max(rw_up)
+    rw_up_bg = F.pad(rw_up, (0, 0, 0, 0, 1, 0), value=bg_threshold)
+    rw_pred = torch.argmax(rw_up_bg, dim=0).numpy()
+    return np.pad(np.asarray(keys) + 1, (1, 0), mode="constant")[rw_pred]
+
+
+WALK_KEYS, WALK_SIZE = [3, 6], (23, 25)  # a 6x7 CAM grid; 23x25 is not a multiple of 4: the crop matters
+
+
+def two_class_scene(leak: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cam (2, 6, 7), affinities (34, 6, 7)): three column blocks (class 3 | background | class 6) whose
+    affinities are ``rand ** 0.1`` inside a block and ``leak`` times that across blocks. Class 3 peaks at 1 and
+    class 6 at 0.6, so the global and the per-class maxima differ; a little noise, slightly negative in places."""
+    g = torch.Generator().manual_seed(0)
+    h, w = 6, 7
+    block = [0, 0, 0, 1, 1, 2, 2]
+    aff = torch.rand(len(offsets(5)), h, w, generator=g) ** 0.1
+    for k, (dy, dx) in enumerate(offsets(5)):
+        for x in range(w):
+            if 0 <= x + dx < w and block[x] != block[x + dx]:
+                aff[k, :, x] *= leak
+    ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    cam = torch.stack([torch.exp(-((ys - 1) ** 2 + (xs - 1) ** 2) / 3),
+                       0.6 * torch.exp(-((ys - 4) ** 2 + (xs - 5.5) ** 2) / 3)])
+    return cam + 0.1 * torch.rand(2, h, w, generator=g) - 0.03, aff
+
+
+@pytest.mark.parametrize("kwargs", [{"exp_times": 0}, {"exp_times": 2}, {"exp_times": 3},
+                                    {"exp_times": 1, "beta": 4.0, "cam_power": 2.0, "bg_threshold": 0.4}])
+def test_walk_labels_match_dense_irn_make_sem_seg_labels(kwargs: dict) -> None:
+    """walk_labels = IRN's make_sem_seg_labels (dense propagate_to_edge, 2^exp_times steps, AdvCAM's cam**1.5,
+    x4 upsampling then crop, global max, background plane) on every pixel."""
+    cam, aff = two_class_scene(leak=0.6)
+    want = irn_make_sem_seg_labels(cam, WALK_KEYS, aff, WALK_SIZE, **kwargs)
+    got = walk_labels(cam, WALK_KEYS, aff, WALK_SIZE, **kwargs)
+    assert set(np.unique(want)) == {0, 4, 7}  # a scene where every label occurs
+    np.testing.assert_array_equal(got, want)
+
+
+def test_walk_labels_defaults_are_the_schema_defaults_and_irns():
+    """walk_labels' keyword defaults are params.schema.yaml's refine.randomwalk defaults (IRN/AdvCAM: radius 5,
+    beta 10, exp_times 8, cam_power 1.5, bg 0.25), and with them it labels as IRN does."""
+    from advcam import config
+
+    rw = config.load(None, []).refine.randomwalk
+    names = ("radius", "beta", "exp_times", "cam_power", "bg_threshold")
+    defaults = {k: inspect.signature(walk_labels).parameters[k].default for k in names}
+    assert defaults == {k: rw[k] for k in names} == {"radius": 5, "beta": 10.0, "exp_times": 8, "cam_power": 1.5,
+                                                     "bg_threshold": 0.25}
+    cam, aff = two_class_scene(leak=0.3)  # blocks nearly apart: 256 steps still leave three regions
+    want = irn_make_sem_seg_labels(cam, WALK_KEYS, aff, WALK_SIZE, **{k: rw[k] for k in names})
+    assert set(np.unique(want)) == {0, 4, 7}
+    np.testing.assert_array_equal(walk_labels(cam, WALK_KEYS, aff, WALK_SIZE), want)
+
+
 # ---------------------------------------------------------------- the stage, on the TINY synthetic dataset
 RW = TINY + ["refine.method=randomwalk", "refine.randomwalk.epochs=2", "refine.randomwalk.batch_size=4",
              "refine.randomwalk.crop_size=32", "refine.randomwalk.exp_times=4"]
@@ -242,3 +324,27 @@ def test_crf_method_reports_crf_keys(tiny_data, tmp_path):
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["pseudo_miou_crf"] == m["pseudo_miou"] and not (tmp_path / "p" / ".crf").exists()
     assert not (tmp_path / "p" / ".affinity.pt").exists()
+
+
+def test_refine_stage_passes_every_walk_param_to_walk_labels(tiny_data, tmp_path, monkeypatch):
+    """The stage hands refine.randomwalk's radius, beta, exp_times, cam_power and bg_threshold to walk_labels
+    (the affinities at that radius); none falls back to walk_labels' own default."""
+    from advcam import config
+    from advcam.steps import refine
+
+    root, info = tiny_data
+    calls: list[dict] = []
+
+    def record(cam: torch.Tensor, keys: np.ndarray, aff: torch.Tensor, size: tuple[int, int], **kwargs) -> np.ndarray:
+        calls.append({**kwargs, "offsets": aff.shape[0]})
+        return np.zeros(size, np.uint8)
+
+    monkeypatch.setattr(refine, "walk_labels", record)
+    monkeypatch.setattr(refine, "affinity_model", lambda *a: build_affinity_net("resnet_small").eval())
+    chosen = {"radius": 3, "beta": 7.5, "exp_times": 3, "cam_power": 2.5, "bg_threshold": 0.4}
+    overrides = [f"refine.randomwalk.{k}={v}" for k, v in chosen.items()]
+    cfg = config.load(None, TINY + ["refine.method=randomwalk", *overrides])
+    refine.run(cfg, root / "data", root / "cams", tmp_path / "p", tmp_path / "m.json")
+    assert len(calls) == len(list((tmp_path / "p").glob("*.png"))) >= len(info.lists["infer"]) > 0
+    assert all(c == {**chosen, "offsets": len(offsets(3))} for c in calls), calls[0]
+    assert all(type(c[k]) is type(v) for c in calls for k, v in chosen.items())
