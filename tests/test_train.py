@@ -246,3 +246,28 @@ def test_train_seg_stage_and_bad_pseudo_labels(prepared, tmp_path: Path):
     (pseudo / f"{victim}.png").unlink()
     with pytest.raises(AdvcamError, match=rf"no pseudo label for 1 of 8 images.*{victim}"):
         train_seg.run(cfg, data, pseudo, tmp_path / "seg2.pt", tmp_path / "seg2.csv")
+
+
+def test_corrected_image_level_labels_train_the_classifier_again(prepared, tmp_path: Path, monkeypatch):
+    """The remembered weights are only taken for the same image-level labels: a user who corrects labels.json (and
+    nothing else) gets a classifier trained on the corrected labels, not the old one."""
+    import json
+    import shutil
+
+    from advcam.steps import train_cls
+    from advcam.train import loop
+
+    cfg, data = prepared
+    data = shutil.copytree(data, tmp_path / "data")
+    out, curves = tmp_path / "classifier.pt", tmp_path / "curves.csv"
+    fits: list[int] = []
+    monkeypatch.setattr(loop, "fit", lambda *a, **k: fits.append(1) or [[1, 1, 0.5, 0.1]])
+    train_cls.run(cfg, data, out, curves)
+    train_cls.run(cfg, data, out, curves)
+    assert len(fits) == 1  # same labels: remembered
+    labels = json.loads((data / "labels.json").read_text())
+    first = (data / "lists" / "train.txt").read_text().split()[0]
+    labels[first] = [c for c in range(3) if c not in labels[first]][:1]
+    (data / "labels.json").write_text(json.dumps(labels))
+    train_cls.run(cfg, data, out, curves)
+    assert len(fits) == 2, "the classifier was not trained again although its image-level labels changed"

@@ -7,7 +7,7 @@ from typing import Callable
 
 from advcam import config
 from advcam.config import Config
-from advcam.data import load_info
+from advcam.data import image_classes, load_info
 from advcam.data.datasets import ClassificationDataset
 from advcam.models.classifier import builder_for, classifier_header
 from advcam.train import loop, memo
@@ -41,6 +41,7 @@ def run(cfg: Config, data: Path, out: Path, curves: Path) -> None:
     if clean_stale_temps_for([out, resume]):
         log.info("train-cls: removed the temporary files of a killed run next to %s", out)
     fingerprint = {"stage": "train_cls", "params": params, "classes": list(info.classes), "ids": ids_digest(ids),
+                   "labels": ids_digest(f"{i} {image_classes(info, i)}" for i in ids),
                    "images": files_digest([info.image_path(i) for i in ids], "train-cls: fingerprint the images"),
                    "pretrained": memo.weights_digest(c.pretrained), "code": code_digest("train", "models", "data")}
     if memo.recall(out, curves, fingerprint, "train-cls"):
