@@ -190,9 +190,9 @@ def test_report_is_self_contained(project):
     assert len(pages["report.html"]) > 100_000  # React, Vega and the figures are embedded, not linked
 
 
-def test_dvc_plots_show_gives_threshold_per_class_and_loss_curves(project, tmp_path):
+def test_dvc_plots_show_gives_threshold_per_class_loss_and_lr_curves(project, tmp_path):
     """`dvc plots show` on this repo's dvc.yaml over a finished run: the seed threshold curve, the per-class IoU
-    bars and both training loss curves, each with the run's numbers (what `dvc plots diff` compares)."""
+    bars, both training loss curves and their learning rates, each with the run's numbers (what `dvc plots diff` compares)."""
     if shutil.which("dvc", path=ENV["PATH"]) is None:
         pytest.skip("dvc is not installed (pip install -e .[test])")
     for name in ("figures", "plots", "metrics", "params.yaml"):
@@ -216,6 +216,8 @@ def test_dvc_plots_show_gives_threshold_per_class_and_loss_curves(project, tmp_p
     for name in ("train_cls", "train_seg"):
         rows = list(csv.DictReader((project / f"plots/{name}.csv").read_text().splitlines()))
         assert [(v["step"], v["loss"]) for v in values(f"plots/{name}.csv")] == [(r["step"], r["loss"]) for r in rows]
+        lr = [(v["step"], v["lr"]) for v in values("learning rate") if v["filename"] == f"{name}.csv"]
+        assert lr == [(r["step"], r["lr"]) for r in rows], name
 
 
 def test_zip_report_holds_the_files(project):

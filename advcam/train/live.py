@@ -1,4 +1,4 @@
-"""Mirror the training-curve CSVs into dvclive folders, for ``dvc plots`` and ``dvc exp show``.
+"""Mirror the training-curve CSVs into dvclive folders, for tools that read dvclive's layout.
 
 Every training loop (classifier, segmenter, affinity network) writes its curve CSV (epoch, step, loss, lr)
 through :func:`advcam.train.loop.write_curves`, which calls :func:`log_curves`. That rewrites
@@ -8,8 +8,8 @@ uninterrupted one. The folder is built under a temporary name and renamed into p
 leaves half a folder.
 
 dvclive is optional: without it (or with ``ADVCAM_DVCLIVE=0``) this is a no-op. It is created with
-``dvcyaml=None`` and ``save_dvc_exp=False``: dvclive never rewrites ``dvc.yaml`` nor makes experiments itself;
-``dvc.yaml``'s top-level ``plots:`` and ``metrics:`` point at these folders.
+``dvcyaml=None`` and ``save_dvc_exp=False``: dvclive never rewrites ``dvc.yaml`` nor makes experiments itself.
+``dvc.yaml`` does not point at these folders: ``dvc plots`` draws the loss and learning-rate curves from the CSVs.
 """
 from __future__ import annotations
 
