@@ -174,7 +174,11 @@ def test_multiscale_driver(model64, image64):
     assert [tuple(m.shape) for m in maps] == [(2, 7, 9), (2, 4, 4)]
     from advcam.attribution.cam import resize_image
     half = climb(model64, resize_image(image64, 0.5), [1, 3], steps=steps_for_scale(4, 0.5))
-    assert torch.allclose(half, maps[1])
+    assert torch.allclose(half, maps[1])  # the default cam.image_resize: bicubic, as the references
+    tensor = advcam_maps(model64, image64, [1, 3], {**cfg, "image_resize": "bilinear"})[1]
+    assert torch.allclose(tensor, climb(model64, resize_image(image64, 0.5, "bilinear"), [1, 3],
+                                        steps=steps_for_scale(4, 0.5)))
+    assert not torch.allclose(tensor, maps[1])
     unflipped = advcam_maps(model64, image64, [1, 3], {**cfg, "scales": [1.0], "flip": False})[0]
     assert torch.allclose(unflipped, climb(model64, image64, [1, 3], steps=4, flip=False))
     assert not torch.allclose(unflipped, maps[0])

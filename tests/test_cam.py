@@ -15,6 +15,7 @@ from torch import nn
 from advcam import config
 from advcam.attribution import cam as cam_mod
 from advcam.attribution.cam import cam_at_scale, combine_scales, compute_maps, load_cam, save_cam
+from advcam.data.transforms import normalize
 from advcam.utils.errors import AdvcamError
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -73,6 +74,33 @@ def test_cam_at_scale_resizes_like_irn():
     image = torch.rand(3, 37, 50)
     assert cam_at_scale(ColourNet(), image, [0], 0.5).shape == (1, 18, 25)  # round(18.5) = 18 (half to even)
     assert cam_at_scale(ColourNet(stride=4), image, [0], 1.5).shape == (1, 14, 18)  # 56x75 / 4
+
+
+def torchvision_normalize(pixels: np.ndarray) -> torch.Tensor:
+    """IRN's ``TorchvisionNormalize`` (float64 arithmetic, float32 result), CHW."""
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    return torch.from_numpy(((pixels / 255. - mean) / std).astype(np.float32).transpose(2, 0, 1).copy())
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.5, 2.0, 0.37])
+def test_each_scales_image_is_the_references_pil_bicubic_rescale(scale):
+    """AdvCAM's ``VOC12ClassificationDatasetMSF`` written out: ``pil_rescale(img, s, order=3)`` (PIL bicubic of the
+    8-bit image to the rounded size), then ``TorchvisionNormalize``; the identity classifier shows the image each
+    scale sees. ``cam.image_resize=bilinear`` resizes the normalised tensor instead, which differs."""
+    pixels = np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8)
+    size = (int(np.round(37 * scale)), int(np.round(50 * scale)))
+    ref = torchvision_normalize(np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BICUBIC)))
+    image = normalize(pixels)
+    seen = cam_at_scale(ColourNet(), image, [0, 1, 2], scale, flip=False)
+    torch.testing.assert_close(seen, F.relu(ref), rtol=0, atol=1e-5)
+    maps = compute_maps(ColourNet(), image, [0, 1, 2], cam_cfg(scales=f"[{scale}]", flip="false"))["high_res"]
+    expected = F.interpolate(F.relu(ref)[None], size=(37, 50), mode="bilinear", align_corners=False)[0]
+    expected = expected / (expected.amax((1, 2), keepdim=True) + 1e-5)
+    np.testing.assert_allclose(maps, expected.numpy(), rtol=0, atol=1e-5)
+    tensor = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(cam_at_scale(ColourNet(), image, [0, 1, 2], scale, flip=False, image_resize="bilinear"),
+                               F.relu(tensor))
+    assert (tensor - ref).abs().max() > 0.1
 
 
 def test_combine_scales_shapes_and_normalisation():
@@ -153,16 +181,26 @@ def test_compute_maps_of_a_seam_classifier_are_min_max_normalised():
         assert np.corrcoef(expected.ravel(), auto[key].ravel())[0, 1] > 0.999
 
 
-def infer_seam_reference(model: nn.Module, image: torch.Tensor, classes: list[int], scales: list[float]) -> np.ndarray:
-    """SEAM's ``infer_SEAM.py`` written out, one pass per scale and flip: the network's PCM output resized to the
-    scaled input with ``align_corners=True`` (``resnet38_SEAM.Net.forward``), then to the image with
-    ``align_corners=False``, flipped back, summed, min-max normalised."""
-    h, w = image.shape[-2:]
+def seam_normalize(pixels: np.ndarray) -> torch.Tensor:
+    """SEAM's ``Normalize``: per channel ``(x / 255. - mean) / std`` in float64, stored as float32; CHW."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    out = np.empty(pixels.shape, np.float32)
+    for c in range(3):
+        out[..., c] = (pixels[..., c] / 255. - mean[c]) / std[c]
+    return torch.from_numpy(out.transpose(2, 0, 1).copy())
+
+
+def infer_seam_reference(model: nn.Module, pixels: np.ndarray, classes: list[int], scales: list[float]) -> np.ndarray:
+    """SEAM's ``infer_SEAM.py`` written out, one pass per scale and flip: the 8-bit image resized by PIL
+    ``CUBIC`` to ``(round(W * s), round(H * s))`` and normalised (``VOC12ClsDatasetMSF``); the network's PCM
+    output resized to the scaled input with ``align_corners=True`` (``resnet38_SEAM.Net.forward``), then to the
+    image with ``align_corners=False``, flipped back, summed, min-max normalised."""
+    h, w = pixels.shape[:2]
     total = torch.zeros(len(classes), h, w, dtype=torch.float64)
     with torch.no_grad():
         for s in scales:
             size = (int(round(h * s)), int(round(w * s)))
-            x = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+            x = seam_normalize(np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BICUBIC)))[None]
             for flip in (False, True):
                 rv = model.seam_forward(x.flip(-1) if flip else x)[1][:, 1:]
                 rv = F.interpolate(rv, size=size, mode="bilinear", align_corners=True)
@@ -176,8 +214,9 @@ def test_a_seam_classifiers_maps_are_resized_as_infer_seam_does():
 
     torch.manual_seed(1)
     model = build_seam("resnet_small", 4).eval()
-    image, classes, scales = torch.randn(3, 45, 38), [0, 3], [1.0, 0.5, 1.5]
-    ref = infer_seam_reference(model, image, classes, scales)
+    pixels = np.random.default_rng(1).integers(0, 256, (45, 38, 3), dtype=np.uint8)
+    image, classes, scales = normalize(pixels), [0, 3], [1.0, 0.5, 1.5]
+    ref = infer_seam_reference(model, pixels, classes, scales)
     args = ["cam.method=cam", f"cam.scales={scales}"]
     auto = compute_maps(model, image, classes, config.load(None, args).cam)["high_res"]
     np.testing.assert_allclose(auto, np.maximum(ref, 0), rtol=0, atol=2e-5)

@@ -311,10 +311,11 @@ def advcam_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classes
     p = advcam_params(param(cfg_cam, "advcam", None))
     scales = [float(s) for s in param(cfg_cam, "scales", [1.0, 0.5, 1.5, 2.0])]
     flip = bool(param(cfg_cam, "flip", True))
+    how = str(param(cfg_cam, "image_resize", "bicubic"))
     out: list[list[torch.Tensor]] = [[] for _ in images]
     chunks = climb_chunks(classes, int(p["max_classes_per_climb"]))
     for s in scales:
-        resized = [resize_image(im, s) for im in images]
+        resized = [resize_image(im, s, how) for im in images]
         parts: list[list[torch.Tensor]] = [[] for _ in images]
         for chunk in chunks:  # one chunk, all classes, unless max_classes_per_climb splits them
             try:

@@ -1,6 +1,6 @@
 """Class activation maps: multi-scale + flip inference and the ``<id>.npz`` CAM file (IRN's make_cam).
 
-For every scale the normalised image is resized (bilinear), run together with its horizontal flip, and
+For every scale the image is resized (see below), run together with its horizontal flip, and
 ``ReLU(CAM)`` of the image's classes is kept with the flipped half flipped back and added
 (:func:`cam_at_scale`). :func:`combine_scales` then sums the scales at two sizes, as IRN's ``make_cam``:
 the stride-4 size ``ceil(H/4) x ceil(W/4)`` (``cam``) and the "up" size ``S*ceil(H/S)`` cropped to
@@ -15,9 +15,9 @@ Methods plug in through :data:`METHODS`: ``name -> fn(model, image, classes, cfg
 maps ``(n, h_s, w_s)`` (unnormalised, any resolution). :func:`compute_maps` looks the method up, runs it
 and combines the scales, so every method writes the same file format.
 
-Differences from IRN, by design: images are resized after normalisation, as tensors (bilinear,
-``align_corners=False``), where IRN resizes the uint8 image with PIL bicubic before normalising; the resized
-size is ``round(H * scale)``, as IRN's ``pil_rescale``.
+Each scale's image is the references' (``cam.image_resize: bicubic``): the 8-bit image resized with PIL bicubic to
+``round(H * scale)`` (IRN's and AdvCAM's ``pil_rescale``), then normalised; ``bilinear`` (an option) resizes the
+normalised tensor on the device instead.
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from advcam import config
+from advcam.data import transforms
+from advcam.data.transforms import scaled_size
 from advcam.utils import param
 from advcam.utils.device import evaluating
 from advcam.utils.errors import AdvcamError
@@ -69,28 +71,38 @@ def strided_up_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
     return h * stride, w * stride
 
 
-def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
-    """Image size at ``scale``: rounded, at least one pixel (IRN ``pil_rescale``)."""
-    return max(1, int(round(size[0] * scale))), max(1, int(round(size[1] * scale)))
+IMAGE_RESIZES = ("bicubic", "bilinear")
 
 
-def resize_image(image: torch.Tensor, scale: float) -> torch.Tensor:
-    """Bilinearly resize a normalised ``(3, H, W)`` image by ``scale`` (no copy at scale 1)."""
+def resize_image(image: torch.Tensor, scale: float, how: str = "bicubic") -> torch.Tensor:
+    """Resize a normalised ``(3, H, W)`` image by ``scale`` to :func:`scaled_size` (no copy at scale 1).
+
+    ``how="bicubic"`` is the references' (IRN's and AdvCAM's ``pil_rescale(img, s, order=3)``, SEAM's PIL
+    ``CUBIC``): the image's 8-bit pixels (:func:`advcam.data.transforms.denormalize`, exact for an image read
+    from a file) resized by PIL's bicubic filter, then normalised again, on the image's device and dtype.
+    ``how="bilinear"`` resizes the normalised tensor where it is (``align_corners=False``, no antialiasing).
+    """
     size = scaled_size((int(image.shape[-2]), int(image.shape[-1])), scale)
     if size == tuple(image.shape[-2:]):
         return image
-    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    if how == "bilinear":
+        return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    if how != "bicubic":
+        raise AdvcamError(f"cam.image_resize: unknown image resize {how!r} (known: {', '.join(IMAGE_RESIZES)})")
+    pixels = transforms.resize(transforms.denormalize(image), size, "bicubic")
+    return transforms.normalize(pixels).to(image.device, image.dtype)
 
 
 def cam_at_scale(model: nn.Module, image: torch.Tensor, classes: Sequence[int], scale: float = 1.0,
-                 flip: bool = True) -> torch.Tensor:
-    """``ReLU(CAM)`` of ``classes`` for ``image`` resized by ``scale``, at feature resolution ``(n, h, w)``.
+                 flip: bool = True, image_resize: str = "bicubic") -> torch.Tensor:
+    """``ReLU(CAM)`` of ``classes`` for ``image`` resized by ``scale`` (:func:`resize_image` ``how=image_resize``),
+    at feature resolution ``(n, h, w)``.
 
     ``image`` is a normalised ``(3, H, W)`` tensor on the model's device. With ``flip`` the image and its
     horizontal flip run in one batch and the flipped maps are flipped back and added. No grad mode is set
     here: callers choose (``compute_maps`` runs plain CAM under ``torch.inference_mode``).
     """
-    x = resize_image(image, scale)
+    x = resize_image(image, scale, image_resize)
     batch = torch.stack([x, x.flip(-1)]) if flip else x[None]
     maps = F.relu(class_map_net(model).cam(batch))
     idx = torch.as_tensor(list(classes), dtype=torch.long, device=maps.device)
@@ -185,7 +197,8 @@ def model_stride(model: nn.Module, default: int = 16) -> int:
 def plain_cam(model: nn.Module, image: torch.Tensor, classes: Sequence[int], cfg_cam: Any) -> list[torch.Tensor]:
     """The reference CAM: one :func:`cam_at_scale` per scale in ``cfg_cam.scales``, without gradients."""
     with torch.inference_mode():
-        return [cam_at_scale(model, image, classes, float(s), bool(cfg_cam.flip)) for s in cfg_cam.scales]
+        how = str(param(cfg_cam, "image_resize", "bicubic"))
+        return [cam_at_scale(model, image, classes, float(s), bool(cfg_cam.flip), how) for s in cfg_cam.scales]
 
 
 def advcam(model: nn.Module, image: torch.Tensor, classes: Sequence[int], cfg_cam: Any) -> list[torch.Tensor]:

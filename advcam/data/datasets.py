@@ -94,8 +94,9 @@ class SegmentationDataset(_Augmented):
     """Items ``{"image": (3, S, S) float32, "mask": (S, S) int64 (255 = ignore), "id": str}``.
 
     ``label_fn(id)`` returns the uint8 ``(H, W)`` target (ground truth or pseudo label). Training
-    augmentation: a random scale (bilinear image, nearest mask), one of ``scale_choices`` when given
-    (deeplab-pytorch's ``random.choice(scales)``), else drawn uniformly in ``scale_range``; normalise; a random
+    augmentation: a random scale, one of ``scale_choices`` when given (deeplab-pytorch's ``random.choice(scales)``
+    and its resize, :func:`~advcam.data.transforms.deeplab_rescale`), else drawn uniformly in ``scale_range``
+    (IRN's ``random_scale``: bicubic image, nearest mask, :func:`~advcam.data.transforms.random_scale`); a random
     S x S crop with padding (image 0, mask 255); a horizontal flip with p = 0.5. ``pad="bottom_right"`` is
     deeplab-pytorch's ``_augmentation`` (short sides padded at the bottom / right, then crop, then flip);
     ``pad="random"`` is IRN's (flip, then the image placed at a random offset in the crop).
@@ -121,14 +122,16 @@ class SegmentationDataset(_Augmented):
         mask = mask.astype(np.uint8, copy=False)
         rng = self.rng(index) if self.train else None
         flip_last = self.pad == "bottom_right"
-        if rng is not None:
-            if self.scale_choices:
-                img, mask = T.rescale_pair(img, mask, self.scale_choices[int(rng.integers(len(self.scale_choices)))])
-            else:
+        if rng is not None and self.scale_choices:
+            factor = self.scale_choices[int(rng.integers(len(self.scale_choices)))]
+            arr, mask = T.deeplab_rescale(T.normalize_array(img), mask, factor)
+        else:
+            if rng is not None:
                 img, mask = T.random_scale(img, mask, *self.scale_range, rng)
-            if not flip_last and rng.random() < 0.5:
-                img, mask = img[:, ::-1], mask[:, ::-1]
-        arr, mask = T.crop_with_pad([T.normalize_array(img), mask], [0.0, IGNORE], self.crop_size, rng, self.pad)
+            arr = T.normalize_array(img)
+        if rng is not None and not flip_last and rng.random() < 0.5:
+            arr, mask = arr[:, ::-1], mask[:, ::-1]
+        arr, mask = T.crop_with_pad([arr, mask], [0.0, IGNORE], self.crop_size, rng, self.pad)
         if rng is not None and flip_last and rng.random() < 0.5:
             arr, mask = arr[:, ::-1], mask[:, ::-1]
         return {"image": torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))),

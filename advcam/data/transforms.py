@@ -43,6 +43,8 @@ def resize(arr: np.ndarray, size_hw: tuple[int, int], order: str) -> np.ndarray:
 
 
 def scaled_size(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
+    """``(H, W)`` of an image of shape ``(H, W, ...)`` at ``scale``: rounded, at least one pixel (IRN's
+    ``pil_rescale``)."""
     return max(1, int(round(shape[0] * scale))), max(1, int(round(shape[1] * scale)))
 
 
@@ -82,14 +84,24 @@ def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator, sc
 
 def random_scale(img: np.ndarray, mask: np.ndarray, low: float, high: float,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random scale drawn uniformly in [low, high]: bilinear for the image, nearest for the mask."""
-    return rescale_pair(img, mask, float(rng.uniform(low, high)))
-
-
-def rescale_pair(img: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
-    """Image and mask rescaled by ``factor``: bilinear for the image, nearest for the mask."""
+    """IRN's ``random_scale((img, label), (low, high), order=(3, 0))``: a factor drawn uniformly in [low, high],
+    the uint8 image resized bicubic, the mask nearest, both to the rounded size (``pil_rescale``)."""
+    factor = float(rng.uniform(low, high))
     size = scaled_size(img.shape, factor)
-    return resize(img, size, "bilinear"), resize(mask, size, "nearest")
+    return resize(img, size, "bicubic"), resize(mask, size, "nearest")
+
+
+def deeplab_rescale(arr: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """deeplab-pytorch's training rescale (``_augmentation``): the size truncated, ``(int(H * f), int(W * f))``;
+    the float image resized by ``cv2.INTER_LINEAR`` (bilinear between pixel centres, no antialiasing), the mask
+    by PIL nearest. ``arr`` is a float32 ``(H, W, C)`` image; the reference resizes it before subtracting the
+    mean, which gives the same numbers since the resize is linear with weights that sum to one."""
+    size = (max(1, int(arr.shape[0] * factor)), max(1, int(arr.shape[1] * factor)))
+    if size == arr.shape[:2]:
+        return arr, mask
+    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))[None]
+    out = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
+    return out[0].numpy().transpose(1, 2, 0), resize(mask, size, "nearest")
 
 
 def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness: float = 0.3, contrast: float = 0.3,
