@@ -113,7 +113,8 @@ def test_augmentation_flip_moves_image_and_label_together(tmp_path: Path):
 def cv2_linear(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)`` of a float image, written out: per axis the
     source coordinate ``(d + 0.5) * in / out - 0.5``, clamped to the first and last pixel (checked once against
-    OpenCV 5.0.0 on float32 images of 96x96, 37x50, 375x500 and 7x5 at six factors: within 0.01 grey levels)."""
+    OpenCV 5.0.0 on float32 images of 96x96, 37x50, 375x500 and 7x5 at six factors: within 4e-5 grey levels;
+    advcam's float32 resize is within 0.01 of OpenCV there)."""
     def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         src = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
         x0 = np.floor(src).astype(int)
