@@ -36,6 +36,10 @@ test: install
 # packages), for this Python. torch and the packages only torch needs are left out, so that a CUDA build of
 # torch that a user has keeps its own. Run `make test` (and `make run`) on the result before committing it.
 LOCK_VENV := .lock-venv
+LOCK_FILE := $(or $(CONSTRAINTS),constraints.txt)
+# Not pinned (grep -E, matched against `name==`): torch and the packages only torch needs, and pip's own.
+# tests/test_packaging.py reads this line.
+LOCK_EXCLUDE := ^(torch|sympy|mpmath|triton|nvidia-.*-cu[0-9]+|pip|setuptools|wheel)==
 lock:
 	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install "torch==$(TORCH_VERSION)"
@@ -44,9 +48,9 @@ lock:
 	  echo "# make install applies them for this Python; other Pythons resolve setup.py's ranges."; \
 	  echo "# torch and the packages only torch needs (sympy, mpmath, triton, nvidia-*-cu*) are not pinned here."; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable \
-	  | grep -viE '^(torch|sympy|mpmath|triton|nvidia-.*-cu[0-9]+|pip|setuptools|wheel)==' \
+	  | grep -viE '$(LOCK_EXCLUDE)' \
 	  | sed "s/\$$/ ; python_version == \"$$($(LOCK_VENV)/bin/python -c 'import sys; print(*sys.version_info[:2], sep=".")')\"/"; \
-	} > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	} > $(LOCK_FILE).new && mv $(LOCK_FILE).new $(LOCK_FILE)
 	rm -rf $(LOCK_VENV)
 
 clean:

@@ -1,5 +1,6 @@
 """constraints.txt (the versions `make install` applies, renewed by `make lock`) against setup.py's ranges."""
 import importlib.metadata
+import re
 from pathlib import Path
 
 from packaging.markers import default_environment
@@ -7,7 +8,12 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCH_ONLY = {"torch", "sympy", "mpmath", "triton"}  # left to the torch a user already has
+
+
+def lock_exclude() -> re.Pattern:
+    """The Makefile's LOCK_EXCLUDE (what `make lock` leaves out: torch, the packages only torch needs, pip's)."""
+    (line,) = [ln for ln in (ROOT / "Makefile").read_text().splitlines() if ln.startswith("LOCK_EXCLUDE :=")]
+    return re.compile(line.split(":=", 1)[1].strip(), re.I)
 
 
 def read_constraints(path: Path) -> list[Requirement]:
@@ -24,7 +30,16 @@ def test_every_constraint_is_one_exact_version_for_one_python():
         (spec,) = pin.specifier  # one specifier, an exact version
         assert spec.operator == "==" and "*" not in spec.version, str(pin)
         assert pin.marker is not None and str(pin.marker).startswith("python_version == "), str(pin)
-        assert canonicalize_name(pin.name) not in TORCH_ONLY and not pin.name.lower().startswith("nvidia-cu")
+        assert not lock_exclude().search(f"{pin.name}=="), f"{pin.name}: make lock leaves it to torch / pip"
+
+
+def test_make_lock_leaves_out_torch_and_its_own_dependencies():
+    excluded = lock_exclude()
+    for name in ("torch", "sympy", "mpmath", "triton", "nvidia-cublas-cu12", "nvidia-nccl-cu12",
+                 "nvidia-nvjitlink-cu12", "pip"):
+        assert excluded.search(f"{name}=="), name
+    for name in ("numpy", "torchmetrics", "nvidia-ml-py", "snakemake"):
+        assert not excluded.search(f"{name}=="), name
 
 
 def test_constraints_pin_every_requirement_within_setup_ranges():
