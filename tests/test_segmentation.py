@@ -254,6 +254,27 @@ def test_resnet101_backbone_has_torchvision_names():
         p.requires_grad for n, p in model.backbone.named_parameters() if "bn" in n)
 
 
+
+@pytest.mark.parametrize("arch", ["deeplab_resnet50", "deeplab_resnet101"])
+def test_deeplab_backbones_dilate_every_block_as_deeplab_pytorch(arch):
+    """deeplab-pytorch's DeepLabV2: ``_ResBlock(n, ..., stride=1, dilation=2)`` for layer4 (advcam's layer3) and
+    dilation 4 for layer5 (layer4), block1 included; strides and the 3x3's padding follow."""
+    backbone = build_segmenter(arch, 21).backbone
+    for layer, rate in ((backbone.layer3, 2), (backbone.layer4, 4)):
+        assert [b.conv2.dilation for b in layer] == [(rate, rate)] * len(layer)
+        assert [b.conv2.padding for b in layer] == [(rate, rate)] * len(layer)
+        assert layer[0].conv2.stride == (1, 1)
+    assert {b.conv2.dilation for b in [*backbone.layer1, *backbone.layer2]} == {(1, 1)}
+    assert tuple(backbone(torch.zeros(1, 3, 33, 41)).shape[-2:]) == (5, 6)
+
+
+def test_the_small_networks_keep_torchvisions_dilation_convention():
+    """resnet_small (one block per layer): layer3's block keeps layer2's dilation 1, layer4's gets 2."""
+    from advcam.models.classifier import build_classifier
+    for backbone in (build_segmenter("deeplab_small", 4).backbone, build_classifier("resnet_small", 3).backbone):
+        assert [backbone.layer3[0].conv2.dilation, backbone.layer4[0].conv2.dilation] == [(1, 1), (2, 2)]
+
+
 # ---------------------------------------------------------------- inference
 @pytest.fixture(scope="module")
 def small_net():
@@ -400,6 +421,31 @@ def test_train_seg_stage_uses_ground_truth_for_gt_ids(prepared, tmp_path: Path, 
     Image.fromarray(np.zeros((10, 12), np.uint8)).save(pseudo / f"{victim}.png")
     with pytest.raises(AdvcamError, match=rf"{victim}\.png: pseudo label is 12x10 but image {victim} is 32x32"):
         train_seg.run(semi, data, pseudo, tmp_path / "seg.pt", tmp_path / "seg.csv")
+
+
+def test_train_seg_draws_the_gt_fraction_with_the_run_seed(prepared, tmp_path: Path, monkeypatch):
+    """gt_fraction's images are select_gt_ids(..., seed) with the run's seed, so another seed trains on other
+    ground-truth images."""
+    from advcam import config
+    from advcam.data import load_info
+    from advcam.steps import train_seg
+
+    cfg, data = prepared
+    info = load_info(data)
+    ids = info.lists["seg"]
+    seed = next(s for s in range(1, 50) if select_gt_ids(ids, [], 0.3, s) != select_gt_ids(ids, [], 0.3, 0))
+    pseudo = tmp_path / "pseudo"
+    pseudo.mkdir()
+    for image_id in ids:
+        Image.fromarray(np.zeros(info.read_mask(image_id).shape, np.uint8)).save(pseudo / f"{image_id}.png")
+    chosen = []
+    real = train_seg.training_label_reader
+    monkeypatch.setattr(train_seg, "training_label_reader",
+                        lambda info, pseudo, gt_ids=(): chosen.append(list(gt_ids)) or real(info, pseudo, gt_ids))
+    monkeypatch.setattr(train_seg, "train_segmenter", lambda *a, **k: [])
+    run_cfg = config.load(None, [*_overrides(cfg), f"seed={seed}", "segmentation.gt_fraction=0.3"])
+    train_seg.run(run_cfg, data, pseudo, tmp_path / "seg.pt", tmp_path / "seg.csv")
+    assert chosen == [select_gt_ids(ids, [], 0.3, seed)]
 
 
 def _overrides(cfg) -> list[str]:

@@ -17,8 +17,11 @@ Inference (:func:`multiscale_logits`) follows DeepLab-v2's MSC: the image is run
 asked, flipped), every logit map is resized bilinearly to the image size, and the maps are fused by their
 pixel-wise maximum (deeplab-pytorch: scales 1.0, 0.75, 0.5, no flip).
 
-Deviations from deeplab-pytorch: the dilated layers keep torchvision's convention (the first block of layer3 /
-layer4 has the previous dilation, 1 / 2; deeplab-pytorch dilates every block by 2 / 4); the multi-scale max is
+The ResNet-50/101 backbones dilate every block of layer3 / layer4 by 2 / 4, as deeplab-pytorch's ``_ResBlock``
+(before 2026-12-01 their first blocks kept torchvision's convention, the previous dilation 1 / 2);
+``deeplab_small`` is advcam's CPU network and keeps torchvision's convention (:func:`resnet.resnet_small`).
+
+Deviations from deeplab-pytorch: the multi-scale max is
 taken after resizing every scale to the image size (deeplab-pytorch: at the 1.0 scale's logit size, then one
 resize); each scale's input size is ``round(H * s)`` and the resize goes by that size (deeplab-pytorch: a
 ``scale_factor`` resize, ``floor(H * s)`` with the factor's coordinates, which is not flip-equivariant where
@@ -98,9 +101,11 @@ class DeepLab(nn.Module):
 def build_segmenter(arch: str, num_classes_with_bg: int, pretrained: str | Path | None = None) -> DeepLab:
     """A fresh segmenter; ``pretrained`` = a local torchvision-format weight file for the backbone."""
     if arch == "deeplab_resnet50":
-        backbone, rates, frozen = resnet.resnet50(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4)), (6, 12, 18, 24), True
+        backbone = resnet.resnet50(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4), dilate_first_block=True)
+        rates, frozen = (6, 12, 18, 24), True
     elif arch == "deeplab_resnet101":
-        backbone = resnet.ResNet(resnet.Bottleneck, (3, 4, 23, 3), strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4))
+        backbone = resnet.ResNet(resnet.Bottleneck, (3, 4, 23, 3), strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4),
+                                 dilate_first_block=True)
         rates, frozen = (6, 12, 18, 24), True
     elif arch == "deeplab_small":
         backbone, rates, frozen = resnet.resnet_small(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4)), (2, 4, 6, 8), False

@@ -8,7 +8,8 @@ conv of a bottleneck), so a torchvision ImageNet state dict (``resnet50-*.pth``)
   so strides (2, 2, 2, 1) give output stride 16 (the CAM network) and (2, 2, 1, 1) output stride 8;
 - ``dilations`` = per layer (1..4), for atrous layers where a stride was removed (DeepLab); as in
   torchvision's ``replace_stride_with_dilation``, the first block of a layer keeps the previous layer's
-  dilation and the other blocks use the new one.
+  dilation and the other blocks use the new one; ``dilate_first_block=True`` gives every block of a layer its
+  dilation, as deeplab-pytorch's ``_ResBlock`` (DeepLab-v2).
 
 The network has no ``avgpool``/``fc``: ``forward`` returns the last feature map ``(B, out_channels, h, w)``.
 """
@@ -89,8 +90,9 @@ class ResNet(nn.Module):
 
     def __init__(self, block: Block, layers: Sequence[int], widths: Sequence[int] = (64, 128, 256, 512),
                  strides: Sequence[int] = (2, 2, 2, 2), dilations: Sequence[int] = (1, 1, 1, 1),
-                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d, dilate_first_block: bool = False) -> None:
         super().__init__()
+        self.dilate_first_block = dilate_first_block
         if len(layers) != 4 or len(widths) != 4 or len(strides) != 4 or len(dilations) != 4:
             raise ValueError("ResNet: layers, widths, strides and dilations need 4 entries each")
         self._norm_layer = norm_layer
@@ -112,7 +114,8 @@ class ResNet(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
                                        self._norm_layer(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample, self.dilation, self._norm_layer)]
+        first = dilation if self.dilate_first_block else self.dilation
+        layers = [block(self.inplanes, planes, stride, downsample, first, self._norm_layer)]
         self.inplanes, self.dilation = planes * block.expansion, dilation
         layers += [block(self.inplanes, planes, 1, None, dilation, self._norm_layer) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
@@ -134,16 +137,19 @@ class ResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(x)))
 
 
-def resnet50(strides: Sequence[int] = (2, 2, 2, 2), dilations: Sequence[int] = (1, 1, 1, 1)) -> ResNet:
+def resnet50(strides: Sequence[int] = (2, 2, 2, 2), dilations: Sequence[int] = (1, 1, 1, 1),
+             dilate_first_block: bool = False) -> ResNet:
     """ResNet-50 (Bottleneck, [3, 4, 6, 3]); 2048 output channels; torchvision weight names."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), strides, dilations)
+    return ResNet(Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), strides, dilations,
+                  dilate_first_block=dilate_first_block)
 
 
 def resnet_small(strides: Sequence[int] = (2, 2, 1, 1), dilations: Sequence[int] = (1, 1, 2, 4)) -> ResNet:
     """A small ResNet for training from scratch on CPU: one BasicBlock per layer, widths 16-32-64-128.
 
-    The default strides/dilations give output stride 8 (96 px -> 12x12 maps) with a receptive field that
-    still covers the image (dilated layer3/layer4).
+    The default strides give output stride 8 (96 px -> 12x12 maps). With one block per layer and torchvision's
+    dilation convention the default dilations (1, 1, 2, 4) dilate only layer4's block, by 2 (layer3's block keeps
+    layer2's 1, and 4 is never used); every result of the embedded dataset is of this network.
     """
     return ResNet(BasicBlock, (1, 1, 1, 1), (16, 32, 64, 128), strides, dilations)
 
