@@ -246,6 +246,43 @@ def test_deeplab_param_groups_and_poly_lr():
     assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+class PolynomialLR:
+    """deeplab-pytorch's ``PolynomialLR(optimizer, step_size=10, iter_max, power=0.9)`` written out:
+    ``scheduler.step(epoch=iteration)`` after the optimiser step of iteration 1, 2, ...; the rate is recomputed
+    only where ``last_epoch`` is a positive multiple of ``step_size`` and held in between."""
+
+    def __init__(self, base: float, iter_max: int, step_size: int = 10, power: float = 0.9) -> None:
+        self.base, self.iter_max, self.step_size, self.power, self.lr = base, iter_max, step_size, power, base
+
+    def step(self, epoch: int) -> None:
+        if epoch != 0 and epoch % self.step_size == 0 and epoch <= self.iter_max:
+            self.lr = self.base * (1 - epoch / self.iter_max) ** self.power
+
+
+def test_the_segmenters_poly_rate_is_recomputed_every_ten_steps_as_deeplab_pytorch():
+    model = build_segmenter("deeplab_small", 4)
+    opt, ref = make_deeplab_sgd(model, 0.01, 5e-4, 0.9), PolynomialLR(0.01, 95)
+    for step in range(95):  # optimiser step `step` is deeplab-pytorch's iteration step + 1
+        lr = loop.set_poly_lr(opt, 0.01, step, 95, every=10)
+        assert lr == pytest.approx(ref.lr, rel=1e-12), step
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([ref.lr, 10 * ref.lr, 20 * ref.lr])
+        ref.step(step + 1)
+    assert loop.set_poly_lr(opt, 0.01, 37, 95) == pytest.approx(0.01 * (1 - 37 / 95) ** 0.9)  # every step (IRN)
+
+
+def test_train_seg_passes_lr_update_every(monkeypatch, tmp_path: Path):
+    from advcam.train import segmentation as seg_training
+    seen = {}
+    monkeypatch.setattr(loop, "fit", lambda *a, **k: seen.update(k) or [[1, 1, 0.5, 0.1]])
+    info = BlockInfo(tmp_path, n=2)
+    data = SegmentationDataset(info, info.ids, info.read_mask, crop_size=32)
+    for every in (10, 3):
+        seg_training.train_segmenter(build_segmenter("deeplab_small", 4), data, epochs=1, batch_size=2, lr=0.01,
+                                     weight_decay=0.0, momentum=0.9, seed=0, workers=0, resume=tmp_path / "r.pt",
+                                     curves=tmp_path / "c.csv", fingerprint={}, lr_update_every=every)
+        assert seen["lr_every"] == every
+
+
 def test_resnet101_backbone_has_torchvision_names():
     model = build_segmenter("deeplab_resnet101", 21)
     keys = model.backbone.state_dict().keys()
@@ -395,14 +432,16 @@ def test_train_seg_stage_uses_ground_truth_for_gt_ids(prepared, tmp_path: Path, 
         seen["labels"] = {i: dataset.label_fn(i) for i in ids}
         seen["fingerprint"] = kw["fingerprint"]
         seen["weight"] = kw["class_weight"]
+        seen["lr_update_every"] = kw["lr_update_every"]
         return []
 
     monkeypatch.setattr(train_seg, "train_segmenter", spy)
     semi = config.load(None, [*_overrides(cfg), f"segmentation.gt_ids={list(gt_ids)}".replace("'", '"'),
-                              "segmentation.balanced_ce=true"])
+                              "segmentation.balanced_ce=true", "segmentation.lr_update_every=7"])
     with caplog.at_level(logging.INFO, logger="advcam"):
         train_seg.run(semi, data, pseudo, tmp_path / "seg.pt", tmp_path / "seg.csv")
     assert "7 with pseudo labels" in caplog.text and "3 with ground truth" in caplog.text
+    assert seen["lr_update_every"] == 7
     for image_id in gt_ids:
         np.testing.assert_array_equal(seen["labels"][image_id], info.read_mask(image_id))
         assert seen["labels"][image_id].max() > 0

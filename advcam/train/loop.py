@@ -63,9 +63,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
     return lr
 
 
-def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max_step: int) -> float:
-    """Set every group's lr to ``lr_mult * poly_lr(...)``; return the base (backbone) lr."""
-    return set_lr(optimizer, poly_lr(base_lr, step, max_step))
+def set_poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, max_step: int, every: int = 1) -> float:
+    """Set every group's lr to ``lr_mult * poly_lr(...)`` of the last step that is a multiple of ``every``
+    (deeplab-pytorch's ``PolynomialLR(step_size=10)`` holds the rate between updates); return the base lr."""
+    return set_lr(optimizer, poly_lr(base_lr, step - step % every, max_step))
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -177,8 +178,10 @@ def check_checkpoint_space(model: nn.Module, optimizer: torch.optim.Optimizer, r
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader_for_epoch: Callable[[int], DataLoader],
         loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor], *, epochs: int, base_lr: float,
-        resume: Path, curves: Path, fingerprint: Mapping[str, Any], desc: str) -> list[list[float]]:
-    """Train ``epochs`` epochs (resuming from ``resume`` if it fits); return the curve rows.
+        resume: Path, curves: Path, fingerprint: Mapping[str, Any], desc: str,
+        lr_every: int = 1) -> list[list[float]]:
+    """Train ``epochs`` epochs (resuming from ``resume`` if it fits); return the curve rows. The poly learning
+    rate is recomputed every ``lr_every`` steps (:func:`set_poly_lr`).
 
     ``loss_fn(model, batch)`` returns the scalar loss of one batch. The caller saves the final checkpoint and
     then calls :func:`finish` to delete the resume file. Before the first epoch it checks that the checkpoints
@@ -204,7 +207,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader_for_epoch: Ca
                        unit="batch")
         for i, batch in enumerate(bar):
             step = epoch * steps_per_epoch + i
-            lr = set_poly_lr(optimizer, base_lr, step, max_step)
+            lr = set_poly_lr(optimizer, base_lr, step, max_step, lr_every)
             if step_fn is None:
                 loss = loss_fn(model, batch)
                 value = loss.item()

@@ -5,7 +5,8 @@
   loss is the sum of the cross-entropies of every scale's logits and of their pixel-wise maximum (4 terms).
   Deviation: the logits are upsampled to the crop for the loss (deeplab-pytorch shrinks the labels to the
   logits' size instead).
-- Optimiser: SGD, poly LR (power 0.9), backbone at 1x, ASPP weights at 10x, ASPP biases at 20x without
+- Optimiser: SGD, poly LR (power 0.9, recomputed every ``lr_update_every`` = 10 steps as deeplab-pytorch's
+  ``PolynomialLR``), backbone at 1x, ASPP weights at 10x, ASPP biases at 20x without
   weight decay (DeepLab-v2's ``lr_mult``/``decay_mult``).
 - Augmentation (``SegmentationDataset``): random scale, horizontal flip, crop padded with 255.
 
@@ -230,7 +231,7 @@ def make_deeplab_sgd(model: DeepLab, lr: float, weight_decay: float, momentum: f
 def train_segmenter(model: DeepLab, dataset: Dataset, *, epochs: int, batch_size: int, lr: float,
                     weight_decay: float, momentum: float, seed: int, workers: int, resume: Path, curves: Path,
                     fingerprint: Mapping[str, Any], class_weight: np.ndarray | None = None,
-                    train_scales: Sequence[float] = (1.0,)) -> list[list[float]]:
+                    train_scales: Sequence[float] = (1.0,), lr_update_every: int = 10) -> list[list[float]]:
     """Train ``model`` in place (see the module docstring for the recipe); return the curve rows.
 
     ``class_weight`` (from :func:`class_weights`) switches on the balanced cross-entropy; ``train_scales`` the
@@ -240,4 +241,4 @@ def train_segmenter(model: DeepLab, dataset: Dataset, *, epochs: int, batch_size
     weight = None if class_weight is None else torch.as_tensor(np.asarray(class_weight, np.float32))
     return loop.fit(model, optimizer, lambda e: loop.epoch_loader(dataset, batch_size, seed, e, workers),
                     SegmentationLoss(weight, train_scales), epochs=epochs, base_lr=lr, resume=resume, curves=curves,
-                    fingerprint=fingerprint, desc="train-seg")
+                    fingerprint=fingerprint, desc="train-seg", lr_every=lr_update_every)
