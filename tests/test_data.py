@@ -80,12 +80,40 @@ def test_val_images_do_not_depend_on_train_size(syn, tmp_path):
         (bigger.root / "JPEGImages" / f"{first}.jpg").read_bytes()
 
 
+def test_val_images_are_not_training_images(syn):
+    """The val split draws from its own random stream: val image k is not train_aug image k."""
+    for k, val_id in enumerate(syn.lists["val"]):
+        val = (syn.root / "JPEGImages" / f"{val_id}.jpg").read_bytes()
+        assert val != (syn.root / "JPEGImages" / f"{syn.lists['train_aug'][k]}.jpg").read_bytes(), val_id
+
+
+def test_class_mix_of_the_synthetic_images():
+    """1, 2 or 3 classes per image (30 / 45 / 25 %), drawn without replacement; an object without room is dropped,
+    so a few images have fewer classes than drawn. 300 fixed renders give 83 / 160 / 57."""
+    from advcam.data.synthetic import render
+
+    counts = {1: 0, 2: 0, 3: 0}
+    for i in range(300):
+        *_, objects = render(np.random.default_rng([0, 0, i]), 48, 6, 3, 0)
+        counts[len({o["class"] for o in objects})] += 1
+    assert 70 <= counts[1] <= 96 and 45 <= counts[3] <= 66, counts
+
+
+def test_ignore_ring_lies_inside_the_objects(syn):
+    """The 255 ring is the objects' own outer pixels: the mask's non-background pixels are exactly the objects'
+    body and part pixels, none of the background's."""
+    for image_id, objects in syn.objects.items():
+        mask = np.array(Image.open(syn.root / "SegmentationClass" / f"{image_id}.png"))
+        assert int((mask != 0).sum()) == sum(o["body_pixels"] + o["part_pixels"] for o in objects), image_id
+
+
 def test_voc_layout_and_lists(syn):
     root = syn.root
     lists = {n: (root / "ImageSets/Segmentation" / f"{n}.txt").read_text().split() for n in ("train_aug", "train", "val")}
     assert lists == syn.lists
     assert (len(lists["train_aug"]), len(lists["train"]), len(lists["val"])) == (24, 8, 6)
     assert set(lists["train"]) <= set(lists["train_aug"])
+    assert lists["train"] == [i for i in lists["train_aug"] if i in set(lists["train"])]  # in train_aug's order
     assert not set(lists["val"]) & set(lists["train_aug"])
     for i in lists["train_aug"] + lists["val"]:
         with Image.open(root / "JPEGImages" / f"{i}.jpg") as im:
@@ -199,6 +227,16 @@ def test_read_image_converts_to_rgb(tmp_path):
         voc.read_image(tmp_path / "junk.jpg")
 
 
+def test_sixteen_bit_masks_and_images(tmp_path):
+    """A 16-bit mask value above 255 is refused, not wrapped to 8 bits; a 16-bit grey level v becomes
+    round(v * 255 / 65535), not a truncation."""
+    Image.fromarray(np.array([[0, 256]], np.uint16)).save(tmp_path / "m16.png")
+    with pytest.raises(AdvcamError, match="label 256 outside"):
+        voc.read_mask(tmp_path / "m16.png", 3)
+    Image.fromarray(np.array([[200, 65535, 129]], np.uint16)).save(tmp_path / "g16.png")
+    assert voc.read_image(tmp_path / "g16.png")[0, :, 0].tolist() == [1, 255, 1]
+
+
 def test_truncated_jpeg_caught_by_draft_check(tmp_path):
     img = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / "full.jpg", quality=90)
@@ -217,6 +255,33 @@ def test_normalize_roundtrip():
     assert t.shape == (3, 6, 5) and t.dtype == torch.float32
     assert np.array_equal(T.denormalize(t), img)
     assert abs(float(T.normalize(np.full((1, 1, 3), 124, np.uint8))[0])) < 0.01  # ~mean -> ~0
+
+
+def test_normalize_is_torchvisions_imagenet_normalisation_per_channel():
+    """IRN's (and torchvision's) Normalize: (x / 255 - mean) / std with each RGB channel's own ImageNet mean and
+    std."""
+    img = np.array([[[10, 128, 250]]], np.uint8)
+    want = [(10 / 255 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224, (250 / 255 - 0.406) / 0.225]
+    assert np.allclose(T.normalize(img)[:, 0, 0].numpy(), want, atol=1e-6)
+
+
+def test_random_resize_long_draws_the_long_side_in_the_closed_range_bicubic():
+    """IRN's random_resize_long: the long side is random.randint(min_long, max_long) (both ends included) and the
+    image is resized bicubically."""
+    img = np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    longs = {max(T.random_resize_long(img, 30, 31, np.random.default_rng(s)).shape[:2]) for s in range(40)}
+    assert longs == {30, 31}
+    out = T.random_resize_long(img, 20, 20, np.random.default_rng(0))
+    assert out.shape == (10, 20, 3)  # the long side (the width, 40) becomes 20
+    assert np.array_equal(out, np.asarray(Image.fromarray(img).resize((20, 10), Image.Resampling.BICUBIC)))
+
+
+def test_evaluation_crop_is_centred_whatever_the_pad_place():
+    """Without an rng (evaluation) a short image is centred in the crop, also with deeplab-pytorch's bottom_right
+    padding, which only places training crops."""
+    for pad in T.PAD_PLACES:
+        cr, cc, ir, ic = T.crop_box((3, 5), 8, None, pad)
+        assert (cr, cc, ir, ic) == (slice(2, 5), slice(1, 6), slice(0, 3), slice(0, 5)), pad
 
 
 def test_crop_with_pad_places_small_images_inside():
@@ -265,13 +330,18 @@ def test_segmentation_dataset_scale_choices_and_padding(syn):
 
 
 class Fixed:
-    """An rng stand-in: ``uniform`` returns the factors given, ``permutation`` the order given."""
+    """An rng stand-in: ``uniform`` returns the factors given (then the middle of its range) and records its bounds
+    in ``bounds``, ``permutation`` returns the order given, ``integers`` its lowest value."""
 
-    def __init__(self, factors, order):
-        self.factors, self.order = list(factors), list(order)
+    def __init__(self, factors, order=(0, 1, 2, 3)):
+        self.factors, self.order, self.bounds = list(factors), list(order), []
 
     def uniform(self, low, high):
-        return self.factors.pop(0)
+        self.bounds.append((float(low), float(high)))
+        return self.factors.pop(0) if self.factors else (low + high) / 2
+
+    def integers(self, low, high=None):
+        return 0 if high is None else low
 
     def permutation(self, n):
         return np.asarray(self.order)
@@ -301,6 +371,28 @@ def test_color_jitter_is_pil_enhance_in_the_drawn_order():
     assert np.array_equal(T.color_jitter(img, np.random.default_rng(3), 0, 0, 0, 0), img)
     a, b = (T.color_jitter(img, np.random.default_rng(5)) for _ in range(2))
     assert np.array_equal(a, b) and not np.array_equal(a, T.color_jitter(img, np.random.default_rng(6)))
+
+
+def test_colour_jitter_ranges_are_torchvisions():
+    """torchvision's ColorJitter draws brightness, contrast and saturation in [1 - v, 1 + v] and the hue shift in
+    [-hue, hue], each from its own argument; the defaults are SEAM's (0.3, 0.3, 0.3, 0.1)."""
+    img = np.zeros((4, 4, 3), np.uint8)
+    rng = Fixed([])
+    T.color_jitter(img, rng, 0.1, 0.2, 0.4, 0.05)
+    assert rng.bounds == [pytest.approx(b) for b in [(0.9, 1.1), (0.8, 1.2), (0.6, 1.4), (-0.05, 0.05)]]
+    rng = Fixed([])
+    T.color_jitter(img, rng)
+    assert rng.bounds == [pytest.approx(b) for b in [(0.7, 1.3)] * 3 + [(-0.1, 0.1)]]
+
+
+def test_random_resized_crop_box_is_torchvisions():
+    """torchvision's RandomResizedCrop: a log-uniform aspect ratio w / h; the box is sqrt(area * ratio) wide and
+    sqrt(area / ratio) high."""
+    img = np.arange(40 * 60 * 3).reshape(40, 60, 3).astype(np.uint8)
+    rng = Fixed([0.5, float(np.log(2.0))])  # half the area (1200 px) at w / h = 2; the box at the top left
+    out = T.random_resized_crop(img, 24, rng, scale=(0.08, 1.0), ratio=(0.5, 4.0))
+    assert rng.bounds == [pytest.approx((0.08, 1.0)), pytest.approx((np.log(0.5), np.log(4.0)))]
+    assert np.array_equal(out, T.resize(np.ascontiguousarray(img[0:24, 0:49]), (24, 24), "bilinear"))  # 24 x 49
 
 
 def test_random_resized_crop_follows_torchvision():
@@ -343,6 +435,55 @@ def test_classification_dataset(syn):
     rrc = ClassificationDataset(info, ids, crop_size=40, train=True, seed=7, resized_crop=(0.08, 1.0))
     assert rrc[0]["image"].shape == (3, 40, 40) and torch.equal(rrc[0]["label"], item["label"])
     assert not torch.equal(rrc[0]["image"], item["image"])
+
+
+def test_classification_dataset_defaults_flip_and_padding(syn):
+    """IRN's augmentation: the long side in 320..640 for crop 512 (0.625 to 1.25 times the crop), a horizontal
+    flip with p = 0.5, and short sides padded with 0 after normalisation (the mean colour)."""
+    ids = syn.lists["train"]
+    info = _info(syn.root, syn.classes, ids)
+    assert ClassificationDataset(info, ids, 512).resize_long == (320, 640)
+    ds = ClassificationDataset(info, ids, crop_size=48, train=True, seed=0, resize_long=(48, 48))
+    img = info.read_image(ids[0])
+    plain, flipped = T.normalize(img), T.normalize(np.ascontiguousarray(img[:, ::-1]))
+    seen = set()
+    for epoch in range(16):
+        ds.set_epoch(epoch)
+        x = ds[0]["image"]
+        seen.add("plain" if torch.equal(x, plain) else "flipped" if torch.equal(x, flipped) else "other")
+    assert seen == {"plain", "flipped"}  # with the size fixed, a flip is the only change
+    x = ClassificationDataset(info, ids, crop_size=64, train=True, seed=0, resize_long=(48, 48))[0]["image"]
+    assert int((x.abs().sum(0) == 0).sum()) == 64 * 64 - 48 * 48
+
+
+def test_bottom_right_flip_moves_image_and_mask_together_and_scales_are_drawn(syn):
+    """deeplab-pytorch's _augmentation: the flip after the crop turns image and mask together, and the scale is
+    random.choice(scales) over all the choices."""
+    ids = syn.lists["val"]
+    info = _info(syn.root, syn.classes, ids)
+    ds = SegmentationDataset(info, ids, info.read_mask, crop_size=48, train=True, seed=0, scale_choices=[1.0],
+                             pad="bottom_right")
+    gt, rgb = info.read_mask(ids[0]), info.read_image(ids[0])
+    seen = set()
+    for epoch in range(16):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        mask, image = item["mask"].numpy(), T.denormalize(item["image"])
+        if np.array_equal(mask, gt[:, ::-1]) and not np.array_equal(mask, gt):
+            assert np.array_equal(image, rgb[:, ::-1]), "mask flipped without its image"
+            seen.add("flipped")
+        elif np.array_equal(mask, gt):
+            assert np.array_equal(image, rgb), "image flipped without its mask"
+            seen.add("plain")
+    assert seen == {"flipped", "plain"}
+    ones = lambda i: np.ones(info.read_image(i).shape[:2], np.uint8)  # noqa: E731
+    two = SegmentationDataset(info, ids, ones, crop_size=96, train=True, seed=0, scale_choices=[0.5, 1.0],
+                              pad="bottom_right")
+    sizes = set()
+    for epoch in range(16):
+        two.set_epoch(epoch)
+        sizes.add(int((two[0]["mask"].numpy() == 1).sum()))
+    assert sizes == {24 * 24, 48 * 48}
 
 
 def test_segmentation_dataset(syn):

@@ -33,6 +33,26 @@ def test_resnet50_matches_torchvision_names_and_size():
     assert net.out_channels == 2048 and net.output_stride == 32
 
 
+def test_bottleneck_strides_its_3x3_and_dilation_starts_at_a_layers_second_block():
+    """torchvision's ResNet v1.5 (IRN's resnet50 too): a bottleneck's stride sits on its 3x3 conv, not the first
+    1x1; by default (torchvision's replace_stride_with_dilation convention) a layer's first block keeps the
+    previous layer's dilation."""
+    net = resnet50()
+    assert net.layer2[0].conv2.stride == (2, 2) and net.layer2[0].conv1.stride == (1, 1)
+    d = resnet50(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4))
+    assert [d.layer3[0].conv2.dilation, d.layer3[1].conv2.dilation] == [(1, 1), (2, 2)]
+    assert [d.layer4[0].conv2.dilation, d.layer4[1].conv2.dilation] == [(2, 2), (4, 4)]
+
+
+def test_convolutions_use_kaiming_normal_fan_out():
+    """torchvision's initialisation: Kaiming normal with mode fan_out, std sqrt(2 / (out_channels * k * k))."""
+    torch.manual_seed(0)
+    w = resnet_small().conv1.weight.detach()  # 16 x 3 x 7 x 7: fan_out 784 (fan_in 147 would give 0.117)
+    std = (2 / (16 * 49)) ** 0.5
+    assert float(w.std()) == pytest.approx(std, rel=0.1)
+    assert float(w.abs().max()) > 2 * std  # normal: a uniform of this std stops at sqrt(3) std
+
+
 def test_camnet_interface_resnet50(r50_cls):
     model = r50_cls.eval()
     x = torch.randn(2, 3, 64, 48)
