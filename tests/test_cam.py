@@ -421,6 +421,37 @@ def test_cams_stage_recomputes_when_params_or_model_change(stage):
     assert model.calls == calls + 6
 
 
+def test_cams_stage_recomputes_an_image_whose_labels_changed(stage):
+    """Corrected image-level labels (labels.json) recompute that image's maps, for its new classes, and keep the
+    other images' files."""
+    cams, cfg, paths, model, loads, info = stage
+    cams.run(cfg, **paths)
+    calls = model.calls
+    info.labels["img0"] = [1]
+    cams.run(cfg, **paths)
+    assert model.calls == calls + 1 and load_cam(paths["out"] / "img0.npz")["keys"].tolist() == [1]
+
+
+def test_the_cams_record_holds_every_map_param_and_not_the_seed_thresholds(tmp_path):
+    """The record that keys the CAM files (and their work folder) changes with every param the maps depend on
+    and with the classifier's bytes; the seed thresholds are only scored, so they keep the files."""
+    from advcam.steps import cams, shards
+
+    model = tmp_path / "classifier.pt"
+    model.write_bytes(b"weights")
+    base = cams.record_for(config.load(None, []), model)
+    assert cams.record_for(config.load(None, ["cam.thresholds=[0.3]", "cam.eval_threshold=0.3"]), model) == base
+    for override in ["cam.scales=[1.0, 0.5]", "cam.flip=false", "cam.normalise=max", "cam.resize=irn",
+                     "cam.image_resize=bilinear", "cam.method=cam", "cam.advcam.steps=5", "cam.advcam.xi=0.1",
+                     "cam.advcam.lam=1.0", "cam.advcam.tau=0.4", "cam.advcam.half_steps_at_half_scale=false",
+                     "cam.advcam.sign_steps=true", "cam.advcam.cumulative_mask=true",
+                     "cam.advcam.suppress_image_classes_only=true", "cam.advcam.max_classes_per_climb=2"]:
+        other = cams.record_for(config.load(None, [override]), model)
+        assert shards.work_key(other) != shards.work_key(base), override
+    model.write_bytes(b"retrained")
+    assert shards.work_key(cams.record_for(config.load(None, []), model)) != shards.work_key(base)
+
+
 def test_cams_stage_non_finite_names_image(stage):
     cams, cfg, paths, model, loads, info = stage
     model.nan = True

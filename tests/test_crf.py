@@ -264,3 +264,16 @@ def test_refine_stage_recomputes_when_params_change(stage, monkeypatch):
     assert not calls
     refine.run(config.load(None, ["device=cpu", "refine.fg_threshold=0.4"]), **paths)
     assert len(calls) == 2
+
+
+def test_refine_gather_refuses_shards_computed_with_other_crf_params(stage, tmp_path):
+    """The shards' record holds the CRF params: labels of another refine.crf are refused when gathered, not
+    linked in."""
+    refine, cfg, paths, info = stage
+    shard = tmp_path / "shard1"
+    refine.run(cfg, paths["data"], paths["cams"], shard, paths["metrics"], shard=(1, 1))
+    other = config.load(None, ["device=cpu", "refine.crf.gt_prob=0.5"])
+    with pytest.raises(AdvcamError, match="other params"):
+        refine.run(other, **paths, gather=[shard])
+    refine.run(cfg, **paths, gather=[shard])
+    assert sorted(p.name for p in paths["out"].glob("*.png")) == [f"{i}.png" for i in info.lists["infer"]]

@@ -259,6 +259,23 @@ def test_walk_labels_defaults_are_the_schema_defaults_and_irns():
     np.testing.assert_array_equal(walk_labels(cam, WALK_KEYS, aff, WALK_SIZE), want)
 
 
+def test_affinity_fingerprint_changes_with_every_training_param(tmp_path):
+    """The remembered affinity network is trained again for other training params, another seed or another
+    backbone; the walk's own params (beta, exp_times, ...) are not in it."""
+    from advcam import config
+    from advcam.steps import refine
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    base = refine.affinity_fingerprint(config.load(None, []), tmp_path, ["a"])
+    assert refine.affinity_fingerprint(config.load(None, ["refine.randomwalk.beta=8"]), tmp_path, ["a"]) == base
+    for override in ["refine.randomwalk.radius=4", "refine.randomwalk.epochs=2", "refine.randomwalk.lr=0.05",
+                     "refine.randomwalk.batch_size=8", "refine.randomwalk.crop_size=64",
+                     "refine.randomwalk.weight_decay=0.001", "seed=1", "classifier.arch=resnet50"]:
+        assert refine.affinity_fingerprint(config.load(None, [override]), tmp_path, ["a"]) != base, override
+    (tmp_path / "a.png").write_bytes(b"y")
+    assert refine.affinity_fingerprint(config.load(None, []), tmp_path, ["a"]) != base
+
+
 # ---------------------------------------------------------------- the stage, on the TINY synthetic dataset
 RW = TINY + ["refine.method=randomwalk", "refine.randomwalk.epochs=2", "refine.randomwalk.batch_size=4",
              "refine.randomwalk.crop_size=32", "refine.randomwalk.exp_times=4"]

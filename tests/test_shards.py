@@ -75,6 +75,22 @@ def test_gather_names_the_missing_image_and_refuses_foreign_shards(tmp_path):
         shards.gather([one, two], ids, ".npz", out, valid, {"cam": 2}, "cams")
 
 
+def test_invalidate_if_changed_records_the_new_params(tmp_path):
+    """Files of other params are removed and the new record written, so a resumed run with the new params keeps
+    the files it computed."""
+    from advcam.utils.io import read_json
+
+    done = tmp_path / "a.npz"
+    done.write_bytes(b"v1")
+    shards.invalidate_if_changed(tmp_path, {"v": 1}, ["a"], ".npz")
+    assert done.exists()
+    shards.invalidate_if_changed(tmp_path, {"v": 2}, ["a"], ".npz")
+    assert not done.exists() and read_json(tmp_path / shards.FINGERPRINT) == {"v": 2}
+    done.write_bytes(b"v2")
+    shards.invalidate_if_changed(tmp_path, {"v": 2}, ["a"], ".npz")
+    assert done.read_bytes() == b"v2"
+
+
 # --- real Snakemake runs --------------------------------------------------------------------------------------------
 no_snakemake = pytest.mark.skipif(shutil.which("snakemake", path=ENV["PATH"]) is None,
                                   reason="snakemake is not installed (pip install -e .[test])")

@@ -111,6 +111,42 @@ def test_poly_lr_and_param_groups():
     assert opt.param_groups[0]["weight_decay"] == 1e-4 and opt.param_groups[0]["momentum"] == 0.9
 
 
+def test_epoch_loader_selects_the_epochs_augmentation():
+    """The loader of epoch e sets the dataset's epoch to e (its augmentation stream), not epoch 0's again."""
+
+    class Items(Dataset):
+        epoch = -1
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return torch.tensor(i)
+
+    data = Items()
+    loop.epoch_loader(data, 4, seed=0, epoch=3)
+    assert data.epoch == 3
+
+
+def test_train_cam_passes_lr_momentum_and_weight_decay_to_their_slots(monkeypatch):
+    """classifier.lr, momentum and weight_decay reach SGD's own slots (IRN's PolyOptimizer mixed two of them up:
+    the reference's momentum is what classifier.momentum's default reproduces, not a swap in the code)."""
+    from advcam import config
+    from advcam.train.classifier import train_cam
+
+    groups = []
+    monkeypatch.setattr(loop, "fit", lambda model, optimizer, *a, **k: groups.extend(optimizer.param_groups) or [])
+    cfg = config.load(None, ["classifier.lr=0.02", "classifier.momentum=0.7", "classifier.weight_decay=0.0005"])
+    train_cam(build_classifier("resnet_small", 3), None, cfg=cfg.classifier, seed=0, workers=0, resume=Path("r"),
+              curves=Path("c"), fingerprint={})
+    backbone, head = groups
+    assert (backbone["lr"], backbone["momentum"], backbone["weight_decay"]) == (0.02, 0.7, 0.0005)
+    assert (head["lr"], head["momentum"], head["weight_decay"]) == (pytest.approx(0.2), 0.7, 0.0005)
+
+
 def test_rng_state_roundtrip():
     state = loop.rng_state()
     a = (random.random(), np.random.rand(), torch.rand(1).item())
@@ -165,6 +201,24 @@ def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "synthetic"
     prepare.run(cfg, out)
     return cfg, out
+
+
+@pytest.fixture
+def fits(monkeypatch) -> list[dict]:
+    """loop.fit replaced by a stand-in that trains nothing: the fingerprint of each training asked for."""
+    calls: list[dict] = []
+    monkeypatch.setattr(loop, "fit", lambda *a, **k: calls.append(k["fingerprint"]) or [[1, 1, 0.5, 0.1]])
+    return calls
+
+
+def pseudo_from_gt(info, folder: Path) -> Path:
+    """The seg list's ground-truth masks written as pseudo labels into ``folder``."""
+    from PIL import Image
+
+    folder.mkdir()
+    for image_id in info.lists["seg"]:
+        Image.fromarray(info.read_mask(image_id)).save(folder / f"{image_id}.png")
+    return folder
 
 
 def test_train_cls_stage(prepared, tmp_path: Path):
@@ -248,20 +302,17 @@ def test_train_seg_stage_and_bad_pseudo_labels(prepared, tmp_path: Path):
         train_seg.run(cfg, data, pseudo, tmp_path / "seg2.pt", tmp_path / "seg2.csv")
 
 
-def test_corrected_image_level_labels_train_the_classifier_again(prepared, tmp_path: Path, monkeypatch):
+def test_corrected_image_level_labels_train_the_classifier_again(prepared, fits, tmp_path: Path):
     """The remembered weights are only taken for the same image-level labels: a user who corrects labels.json (and
     nothing else) gets a classifier trained on the corrected labels, not the old one."""
     import json
     import shutil
 
     from advcam.steps import train_cls
-    from advcam.train import loop
 
     cfg, data = prepared
     data = shutil.copytree(data, tmp_path / "data")
     out, curves = tmp_path / "classifier.pt", tmp_path / "curves.csv"
-    fits: list[int] = []
-    monkeypatch.setattr(loop, "fit", lambda *a, **k: fits.append(1) or [[1, 1, 0.5, 0.1]])
     train_cls.run(cfg, data, out, curves)
     train_cls.run(cfg, data, out, curves)
     assert len(fits) == 1  # same labels: remembered
@@ -271,3 +322,93 @@ def test_corrected_image_level_labels_train_the_classifier_again(prepared, tmp_p
     (data / "labels.json").write_text(json.dumps(labels))
     train_cls.run(cfg, data, out, curves)
     assert len(fits) == 2, "the classifier was not trained again although its image-level labels changed"
+
+
+def test_a_changed_training_image_trains_the_classifier_again(prepared, fits, tmp_path: Path):
+    import shutil
+
+    from PIL import Image
+
+    from advcam.data import load_info
+    from advcam.steps import train_cls
+
+    cfg, data = prepared
+    data = shutil.copytree(data, tmp_path / "data")
+    out, curves = tmp_path / "classifier.pt", tmp_path / "curves.csv"
+    train_cls.run(cfg, data, out, curves)
+    info = load_info(data)
+    image_id = info.lists["train"][0]
+    Image.fromarray(255 - info.read_image(image_id)).save(info.image_path(image_id), quality=95)
+    train_cls.run(cfg, data, out, curves)
+    assert len(fits) == 2
+
+
+def test_a_changed_pretrained_file_trains_the_classifier_again(prepared, fits, tmp_path: Path):
+    """The fingerprint holds the weight file's content, not its path: other weights under the same name train
+    anew."""
+    from advcam import config
+    from advcam.models.resnet import resnet_small
+    from advcam.steps import train_cls
+
+    cfg, data = prepared
+    weights = tmp_path / "small.pth"
+    cfg = config.Config({**cfg.to_dict(), "classifier": {**cfg.classifier.to_dict(), "pretrained": str(weights)}})
+    out, curves = tmp_path / "classifier.pt", tmp_path / "curves.csv"
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        torch.save(resnet_small().state_dict(), weights)
+        train_cls.run(cfg, data, out, curves)
+    assert len(fits) == 2
+
+
+def test_the_classifiers_fingerprint_covers_the_data_code(prepared, fits, tmp_path: Path):
+    """A change of the augmentation (advcam/data) trains the classifier again, as one of the training loop or the
+    models does."""
+    from advcam.steps import train_cls
+    from advcam.utils.io import code_digest
+
+    cfg, data = prepared
+    train_cls.run(cfg, data, tmp_path / "classifier.pt", tmp_path / "curves.csv")
+    assert fits[0]["code"] == code_digest("train", "models", "data")
+
+
+def test_a_corrected_ground_truth_mask_trains_the_segmenter_again(prepared, fits, tmp_path: Path):
+    """Semi-supervised mode: the fingerprint holds the content of the gt_ids' masks."""
+    import shutil
+
+    from PIL import Image
+
+    from advcam import config
+    from advcam.data import load_info, voc
+    from advcam.steps import train_seg
+
+    cfg, data = prepared
+    data = shutil.copytree(data, tmp_path / "data")
+    info = load_info(data)
+    pseudo = pseudo_from_gt(info, tmp_path / "pseudo")
+    gt = info.lists["seg"][0]
+    cfg = config.Config({**cfg.to_dict(), "segmentation": {**cfg.segmentation.to_dict(), "gt_ids": [gt]}})
+    out, curves = tmp_path / "segmenter.pt", tmp_path / "curves.csv"
+    train_seg.run(cfg, data, pseudo, out, curves)
+    mask = info.read_mask(gt)
+    mask[mask == 255] = 0  # the object outlines, labelled as background
+    im = Image.fromarray(mask, "P")
+    im.putpalette(voc.palette())
+    im.save(info.mask_path(gt))
+    train_seg.run(cfg, data, pseudo, out, curves)
+    assert len(fits) == 2
+
+
+def test_another_seed_trains_the_segmenter_again(prepared, fits, tmp_path: Path):
+    from advcam import config
+    from advcam.data import load_info
+    from advcam.steps import train_seg
+
+    cfg, data = prepared
+    pseudo = pseudo_from_gt(load_info(data), tmp_path / "pseudo")
+    out, curves = tmp_path / "segmenter.pt", tmp_path / "curves.csv"
+    train_seg.run(cfg, data, pseudo, out, curves)
+    train_seg.run(cfg, data, pseudo, out, curves)
+    assert len(fits) == 1  # the same run: remembered
+    train_seg.run(config.Config({**cfg.to_dict(), "seed": cfg.seed + 1}), data, pseudo, out, curves)
+    assert len(fits) == 2
