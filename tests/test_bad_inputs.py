@@ -309,10 +309,14 @@ def test_train_image_without_foreground_is_refused_unless_allowed(work):
 
 
 def test_background_only_image_outside_the_training_list_is_accepted(work):
+    """Only the classifier's training list must have foreground: a background-only image of the val list, or of
+    an infer list other than the training list, is prepared."""
     victim = work.ids("val")[0]
     save_as(work.mask(victim), np.zeros((H, W), np.uint8))
     work.ok("prepare")
     assert load_info(work.data).labels[victim] == []
+    work.ok("prepare", "dataset.infer_list=val")
+    assert victim in load_info(work.data).lists["infer"] and load_info(work.data).labels[victim] == []
 
 
 # ------------------------------------------------------------------ lists and ids
@@ -609,6 +613,8 @@ def test_params_check_refuses_what_a_stage_would_fail_on(work, tmp_path):
     """`advcam params --check` (DVC's first stage) refuses, before any stage removes outputs: an unquoted VOC id
     as Snakemake reads it, a missing dataset folder or list, missing or unfitting weight files; all well, it
     writes its file."""
+    from advcam import config
+    from advcam.data import synthetic
     from advcam.models.resnet import resnet_small
 
     out = tmp_path / "logs" / "params.checked"
@@ -653,5 +659,11 @@ def test_params_check_refuses_what_a_stage_would_fail_on(work, tmp_path):
         assert lines[0].startswith("advcam params: error: "), lines
         assert all(n in lines[0] for n in names), (names, lines[0])
         assert not out.exists(), sets
+    # gt_ids are checked against the segmenter's list (here train_aug), not the infer list
+    lists = synthetic.list_ids(config.defaults()["synthetic"])
+    extra = next(i for i in lists["train_aug"] if i not in lists["train"])
+    code, err = check("dataset.kind=synthetic", "dataset.seg_list=train_aug", f"segmentation.gt_ids=[{extra}]")
+    assert code == 0 and out.is_file(), err
+    out.unlink()
     code, err = check(f"classifier.pretrained={weights}")
     assert code == 0 and out.is_file(), err

@@ -31,6 +31,8 @@ def test_overrides_and_attribute_access():
     ("bogus=1", ["unknown key bogus"]),
     ("dataset.kind=voc", ["dataset.root", "required"]),
     ("refine.bg_threshold=0.5", ["refine.bg_threshold", "fg_threshold"]),
+    ("synthetic.num_train=1000", ["synthetic.num_train (1000) must not exceed synthetic.num_train_aug (480)"]),
+    ("classifier.epochs=true", ["classifier.epochs", "True is not of type 'integer'"]),  # a boolean is no integer
     # JSON Schema alone takes 2.0 as an integer and NaN / infinity as numbers; the stages then fail deep inside
     ("classifier.epochs=2.0", ["classifier.epochs", "not of type 'integer'", "write it as an integer (2)"]),
     ("seed=7.0", ["seed", "not of type 'integer'"]),
@@ -44,6 +46,22 @@ def test_errors_name_key_and_range(override, words):
         config.load(None, [override])
     for w in words:
         assert w in str(err.value)
+
+
+def test_override_values_may_hold_equals_signs_and_leading_zeros_stay_strings():
+    """Only an override's first '=' splits key from value; a number with a leading zero is a string (YAML 1.2),
+    not YAML 1.1's octal (007 would be the integer 7)."""
+    assert config.load(None, ["dataset.root=/data/a=b"]).dataset.root == "/data/a=b"
+    assert config.load(None, ["segmentation.gt_ids=[007, 2007_000032]"]).segmentation.gt_ids == ["007", "2007_000032"]
+
+
+def test_equal_thresholds_and_snakemakes_null_strings_are_accepted():
+    """refine.bg_threshold may equal fg_threshold (no unsure band); Snakemake passes null as the string 'null' or
+    '~', read as null where the schema allows it."""
+    cfg = config.load(None, ["refine.bg_threshold=0.3", "refine.fg_threshold=0.3"])
+    assert cfg.refine.bg_threshold == cfg.refine.fg_threshold == 0.3
+    got = config.validate({"dataset": {"seg_list": "null"}, "classifier": {"pretrained": "~"}}, coerce_strings=True)
+    assert got["dataset"]["seg_list"] is None and got["classifier"]["pretrained"] is None
 
 
 def test_bad_files(tmp_path):
