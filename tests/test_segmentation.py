@@ -226,10 +226,45 @@ def test_multiscale_training_loss_sums_every_scale_and_their_max():
     torch.testing.assert_close(outs[2], half)
     torch.testing.assert_close(outs[3], torch.maximum(torch.maximum(outs[0], outs[1]), outs[2]))
     expect = sum(torch.nn.functional.cross_entropy(o, mask, ignore_index=255) for o in outs)
-    got = segmentation_loss(model, batch, scales=(1.0, 0.75, 0.5))
+    got = segmentation_loss(model, batch, scales=(1.0, 0.75, 0.5), loss_at="logits")
     assert got.item() == pytest.approx(expect.item(), rel=1e-5)
-    assert segmentation_loss(model, batch).item() == pytest.approx(
+    assert segmentation_loss(model, batch, loss_at="logits").item() == pytest.approx(
         torch.nn.functional.cross_entropy(outs[0], mask, ignore_index=255).item(), rel=1e-5)
+
+
+def pil_resize_labels(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """deeplab-pytorch's ``resize_labels``: each label map through PIL ``Image.NEAREST`` (as float, mode F)."""
+    return torch.stack([torch.from_numpy(np.array(Image.fromarray(m.float().numpy()).resize(
+        size[::-1], resample=Image.NEAREST))).long() for m in mask])
+
+
+@pytest.mark.parametrize("scales", [(1.0,), (1.0, 0.75, 0.5)])
+def test_the_loss_at_the_logits_size_is_deeplab_pytorchs(scales):
+    """deeplab-pytorch's training step written out: MSC's outputs ``[logits] + pyramid + [max]`` at their own
+    sizes (the max at the 1.0 logits' size, the others upsampled bilinearly to it), the labels shrunk to each
+    output by PIL nearest, one mean cross-entropy per output (255 ignored), summed."""
+    torch.manual_seed(0)
+    model = build_segmenter("deeplab_small", 3)
+    x = torch.randn(2, 3, 45, 45)
+    mask = torch.randint(0, 3, (2, 45, 45))
+    mask[:, :7] = 255
+    F_ = torch.nn.functional
+    logits = model.logits(x)
+    pyramid = [model.logits(F_.interpolate(x, scale_factor=p, mode="bilinear", align_corners=False))
+               for p in scales[1:]]
+    outs = [logits, *pyramid]
+    if pyramid:
+        outs.append(torch.stack([logits, *[F_.interpolate(o, size=logits.shape[-2:], mode="bilinear",
+                                                          align_corners=False) for o in pyramid]]).amax(0))
+    assert logits.shape[-2:] == (6, 6)
+    expect = sum(F_.cross_entropy(o, pil_resize_labels(mask, tuple(o.shape[-2:])), ignore_index=255) for o in outs)
+    got = segmentation_loss(model, {"image": x, "mask": mask}, scales=scales)
+    assert got.item() == pytest.approx(expect.item(), rel=1e-5)
+    assert got.item() != pytest.approx(segmentation_loss(model, {"image": x, "mask": mask}, scales=scales,
+                                                         loss_at="logits").item(), rel=1e-3)
+    from advcam.train.segmentation import shrink_labels
+    for size in [(6, 6), (3, 3), (2, 2), (7, 5), (45, 45)]:
+        torch.testing.assert_close(shrink_labels(mask, size), pil_resize_labels(mask, size))
 
 
 def test_deeplab_param_groups_and_poly_lr():
@@ -505,3 +540,23 @@ def test_short_training_run_lowers_the_loss(tmp_path: Path):
     losses = [r[2] for r in rows]
     assert len(rows) == 24 and all(np.isfinite(losses))
     assert np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4]), losses
+
+
+def test_the_loss_terms_of_two_half_batches_add_up_to_the_whole_batchs():
+    """What DDP relies on (``global_loss``): per term, the sums and the counts of two half batches add up to the
+    whole batch's, so sum_k (s1_k + s2_k) / (c1_k + c2_k) is the one-process loss, with several terms of
+    different pixel counts (MSC at the logits' sizes) and with class weights."""
+    from advcam.train.segmentation import SegmentationLoss
+
+    torch.manual_seed(0)
+    model = build_segmenter("deeplab_small", 3).eval()
+    x, mask = torch.randn(4, 3, 40, 40), torch.randint(0, 3, (4, 40, 40))
+    mask[:2, :9], mask[3, :, :20] = 255, 255  # the halves label different numbers of pixels
+    for weight in (None, torch.tensor([0.5, 2.0, 1.0])):
+        loss = SegmentationLoss(weight, (1.0, 0.75, 0.5))
+        with torch.no_grad():
+            whole = loss(model, {"image": x, "mask": mask})
+            (s1, c1), (s2, c2) = (loss.parts(model, {"image": x[h], "mask": mask[h]}) for h in (slice(0, 2), slice(2, 4)))
+        assert s1.shape == c1.shape == (4,) and len(set(c1.tolist())) > 1
+        assert float(((s1 + s2) / (c1 + c2)).sum()) == pytest.approx(float(whole), rel=1e-5)
+        assert float((s1 / c1 + s2 / c2).sum() / 2) != pytest.approx(float(whole), rel=1e-4)  # not a mean of means

@@ -77,9 +77,12 @@ class DeepLab(nn.Module):
                     m.requires_grad_(False)
             freeze_batchnorm_stats(self)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's logits at the backbone's resolution (stride 8): what deeplab-pytorch's model returns."""
+        return self.aspp(self.backbone(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.aspp(self.backbone(x))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(self.logits(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def train(self, mode: bool = True) -> "DeepLab":
         super().train(mode)

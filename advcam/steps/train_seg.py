@@ -74,7 +74,8 @@ def run(cfg: Config, data: Path, pseudo: Path, out: Path, curves: Path) -> None:
     rows = train_segmenter(model, dataset, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
                            weight_decay=s.weight_decay, momentum=s.momentum, seed=cfg.seed, workers=cfg.workers,
                            resume=resume, curves=curves, fingerprint=fingerprint, class_weight=weight,
-                           train_scales=[float(v) for v in s.train_scales], lr_update_every=int(s.lr_update_every))
+                           train_scales=[float(v) for v in s.train_scales], lr_update_every=int(s.lr_update_every),
+                           loss_at=str(s.loss_at))
     if launch_rank() != 0:  # under torchrun every process holds the same weights; one writes them
         return
     state = {k: v.cpu() for k, v in model.state_dict().items()}

@@ -122,6 +122,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 class SumOverCount:
     """A loss ``sum / max(count, min_count)`` over the elements of a batch (pixels, say), where the number of
     elements differs between images (ignored pixels): :meth:`parts` gives ``(sum, count)``, a call the loss.
+    ``sum`` and ``count`` may be vectors, one entry per term of a loss that adds several such means.
 
     Under DDP, :func:`global_loss` divides each process's sum by the count over **all** processes, so N
     processes train on one process's loss (sum of the per-element losses over all processes / total count), not
@@ -134,7 +135,7 @@ class SumOverCount:
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         total, count = self.parts(model, batch)
-        return total / count.to(total.dtype).clamp(min=self.min_count)
+        return (total / count.to(total.dtype).clamp(min=self.min_count)).sum()
 
 
 class LossStep(nn.Module):
@@ -192,7 +193,8 @@ def global_loss(step: nn.Module, batch: Mapping[str, Any], size: int) -> tuple[t
     the global batch's loss, and that global loss (for the curve).
 
     A mean over images is weighted by the process's share of the images; a :class:`SumOverCount` loss is this
-    process's sum times the number of processes over the count of all processes."""
+    process's sum times the number of processes over the count of all processes (for a loss of several terms,
+    ``parts`` giving vectors of sums and counts, the sum of those terms)."""
     loss = step(batch)
     if isinstance(loss, tuple):
         total, count = loss
@@ -202,7 +204,7 @@ def global_loss(step: nn.Module, batch: Mapping[str, Any], size: int) -> tuple[t
         if not isinstance(inner.loss_fn, SumOverCount):
             raise TypeError(f"global_loss: a (sum, count) loss needs a SumOverCount, got {inner.loss_fn!r}")
         norm = stats[1].clamp(min=inner.loss_fn.min_count)
-        return total * (size / norm), float(stats[0] / norm)
+        return (total * (size / norm)).sum(), float((stats[0] / norm).sum())
     n = float(_batch_len(batch))
     stats = torch.stack([loss.detach() * n, torch.tensor(n, dtype=loss.dtype, device=loss.device)])
     dist.all_reduce(stats)

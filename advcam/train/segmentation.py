@@ -3,8 +3,9 @@
 - Loss: pixel cross-entropy, 255 ignored; optionally class-balanced (:func:`class_weights`). With several
   ``train_scales`` (deeplab-pytorch's MSC: 1.0, 0.75, 0.5) the crop also runs at the smaller scales, and the
   loss is the sum of the cross-entropies of every scale's logits and of their pixel-wise maximum (4 terms).
-  Deviation: the logits are upsampled to the crop for the loss (deeplab-pytorch shrinks the labels to the
-  logits' size instead).
+  ``loss_at="labels"`` (the default, deeplab-pytorch's ``resize_labels``): each term at its logits' size, the
+  labels shrunk to it by nearest neighbour (PIL ``NEAREST``), each term the mean over its labelled pixels;
+  ``loss_at="logits"`` (a deviation, the default before 2026-12-01): the logits upsampled (bilinear) to the crop.
 - Optimiser: SGD, poly LR (power 0.9, recomputed every ``lr_update_every`` = 10 steps as deeplab-pytorch's
   ``PolynomialLR``), backbone at 1x, ASPP weights at 10x, ASPP biases at 20x without
   weight decay (DeepLab-v2's ``lr_mult``/``decay_mult``).
@@ -178,45 +179,69 @@ class SegmentationLoss(SumOverCount):
     (:class:`~advcam.train.distributed.SumOverCount`), so N processes train on one process's loss.
     """
 
-    def __init__(self, weight: torch.Tensor | None = None, scales: Sequence[float] = (1.0,)) -> None:
-        self.weight = weight
+    def __init__(self, weight: torch.Tensor | None = None, scales: Sequence[float] = (1.0,),
+                 loss_at: str = "labels") -> None:
+        if loss_at not in LOSS_AT:
+            raise AdvcamError(f"segmentation.loss_at: {loss_at!r} is not one of {', '.join(LOSS_AT)}")
+        self.weight, self.loss_at = weight, loss_at
         self.min_count = 1.0 if weight is None else 1e-12
         self.scales = tuple(float(s) for s in scales)
 
     def parts(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ``(sum, count)`` entry per term (per output of :func:`msc_logits`)."""
         device = next(model.parameters()).device
-        outputs = msc_logits(model, batch["image"].to(device), self.scales)
-        mask = batch["mask"].to(device).long()
-        labelled = mask != IGNORE
+        outputs = msc_logits(model, batch["image"].to(device), self.scales, at_crop=self.loss_at == "logits")
+        full = batch["mask"].to(device).long()
         weight = None if self.weight is None else self.weight.to(device=device, dtype=outputs[0].dtype)
-        total = sum(F.cross_entropy(o, mask, weight=weight, ignore_index=IGNORE, reduction="sum") for o in outputs)
-        assert isinstance(total, torch.Tensor)
-        count = labelled.sum().to(total.dtype) if weight is None else weight[mask[labelled]].sum()
-        return total, count
+        totals, counts = [], []
+        for o in outputs:
+            mask = full if o.shape[-2:] == full.shape[-2:] else shrink_labels(full, (o.shape[-2], o.shape[-1]))
+            totals.append(F.cross_entropy(o, mask, weight=weight, ignore_index=IGNORE, reduction="sum"))
+            labelled = mask != IGNORE
+            counts.append(labelled.sum().to(o.dtype) if weight is None else weight[mask[labelled]].sum())
+        return torch.stack(totals), torch.stack(counts)
 
 
-def msc_logits(model: torch.nn.Module, images: torch.Tensor, scales: Sequence[float] = (1.0,)
-               ) -> list[torch.Tensor]:
-    """Training logits at the crop size: one per scale (the crop resized by it, bilinear), plus their pixel-wise
-    maximum when there are several (deeplab-pytorch's MSC returns the same 1 + n + 1 outputs)."""
+LOSS_AT = ("labels", "logits")
+
+
+def shrink_labels(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(B, H, W)`` labels resized to ``size`` by nearest neighbour with PIL's sampling (the pixel whose centre
+    is nearest), as deeplab-pytorch's ``resize_labels`` (``Image.NEAREST``)."""
+    out = F.interpolate(mask[:, None].float(), size=size, mode="nearest-exact")
+    return out[:, 0].long()
+
+
+def msc_logits(model: torch.nn.Module, images: torch.Tensor, scales: Sequence[float] = (1.0,),
+               at_crop: bool = True) -> list[torch.Tensor]:
+    """Training logits, one per scale (the crop resized by it, bilinear), plus their pixel-wise maximum when
+    there are several (deeplab-pytorch's MSC returns the same 1 + n + 1 outputs).
+
+    ``at_crop``: every output upsampled (bilinear) to the crop size (``model(x)``). Otherwise each is the model's
+    own-resolution ``model.logits(x)`` (stride 8) and the maximum is taken at the first scale's size (the others
+    resized to it), as deeplab-pytorch's MSC in training, whose first output is the 1.0 scale's."""
     size = images.shape[-2:]
     outputs = []
+    net = model if at_crop else getattr(model, "logits", model)
     for scale in scales:
         x = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear",
                                                        align_corners=False)
-        out = model(x)
-        if out.shape[-2:] != size:
+        out = net(x)
+        if at_crop and out.shape[-2:] != size:
             out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
         outputs.append(out)
     if len(outputs) > 1:
-        outputs.append(torch.stack(outputs).amax(0))
+        first = outputs[0].shape[-2:]
+        same = [o if o.shape[-2:] == first else F.interpolate(o, size=first, mode="bilinear", align_corners=False)
+                for o in outputs]
+        outputs.append(torch.stack(same).amax(0))
     return outputs
 
 
-def segmentation_loss(model: torch.nn.Module, batch: Mapping[str, Any],
-                      weight: torch.Tensor | None = None, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+def segmentation_loss(model: torch.nn.Module, batch: Mapping[str, Any], weight: torch.Tensor | None = None,
+                      scales: Sequence[float] = (1.0,), loss_at: str = "labels") -> torch.Tensor:
     """The loss of :class:`SegmentationLoss` for one batch."""
-    return SegmentationLoss(weight, scales)(model, batch)
+    return SegmentationLoss(weight, scales, loss_at)(model, batch)
 
 
 def make_deeplab_sgd(model: DeepLab, lr: float, weight_decay: float, momentum: float) -> torch.optim.SGD:
@@ -231,7 +256,8 @@ def make_deeplab_sgd(model: DeepLab, lr: float, weight_decay: float, momentum: f
 def train_segmenter(model: DeepLab, dataset: Dataset, *, epochs: int, batch_size: int, lr: float,
                     weight_decay: float, momentum: float, seed: int, workers: int, resume: Path, curves: Path,
                     fingerprint: Mapping[str, Any], class_weight: np.ndarray | None = None,
-                    train_scales: Sequence[float] = (1.0,), lr_update_every: int = 10) -> list[list[float]]:
+                    train_scales: Sequence[float] = (1.0,), lr_update_every: int = 10,
+                    loss_at: str = "labels") -> list[list[float]]:
     """Train ``model`` in place (see the module docstring for the recipe); return the curve rows.
 
     ``class_weight`` (from :func:`class_weights`) switches on the balanced cross-entropy; ``train_scales`` the
@@ -240,5 +266,5 @@ def train_segmenter(model: DeepLab, dataset: Dataset, *, epochs: int, batch_size
     optimizer = make_deeplab_sgd(model, lr, weight_decay, momentum)
     weight = None if class_weight is None else torch.as_tensor(np.asarray(class_weight, np.float32))
     return loop.fit(model, optimizer, lambda e: loop.epoch_loader(dataset, batch_size, seed, e, workers),
-                    SegmentationLoss(weight, train_scales), epochs=epochs, base_lr=lr, resume=resume, curves=curves,
+                    SegmentationLoss(weight, train_scales, loss_at), epochs=epochs, base_lr=lr, resume=resume, curves=curves,
                     fingerprint=fingerprint, desc="train-seg", lr_every=lr_update_every)
