@@ -314,7 +314,7 @@ class FakeInfo:
         return np.array(Image.open(self.mask_path(image_id)))
 
 
-def normalize(img: np.ndarray) -> torch.Tensor:
+def stage_normalize(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(((img / 255.0 - MEAN) / STD).astype(np.float32)).permute(2, 0, 1).contiguous()
 
 
@@ -325,7 +325,7 @@ def stage(tmp_path, monkeypatch):
     info = FakeInfo(tmp_path / "data")
     model = ColourNet()
     monkeypatch.setattr(cams, "load_info", lambda folder: info)
-    monkeypatch.setattr(cams, "normalize", normalize)
+    monkeypatch.setattr(cams, "normalize", stage_normalize)
     loads = []
 
     def load(path, map_location="cpu", num_classes=None, classes=None):
