@@ -266,6 +266,8 @@ class DevTools:
         self.deadline = time.monotonic() + timeout
         self.events: list[dict] = []
         self._buffer, self._id, self.session = b"", 0, None
+        self._poll = select.poll()
+        self._poll.register(self._read, select.POLLIN)
 
     def close(self) -> None:
         for fd in (self._out, self._read):
@@ -285,7 +287,7 @@ class DevTools:
     def _next(self) -> dict:
         while b"\0" not in self._buffer:
             left = self.deadline - time.monotonic()
-            if left <= 0 or not select.select([self._read], [], [], left)[0]:
+            if left <= 0 or not self._poll.poll(left * 1000):  # poll: select() refuses fds >= 1024
                 raise AssertionError(f"chromium: no answer in time\n{self.log.read_text(errors='replace')[-3000:]}")
             chunk = os.read(self._read, 1 << 20)
             if not chunk:
