@@ -504,6 +504,28 @@ def test_dvclive_mirror_is_rewritten_whole_and_can_be_switched_off(tmp_path, mon
     assert not (tmp_path / "dvclive").exists()
 
 
+def test_dvclive_mirror_leaves_the_repository_alone(tmp_path, monkeypatch):
+    """dvclive's Live opens the enclosing DVC repository and never closes it, and inside a git repository without
+    DVC it runs `dvc init` there; the mirror, written once per epoch, does neither: no file descriptors pile up
+    and the user's git repository gets no .dvc folder nor staged files."""
+    pytest.importorskip("dvclive")
+    from advcam.train import live
+
+    sh("git", "init", "-q", cwd=tmp_path)
+    sh("git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x",
+       cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    curves = tmp_path / "plots" / "train_seg.csv"
+    live.log_curves(curves, [[1, 1, 0.9, 0.1]])
+    before = len(os.listdir("/proc/self/fd"))
+    for epoch in range(1, 21):
+        live.log_curves(curves, [[e, e, 1.0 / e, 0.1] for e in range(1, epoch + 1)])
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
+    assert (live.live_dir(curves) / "plots/metrics/loss.tsv").read_text().split()[-2:] == ["20", "0.05"]
+    assert not (tmp_path / ".dvc").exists() and not (tmp_path / ".dvcignore").exists()
+    assert sh("git", "status", "--porcelain", cwd=tmp_path).stdout.split() == ["??", "plots/"]
+
+
 @pytest.mark.skipif(shutil.which("dvc", path=ENV["PATH"]) is None, reason="dvc is not installed (pip install -e .[test])")
 def test_readme_baseline_commit_after_a_snakemake_run(project, tmp_path):
     """`make run` runs Snakemake, not DVC: the README's one line records its outputs as the baseline of the

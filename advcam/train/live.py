@@ -10,6 +10,11 @@ leaves half a folder.
 dvclive is optional: without it (or with ``ADVCAM_DVCLIVE=0``) this is a no-op. It is created with
 ``dvcyaml=None`` and ``save_dvc_exp=False``: dvclive never rewrites ``dvc.yaml`` nor makes experiments itself.
 ``dvc.yaml`` does not point at these folders: ``dvc plots`` draws the loss and learning-rate curves from the CSVs.
+
+dvclive's ``Live`` also opens the enclosing DVC repository on creation and never closes it (each call leaked
+about 100 file descriptors: 60 epochs of a training run would pass the usual limit of 1,024), and, inside a git
+repository without DVC, runs ``dvc init`` there and stages its files. The mirror is a file writer only, so it
+uses :class:`_FilesOnly`, a ``Live`` that skips both the repository and DVC Studio.
 """
 from __future__ import annotations
 
@@ -75,10 +80,23 @@ def _umask() -> int:
     return mask
 
 
-def _write(folder: Path, rows: list[list[float]]) -> None:
+def _files_only_live() -> type:
     from dvclive import Live
 
-    live = Live(dir=str(folder), resume=False, report=None, save_dvc_exp=False, dvcyaml=None,
+    class _FilesOnly(Live):  # type: ignore[misc]
+        """dvclive's writer of metrics and plots, without a DVC repository or DVC Studio."""
+
+        def _init_dvc(self) -> None:  # Live's opens (or `dvc init`s) the enclosing repository
+            pass
+
+        def _init_studio(self) -> None:  # no Studio events: this is not an experiment
+            self._studio_events_to_skip.update(("start", "data", "done"))
+
+    return _FilesOnly
+
+
+def _write(folder: Path, rows: list[list[float]]) -> None:
+    live = _files_only_live()(dir=str(folder), resume=False, report=None, save_dvc_exp=False, dvcyaml=None,
                 monitor_system=False)
     try:
         for epoch, step, loss, lr in rows:
