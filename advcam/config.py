@@ -188,27 +188,34 @@ def validate(data: Mapping[str, Any], source: str = "params", coerce_strings: bo
     errors = sorted(_Validator(sch).iter_errors(out), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         raise ConfigError("; ".join(_describe(e, source, origins) for e in errors))
-    _check_relations(out, source)
+    _check_relations(out, source, origins or {})
     return out
 
 
-def _check_relations(cfg: dict, source: str) -> None:
+def _check_relations(cfg: dict, source: str, origins: Mapping[str, str]) -> None:
+    def from_(*keys: str) -> str:
+        """Where the values of ``keys`` came from: the overrides that set any of them, else ``source``."""
+        said = [origins[k] for k in keys if k in origins]
+        return ", ".join(said) if said else source
+
     ds = cfg["dataset"]
     if ds["kind"] == "voc" and not ds["root"]:
-        raise ConfigError(f"{source}: dataset.root is required when dataset.kind is voc")
+        raise ConfigError(f"{from_('dataset.kind', 'dataset.root')}: dataset.root is required when dataset.kind "
+                          "is voc")
     names = [str(c) for c in ds.get("classes") or []]
     bg = [c for c in names if c.strip().strip("_").lower() == "background"]
     if bg:
-        raise ConfigError(f"{source}: dataset.classes lists {bg[0]!r}; background is label 0 of every mask and is "
-                          f"not listed: give the foreground classes only, in label order 1..C (got {names})")
+        raise ConfigError(f"{from_('dataset.classes')}: dataset.classes lists {bg[0]!r}; background is label 0 of "
+                          f"every mask and is not listed: give the foreground classes only, in label order 1..C "
+                          f"(got {names})")
     syn = cfg["synthetic"]
     if ds["kind"] == "synthetic" and syn["num_train"] > syn["num_train_aug"]:
-        raise ConfigError(f"{source}: synthetic.num_train ({syn['num_train']}) must not exceed "
-                          f"synthetic.num_train_aug ({syn['num_train_aug']})")
+        raise ConfigError(f"{from_('synthetic.num_train', 'synthetic.num_train_aug')}: synthetic.num_train "
+                          f"({syn['num_train']}) must not exceed synthetic.num_train_aug ({syn['num_train_aug']})")
     ref = cfg["refine"]
     if ref["bg_threshold"] > ref["fg_threshold"]:
-        raise ConfigError(f"{source}: refine.bg_threshold ({ref['bg_threshold']}) must not exceed "
-                          f"refine.fg_threshold ({ref['fg_threshold']})")
+        raise ConfigError(f"{from_('refine.bg_threshold', 'refine.fg_threshold')}: refine.bg_threshold "
+                          f"({ref['bg_threshold']}) must not exceed refine.fg_threshold ({ref['fg_threshold']})")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

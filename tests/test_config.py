@@ -102,6 +102,14 @@ def test_a_bad_override_is_named_not_the_params_file(tmp_path):
     params.write_text("cam:\n  bogus: 1\n")
     with pytest.raises(ConfigError, match=r"p.yaml: unknown key cam.bogus"):
         config.load(params, ["segmentation.lr=0.1"])
+    # relations between keys name the override that set either side, else the file
+    with pytest.raises(ConfigError, match=r"^override 'refine.bg_threshold=0.5': refine.bg_threshold \(0.5\)"):
+        config.load(None, ["refine.bg_threshold=0.5"])
+    params.write_text("refine:\n  fg_threshold: 0.1\n")
+    with pytest.raises(ConfigError, match=r"p.yaml: refine.bg_threshold \(0.15\) must not exceed"):
+        config.load(params, ["seed=1"])
+    with pytest.raises(ConfigError, match=r"^override 'dataset.kind=voc': dataset.root is required"):
+        config.load(params, ["dataset.kind=voc"])
 
 
 def test_readme_params_reference_matches_schema():
