@@ -44,6 +44,9 @@ EPOCHS = 3
 OVERRIDES = [*TINY, "synthetic.num_train_aug=16", "synthetic.num_train=6", "synthetic.num_val=2",
              f"classifier.epochs={EPOCHS}", f"segmentation.epochs={EPOCHS}", "segmentation.batch_size=4",
              "cam.method=advcam", "cam.advcam.steps=2"]
+# How long a test waits for a child to reach the point it interrupts: a guard against a hang, not a time limit
+# (each wait ends as soon as the point is reached or the child exits). Three jobs on 2 cores once took over 240 s.
+HANG_GUARD_S = 900
 ENV = {**os.environ, "ADVCAM_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 # Runs ``advcam.cli.main(argv)``, pausing at the FAULT_COUNT-th rename onto a name matching FAULT_PATTERN
@@ -115,7 +118,7 @@ def stop_at(cmd: list[str], env: dict, ready: Path, log_path: Path, sig: int, wh
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=cwd, start_new_session=group,
                                 preexec_fn=interruptible)
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + HANG_GUARD_S
         while not ready.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
                 os.killpg(proc.pid, signal.SIGKILL) if group and proc.poll() is None else proc.kill()
@@ -305,7 +308,7 @@ def test_sigint_stops_cleanly_and_keeps_finished_work(ref, tmp_path, sig, code, 
         "cams", slow, data=ref["data"], model=r / "classifier.pt", out=out, metrics=tmp_path / "s.json",
         curve=tmp_path / "s.csv")], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=interruptible)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + HANG_GUARD_S
     finished = lambda: [p for p in out.glob("*.npz") if not p.name.startswith(TMP_PREFIX)]  # noqa: E731
     while not finished() and proc.poll() is None and time.monotonic() < deadline:  # a whole file, not a temporary
         time.sleep(0.02)
@@ -330,7 +333,7 @@ def test_second_run_into_the_same_folder_is_refused(ref, tmp_path, stage):
         first = subprocess.Popen([sys.executable, "-c", WRAPPER, *args], env=env, stdout=log, stderr=log,
                                  preexec_fn=interruptible)
         try:
-            deadline = time.monotonic() + 240
+            deadline = time.monotonic() + HANG_GUARD_S
             while not ready.exists() and first.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert ready.exists(), (tmp_path / "first.log").read_text()[-3000:]
