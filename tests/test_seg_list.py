@@ -106,3 +106,27 @@ def test_folder_prepared_before_the_seg_role_reads_as_seg_equals_infer(runs, tmp
     (old / "lists" / "infer.txt").unlink()  # the required roles still are required, by name
     with pytest.raises(AdvcamError, match="lists/infer.txt"):
         load_info(old)
+
+
+def test_stages_refuse_params_that_name_other_lists_than_the_prepared_folder(runs, tmp_path: Path):
+    """A stage reads its images from the prepared folder's lists: `--set dataset.seg_list=train_aug` on a folder
+    prepared for the infer list stops with a message naming the key and the folder, instead of being ignored."""
+    from advcam.steps import cams, evaluate, refine, train_cls, train_seg
+
+    plain_cfg, plain = runs["infer"]
+    aug_cfg, aug = runs["aug"]
+    with pytest.raises(AdvcamError, match=r"train-seg: dataset.seg_list gives the seg list 'train_aug', but .* was "
+                                          r"prepared with 'train'"):
+        train_seg.run(aug_cfg, plain / "data", plain / "pseudo", tmp_path / "seg.pt", tmp_path / "seg.csv")
+    calls = [("train-cls", lambda c, d: train_cls.run(c, d, tmp_path / "c.pt", tmp_path / "c.csv")),
+             ("cams", lambda c, d: cams.run(c, d, tmp_path / "c.pt", tmp_path / "cams", tmp_path / "s.json",
+                                            tmp_path / "s.csv")),
+             ("refine", lambda c, d: refine.run(c, d, aug / "cams", tmp_path / "pseudo", tmp_path / "p.json")),
+             ("evaluate", lambda c, d: evaluate.run(c, d, tmp_path / "seg.pt", aug / "cams", aug / "pseudo",
+                                                    tmp_path / "m.json", tmp_path / "plots"))]
+    for what, call in calls:
+        with pytest.raises(AdvcamError, match=rf"^{what}: dataset.seg_list gives the seg list 'train'"):
+            call(plain_cfg, aug / "data")
+    with pytest.raises(AdvcamError, match=r"dataset.val_list gives the val list 'train'"):
+        train_cls.run(_cfg("dataset.val_list=train"), plain / "data", tmp_path / "c.pt", tmp_path / "c.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written

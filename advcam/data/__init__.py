@@ -40,6 +40,12 @@ ROLES: tuple[str, ...] = ("train", "infer", "seg", "val")
 OPTIONAL_ROLES: dict[str, str] = {"seg": "infer"}  # folders prepared before the seg role: seg = infer
 
 
+def role_list_names(ds: Any) -> dict[str, str]:
+    """The list file (name) of each role: the ``dataset`` section's lists, ``seg`` defaulting to the infer list."""
+    return {"train": ds.train_list, "infer": ds.infer_list, "seg": ds.get("seg_list") or ds.infer_list,
+            "val": ds.val_list}
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """A prepared dataset: where its files are, its classes, lists and image-level labels."""
@@ -85,6 +91,26 @@ class DatasetInfo:
     def map_ids(self) -> list[str]:
         """The images CAMs and pseudo labels are made for: :func:`map_ids` of the lists."""
         return map_ids(self.lists)
+
+    def check_lists(self, ds: Any, what: str) -> None:
+        """AdvcamError when the ``dataset`` params ``ds`` name other lists than the folder was prepared with.
+
+        A stage reads its images from the folder's lists, so without this e.g. ``advcam train-seg --set
+        dataset.seg_list=train_aug`` on a folder prepared for ``train`` would train on ``train`` and say nothing.
+        (Snakemake and DVC run ``prepare`` again when a dataset param changes.) Folders whose ``dataset.json``
+        records no list names are not checked.
+        """
+        prepared = self.meta.get("lists")
+        if not isinstance(prepared, dict):
+            return
+        wanted = role_list_names(ds)
+        keys = {"train": "dataset.train_list", "infer": "dataset.infer_list", "seg": "dataset.seg_list",
+                "val": "dataset.val_list"}
+        for role in ROLES:
+            if role in prepared and str(prepared[role]) != str(wanted[role]):
+                raise AdvcamError(f"{what}: {keys[role]} gives the {role} list {wanted[role]!r}, but {self.folder} "
+                                  f"was prepared with {prepared[role]!r} ({self.folder / 'dataset.json'}); run "
+                                  f"`advcam prepare` with these params first")
 
     def require_listed(self, image_ids: Sequence[str], what: str) -> None:
         """AdvcamError naming the first of ``image_ids`` that is in none of the lists (``what``: the caller)."""
@@ -143,4 +169,4 @@ def load_info(folder: str | Path) -> DatasetInfo:
                        mask_dir=str(meta["mask_dir"]), lists=lists, labels=labels, meta=meta)
 
 
-__all__ = ["DatasetInfo", "load_info", "map_ids", "ROLES"]
+__all__ = ["DatasetInfo", "load_info", "map_ids", "role_list_names", "ROLES"]

@@ -257,6 +257,7 @@ def run(cfg: Any, data: Path, model: Path, out: Path, metrics: Path, curve: Path
     ``shard=(I, N)``: compute only shard I of N into ``out`` and stop (no metrics). ``gather``: take the CAM
     files from these shard folders (shard k = the k-th folder) instead of computing them, then score."""
     info = load_info(data)
+    info.check_lists(cfg.dataset, "cams")
     ids = sharding.map_ids("cams", info, data, shard, gather)
     record = record_for(cfg, Path(model))
     with sole_writer(out, "cams"):  # a second run into this folder would clean this one's temporaries

@@ -24,11 +24,11 @@ import torch
 import yaml
 
 from advcam import config
-from advcam.data import synthetic
+from advcam.data import role_list_names, synthetic
 from advcam.models import resnet
 from advcam.models.classifier import build_classifier
 from advcam.models.deeplab import build_segmenter
-from advcam.steps.prepare import check_layout, role_list_names
+from advcam.steps.prepare import check_layout
 from advcam.train.segmentation import select_gt_ids
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import write_text

@@ -114,6 +114,7 @@ def _gallery_row(info: Any, image_id: str, model: torch.nn.Module, device: torch
 def run(cfg: Any, data: Path, model: Path, cams: Path, pseudo: Path, metrics: Path, plots: Path) -> None:
     """Score the segmenter on the val list; write the metrics JSON, confusion.png and gallery.png."""
     info = load_info(data)
+    info.check_lists(cfg.dataset, "evaluate")
     ids = list(info.lists.get("val", []))
     if not ids:
         raise AdvcamError(f"{data}: the val list is empty")

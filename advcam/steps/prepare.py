@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from advcam.data import ROLES, DatasetInfo, load_info, voc
+from advcam.data import ROLES, DatasetInfo, load_info, role_list_names, voc
 from advcam.data.synthetic import generate
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import TMP_PREFIX, check_free_space, write_json, write_text
@@ -92,12 +92,6 @@ def check_layout(root: Path, mask_dir: str, list_names: dict[str, str]) -> dict[
         if not (root / sub).is_dir():
             raise AdvcamError(f"{key} not found: {root / sub}")
     return {role: voc.read_list(root, name) for role, name in list_names.items()}
-
-
-def role_list_names(ds: Any) -> dict[str, str]:
-    """The list file (name) of each role: the ``dataset`` section's lists, ``seg`` defaulting to the infer list."""
-    return {"train": ds.train_list, "infer": ds.infer_list, "seg": ds.get("seg_list") or ds.infer_list,
-            "val": ds.val_list}
 
 
 def index(root: Path, mask_dir: str, classes: list[str], list_names: dict[str, str],

@@ -215,6 +215,7 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
         known = sorted({*METHODS, *STAGED})
         raise AdvcamError(f"refine.method: unknown method {method!r} (known: {', '.join(known)})")
     info = load_info(data)
+    info.check_lists(cfg.dataset, "refine")
     ids = sharding.map_ids("refine", info, data, shard, gather)
     scored = set(info.lists["infer"])
     cams, out = Path(cams), Path(out)

@@ -34,6 +34,7 @@ def trainer_for(method: str) -> Callable[..., list[list[float]]]:
 
 def run(cfg: Config, data: Path, out: Path, curves: Path) -> None:
     info = load_info(data)
+    info.check_lists(cfg.dataset, "train-cls")
     ids = info.lists["train"]
     c = cfg.classifier
     params = {**config.active("classifier", c.to_dict()), "seed": cfg.seed}

@@ -37,6 +37,7 @@ def _scale_range(s: Config) -> tuple[float, float]:
 
 def run(cfg: Config, data: Path, pseudo: Path, out: Path, curves: Path) -> None:
     info = load_info(data)
+    info.check_lists(cfg.dataset, "train-seg")
     ids = info.lists["seg"]
     source = (info.meta.get("lists") or {}).get("seg") or "seg"
     s = cfg.segmentation
