@@ -104,11 +104,9 @@ class DatasetInfo:
         if not isinstance(prepared, dict):
             return
         wanted = role_list_names(ds)
-        keys = {"train": "dataset.train_list", "infer": "dataset.infer_list", "seg": "dataset.seg_list",
-                "val": "dataset.val_list"}
         for role in ROLES:
             if role in prepared and str(prepared[role]) != str(wanted[role]):
-                raise AdvcamError(f"{what}: {keys[role]} gives the {role} list {wanted[role]!r}, but {self.folder} "
+                raise AdvcamError(f"{what}: dataset.{role}_list gives the {role} list {wanted[role]!r}, but {self.folder} "
                                   f"was prepared with {prepared[role]!r} ({self.folder / 'dataset.json'}); run "
                                   f"`advcam prepare` with these params first")
 

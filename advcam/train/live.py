@@ -21,6 +21,7 @@ epoch at 3,600 steps).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -83,6 +84,7 @@ def _umask() -> int:
     return mask
 
 
+@functools.lru_cache(maxsize=None)
 def _files_only_live() -> type:
     from dvclive import Live
 
