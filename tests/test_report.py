@@ -535,6 +535,41 @@ def test_dvclive_mirror_leaves_the_repository_alone(tmp_path, monkeypatch):
     assert 1 <= len(summaries) <= 2
 
 
+def test_dvclive_mirror_logs_only_the_new_rows_and_ends_as_a_whole_rewrite(tmp_path, monkeypatch):
+    """Each epoch's mirror logs that epoch's rows only, after the rows the folder holds (logging the whole curve
+    again cost time growing with the square of the training length: 9 s an epoch at 9,240 steps), and ends with
+    the files of a folder written from the whole curve at once. A curve that does not continue the folder's (a
+    rerun, a resume from an earlier epoch, other values) is written whole."""
+    pytest.importorskip("dvclive")
+    from advcam.train import live
+
+    def files(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    logged: list[int] = []
+    cls = live._files_only_live()
+    real = cls.log_metric
+    monkeypatch.setattr(cls, "log_metric", lambda self, *a, **k: (logged.append(1), real(self, *a, **k))[1])
+    curve = [[1 + s // 10, s, 1.0 / (s + 1), 0.1 * (1 - s / 50)] for s in range(50)]
+    epochs = tmp_path / "epochs" / "train_seg.csv"
+    for end in range(10, 51, 10):
+        logged.clear()
+        live.log_curves(epochs, curve[:end])
+        assert len(logged) == 3 * (end if end == 10 else 10)  # loss, lr, epoch of the new rows
+    whole = tmp_path / "whole" / "train_seg.csv"
+    live.log_curves(whole, curve)
+    assert files(live.live_dir(epochs)) == files(live.live_dir(whole))
+    assert sorted(p.name for p in (tmp_path / "epochs" / "dvclive").iterdir()) == ["train_seg"]  # no temporaries
+    # a resume from epoch 3 whose next epoch came out otherwise, and a rerun from scratch: written whole
+    for rows in (curve[:30] + [[4, s, 2.0, 0.01] for s in range(30, 40)], curve[:10]):
+        logged.clear()
+        live.log_curves(epochs, rows)
+        assert len(logged) == 3 * len(rows)
+        live.log_curves(whole, rows)
+        assert files(live.live_dir(epochs)) == files(live.live_dir(whole))
+    assert (live.live_dir(epochs) / "plots/metrics/loss.tsv").read_text().split()[-2:] == ["9", "0.1"]
+
+
 @pytest.mark.skipif(shutil.which("dvc", path=ENV["PATH"]) is None, reason="dvc is not installed (pip install -e .[test])")
 def test_readme_baseline_commit_after_a_snakemake_run(project, tmp_path):
     """`make run` runs Snakemake, not DVC: the README's one line records its outputs as the baseline of the

@@ -5,7 +5,11 @@ through :func:`advcam.train.loop.write_curves`, which calls :func:`log_curves`. 
 ``<csv folder>/dvclive/<csv name>/`` from the full curve so far: ``plots/metrics/{loss,lr,epoch}.tsv`` (x = the
 training step) and ``metrics.json`` (the last row). A run that resumes therefore ends with the same folder as an
 uninterrupted one. The folder is built under a temporary name and renamed into place, so a killed run never
-leaves half a folder.
+leaves half a folder. Where the folder already holds the first rows of the curve (``.advcam-rows.json`` records
+how many and their digest: the previous epoch's write), the new folder is a copy of it with only the new rows
+logged; otherwise (a rerun from scratch, a resume from an earlier epoch, another run's folder) it is written from
+the whole curve. Logging every row again each epoch cost time that grew with the square of the training
+length (9 s an epoch at 9,240 steps, 0.3 s with the copy; a third of a 417-epoch run).
 
 dvclive is optional: without it (or with ``ADVCAM_DVCLIVE=0``) this is a no-op. It is created with
 ``dvcyaml=None`` and ``save_dvc_exp=False``: dvclive never rewrites ``dvc.yaml`` nor makes experiments itself.
@@ -22,6 +26,8 @@ epoch at 3,600 steps).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -51,6 +57,23 @@ def enabled() -> bool:
     return True
 
 
+MARK = ".advcam-rows.json"
+
+
+def _digest(rows: list[list[float]]) -> str:
+    return hashlib.sha256(json.dumps([[float(v) for v in r] for r in rows]).encode()).hexdigest()
+
+
+def _rows_held(folder: Path, rows: list[list[float]]) -> int:
+    """How many first rows of ``rows`` the folder holds (its mark's count, where their digest matches), else 0."""
+    try:
+        mark = json.loads((folder / MARK).read_text())
+        n = int(mark["rows"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return n if 0 < n <= len(rows) and mark.get("digest") == _digest(rows[:n]) else 0
+
+
 def log_curves(curves: str | Path, rows: Iterable[Sequence[float]]) -> Path | None:
     """Write the dvclive folder of a curve (rows of epoch, step, loss, lr); return it, or None when disabled.
 
@@ -61,9 +84,13 @@ def log_curves(curves: str | Path, rows: Iterable[Sequence[float]]) -> Path | No
     table = [list(r) for r in rows]
     target = live_dir(curves)
     target.parent.mkdir(parents=True, exist_ok=True)
+    held = _rows_held(target, table)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        _write(tmp, table)
+        if held:
+            shutil.copytree(target, tmp, dirs_exist_ok=True)
+        _write(tmp, table[held:], resume=bool(held))
+        (tmp / MARK).write_text(json.dumps({"rows": len(table), "digest": _digest(table)}))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; give it the mode of a normal folder
         old = target.with_name(f".{target.name}.old")
         if target.exists():
@@ -100,8 +127,9 @@ def _files_only_live() -> type:
     return _FilesOnly
 
 
-def _write(folder: Path, rows: list[list[float]]) -> None:
-    live = _files_only_live()(dir=str(folder), resume=False, report=None, save_dvc_exp=False, dvcyaml=None,
+def _write(folder: Path, rows: list[list[float]], resume: bool = False) -> None:
+    """Log ``rows`` into ``folder``: a new dvclive folder, or (``resume``) after the rows it holds."""
+    live = _files_only_live()(dir=str(folder), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None,
                               monitor_system=False)
     try:
         for epoch, step, loss, lr in rows:  # each log_metric appends its row; end() writes the summary once
@@ -109,5 +137,7 @@ def _write(folder: Path, rows: list[list[float]]) -> None:
             live.log_metric("loss", float(loss))
             live.log_metric("lr", float(lr))
             live.log_metric("epoch", int(epoch))
+        if rows:  # a resumed Live's summary holds the folder's old step, which end() would restore
+            live.summary["step"] = live.step
     finally:
         live.end()
