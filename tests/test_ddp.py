@@ -116,13 +116,21 @@ def one_and_two_processes_agree(command: list[str], one_dir: Path, two_dir: Path
     one, two = curve(one_dir / f"{name}.csv"), curve(two_dir / f"{name}.csv")
     assert one.shape == two.shape == (6, 3)
     np.testing.assert_array_equal(one[:, [0, 2]], two[:, [0, 2]])  # the same steps and learning rates
-    np.testing.assert_allclose(two[:, 1], one[:, 1], rtol=1e-5, atol=2e-6)
+    # the all-reduces sum the two halves' float32 gradients and BatchNorm moments in another order than one process's
+    # batch, and training carries the difference on: on a 2-core AMD EPYC (2026-12-02) the 6th loss differs by 2e-5
+    # (it passed 1e-5 on the Intel machine of the earlier runs); a missing all-reduce or BatchNorm sync differs by
+    # whole percents
+    np.testing.assert_allclose(two[:, 1], one[:, 1], rtol=1e-4, atol=2e-6)
     assert not np.allclose(one[1:, 1], one[1, 1]), "the loss moves: the check is not vacuous"
     (_, a), (_, b) = load_checkpoint(one_dir / f"{name}.pt"), load_checkpoint(two_dir / f"{name}.pt")
+    # weights and BatchNorm statistics: relative 1e-3, with a float32 floor (1e-5 per element) for tensors that barely
+    # left a zero init. On the AMD EPYC conv1's weights differ by 1.4e-4 and bn1's running mean by 4.4e-4 relative,
+    # and bn1.bias (norm 3.0e-4) by 9.1e-6, 3 % of its norm (the Intel machine passed 1e-4 without a floor)
     for key, value in a["model"].items():
         if value.is_floating_point() and value.norm() > 0:
-            rel = float((b["model"][key] - value).norm() / value.norm())
-            assert rel < 1e-4, f"{key}: weights differ by {rel:.2e} (relative)"
+            diff, norm = float((b["model"][key] - value).norm()), float(value.norm())
+            assert diff <= 1e-3 * norm + 1e-5 * value.numel() ** 0.5, \
+                f"{key}: weights differ by {diff:.2e} (norm {norm:.2e}, {diff / norm:.2e} relative)"
     assert not list(two_dir.glob(".tmp-*")) and not (two_dir / f"{name}.pt.resume.pt").exists()
 
 

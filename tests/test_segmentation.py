@@ -372,8 +372,12 @@ def test_multiscale_is_max_fused_and_flip_equivariant(small_net):
     scales = (1.0, 0.75, 0.5, 1.25)
     fused = multiscale_logits(small_net, x, scales, flip=True)
     assert fused.shape == (4, 30, 38)
-    for s in scales:  # the max is at least every single map
-        assert torch.all(fused >= multiscale_logits(small_net, x, (s,), flip=False) - 1e-5)
+    for s in scales:  # the max is at least every single map, up to float32 rounding: the fused pass convolves the
+        # image and its flip as one batch, and oneDNN may pick another algorithm for it than for one image (on a
+        # 2-core AMD EPYC single maps came out up to 1.2e-6 x (1 + |logit|) higher alone, about 10 ulp; a map left
+        # out of the max would be off by whole units)
+        single = multiscale_logits(small_net, x, (s,), flip=False)
+        assert torch.all(fused >= single - 1e-5 * (1 + single.abs()))
     mirrored = multiscale_logits(small_net, x.flip(-1), scales, flip=True)
     torch.testing.assert_close(mirrored, fused.flip(-1), atol=1e-4, rtol=1e-4)
     no_flip = multiscale_logits(small_net, x, scales, flip=False)
