@@ -29,8 +29,10 @@ install: $(VENV)/.installed
 run: install
 	snakemake --cores all --rerun-incomplete
 
+# One pytest worker per CPU (pytest-xdist); each test file runs whole on one worker, so its module fixtures (a
+# tiny Snakemake or DVC run) are made once.
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n logical --dist loadfile tests
 
 # Renews constraints.txt: the newest versions within setup.py's ranges, resolved in a venv of its own (no system
 # packages), for this Python. torch and the packages only torch needs are left out, so that a CUDA build of
