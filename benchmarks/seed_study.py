@@ -21,7 +21,11 @@ plain-CAM variants)::
         --device cuda --variant fp32=cam.method=advcam \
         --variant 'bf16=cam.method=advcam;cam.advcam.precision=bf16'
 
- ``--trace`` adds, per AdvCAM variant,
+``--scales`` adds, per variant, the seeds of each scale's map alone and of two merges of the same maps: the
+reference's sum, and the sum of maps each divided by its own maximum first; with each scale's mean map maximum
+(how much the scale weighs in the sum).
+
+``--trace`` adds, per AdvCAM variant,
 what one climb at scale 1 does on average: the class score and the other classes' scores at the first and
 last step, how far the image moved, and how the max-normalised map grows in the class's part and body pixels
 and in the background.
@@ -45,7 +49,8 @@ from PIL import Image
 
 from advcam import config
 from advcam.attribution.advcam import advcam_maps, prepare_model
-from advcam.attribution.cam import compute_maps
+from advcam.attribution.cam import (METHODS, combine_scales, compute_maps, model_stride, resolve_normalise,
+                                   resolve_resize, scaled_size)
 from advcam.data import load_info
 from advcam.data.transforms import normalize
 from advcam.metrics import mean_iou, seed_confusions, seeds_from_cams
@@ -91,8 +96,7 @@ def study(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any,
     seconds = time.perf_counter() - start
     if confs is None:
         raise SystemExit("seed_study: no images to score")
-    mious = [mean_iou(c) for c in confs]
-    best = int(np.nanargmax(np.asarray(mious, dtype=np.float64)))  # as advcam.steps.cams.evaluate_seeds
+    mious, best = best_threshold(confs)
     hits = {r: [0, 0] for r in REGIONS}
     for image_id, m in maps.items():
         gt = info.read_mask(image_id)
@@ -106,6 +110,53 @@ def study(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any,
     return {"seed_miou": mious[best], "best_threshold": thresholds[best],
             "accuracy": {r: (h / n if n else None) for r, (h, n) in hits.items()},
             "seconds_per_image": seconds / max(len(ids), 1)}
+
+
+def best_threshold(confs: Any) -> tuple[list[float], int]:
+    """The seed mIoU per threshold and the index of the best (as ``advcam.steps.cams.evaluate_seeds``)."""
+    mious = [mean_iou(c) for c in confs]
+    return mious, int(np.nanargmax(np.asarray(mious, dtype=np.float64)))
+
+
+def scale_study(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any,
+                thresholds: Sequence[float]) -> dict[str, Any]:
+    """Seed mIoU (best threshold) of each scale of ``cfg_cam.scales`` alone and of two merges of the same
+    per-scale maps: ``sum`` (the reference's, :func:`combine_scales`) and ``sum_max_normalised`` (each scale's map
+    divided by its own maximum before the sum); ``mean_max``: each scale's map maximum, averaged over the
+    (image, class) pairs."""
+    scales = [float(s) for s in cfg_cam.scales]
+    if cfg_cam.method == "advcam":
+        model = prepare_model(model, cfg_cam)
+    seam, normalise = resolve_resize(cfg_cam, model) == "seam", resolve_normalise(cfg_cam, model)
+    device = next(model.parameters()).device
+    merges: dict[str, Any] = {**{f"scale {s:g}": [k] for k, s in enumerate(scales)}, "sum": None,
+                              "sum_max_normalised": None}
+    confs: dict[str, Any] = {}
+    peaks: list[list[float]] = []
+    for image_id in progress(ids, desc=f"scales ({cfg_cam.method})", unit="img"):
+        keys = sorted(info.labels[image_id])
+        if not keys:
+            continue
+        image = normalize(info.read_image(image_id)).to(device)
+        maps = [m.detach().float().cpu() for m in METHODS[cfg_cam.method](model, image, keys, cfg_cam)]
+        peaks.extend(np.stack([m.amax((1, 2)).numpy() for m in maps], 1).tolist())
+        gt = info.read_mask(image_id)
+        for name, pick in merges.items():
+            chosen = range(len(maps)) if pick is None else pick
+            use = [maps[k] / (maps[k].amax((1, 2), keepdim=True) + 1e-5) if name == "sum_max_normalised"
+                   else maps[k] for k in chosen]
+            inputs = [scaled_size(tuple(gt.shape), scales[k]) for k in chosen] if seam else None
+            _, high = combine_scales(use, tuple(gt.shape), model_stride(model), normalise, inputs)
+            c = seed_confusions(high.numpy(), np.asarray(keys), gt, thresholds, info.num_classes + 1)
+            confs[name] = c if name not in confs else confs[name] + c
+    if not confs:
+        raise SystemExit("seed_study: no images to score")
+    out: dict[str, Any] = {}
+    for name, c in confs.items():
+        mious, best = best_threshold(c)
+        out[name] = {"seed_miou": mious[best], "best_threshold": thresholds[best]}
+    out["mean_max"] = dict(zip((f"{s:g}" for s in scales), np.mean(peaks, axis=0).tolist()))
+    return out
 
 
 def trace(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any) -> dict[str, Any]:
@@ -181,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "already sets it for the climb)")
     ap.add_argument("--compare", action="store_true",
                     help="also report how each variant's maps agree with the first variant's (correlation)")
+    ap.add_argument("--scales", action="store_true",
+                    help="also report the seeds of each scale alone and of two merges (sum, max-normalised sum)")
     ap.add_argument("--trace", action="store_true",
                     help="also trace one climb at scale 1 per advcam variant (score, others, |dx|, map per region)")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/seed_study/<date>.json)")
@@ -214,6 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               + f" | {result['seconds_per_image']:.3f} s/img"
               + (f" | maps vs {variants[0][0]}: r {agree['pooled']:.5f} (min image {agree['min_image']:.5f})"
                  if agree else ""), flush=True)
+        if args.scales:
+            sc = rows[-1]["scales"] = scale_study(model, info, ids, cfg.cam, [float(t) for t in cfg.cam.thresholds])
+            print(f"{'':20s} " + " | ".join(f"{k} {100 * v['seed_miou']:.2f} @ {v['best_threshold']:.2f}"
+                                            for k, v in sc.items() if k != "mean_max")
+                  + " | mean max " + " ".join(f"{k}: {v:.1f}" for k, v in sc["mean_max"].items()), flush=True)
         if args.trace and cfg.cam.method == "advcam":
             tr = rows[-1]["trace"] = trace(model, info, ids, cfg.cam)
             rel = tr.get("relative_map", {})

@@ -135,3 +135,25 @@ def test_cams_stage_batching_images_writes_the_same_files(prepared, tmp_path):
             assert np.abs(single[key] - files[4][name][key]).max() < 1e-3, (name, key)
     seeds = [json.loads((tmp_path / f"seeds{b}.json").read_text())["seed_miou"] for b in (1, 4)]
     assert seeds[0] == pytest.approx(seeds[1], abs=5e-3)
+
+
+def test_scales_reports_each_scale_and_its_sum_is_the_variants_row(prepared, tmp_path):
+    cfg, data, model = prepared
+    out = tmp_path / "scales.json"
+    sets = [arg for item in [*TINY, "cam.advcam.steps=2"] for arg in ("--set", item)]
+    assert load_study().main(["--data", str(data), "--model", str(model), "--params", str(tmp_path / "none.yaml"),
+                              "--images", "6", "--scales", *sets, "--variant", "cam=cam.method=cam",
+                              "--variant", "advcam=cam.method=advcam",
+                              "--variant", "one=cam.method=cam;cam.scales=[0.5]", "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    for name in ("cam", "advcam"):  # the same maps merged as the stage merges them: the variant's own row
+        sc = rows[name]["scales"]
+        assert set(sc) == {"scale 1", "scale 0.5", "sum", "sum_max_normalised", "mean_max"}
+        assert sc["sum"]["seed_miou"] == pytest.approx(rows[name]["seed_miou"], abs=1e-6)
+        assert sc["sum"]["best_threshold"] == pytest.approx(rows[name]["best_threshold"])
+        assert set(sc["mean_max"]) == {"1", "0.5"} and all(v > 0 for v in sc["mean_max"].values())
+    one = rows["one"]["scales"]  # one scale: alone and summed are the same seeds; dividing by the max first
+    assert one["scale 0.5"] == one["sum"]  # moves only pixels within float rounding of a threshold
+    assert one["sum_max_normalised"]["seed_miou"] == pytest.approx(one["sum"]["seed_miou"], abs=1e-3)
+    assert one["sum"]["seed_miou"] == pytest.approx(rows["one"]["seed_miou"], abs=1e-9)
+    assert one["scale 0.5"]["seed_miou"] == pytest.approx(rows["cam"]["scales"]["scale 0.5"]["seed_miou"], abs=1e-9)
