@@ -129,8 +129,8 @@ def scale_study(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: 
         model = prepare_model(model, cfg_cam)
     seam, normalise = resolve_resize(cfg_cam, model) == "seam", resolve_normalise(cfg_cam, model)
     device = next(model.parameters()).device
-    merges: dict[str, Any] = {**{f"scale {s:g}": [k] for k, s in enumerate(scales)}, "sum": None,
-                              "sum_max_normalised": None}
+    every = list(range(len(scales)))
+    merges = {**{f"scale {s:g}": [k] for k, s in enumerate(scales)}, "sum": every, "sum_max_normalised": every}
     confs: dict[str, Any] = {}
     peaks: list[list[float]] = []
     for image_id in progress(ids, desc=f"scales ({cfg_cam.method})", unit="img"):
@@ -141,8 +141,7 @@ def scale_study(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: 
         maps = [m.detach().float().cpu() for m in METHODS[cfg_cam.method](model, image, keys, cfg_cam)]
         peaks.extend(np.stack([m.amax((1, 2)).numpy() for m in maps], 1).tolist())
         gt = info.read_mask(image_id)
-        for name, pick in merges.items():
-            chosen = range(len(maps)) if pick is None else pick
+        for name, chosen in merges.items():
             use = [maps[k] / (maps[k].amax((1, 2), keepdim=True) + 1e-5) if name == "sum_max_normalised"
                    else maps[k] for k in chosen]
             inputs = [scaled_size(tuple(gt.shape), scales[k]) for k in chosen] if seam else None
