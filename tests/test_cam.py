@@ -498,3 +498,22 @@ def test_native_bf16_reads_the_cpu_flags():
     assert native_bf16(cpu, "flags\t: fpu sse2 avx2 avx512f avx512_bf16\n") is True
     assert native_bf16(cpu, "flags\t: fpu sse2 avx2 avx512f avx512bw\n") is False
     assert native_bf16(cpu) in (True, False, None)  # this machine's own answer
+
+
+def test_seeds_warn_about_labelled_classes_whose_map_is_zero_everywhere(stage, caplog):
+    """A classifier without positive evidence for a labelled class gives it a zero map and all-background seeds:
+    the seed evaluation says so, naming an image and class, and does not warn when every map has evidence."""
+    import logging
+
+    cams, cfg, paths, model, loads, info = stage
+    with caplog.at_level(logging.WARNING, logger="advcam"):
+        cams.run(cfg, **paths)
+    assert "zero everywhere" not in caplog.text
+    maps = load_cam(paths["out"] / "img1.npz")
+    save_cam(paths["out"] / "img1.npz", {"keys": maps["keys"], "cam": np.zeros_like(maps["cam"]),
+                                         "high_res": np.zeros_like(maps["high_res"])})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="advcam"):
+        m = cams.evaluate_seeds(cfg, info, ["img0", "img1", "img2"], paths["out"])[0]
+    assert "1 of 3 class maps" in caplog.text and "image img1, class 'green'" in caplog.text, caplog.text
+    assert m["seed_iou_green"] == pytest.approx(0.0) and m["seed_iou_red"] == pytest.approx(1.0)

@@ -219,7 +219,8 @@ def evaluate_seeds(cfg: Any, info: Any, ids: list[str], cams: Path) -> tuple[dic
     sweep = thresholds + ([fixed] if fixed not in thresholds else [])
     k = info.num_classes + 1
     conf = np.zeros((len(sweep), k, k), np.int64)
-    evaluated = 0
+    evaluated, n_maps = 0, 0
+    empty: list[tuple[str, str]] = []  # (image, class) whose map is zero everywhere
     for image_id in progress(ids, desc="seeds", unit="img"):
         if not Path(info.mask_path(image_id)).is_file():
             continue
@@ -227,9 +228,17 @@ def evaluate_seeds(cfg: Any, info: Any, ids: list[str], cams: Path) -> tuple[dic
         maps = load_cam(cams / f"{image_id}.npz", gt.shape, info.num_classes)
         conf += seed_confusions(maps["high_res"], maps["keys"], gt, sweep, k)
         evaluated += 1
+        n_maps += len(maps["keys"])
+        empty += [(image_id, info.classes[int(c)]) for c, m in zip(maps["keys"], maps["high_res"])
+                  if not (m > 0).any()]
     if evaluated < len(ids):
         log.warning("cams: %d of %d infer images have no ground-truth mask; seeds scored on %d",
                     len(ids) - evaluated, len(ids), evaluated)
+    if empty:
+        log.warning("cams: %d of %d class maps of the scored images are zero everywhere (e.g. image %s, class "
+                    "%r): the classifier gives these labelled classes no positive evidence, so their seeds are "
+                    "all background. A classifier that has not learned them gives this (see its loss in "
+                    "plots/train_cls.csv, and classifier.pretrained)", len(empty), n_maps, *empty[0])
     mious = [mean_iou(c) for c in conf]
     curve = [(t, mious[i]) for i, t in enumerate(thresholds)]
     metrics: dict[str, Any] = {"num_images": len(ids), "num_images_scored": evaluated}
