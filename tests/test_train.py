@@ -44,11 +44,12 @@ class ToyShapes(Dataset):
         return {"image": img, "label": label, "id": str(i)}
 
 
-def _train(tmp: Path, epochs: int, fingerprint: dict | None = None, crash_at_epoch: int | None = None):
+def _train(tmp: Path, epochs: int, fingerprint: dict | None = None, crash_at_epoch: int | None = None,
+           lr: float = 0.05):
     torch.manual_seed(0)
     model = build_classifier("resnet_small", 3)
     data = ToyShapes()
-    optimizer = loop.make_sgd(model.param_groups(), 0.05, 1e-4, 0.9)
+    optimizer = loop.make_sgd(model.param_groups(), lr, 1e-4, 0.9)
 
     def loss_fn(m, batch):
         if crash_at_epoch is not None and loader_epoch[0] == crash_at_epoch:
@@ -61,7 +62,7 @@ def _train(tmp: Path, epochs: int, fingerprint: dict | None = None, crash_at_epo
         loader_epoch[0] = e
         return loop.epoch_loader(data, 8, seed=3, epoch=e)
 
-    rows = loop.fit(model, optimizer, loader, loss_fn, epochs=epochs, base_lr=0.05, resume=tmp / "m.pt.resume.pt",
+    rows = loop.fit(model, optimizer, loader, loss_fn, epochs=epochs, base_lr=lr, resume=tmp / "m.pt.resume.pt",
                     curves=tmp / "curves.csv", fingerprint=fingerprint or {"p": 1}, desc="test")
     return model, rows
 
@@ -164,6 +165,33 @@ def test_loss_goes_down_and_curves_written(tmp_path: Path):
     assert len(table) == 16 and list(table[0]) == ["epoch", "step", "loss", "lr"]
     assert float(table[0]["lr"]) == pytest.approx(0.05) and float(table[-1]["lr"]) < 0.01
     assert (tmp_path / "m.pt.resume.pt").is_file()  # deleted by loop.finish, after the final checkpoint
+
+
+def test_a_diverging_training_is_reported_once(tmp_path: Path, caplog):
+    """A learning rate far too high: the loss grows a thousandfold but stays finite, so nothing stopped the run
+    and nothing said so (the VOC-size segmenter went from 24 to 1,595 in silence). Now a warning names the epoch
+    and the ratio, once; the same training at a sane learning rate says nothing."""
+    with caplog.at_level(logging.INFO, logger="advcam"):
+        _, rows = _train(tmp_path / "bad", epochs=4, lr=50.0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert loop.epoch_mean_loss(rows, 2) > 10 * rows[0][2]  # the premise: epochs 1 and 2 far above the start
+    assert len(warnings) == 1 and "epoch 2 " in warnings[0] and "diverged" in warnings[0], warnings
+    assert "lower the learning rate" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="advcam"):
+        _train(tmp_path / "good", epochs=4)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_divergence_needs_two_high_epochs_or_the_last():
+    rows = lambda *means: [[e + 1, e + 1, m, 0.1] for e, m in enumerate(means)]  # noqa: E731 (one step an epoch)
+    assert not loop.diverging(rows(1.0, 20.0, 0.5), 2, last=False)  # one bad epoch that recovers
+    assert loop.diverging(rows(1.0, 20.0, 30.0), 3, last=False)
+    assert loop.diverging(rows(1.0, 20.0), 2, last=True)  # the last epoch is judged alone
+    assert not loop.diverging(rows(1.0, 9.0, 9.5), 3, last=True)  # under 10x the first loss
+    assert not loop.diverging(rows(-1.0, 20.0, 30.0), 3, last=True)  # no positive scale to compare with
+    assert not loop.diverging(rows(1.0, 20.0, float("inf")), 3, last=True)  # non-finite: fit raises instead
+    assert not loop.diverging([], 1, last=True)
 
 
 def test_resume_after_kill_equals_straight_run(tmp_path: Path, caplog):

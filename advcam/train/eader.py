@@ -198,6 +198,7 @@ def train_eader(model: EADERNet, dataset: Dataset, *, cfg: Any, seed: int, worke
                     "(lower classifier.eader.phase_steps)", max_step, n)
     start, rows = _try_resume(resume, fingerprint, model, opt_loc, opt_adv)
     terms = {k: hp[k] for k in ("alpha", "beta", "omega", "sigma")}
+    warned = False
     for epoch in range(start, epochs):
         model.train()
         sums = {LOCALISER: [0.0, 0], ADVERSARY: [0.0, 0]}
@@ -223,6 +224,8 @@ def train_eader(model: EADERNet, dataset: Dataset, *, cfg: Any, seed: int, worke
                                 p_erased=f"{out['erased_prob'].item():.3f}", refresh=False)
         done = ", ".join(f"{k} loss {s / c:.4f} ({c} steps)" for k, (s, c) in sums.items() if c)
         log.info("train-cls eader epoch %d/%d: %s", epoch + 1, epochs, done or "no steps")
+        if not warned:  # the rows hold the localiser's loss, logged at every step
+            warned = loop.warn_if_diverging("train-cls (eader) localiser", rows, epoch + 1, epoch + 1 == epochs)
         state: dict[str, Any] = {"model": model.state_dict(), "localiser_optimizer": opt_loc.state_dict(),
                                  "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
                                  "rng": loop.rng_state(), "curve": rows}

@@ -40,6 +40,7 @@ from advcam.utils.progress import log, progress
 POLY_POWER = 0.9  # IRN / DeepLab poly schedule: lr = base * (1 - step / max_step) ** 0.9
 HEAD_LR_MULT = 10.0  # IRN: the newly added layer trains with 10x the backbone lr
 CURVE_COLUMNS = ("epoch", "step", "loss", "lr")
+DIVERGENCE_FACTOR = 10.0  # epochs whose mean loss is this many times the first step's: training diverged
 
 
 def poly_lr(base_lr: float, step: int, max_step: int, power: float = POLY_POWER) -> float:
@@ -176,12 +177,44 @@ def check_checkpoint_space(model: nn.Module, optimizer: torch.optim.Optimizer, r
     return need
 
 
+def epoch_mean_loss(rows: Sequence[Sequence[float]], epoch: int) -> float | None:
+    """The mean loss of epoch ``epoch`` (1-based) in curve rows ``[epoch, step, loss, lr]``; None if it has none."""
+    values = [float(r[2]) for r in rows if int(r[0]) == epoch]
+    return sum(values) / len(values) if values else None
+
+
+def diverging(rows: Sequence[Sequence[float]], epoch: int, last: bool, factor: float = DIVERGENCE_FACTOR) -> bool:
+    """Whether the curve rows (``[epoch, step, loss, lr]``) up to epoch ``epoch`` show a diverging run: the
+    epoch's mean loss is more than ``factor`` times the run's first loss (the untrained model's), and so was the
+    epoch before (a run that recovers from one bad epoch is not judged) unless ``epoch`` is the ``last``. A
+    non-finite loss stops training anyway; a first loss that is not positive gives no scale and is not judged."""
+    first = float(rows[0][2]) if rows else float("nan")
+    if not first > 0:
+        return False
+    now, before = epoch_mean_loss(rows, epoch), epoch_mean_loss(rows, epoch - 1)
+    high = lambda m: m is not None and np.isfinite(m) and m > factor * first  # noqa: E731
+    return high(now) and (last or high(before))
+
+
+def warn_if_diverging(desc: str, rows: Sequence[Sequence[float]], epoch: int, last: bool,
+                      hint: str = "lower the learning rate, or check the pretrained weights") -> bool:
+    """Log a warning (and return True) when :func:`diverging` says so at epoch ``epoch``."""
+    if not diverging(rows, epoch, last):
+        return False
+    now = epoch_mean_loss(rows, epoch) or 0.0
+    first = float(rows[0][2])
+    log.warning("%s: the mean loss of epoch %d is %.4g, %.0fx the first step's %.4g: training diverged; %s",
+                desc, epoch, now, now / first, first, hint)
+    return True
+
+
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader_for_epoch: Callable[[int], DataLoader],
         loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor], *, epochs: int, base_lr: float,
         resume: Path, curves: Path, fingerprint: Mapping[str, Any], desc: str,
         lr_every: int = 1) -> list[list[float]]:
     """Train ``epochs`` epochs (resuming from ``resume`` if it fits); return the curve rows. The poly learning
-    rate is recomputed every ``lr_every`` steps (:func:`set_poly_lr`).
+    rate is recomputed every ``lr_every`` steps (:func:`set_poly_lr`). An epoch whose mean loss is far above the
+    run's first loss is reported once (:func:`warn_if_diverging`); a non-finite loss stops training.
 
     ``loss_fn(model, batch)`` returns the scalar loss of one batch. The caller saves the final checkpoint and
     then calls :func:`finish` to delete the resume file. Before the first epoch it checks that the checkpoints
@@ -197,6 +230,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader_for_epoch: Ca
     rank, size = world()
     step_fn = data_parallel(model, loss_fn) if distributed else None
     loss: torch.Tensor | None = None
+    warned = False
     if distributed:
         log.info("%s: process %d of %d (%s), global batch sliced across processes", desc, rank + 1, size,
                  dist.get_backend())
@@ -226,6 +260,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader_for_epoch: Ca
                 bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}",  # type: ignore[attr-defined]
                                 refresh=False)
         log.info("%s epoch %d/%d: mean loss %.4f", desc, epoch + 1, epochs, total / max(count, 1))
+        if not warned and rank == 0:
+            warned = warn_if_diverging(desc, rows, epoch + 1, epoch + 1 == epochs)
         if rank == 0:
             save_checkpoint(resume, {"kind": "resume", "fingerprint": dict(fingerprint)}, model=model.state_dict(),
                             optimizer=optimizer.state_dict(), epoch=epoch + 1, rng=rng_state(), curve=rows)
