@@ -49,6 +49,13 @@ def mean_iou(conf: np.ndarray) -> float:
     return float(np.nanmean(iou)) if np.isfinite(iou).any() else math.nan
 
 
+def best_index(mious: Sequence[float]) -> int | None:
+    """Index of the highest finite mIoU (the first of equals), None when none is finite: the best threshold of a
+    sweep of seed thresholds."""
+    values = np.asarray(mious, dtype=np.float64)
+    return int(np.nanargmax(values)) if np.isfinite(values).any() else None
+
+
 def pixel_accuracy(conf: np.ndarray) -> float:
     total = float(np.asarray(conf).sum())
     return float(np.trace(conf)) / total if total else math.nan

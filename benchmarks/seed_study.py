@@ -53,7 +53,7 @@ from advcam.attribution.cam import (METHODS, combine_scales, compute_maps, model
                                    resolve_resize, scaled_size)
 from advcam.data import load_info
 from advcam.data.transforms import normalize
-from advcam.metrics import mean_iou, seed_confusions, seeds_from_cams
+from advcam.metrics import best_index, mean_iou, seed_confusions, seeds_from_cams
 from advcam.models import load_classifier
 from advcam.utils.device import device_name
 from advcam.utils.progress import progress
@@ -115,7 +115,10 @@ def study(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any,
 def best_threshold(confs: Any) -> tuple[list[float], int]:
     """The seed mIoU per threshold and the index of the best (as ``advcam.steps.cams.evaluate_seeds``)."""
     mious = [mean_iou(c) for c in confs]
-    return mious, int(np.nanargmax(np.asarray(mious, dtype=np.float64)))
+    best = best_index(mious)
+    if best is None:
+        raise SystemExit("seed_study: no threshold gives a finite seed mIoU (no class occurs in the scored images)")
+    return mious, best
 
 
 def scale_study(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: Any,

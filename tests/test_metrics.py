@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from advcam.metrics import (confusion, finite_or_none, iou_from_confusion, mean_iou, per_class, pixel_accuracy,
+from advcam.metrics import (best_index, confusion, finite_or_none, iou_from_confusion, mean_iou, per_class, pixel_accuracy,
                             seed_confusions, seeds_from_cams)
 
 
@@ -82,3 +82,9 @@ def test_seed_confusions_match_per_threshold():
 def test_per_class_keys():
     out = per_class("val_iou", [0.5, float("nan")], ["potted plant"])
     assert out == {"val_iou_background": 0.5, "val_iou_potted_plant": None}
+
+
+def test_best_index_skips_nan_and_takes_the_first_of_equals():
+    assert best_index([0.2, float("nan"), 0.5, 0.5, 0.1]) == 2
+    assert best_index([float("nan"), 0.3]) == 1
+    assert best_index([float("nan"), float("nan")]) is None and best_index([]) is None

@@ -34,7 +34,7 @@ from advcam.attribution.cam import compute_maps_images, is_valid_cam, load_cam, 
 from advcam.config import Config
 from advcam.data import image_classes, image_size, load_info
 from advcam.data.transforms import normalize
-from advcam.metrics import finite_or_none, mean_iou, iou_from_confusion, per_class, seed_confusions
+from advcam.metrics import best_index, finite_or_none, mean_iou, iou_from_confusion, per_class, seed_confusions
 from advcam.models import load_classifier
 from advcam.ops.fused import source_dir
 from advcam.steps import shards as sharding
@@ -242,9 +242,8 @@ def evaluate_seeds(cfg: Any, info: Any, ids: list[str], cams: Path) -> tuple[dic
     mious = [mean_iou(c) for c in conf]
     curve = [(t, mious[i]) for i, t in enumerate(thresholds)]
     metrics: dict[str, Any] = {"num_images": len(ids), "num_images_scored": evaluated}
-    finite = [m for m in mious[:len(thresholds)] if np.isfinite(m)]
-    if finite:
-        best = int(np.nanargmax(np.asarray(mious[:len(thresholds)], dtype=np.float64)))
+    best = best_index(mious[:len(thresholds)])
+    if best is not None:
         metrics.update(seed_miou=finite_or_none(mious[best]), seed_best_threshold=thresholds[best],
                        seed_miou_fixed=finite_or_none(mious[sweep.index(fixed)]))
         ref = [i for i, t in enumerate(thresholds) if REFERENCE_RANGE[0] <= t <= REFERENCE_RANGE[1]
