@@ -17,7 +17,7 @@ from advcam.steps import prepare
 from advcam.utils.errors import AdvcamError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from voc_fixture import DEFAULT_CLASSES, make_voc_fixture  # noqa: E402
+from voc_fixture import DEFAULT_CLASSES, make_voc_fixture, write_annotation  # noqa: E402
 
 SYN = ["synthetic.image_size=40", "synthetic.num_train_aug=10", "synthetic.num_train=4", "synthetic.num_val=3",
        "synthetic.num_classes=3"]
@@ -81,6 +81,54 @@ def test_prepare_sbd_train_aug(tmp_path):
         prepare.run(voc_cfg(root, "dataset.train_list=train_aug"), tmp_path / "bad")
 
 
+def test_images_without_masks_take_their_labels_from_voc_annotations(tmp_path, caplog):
+    """The weakly supervised case: training images labelled at image level only (VOC's Annotations/<id>.xml, no
+    mask). Before, prepare refused every image without a mask. Their labels are the objects' names, equal to the
+    classes of the masks hidden from the folder; the other images keep their mask's labels."""
+    root = make_voc_fixture(tmp_path / "VOC", n_train=6, n_val=3, annotations=True, mask_free=3)
+    free = (root / "ImageSets/Segmentation/train.txt").read_text().split()[:3]
+    with caplog.at_level(logging.INFO, logger="advcam"):
+        info = prepare.run(voc_cfg(root), tmp_path / "prep")
+    for i in free:
+        assert not info.mask_path(i).exists()
+        assert info.labels[i] == voc.labels_from_mask(np.array(Image.open(root / "HiddenMasks" / f"{i}.png")))
+        assert info.labels[i]
+    for i in info.lists["train"][3:] + info.lists["val"]:
+        assert info.labels[i] == voc.labels_from_mask(info.read_mask(i))
+    meta = json.loads((tmp_path / "prep" / "dataset.json").read_text())
+    assert meta["image_labels"] == "masks" and meta["label_sources"] == {"mask": 6, "xml": 3}
+    assert "3 from Annotations/<id>.xml" in caplog.text
+
+
+def test_image_labels_xml_reads_every_annotation(tmp_path):
+    """dataset.image_labels=xml (PSA's and SEAM's cls_labels): an object in the annotation counts even where the
+    mask shows none of it (VOC's tiny objects are all border); with masks it does not."""
+    root = make_voc_fixture(tmp_path / "VOC", n_train=3, n_val=2, annotations=True)
+    first = (root / "ImageSets/Segmentation/train.txt").read_text().split()[0]
+    in_mask = voc.labels_from_mask(np.array(Image.open(root / "SegmentationClass" / f"{first}.png")))
+    missing = next(k for k in range(len(DEFAULT_CLASSES)) if k not in in_mask)
+    objects = [(DEFAULT_CLASSES[k], (1, 1, 4, 4)) for k in sorted([*in_mask, missing])]
+    write_annotation(root, first, objects, (40, 48))
+    by_mask = prepare.run(voc_cfg(root), tmp_path / "masks")
+    by_xml = prepare.run(voc_cfg(root, "dataset.image_labels=xml"), tmp_path / "xml")
+    assert by_mask.labels[first] == in_mask and by_xml.labels[first] == sorted([*in_mask, missing])
+    others = [i for i in by_mask.labels if i != first]
+    assert all(by_xml.labels[i] == by_mask.labels[i] for i in others)
+    meta = json.loads((tmp_path / "xml" / "dataset.json").read_text())
+    assert meta["label_sources"] == {"mask": 0, "xml": 5}
+    bare = make_voc_fixture(tmp_path / "bare", n_train=2, n_val=2)
+    with pytest.raises(AdvcamError, match=r"annotation folder not found: .*bare/Annotations \(dataset.image_labels"):
+        prepare.run(voc_cfg(bare, "dataset.image_labels=xml"), tmp_path / "none")
+
+
+def test_image_labels_xml_is_ignored_for_the_synthetic_dataset(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="advcam"):
+        info = prepare.run(config.load(None, [*SYN, "dataset.image_labels=xml"]), tmp_path / "syn")
+    assert "dataset.image_labels=xml ignored for the synthetic dataset" in caplog.text
+    assert json.loads((tmp_path / "syn" / "dataset.json").read_text())["label_sources"] == {"mask": 13, "xml": 0}  # train_aug (10, holding train) + val (3)
+    assert all(info.labels[i] == voc.labels_from_mask(info.read_mask(i)) for i in info.lists["val"])
+
+
 def test_list_files_in_the_deeplab_two_column_form(tmp_path):
     """SBD-aug downloads list "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png": the same ids as one per line."""
     root = make_voc_fixture(tmp_path / "VOC", n_train=3, n_val=2, aug=True, n_extra_aug=3)
@@ -134,6 +182,27 @@ def _break(case: str, root: Path) -> str:
     if case == "empty":
         (lists / "val.txt").write_text("\n")
         return r"val\.txt: list is empty"
+    if case == "no mask, no annotation":
+        (root / "SegmentationClass" / f"{first}.png").unlink()
+        return f"id '{first}' has no mask \\(expected .*{first}.png\\) and no annotation \\(.*Annotations/{first}.xml\\)"
+    if case in ("val without mask", "unknown object", "broken annotation", "not an annotation", "xml, none"):
+        val = (lists / "val.txt").read_text().split()[0]
+        write_annotation(root, first, [("cat", (1, 1, 5, 5))], (40, 48))
+        (root / "SegmentationClass" / f"{first}.png").unlink()
+        if case == "val without mask":
+            write_annotation(root, val, [("cat", (1, 1, 5, 5))], (40, 48))
+            (root / "SegmentationClass" / f"{val}.png").unlink()
+            return f"val.txt: id '{val}' has no mask .*; val images are scored against their masks"
+        if case == "unknown object":
+            write_annotation(root, first, [("cat", (1, 1, 5, 5)), ("unicorn", (2, 2, 6, 6))], (40, 48))
+            return f"{first}.xml: object 2 is a 'unicorn', which is not one of dataset.classes \\(cat, dog, car\\)"
+        if case == "broken annotation":
+            (root / "Annotations" / f"{first}.xml").write_text("<annotation><object><name>cat</name>")
+            return f"{first}.xml: not a readable VOC annotation"
+        if case == "not an annotation":
+            (root / "Annotations" / f"{first}.xml").write_text("<svg><object><name>cat</name></object></svg>")
+            return f"{first}.xml: not a VOC annotation \\(its root element is <svg>"
+        return f"id '{val}' has no annotation \\(expected .*Annotations/{val}.xml; dataset.image_labels is xml\\)"
     if case == "size mismatch":
         Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "SegmentationClass" / f"{first}.png")
         return f"{first}.png: mask is 5x5 but its image"
@@ -141,7 +210,8 @@ def _break(case: str, root: Path) -> str:
 
 
 CASES = ["missing root", "missing list", "missing image", "upper-case extension", "unreadable image", "bad label",
-         "separator", "dotdot", "duplicate", "empty", "size mismatch"]
+         "separator", "dotdot", "duplicate", "empty", "size mismatch", "no mask, no annotation", "val without mask",
+         "unknown object", "broken annotation", "not an annotation", "xml, none"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -149,7 +219,8 @@ def test_bad_input_raises_and_leaves_nothing(tmp_path, case):
     root = make_voc_fixture(tmp_path / "VOC", n_train=3, n_val=2)
     pattern = _break(case, root)
     out = tmp_path / "work" / "prep"
-    cfg = voc_cfg(tmp_path / "nowhere" if case == "missing root" else root)
+    cfg = voc_cfg(tmp_path / "nowhere" if case == "missing root" else root,
+                  *(["dataset.image_labels=xml"] if case == "xml, none" else []))
     with pytest.raises(AdvcamError, match=pattern):
         prepare.run(cfg, out)
     assert not out.exists() and leftovers(out.parent) == []
@@ -203,3 +274,32 @@ def test_a_class_without_training_images_is_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="advcam"):
         prepare.run(voc_cfg(root), tmp_path / "data2")
     assert "unicorn" not in caplog.text
+
+
+def test_images_labelled_only_by_annotations_run_through_the_stages(tmp_path):
+    """Half of the classifier's and the segmenter's images have no mask, only VOC annotations: every stage runs,
+    CAMs and pseudo labels are made for all of them, and the seeds and pseudo labels are scored on the images
+    that have a mask."""
+    root = make_voc_fixture(tmp_path / "VOC", n_train=6, n_val=2, annotations=True, mask_free=3)
+    free = (root / "ImageSets/Segmentation/train.txt").read_text().split()[:3]
+    data, cams, pseudo = tmp_path / "data", tmp_path / "cams", tmp_path / "pseudo"
+    sets = ["device=cpu", "dataset.kind=voc", f"dataset.root={root}", "dataset.train_list=train",
+            f"dataset.classes={list(DEFAULT_CLASSES)}", "cam.method=cam", "cam.scales=[1.0]",
+            "classifier.arch=resnet_small", "classifier.epochs=1", "classifier.batch_size=2",
+            "classifier.crop_size=32", "segmentation.arch=deeplab_small", "segmentation.epochs=1",
+            "segmentation.batch_size=2", "segmentation.crop_size=32"]
+    common = ["--params-json", "{}", *[a for s in sets for a in ("--set", s)]]
+    steps = [["prepare", "--out", data],
+             ["train-cls", "--data", data, "--out", tmp_path / "cls.pt", "--curves", tmp_path / "cls.csv"],
+             ["cams", "--data", data, "--model", tmp_path / "cls.pt", "--out", cams, "--metrics",
+              tmp_path / "seeds.json", "--curve", tmp_path / "seeds.csv"],
+             ["refine", "--data", data, "--cams", cams, "--out", pseudo, "--metrics", tmp_path / "pseudo.json"],
+             ["train-seg", "--data", data, "--pseudo", pseudo, "--out", tmp_path / "seg.pt", "--curves",
+              tmp_path / "seg.csv"]]
+    for step in steps:
+        assert cli_main([str(step[0]), *common, *map(str, step[1:])]) == 0, step[0]
+    assert all((cams / f"{i}.npz").is_file() and (pseudo / f"{i}.png").is_file() for i in free)
+    seeds = json.loads((tmp_path / "seeds.json").read_text())
+    assert seeds["num_images"] == 6 and seeds["num_images_scored"] == 3
+    assert json.loads((tmp_path / "pseudo.json").read_text())["num_images_scored"] == 3
+    assert (tmp_path / "seg.pt").is_file()

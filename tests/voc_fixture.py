@@ -9,6 +9,12 @@
     (aug=True, like SBD)
     root/SegmentationClassAug/<id>.png        plain index PNGs (mode L, no palette) for train_aug + val ids
     root/ImageSets/Segmentation/train_aug.txt train ids + ``n_extra_aug`` more ids (sorted)
+    (annotations=True, like VOC)
+    root/Annotations/<id>.xml                 VOC annotation files: one <object> per class in the image, named, with
+                                              its bounding box; a person-layout <part> (head) in the first
+    (mask_free=k)
+    root/HiddenMasks/<id>.png                 the first k train ids' masks, moved out of the mask folders (the
+                                              truth for tests of labels read from their annotations)
 
 Ids look like VOC's (``2007_000032``). Every image has 1 or 2 foreground classes (rectangles or ellipses,
 filled with a class-specific colour plus noise, so a classifier can tell them apart); every object gets
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
+from xml.sax.saxutils import escape
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -80,15 +87,50 @@ def _draw(rng: np.random.Generator, num_classes: int, h: int, w: int) -> tuple[n
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
 
+def write_annotation(root: Path, image_id: str, objects: Sequence[tuple[str, tuple[int, int, int, int]]],
+                     size: tuple[int, int]) -> Path:
+    """``root/Annotations/<id>.xml`` in VOC's format: ``objects`` are ``(name, (xmin, ymin, xmax, ymax))``; the
+    first object gets a person-layout ``<part>`` named ``head`` (a name that is not a class)."""
+    h, w = size
+    parts = []
+    for k, (name, (x0, y0, x1, y1)) in enumerate(objects):
+        box = f"<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox>"
+        part = f"<part><name>head</name>{box}</part>" if k == 0 else ""
+        parts.append(f"  <object>\n    <name>{escape(name)}</name>\n    <pose>Unspecified</pose>\n"
+                     f"    <truncated>0</truncated>\n    <difficult>{k % 2}</difficult>\n    {box}{part}\n  </object>\n")
+    path = Path(root) / "Annotations" / f"{image_id}.xml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"<annotation>\n  <folder>VOC2012</folder>\n  <filename>{image_id}.jpg</filename>\n"
+                    f"  <size><width>{w}</width><height>{h}</height><depth>3</depth></size>\n"
+                    f"  <segmented>1</segmented>\n{''.join(parts)}</annotation>\n")
+    return path
+
+
+def _objects(lab: np.ndarray, classes: Sequence[str]) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """The (name, 1-based inclusive box) of each class in a label map, as VOC's annotations give them."""
+    out = []
+    for c in range(1, len(classes) + 1):
+        ys, xs = np.nonzero(lab == c)
+        if ys.size:
+            out.append((classes[c - 1], (int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1, int(ys.max()) + 1)))
+    return out
+
+
 def make_voc_fixture(root: Path, n_train: int = 4, n_val: int = 3,
                      classes: Sequence[str] = DEFAULT_CLASSES, size: int | tuple[int, int] = (40, 48), *,
-                     aug: bool = False, n_extra_aug: int = 2, seed: int = 0) -> Path:
+                     aug: bool = False, n_extra_aug: int = 2, seed: int = 0, annotations: bool = False,
+                     mask_free: int = 0) -> Path:
     """Write a small VOC-layout folder at ``root`` and return ``root``.
 
     ``size`` is an int (square) or ``(H, W)``. ``aug=True`` adds SBD's ``SegmentationClassAug/`` (index
     PNGs without palette, for the train_aug and val ids) and ``train_aug.txt`` (train + ``n_extra_aug``
-    extra ids, sorted). Images are non-square by default to catch H/W mix-ups.
+    extra ids, sorted). Images are non-square by default to catch H/W mix-ups. ``annotations=True`` writes
+    VOC's ``Annotations/<id>.xml`` for every image; ``mask_free=k`` leaves the first ``k`` train ids without a
+    mask in any mask folder (they keep their annotation, which ``mask_free`` needs), and saves those masks in
+    ``HiddenMasks/`` for tests to compare with.
     """
+    if mask_free and not annotations:
+        raise ValueError("mask_free images need annotations=True (nothing else would label them)")
     root = Path(root)
     h, w = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
@@ -99,9 +141,16 @@ def make_voc_fixture(root: Path, n_train: int = 4, n_val: int = 3,
         (root / sub).mkdir(parents=True, exist_ok=True)
     if aug:
         (root / "SegmentationClassAug").mkdir(exist_ok=True)
+    hidden = set(train[:mask_free])
     for i in train + val + extra:
         img, lab = _draw(rng, len(classes), h, w)
         Image.fromarray(img).save(root / "JPEGImages" / f"{i}.jpg", quality=95)
+        if annotations:
+            write_annotation(root, i, _objects(lab, classes), (h, w))
+        if i in hidden:
+            (root / "HiddenMasks").mkdir(exist_ok=True)
+            Image.fromarray(lab).save(root / "HiddenMasks" / f"{i}.png")
+            continue
         if i not in extra:
             pim = Image.fromarray(lab).convert("P")
             pim.putpalette(pal)

@@ -1,7 +1,8 @@
 """VOC-layout folders: lists, image and mask reading with validation, the VOC colour map.
 
 A VOC-layout root holds ``JPEGImages/<id>.jpg``, ``<mask_dir>/<id>.png`` (``SegmentationClass`` or SBD's
-``SegmentationClassAug``) and ``ImageSets/Segmentation/<list>.txt`` (one id per line).
+``SegmentationClassAug``) and ``ImageSets/Segmentation/<list>.txt`` (one id per line), and may hold VOC's
+``Annotations/<id>.xml``, from which :func:`labels_from_xml` reads image-level labels (the objects' names).
 
 Masks: palette (``P``) and plain index (``L``) PNGs are read as class indices (0 = background, 1..C,
 255 = ignore). An RGB(A) *colour* mask is converted through the VOC colour map when every colour in it is
@@ -25,7 +26,9 @@ stored pixel grid, not with the displayed orientation.
 from __future__ import annotations
 
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -36,6 +39,7 @@ VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
     "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 IMAGE_DIR = "JPEGImages"
+ANNOTATION_DIR = "Annotations"
 LIST_DIR = Path("ImageSets") / "Segmentation"
 IGNORE = 255
 
@@ -127,6 +131,10 @@ def image_path(root: Path, image_id: str) -> Path:
 
 def mask_path(root: Path, mask_dir: str, image_id: str) -> Path:
     return Path(root) / mask_dir / f"{image_id}.png"
+
+
+def annotation_path(root: Path, image_id: str) -> Path:
+    return Path(root) / ANNOTATION_DIR / f"{image_id}.xml"
 
 
 WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -254,3 +262,34 @@ def labels_from_mask(mask: np.ndarray) -> list[int]:
     """Image-level labels: 0-based foreground classes present (0 and 255 excluded)."""
     counts = np.bincount(mask.ravel(), minlength=256)
     return [int(v) - 1 for v in np.flatnonzero(counts[1:IGNORE]) + 1]
+
+
+def labels_from_xml(path: Path, classes: Sequence[str]) -> list[int]:
+    """Image-level labels from a VOC annotation file: the 0-based indices in ``classes`` of its objects' names
+    (``<annotation><object><name>``), sorted, each once.
+
+    Every object counts, ``difficult`` and ``truncated`` ones too, as in the ``cls_labels`` that PSA and SEAM
+    build from these files. The names of person-layout parts (``<object><part><name>``: head, hand, foot) are
+    not objects and are skipped. A file that does not parse or whose root is not ``<annotation>``, an object without a name and a name that is not
+    one of ``classes`` are refused, naming the file (the last like a mask value outside 1..C: a class list
+    that does not fit the data).
+    """
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise AdvcamError(f"{path}: not a readable VOC annotation ({exc})") from None
+    except OSError as exc:
+        raise AdvcamError(f"{path}: cannot read annotation ({exc})") from None
+    if root.tag != "annotation":
+        raise AdvcamError(f"{path}: not a VOC annotation (its root element is <{root.tag}>, not <annotation>)")
+    index = {name: k for k, name in enumerate(classes)}
+    found: set[int] = set()
+    for n, obj in enumerate(root.iter("object"), 1):
+        name = (obj.findtext("name") or "").strip()
+        if not name:
+            raise AdvcamError(f"{path}: object {n} has no <name>")
+        if name not in index:
+            raise AdvcamError(f"{path}: object {n} is a {name!r}, which is not one of dataset.classes "
+                              f"({', '.join(classes)})")
+        found.add(index[name])
+    return sorted(found)

@@ -1,14 +1,21 @@
 """Stage ``prepare``: generate (synthetic) or index (voc) the dataset into a prepared folder.
 
-Writes ``out/dataset.json``, ``out/labels.json`` (id -> 0-based foreground classes, derived from the masks)
-and ``out/lists/{train,infer,val}.txt``; for the synthetic dataset also ``out/voc/`` (the generated VOC
-layout). Everything it indexes is validated first (lists, ids, images, masks; see :func:`index`), and the
-folder is built under a temporary name next to ``out`` and renamed at the end, replacing an existing
+Writes ``out/dataset.json``, ``out/labels.json`` (id -> 0-based foreground classes) and
+``out/lists/{train,infer,seg,val}.txt``; for the synthetic dataset also ``out/voc/`` (the generated VOC
+layout). Everything it indexes is validated first (lists, ids, images, masks, annotations; see :func:`index`),
+and the folder is built under a temporary name next to ``out`` and renamed at the end, replacing an existing
 ``out``: a failed or killed run leaves the previous ``out`` (or nothing) and no partial folder.
 
+Image-level labels (``dataset.image_labels``): ``masks`` (default; IRN's and AdvCAM's ``cls_labels``) derives
+them from each image's mask, and takes them from VOC's ``Annotations/<id>.xml`` for an image without a mask,
+so images labelled at image level only (VOC's detection images, a dataset of one's own) can train the
+classifier and get pseudo labels; ``xml`` reads every image's annotation (PSA's and SEAM's ``cls_labels``).
+Val images need a mask (they are scored against it); infer and seg images without one are not scored.
+``dataset.json`` records how many labels came from each source.
+
 Every image of the classifier's training list (``dataset.train_list``) must have a foreground class in its
-mask: one without is refused, named, unless ``dataset.allow_background_only`` is true (such images then train
-the classifier as pure negatives). An all-background mask in a training list is usually a wrong
+labels: one without is refused, named, unless ``dataset.allow_background_only`` is true (such images then
+train the classifier as pure negatives). An all-background mask in a training list is usually a wrong
 ``dataset.mask_dir`` or class list. Before generating the synthetic dataset, the free disk space is checked.
 
 Images: images of the infer and val lists (used at full resolution later) are fully decoded; images only
@@ -23,7 +30,7 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from advcam.data import ROLES, DatasetInfo, load_info, role_list_names, voc
 from advcam.data.synthetic import generate
@@ -45,40 +52,53 @@ def _check_mask_dir(mask_dir: str) -> str:
 
 
 def _check_foreground(lists: dict[str, list[str]], labels: dict[str, list[int]], list_file: Path,
-                      mask_of: Any) -> None:
-    """Refuse classifier-training images whose mask has no foreground class (see the module docstring)."""
+                      source_of: Any) -> None:
+    """Refuse classifier-training images without a foreground class (see the module docstring)."""
     empty = [i for i in lists["train"] if not labels[i]]
     if empty:
         raise AdvcamError(f"{list_file}: {len(empty)} image(s) of the classifier's training list have no foreground "
-                          f"class in their mask, e.g. id {empty[0]!r} ({mask_of(empty[0])}); check dataset.mask_dir "
-                          "and dataset.classes, remove them from the list, or set dataset.allow_background_only=true "
-                          "to train on them as pure negatives")
+                          f"class in their labels, e.g. id {empty[0]!r} ({source_of(empty[0])}); check "
+                          "dataset.mask_dir and dataset.classes, remove them from the list, or set "
+                          "dataset.allow_background_only=true to train on them as pure negatives")
 
 
 class MissingMask(AdvcamError):
     """An id of a list whose mask file does not exist (the hint about ``SegmentationClassAug`` looks for these)."""
 
 
-def _check_one(root: Path, mask_dir: str, num_classes: int, image_id: str, list_file: Path,
-               full: bool) -> list[int] | AdvcamError:
-    """Labels of one image, or the problem with it (returned, not raised, so all problems are collected)."""
+def _check_one(root: Path, mask_dir: str, classes: list[str], image_id: str, list_file: Path, full: bool,
+               need_mask: bool, image_labels: str) -> tuple[list[int], str] | AdvcamError:
+    """Labels of one image and where they came from (``mask`` or ``xml``), or the problem with it (returned,
+    not raised, so all problems are collected). ``need_mask``: the image is scored against its mask (val)."""
     img_path, msk_path = voc.image_path(root, image_id), voc.mask_path(root, mask_dir, image_id)
+    xml_path = voc.annotation_path(root, image_id)
     try:
         if not img_path.is_file():
             others = sorted(p.name for p in img_path.parent.glob(glob.escape(image_id) + ".*") if p.is_file())
             found = (f"; found {', '.join(others[:3])}: advcam reads <id>.jpg only (rename a .JPG, convert other "
                      "formats to JPEG)") if others else ""
             raise AdvcamError(f"{list_file}: id {image_id!r} has no image (expected {img_path}){found}")
-        if not msk_path.is_file():
-            raise MissingMask(f"{list_file}: id {image_id!r} has no mask (expected {msk_path})")
+        has_mask, has_xml = msk_path.is_file(), xml_path.is_file()
+        if image_labels == "xml" and not has_xml:
+            raise AdvcamError(f"{list_file}: id {image_id!r} has no annotation (expected {xml_path}; "
+                              "dataset.image_labels is xml)")
+        if not has_mask and (need_mask or not has_xml):
+            why = ("; val images are scored against their masks" if need_mask else
+                   f" and no annotation ({xml_path}) to take its image-level labels from")
+            raise MissingMask(f"{list_file}: id {image_id!r} has no mask (expected {msk_path}){why}")
         h, w = voc.check_image(img_path, full=full)
-        mask = voc.read_mask(msk_path, num_classes)
-        if mask.shape != (h, w):
-            turned = ("; it fits the image turned by 90 degrees: advcam ignores EXIF orientation, so masks must "
-                      "follow the stored pixels") if mask.shape == (w, h) else ""
-            raise AdvcamError(f"{msk_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image {img_path} "
-                              f"is {h}x{w}{turned}")
-        return voc.labels_from_mask(mask)
+        labels: list[int] = []
+        if has_mask:
+            mask = voc.read_mask(msk_path, len(classes))
+            if mask.shape != (h, w):
+                turned = ("; it fits the image turned by 90 degrees: advcam ignores EXIF orientation, so masks "
+                          "must follow the stored pixels") if mask.shape == (w, h) else ""
+                raise AdvcamError(f"{msk_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image {img_path} "
+                                  f"is {h}x{w}{turned}")
+            labels = voc.labels_from_mask(mask)
+        if image_labels == "xml" or not has_mask:
+            return voc.labels_from_xml(xml_path, classes), "xml"
+        return labels, "mask"
     except AdvcamError as exc:
         return exc
 
@@ -95,26 +115,35 @@ def check_layout(root: Path, mask_dir: str, list_names: dict[str, str]) -> dict[
 
 
 def index(root: Path, mask_dir: str, classes: list[str], list_names: dict[str, str],
-          workers: int | None = None) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
+          workers: int | None = None, image_labels: str = "masks",
+          sources: dict[str, str] | None = None) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
     """Read and validate the lists of a VOC-layout ``root``; return ``(lists by role, labels by id)``.
 
+    Image-level labels (``image_labels``): ``masks`` takes them from each image's mask, and from its
+    ``Annotations/<id>.xml`` where it has no mask; ``xml`` from the annotation of every image. Val images
+    must have a mask. ``sources``, if given, receives where each id's labels came from (``mask`` / ``xml``).
+
     Raises AdvcamError for a missing folder or list, unsafe or duplicate ids, an empty list, and (all
-    collected, the first few listed) ids without an image or mask, unreadable images, masks with labels
-    outside 0..C / 255, and masks whose size differs from their image.
+    collected, the first few listed) ids without an image, without a mask or annotation to label them (val:
+    without a mask), unreadable images, masks with labels outside 0..C / 255, masks whose size differs from
+    their image, and annotations that do not parse or name an object outside ``classes``.
     """
     lists = check_layout(root, mask_dir, list_names)
+    if image_labels == "xml" and not (root / voc.ANNOTATION_DIR).is_dir():
+        raise AdvcamError(f"annotation folder not found: {root / voc.ANNOTATION_DIR} (dataset.image_labels is xml)")
     first_list: dict[str, Path] = {}
     full: dict[str, bool] = {}
     for role, ids in lists.items():
         for image_id in ids:
             first_list.setdefault(image_id, voc.list_path(root, list_names[role]))
             full[image_id] = full.get(image_id, False) or role != "train"
+    scored = set(lists.get("val", []))
     ids = list(first_list)
     n_workers = workers or min(8, os.cpu_count() or 1)
     pool = ThreadPoolExecutor(max_workers=n_workers)
     try:
-        results = list(progress(pool.map(lambda i: _check_one(root, mask_dir, len(classes), i, first_list[i],
-                                                                full[i]), ids),
+        results = list(progress(pool.map(lambda i: _check_one(root, mask_dir, classes, i, first_list[i], full[i],
+                                                                i in scored, image_labels), ids),
                                 desc=f"index {root.name}", total=len(ids), unit="img"))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -127,8 +156,10 @@ def index(root: Path, mask_dir: str, classes: list[str], list_names: dict[str, s
                 and any(isinstance(p, MissingMask) for p in problems) else "")
         raise AdvcamError(f"{len(problems)} problem(s) in dataset {root}: "
                           + "; ".join(str(p) for p in problems[:MAX_REPORTED]) + more + hint)
-    labels = {image_id: res for image_id, res in zip(ids, results)}
-    return lists, labels  # type: ignore[return-value]
+    done = cast(list[tuple[list[int], str]], results)
+    if sources is not None:
+        sources.update((image_id, source) for image_id, (_, source) in zip(ids, done))
+    return lists, {image_id: labels for image_id, (labels, _) in zip(ids, done)}
 
 
 def _class_counts(ids: list[str], labels: dict[str, list[int]], classes: list[str]) -> dict[str, int]:
@@ -143,6 +174,7 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
     ds = cfg.dataset
     names = role_list_names(ds)
     meta: dict[str, Any] = {"kind": ds.kind}
+    image_labels = str(ds.get("image_labels", "masks"))
     if ds.kind == "synthetic":
         syn = cfg.synthetic
         if ds.classes is not None and len(ds.classes) != syn.num_classes:
@@ -151,6 +183,10 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
         if ds.mask_dir != "SegmentationClass":
             log.warning("dataset.mask_dir=%s ignored for the synthetic dataset (it writes SegmentationClass)",
                         ds.mask_dir)
+        if image_labels != "masks":
+            log.warning("dataset.image_labels=%s ignored for the synthetic dataset (it writes no annotations; its "
+                        "labels come from its masks)", image_labels)
+            image_labels = "masks"
         n_images = int(syn.num_train_aug) + int(syn.num_val)
         check_free_space(tmp, n_images * int(syn.image_size) ** 2 * SYNTHETIC_BYTES_PER_PIXEL,
                          f"prepare: {n_images} synthetic images")
@@ -164,11 +200,22 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
         root = Path(ds.root).expanduser().absolute()
         root_ref, mask_dir = str(root), _check_mask_dir(ds.mask_dir)
         classes = list(ds.classes) if ds.classes is not None else list(voc.VOC_CLASSES)
-    lists, labels = index(root, mask_dir, classes, names)
+    sources: dict[str, str] = {}
+    lists, labels = index(root, mask_dir, classes, names, image_labels=image_labels, sources=sources)
+    source_of = (lambda i: voc.annotation_path(root, i) if sources[i] == "xml"  # noqa: E731
+                 else voc.mask_path(root, mask_dir, i))
     if not ds.get("allow_background_only", False):
-        _check_foreground(lists, labels, voc.list_path(root, names["train"]),
-                          lambda i: voc.mask_path(root, mask_dir, i))
+        _check_foreground(lists, labels, voc.list_path(root, names["train"]), source_of)
+    from_xml = sum(1 for v in sources.values() if v == "xml")
+    if from_xml:
+        log.info("image-level labels: %d image(s) from their masks, %d from %s/<id>.xml", len(sources) - from_xml,
+                 from_xml, voc.ANNOTATION_DIR)
+    if not any(voc.mask_path(root, mask_dir, i).is_file() for i in lists["infer"]):
+        log.warning("infer: none of the %d images of %s.txt has a mask in %s: seeds and pseudo labels will be made "
+                    "but not scored", len(lists["infer"]), names["infer"], mask_dir)
     meta.update({"root": root_ref, "mask_dir": mask_dir, "classes": classes, "lists": names,
+                 "image_labels": image_labels,
+                 "label_sources": {src: sum(1 for v in sources.values() if v == src) for src in ("mask", "xml")},
                  "counts": {role: len(ids) for role, ids in lists.items()},
                  "class_counts": {role: _class_counts(ids, labels, classes) for role, ids in lists.items()}})
     for role in ("train", "seg"):  # the classic leak: SBD's train_aug holds VOC val images unless they are removed
@@ -188,8 +235,8 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
         log.info("%s: %d images from %s.txt; images per class: %s", role, len(lists[role]), names[role],
                  ", ".join(f"{k} {v}" for k, v in meta["class_counts"][role].items()))
         if empty:
-            log.warning("%s: %d image(s) have no foreground class in their mask, e.g. %s", role, len(empty),
-                        ", ".join(empty[:3]))
+            log.warning("%s: %d image(s) have no foreground class in their labels, e.g. %s", role, len(empty),
+                        ", ".join(f"{i} ({source_of(i).parent.name})" for i in empty[:3]))
     write_json(tmp / "labels.json", labels)
     write_json(tmp / "dataset.json", meta)
     return meta
