@@ -641,6 +641,7 @@ def test_params_check_refuses_what_a_stage_would_fail_on(work, tmp_path):
         ((f"dataset.root={tmp_path / 'nowhere'}",), None, ["dataset folder not found", "nowhere"]),
         (("dataset.val_list=vall",), None, ["list file not found", "vall.txt", "lists there"]),
         (("dataset.mask_dir=SegmentationClassAug",), None, ["mask folder (dataset.mask_dir) not found"]),
+        (("dataset.image_labels=xml",), None, ["annotation folder not found", "Annotations", "image_labels is xml"]),
         ((f"classifier.pretrained={tmp_path / 'missing.pth'}",), None,
          ["classifier.pretrained: pretrained weights not found", "missing.pth"]),
         ((f"segmentation.pretrained={weights}", "segmentation.arch=deeplab_resnet50"), None,

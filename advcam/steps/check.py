@@ -52,7 +52,8 @@ def dataset_lists(cfg: Any) -> dict[str, list[str]]:
     ds = cfg.dataset
     names = role_list_names(ds)
     if ds.kind == "voc":
-        return check_layout(Path(ds.root).expanduser().absolute(), ds.mask_dir, names)
+        return check_layout(Path(ds.root).expanduser().absolute(), ds.mask_dir, names,
+                            str(ds.get("image_labels", "masks")))
     generated = synthetic.list_ids(cfg.synthetic.to_dict())
     for role, name in names.items():
         if name not in generated:

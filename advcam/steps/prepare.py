@@ -103,14 +103,18 @@ def _check_one(root: Path, mask_dir: str, classes: list[str], image_id: str, lis
         return exc
 
 
-def check_layout(root: Path, mask_dir: str, list_names: dict[str, str]) -> dict[str, list[str]]:
-    """The lists (ids by role) of a VOC-layout ``root`` whose image and mask folders exist; raises AdvcamError
-    naming a missing folder or list file, an unsafe or duplicate id, or an empty list."""
+def check_layout(root: Path, mask_dir: str, list_names: dict[str, str],
+                 image_labels: str = "masks") -> dict[str, list[str]]:
+    """The lists (ids by role) of a VOC-layout ``root`` whose image and mask folders (and, for ``image_labels``
+    xml, annotation folder) exist; raises AdvcamError naming a missing folder or list file, an unsafe or
+    duplicate id, or an empty list."""
     if not root.is_dir():
         raise AdvcamError(f"dataset folder not found: {root} (dataset.root)")
     for sub, key in ((voc.IMAGE_DIR, "image folder"), (_check_mask_dir(mask_dir), "mask folder (dataset.mask_dir)")):
         if not (root / sub).is_dir():
             raise AdvcamError(f"{key} not found: {root / sub}")
+    if image_labels == "xml" and not (root / voc.ANNOTATION_DIR).is_dir():
+        raise AdvcamError(f"annotation folder not found: {root / voc.ANNOTATION_DIR} (dataset.image_labels is xml)")
     return {role: voc.read_list(root, name) for role, name in list_names.items()}
 
 
@@ -128,9 +132,7 @@ def index(root: Path, mask_dir: str, classes: list[str], list_names: dict[str, s
     without a mask), unreadable images, masks with labels outside 0..C / 255, masks whose size differs from
     their image, and annotations that do not parse or name an object outside ``classes``.
     """
-    lists = check_layout(root, mask_dir, list_names)
-    if image_labels == "xml" and not (root / voc.ANNOTATION_DIR).is_dir():
-        raise AdvcamError(f"annotation folder not found: {root / voc.ANNOTATION_DIR} (dataset.image_labels is xml)")
+    lists = check_layout(root, mask_dir, list_names, image_labels)
     first_list: dict[str, Path] = {}
     full: dict[str, bool] = {}
     for role, ids in lists.items():
