@@ -276,7 +276,7 @@ def test_a_class_without_training_images_is_named(tmp_path, caplog):
     assert "unicorn" not in caplog.text
 
 
-def test_images_labelled_only_by_annotations_run_through_the_stages(tmp_path):
+def test_images_labelled_only_by_annotations_run_through_the_stages(tmp_path, capsys):
     """Half of the classifier's and the segmenter's images have no mask, only VOC annotations: every stage runs,
     CAMs and pseudo labels are made for all of them, and the seeds and pseudo labels are scored on the images
     that have a mask."""
@@ -303,3 +303,9 @@ def test_images_labelled_only_by_annotations_run_through_the_stages(tmp_path):
     assert seeds["num_images"] == 6 and seeds["num_images_scored"] == 3
     assert json.loads((tmp_path / "pseudo.json").read_text())["num_images_scored"] == 3
     assert (tmp_path / "seg.pt").is_file()
+    # semi-supervised: gt_fraction draws from the images that have a mask (half of them here: all of those)
+    seg = [*map(str, steps[-1][1:5]), "--out", str(tmp_path / "semi.pt"), "--curves", str(tmp_path / "semi.csv")]
+    assert cli_main(["train-seg", *common, "--set", "segmentation.gt_fraction=0.5", *seg]) == 0
+    capsys.readouterr()
+    assert cli_main(["train-seg", *common, "--set", "segmentation.gt_fraction=1.0", *seg]) == 2
+    assert "asks for the masks of 6 images of train.txt (dataset.seg_list), but only 3 of its 6" in capsys.readouterr().err

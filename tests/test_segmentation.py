@@ -421,6 +421,20 @@ def test_select_gt_ids_is_deterministic_and_validated():
         select_gt_ids(ids, ["nope"], list_name="train_aug")
 
 
+
+def test_gt_fraction_draws_from_the_images_with_a_mask():
+    """Images labelled by their annotations have no mask: the draw takes only images with one, and it is the
+    same draw as before when every image has one."""
+    ids = [f"x{i}" for i in range(20)]
+    assert select_gt_ids(ids, gt_fraction=0.2, seed=3, has_mask=lambda i: True) == select_gt_ids(ids, [], 0.2, 3)
+    odd = lambda i: int(i[1:]) % 2 == 1  # noqa: E731
+    drawn = select_gt_ids(ids, gt_fraction=0.25, seed=3, has_mask=odd)
+    assert len(drawn) == 5 and all(odd(i) for i in drawn)
+    assert select_gt_ids(ids, gt_fraction=0.5, seed=0, has_mask=odd) == [i for i in ids if odd(i)]
+    with pytest.raises(AdvcamError, match=r"asks for the masks of 11 images of seg.txt .* only 10 of its 20"):
+        select_gt_ids(ids, gt_fraction=0.55, has_mask=odd)
+
+
 def test_gt_ids_read_ground_truth_and_the_rest_pseudo_labels(tmp_path: Path):
     info = BlockInfo(tmp_path / "data", n=3)
     pseudo = tmp_path / "pseudo"

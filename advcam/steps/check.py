@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from advcam import config
-from advcam.data import role_list_names, synthetic
+from advcam.data import role_list_names, synthetic, voc
 from advcam.models import resnet
 from advcam.models.classifier import build_classifier
 from advcam.models.deeplab import build_segmenter
@@ -65,9 +65,13 @@ def dataset_lists(cfg: Any) -> dict[str, list[str]]:
 
 def gt_ids_fit(cfg: Any, lists: dict[str, list[str]]) -> None:
     """``segmentation.gt_ids`` name images of the segmenter's training list; ``gt_fraction`` is in [0, 1]."""
-    seg = cfg.segmentation
+    seg, ds = cfg.segmentation, cfg.dataset
+    has_mask = None  # the synthetic dataset has every mask
+    if ds.kind == "voc":
+        root = Path(ds.root).expanduser().absolute()
+        has_mask = lambda i: voc.mask_path(root, ds.mask_dir, i).is_file()  # noqa: E731
     select_gt_ids(lists["seg"], seg.get("gt_ids", []), float(seg.get("gt_fraction", 0.0)), int(cfg.seed),
-                  role_list_names(cfg.dataset)["seg"])
+                  role_list_names(cfg.dataset)["seg"], has_mask)
 
 
 def weights_fit(build: Callable[..., torch.nn.Module], arch: str, path: str, key: str) -> None:

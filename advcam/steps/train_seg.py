@@ -41,7 +41,8 @@ def run(cfg: Config, data: Path, pseudo: Path, out: Path, curves: Path) -> None:
     ids = info.lists["seg"]
     source = (info.meta.get("lists") or {}).get("seg") or "seg"
     s = cfg.segmentation
-    gt_ids = select_gt_ids(ids, s.get("gt_ids", []), float(s.get("gt_fraction", 0.0)), cfg.seed, source)
+    gt_ids = select_gt_ids(ids, s.get("gt_ids", []), float(s.get("gt_fraction", 0.0)), cfg.seed, source,
+                           lambda i: Path(info.mask_path(i)).is_file())
     gt_set = set(gt_ids)
     pseudo_ids = [i for i in ids if i not in gt_set]
     check_gt_masks(info, gt_ids)

@@ -87,12 +87,14 @@ def pseudo_label_reader(info: DatasetInfo, pseudo: Path) -> Callable[[str], np.n
 
 
 def select_gt_ids(ids: Sequence[str], gt_ids: Iterable[str] = (), gt_fraction: float = 0.0,
-                  seed: int = 0, list_name: str = "seg") -> list[str]:
+                  seed: int = 0, list_name: str = "seg", has_mask: Callable[[str], bool] | None = None) -> list[str]:
     """The images trained on ground truth: ``gt_ids`` plus ``round(gt_fraction * len(ids))`` ids drawn
     without replacement from ``ids`` by ``seed`` (the draw ignores ``gt_ids``, so the two may overlap).
 
-    The draw is a permutation of the sorted ids, so it does not depend on list order. Returned in the order
-    of ``ids``. AdvcamError naming the id and ``list_name`` when ``gt_ids`` names an image outside ``ids``.
+    The draw is a permutation of the sorted ids, so it does not depend on list order; with ``has_mask`` it
+    draws from the ids that have a mask only (images labelled by their annotations have none), which is the
+    same draw when all have one. Returned in the order of ``ids``. AdvcamError naming the id and ``list_name``
+    when ``gt_ids`` names an image outside ``ids``, and when fewer images than the draw needs have a mask.
     """
     known = set(ids)
     chosen = set()
@@ -105,7 +107,11 @@ def select_gt_ids(ids: Sequence[str], gt_ids: Iterable[str] = (), gt_fraction: f
         raise AdvcamError(f"segmentation.gt_fraction must be in [0, 1], got {gt_fraction}")
     n = int(round(gt_fraction * len(ids)))
     if n:
-        pool = sorted(known)
+        pool = sorted(i for i in known if has_mask is None or has_mask(i))
+        if len(pool) < n:
+            raise AdvcamError(f"segmentation.gt_fraction {gt_fraction} asks for the masks of {n} images of "
+                              f"{list_name}.txt (dataset.seg_list), but only {len(pool)} of its {len(ids)} images "
+                              "have one")
         order = np.random.default_rng(int(seed)).permutation(len(pool))
         chosen.update(pool[i] for i in order[:n])
     return [i for i in ids if i in chosen]
