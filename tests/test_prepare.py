@@ -14,6 +14,7 @@ from advcam import config
 from advcam.cli import main as cli_main
 from advcam.data import load_info, voc
 from advcam.steps import prepare
+from advcam.steps.info import dataset_summary
 from advcam.utils.errors import AdvcamError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -98,6 +99,8 @@ def test_images_without_masks_take_their_labels_from_voc_annotations(tmp_path, c
     meta = json.loads((tmp_path / "prep" / "dataset.json").read_text())
     assert meta["image_labels"] == "masks" and meta["label_sources"] == {"mask": 6, "xml": 3}
     assert "3 from Annotations/<id>.xml" in caplog.text
+    assert ("image-level labels: 6 from masks, 3 from Annotations/<id>.xml (dataset.image_labels: masks)"
+            in dataset_summary(tmp_path / "prep"))
 
 
 def test_image_labels_xml_reads_every_annotation(tmp_path):

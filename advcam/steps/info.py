@@ -56,7 +56,7 @@ def extension_summary() -> list[str]:
 
 
 def dataset_summary(data: Path) -> list[str]:
-    """Kind, root, classes and list sizes of a prepared dataset folder (or why there is none)."""
+    """Kind, root, classes, list sizes and label sources of a prepared dataset folder (or why there is none)."""
     if not (Path(data) / "dataset.json").is_file():
         return [f"dataset: {data} is not prepared yet (run `advcam prepare` or `snakemake`)"]
     from advcam.data import load_info
@@ -72,6 +72,10 @@ def dataset_summary(data: Path) -> list[str]:
             if 0 <= int(c) < info.num_classes:
                 counts[int(c)] += 1
     lines.append("images per class: " + ", ".join(f"{n} {c}" for n, c in zip(info.classes, counts)))
+    sources = info.meta.get("label_sources")
+    if isinstance(sources, dict):  # folders prepared before 2026-12-03 do not record it
+        lines.append(f"image-level labels: {sources.get('mask', 0)} from masks, {sources.get('xml', 0)} from "
+                     f"Annotations/<id>.xml (dataset.image_labels: {info.meta.get('image_labels', 'masks')})")
     return lines
 
 
