@@ -427,3 +427,39 @@ def test_compute_maps_names_class_ids_out_of_range_and_takes_the_models_dtype(mo
             compute_maps(model64, image64, [1, 7], {"method": method, "scales": [1.0]})
     maps = compute_maps(model64, image64.float(), [1], {"method": "cam", "scales": [1.0]})  # float32 image
     assert maps["cam"].shape[0] == 1
+
+
+def test_each_scale_is_announced_as_its_climb_starts(model64):
+    """cams shows the scale being climbed (minutes each on a CPU at VOC's sizes): compute_maps_images calls
+    on_scale before each scale's climb, for one image too, and not for plain CAM, which has no climb."""
+    from advcam.attribution.cam import compute_maps_images
+
+    torch.manual_seed(2)
+    images = [torch.randn(3, 27, 33, dtype=torch.float64)]
+    calls: list[tuple[float, int, int]] = []
+    cfg = {"method": "advcam", "scales": [1.0, 0.5, 1.5], "flip": False, "advcam": {"steps": 2}}
+    compute_maps_images(model64, images, [[1]], cfg, on_scale=lambda *a: calls.append(a))
+    assert calls == [(1.0, 0, 3), (0.5, 1, 3), (1.5, 2, 3)]
+    calls.clear()
+    compute_maps_images(model64, images, [[1]], {**cfg, "method": "cam"}, on_scale=lambda *a: calls.append(a))
+    assert calls == []
+
+
+def test_a_note_on_a_bar_shows_once_its_interval_has_passed():
+    import io
+
+    from tqdm import tqdm
+
+    from advcam.utils.progress import note
+
+    out = io.StringIO()
+    bar = tqdm(total=2, desc="cams", file=out, mininterval=0)
+    note(bar, "scale 1.5 (3/4)")
+    assert "scale 1.5 (3/4)" in out.getvalue()
+    slow = io.StringIO()
+    bar = tqdm(total=2, desc="cams", file=slow, mininterval=3600)  # a log file's bar, just printed
+    note(bar, "scale 2 (4/4)")
+    assert "scale 2" not in slow.getvalue()
+    bar.update(1)  # shown with the next line the bar prints
+    bar.close()
+    assert "scale 2 (4/4)" in slow.getvalue()

@@ -29,7 +29,7 @@ normalisation), ``cumulative_mask`` (``M_t = M_{t-1} OR 1(A/max A > tau)``), ``s
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -304,17 +304,20 @@ def advcam_maps(model: nn.Module, image: torch.Tensor, classes: Sequence[int], c
 
 
 def advcam_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequence[Sequence[int]],
-                       cfg_cam: Any, image_ids: Sequence[str] | None = None,
-                       callback: Any = None) -> list[list[torch.Tensor]]:
+                       cfg_cam: Any, image_ids: Sequence[str] | None = None, callback: Any = None,
+                       on_scale: Callable[[float, int, int], None] | None = None) -> list[list[torch.Tensor]]:
     """:func:`advcam_maps` for several images of one size, climbed together (:func:`climb_images`): per image,
-    its per-scale maps."""
+    its per-scale maps. ``on_scale(scale, index, count)`` is called as each scale's climb starts (progress: a
+    500 x 375 image takes minutes per scale on a CPU)."""
     p = advcam_params(param(cfg_cam, "advcam", None))
     scales = [float(s) for s in param(cfg_cam, "scales", [1.0, 0.5, 1.5, 2.0])]
     flip = bool(param(cfg_cam, "flip", True))
     how = str(param(cfg_cam, "image_resize", "bicubic"))
     out: list[list[torch.Tensor]] = [[] for _ in images]
     chunks = climb_chunks(classes, int(p["max_classes_per_climb"]))
-    for s in scales:
+    for index, s in enumerate(scales):
+        if on_scale is not None:
+            on_scale(s, index, len(scales))
         resized = [resize_image(im, s, how) for im in images]
         parts: list[list[torch.Tensor]] = [[] for _ in images]
         for chunk in chunks:  # one chunk, all classes, unless max_classes_per_climb splits them

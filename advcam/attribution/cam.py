@@ -224,10 +224,12 @@ def compute_maps(model: nn.Module, image: torch.Tensor, classes: Sequence[int], 
 
 
 def compute_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classes: Sequence[Sequence[int]],
-                        cfg_cam: Any) -> list[dict[str, np.ndarray]]:
+                        cfg_cam: Any, on_scale: Callable[[float, int, int], None] | None = None
+                        ) -> list[dict[str, np.ndarray]]:
     """:func:`compute_maps` for several images. AdvCAM climbs those of one size together
     (:func:`advcam.attribution.advcam.advcam_maps_images`; the maps are those of one image at a time up to float
-    rounding); the other methods take them one by one."""
+    rounding), calling ``on_scale(scale, index, count)`` as each scale starts; the other methods take them one
+    by one."""
     if isinstance(cfg_cam, Mapping) and not isinstance(cfg_cam, config.Config):  # a plain dict: defaults filled in
         cfg_cam = config.Config(config.validate({"cam": dict(cfg_cam)}, "cfg_cam")["cam"])
     method = str(cfg_cam.method)
@@ -249,11 +251,11 @@ def compute_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classe
     todo = [k for k, key in enumerate(keys) if key.size]
     maps: dict[int, list[torch.Tensor]] = {}
     with evaluating(model):  # the maps of the network in eval mode; a model in training gets its modes back
-        if method == "advcam" and len(todo) > 1 and len({tuple(images[k].shape) for k in todo}) == 1:
+        if method == "advcam" and todo and len({tuple(images[k].shape) for k in todo}) == 1:
             from advcam.attribution.advcam import advcam_maps_images
 
             climbed = advcam_maps_images(model, [images[k] for k in todo], [keys[k].tolist() for k in todo],
-                                         cfg_cam)
+                                         cfg_cam, on_scale=on_scale)
             maps = dict(zip(todo, climbed))
         else:
             maps = {k: METHODS[method](model, images[k], keys[k].tolist(), cfg_cam) for k in todo}

@@ -43,7 +43,7 @@ from advcam.utils.device import native_bf16, resolve_device
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import (check_free_space, clean_stale_temps, code_digest, files_digest, sole_writer, write_json,
                              write_text)
-from advcam.utils.progress import log, progress
+from advcam.utils.progress import log, note, progress
 
 
 REFERENCE_RANGE = (0.15, 0.34)  # the papers report the best seed threshold within this range on VOC
@@ -112,16 +112,19 @@ def compute_ids(cfg: Any, info: Any, ids: Sequence[str], model_path: Path, out: 
         groups[-1].append(image_id)
         group_size = size
     with progress(None, desc=f"cams ({cfg.cam.method}){desc}", total=len(ids), unit="img") as bar:
+        # AdvCAM's scales take minutes each on a CPU at VOC's sizes: the bar names the scale being climbed
+        on_scale = lambda s, k, n: note(bar, f"scale {s:g} ({k + 1}/{n})")  # noqa: E731
         for group in groups:
-            _compute_group(model, cfg, info, group, model_path, out)
+            _compute_group(model, cfg, info, group, model_path, out, on_scale)
             bar.update(len(group))  # counted once its files are written
 
 
-def _compute_group(model: Any, cfg: Any, info: Any, group: list[str], model_path: Path, out: Path) -> None:
+def _compute_group(model: Any, cfg: Any, info: Any, group: list[str], model_path: Path, out: Path,
+                   on_scale: Any = None) -> None:
     """The CAM files of ``group`` (images of one size), computed together."""
     images = [normalize(info.read_image(image_id)) for image_id in group]
     try:
-        maps = compute_maps_images(model, images, [image_classes(info, i) for i in group], cfg.cam)
+        maps = compute_maps_images(model, images, [image_classes(info, i) for i in group], cfg.cam, on_scale)
     except AdvcamError as err:
         raise AdvcamError(f"image{'s' if len(group) > 1 else ''} {', '.join(group)}: {err}") from err
     for image_id, m in zip(group, maps):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Iterable, TypeVar
+import time
+from typing import Any, Iterable, TypeVar
 
 from tqdm import tqdm
 
@@ -23,6 +24,15 @@ def progress(iterable: Iterable[T] | None, desc: str, total: int | None = None, 
     interval = 0.5 if sys.stderr.isatty() else 10.0
     return (tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, disable=disable,
                  dynamic_ncols=True, mininterval=interval))
+
+
+def note(bar: "tqdm[Any]", text: str) -> None:
+    """Show ``text`` after the bar's counts (its postfix) now, within the bar's refresh interval: for work inside
+    one long step (an AdvCAM scale on a CPU), which no ``update`` would show until the step ends. A log file
+    still gets at most one line per interval."""
+    bar.set_postfix_str(text, refresh=False)
+    if not bar.disable and time.time() - bar.last_print_t >= bar.mininterval:
+        bar.refresh()
 
 
 def launch_rank() -> int:
