@@ -124,12 +124,31 @@ def test_image_labels_xml_reads_every_annotation(tmp_path):
         prepare.run(voc_cfg(bare, "dataset.image_labels=xml"), tmp_path / "none")
 
 
-def test_image_labels_xml_is_ignored_for_the_synthetic_dataset(tmp_path, caplog):
+def test_image_labels_and_suffix_are_ignored_for_the_synthetic_dataset(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="advcam"):
-        info = prepare.run(config.load(None, [*SYN, "dataset.image_labels=xml"]), tmp_path / "syn")
+        info = prepare.run(config.load(None, [*SYN, "dataset.image_labels=xml", "dataset.image_suffix=.png"]),
+                           tmp_path / "syn")
     assert "dataset.image_labels=xml ignored for the synthetic dataset" in caplog.text
+    assert "dataset.image_suffix=.png ignored for the synthetic dataset" in caplog.text
+    assert info.image_path(info.lists["val"][0]).suffix == ".jpg"
     assert json.loads((tmp_path / "syn" / "dataset.json").read_text())["label_sources"] == {"mask": 13, "xml": 0}  # train_aug (10, holding train) + val (3)
     assert all(info.labels[i] == voc.labels_from_mask(info.read_mask(i)) for i in info.lists["val"])
+
+
+def test_png_images_are_read_with_their_suffix_and_without_loss(tmp_path):
+    """A dataset of PNG images (dataset.image_suffix: .png) is read as it is, pixel for pixel, instead of being
+    converted to lossy JPEG first; with VOC's .jpg the error names the suffix found and the param."""
+    root = make_voc_fixture(tmp_path / "VOC", n_train=3, n_val=2, image_suffix=".png")
+    info = prepare.run(voc_cfg(root, "dataset.image_suffix=.png"), tmp_path / "prep")
+    for i in info.lists["train"] + info.lists["val"]:
+        assert info.image_path(i) == root / "JPEGImages" / f"{i}.png"
+        assert np.array_equal(info.read_image(i), np.asarray(Image.open(root / "JPEGImages" / f"{i}.png")))
+    assert json.loads((tmp_path / "prep" / "dataset.json").read_text())["image_suffix"] == ".png"
+    first = info.lists["train"][0]
+    with pytest.raises(AdvcamError, match=f"found {first}.png: dataset.image_suffix is '.jpg', set it to"):
+        prepare.run(voc_cfg(root), tmp_path / "bad")
+    with pytest.raises(config.ConfigError, match="dataset.image_suffix"):
+        voc_cfg(root, "dataset.image_suffix=png")  # the dot is part of the suffix
 
 
 def test_list_files_in_the_deeplab_two_column_form(tmp_path):
@@ -164,7 +183,8 @@ def _break(case: str, root: Path) -> str:
     if case == "upper-case extension":
         path = root / "JPEGImages" / f"{first}.jpg"
         path.rename(path.with_name(f"{first}.JPG"))
-        return f"id '{first}' has no image \\(expected .*{first}.jpg\\); found {first}.JPG: advcam reads <id>.jpg only"
+        return (f"id '{first}' has no image \\(expected .*{first}.jpg\\); found {first}.JPG: dataset.image_suffix is "
+                "'.jpg', set it to the images' suffix")
     if case == "unreadable image":
         path = root / "JPEGImages" / f"{first}.jpg"
         path.write_bytes(path.read_bytes()[:300])
@@ -279,18 +299,20 @@ def test_a_class_without_training_images_is_named(tmp_path, caplog):
     assert "unicorn" not in caplog.text
 
 
-def test_images_labelled_only_by_annotations_run_through_the_stages(tmp_path, capsys):
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_images_labelled_only_by_annotations_run_through_the_stages(tmp_path, capsys, suffix):
     """Half of the classifier's and the segmenter's images have no mask, only VOC annotations: every stage runs,
     CAMs and pseudo labels are made for all of them, and the seeds and pseudo labels are scored on the images
-    that have a mask."""
-    root = make_voc_fixture(tmp_path / "VOC", n_train=6, n_val=2, annotations=True, mask_free=3)
+    that have a mask. The same with PNG images (dataset.image_suffix)."""
+    root = make_voc_fixture(tmp_path / "VOC", n_train=6, n_val=2, annotations=True, mask_free=3,
+                            image_suffix=suffix)
     free = (root / "ImageSets/Segmentation/train.txt").read_text().split()[:3]
     data, cams, pseudo = tmp_path / "data", tmp_path / "cams", tmp_path / "pseudo"
     sets = ["device=cpu", "dataset.kind=voc", f"dataset.root={root}", "dataset.train_list=train",
             f"dataset.classes={list(DEFAULT_CLASSES)}", "cam.method=cam", "cam.scales=[1.0]",
             "classifier.arch=resnet_small", "classifier.epochs=1", "classifier.batch_size=2",
             "classifier.crop_size=32", "segmentation.arch=deeplab_small", "segmentation.epochs=1",
-            "segmentation.batch_size=2", "segmentation.crop_size=32"]
+            "segmentation.batch_size=2", "segmentation.crop_size=32", f"dataset.image_suffix={suffix}"]
     common = ["--params-json", "{}", *[a for s in sets for a in ("--set", s)]]
     steps = [["prepare", "--out", data],
              ["train-cls", "--data", data, "--out", tmp_path / "cls.pt", "--curves", tmp_path / "cls.csv"],

@@ -2,7 +2,7 @@
 
 ``make_voc_fixture(root)`` writes, deterministically::
 
-    root/JPEGImages/<id>.jpg                  RGB JPEGs, size (H, W) = ``size``
+    root/JPEGImages/<id>.jpg                  RGB JPEGs, size (H, W) = ``size`` (image_suffix=".png": PNGs)
     root/SegmentationClass/<id>.png           palette PNGs (VOC colour map): 0 bg, 1..C, 255 object borders
     root/ImageSets/Segmentation/train.txt     ``n_train`` ids
     root/ImageSets/Segmentation/val.txt       ``n_val`` ids
@@ -119,7 +119,7 @@ def _objects(lab: np.ndarray, classes: Sequence[str]) -> list[tuple[str, tuple[i
 def make_voc_fixture(root: Path, n_train: int = 4, n_val: int = 3,
                      classes: Sequence[str] = DEFAULT_CLASSES, size: int | tuple[int, int] = (40, 48), *,
                      aug: bool = False, n_extra_aug: int = 2, seed: int = 0, annotations: bool = False,
-                     mask_free: int = 0) -> Path:
+                     mask_free: int = 0, image_suffix: str = ".jpg") -> Path:
     """Write a small VOC-layout folder at ``root`` and return ``root``.
 
     ``size`` is an int (square) or ``(H, W)``. ``aug=True`` adds SBD's ``SegmentationClassAug/`` (index
@@ -127,7 +127,7 @@ def make_voc_fixture(root: Path, n_train: int = 4, n_val: int = 3,
     extra ids, sorted). Images are non-square by default to catch H/W mix-ups. ``annotations=True`` writes
     VOC's ``Annotations/<id>.xml`` for every image; ``mask_free=k`` leaves the first ``k`` train ids without a
     mask in any mask folder (they keep their annotation, which ``mask_free`` needs), and saves those masks in
-    ``HiddenMasks/`` for tests to compare with.
+    ``HiddenMasks/`` for tests to compare with. ``image_suffix`` ``.png`` writes the images as PNGs (lossless).
     """
     if mask_free and not annotations:
         raise ValueError("mask_free images need annotations=True (nothing else would label them)")
@@ -144,7 +144,8 @@ def make_voc_fixture(root: Path, n_train: int = 4, n_val: int = 3,
     hidden = set(train[:mask_free])
     for i in train + val + extra:
         img, lab = _draw(rng, len(classes), h, w)
-        Image.fromarray(img).save(root / "JPEGImages" / f"{i}.jpg", quality=95)
+        Image.fromarray(img).save(root / "JPEGImages" / f"{i}{image_suffix}", **({"quality": 95} if image_suffix
+                                                                                  == ".jpg" else {}))
         if annotations:
             write_annotation(root, i, _objects(lab, classes), (h, w))
         if i in hidden:

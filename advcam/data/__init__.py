@@ -64,8 +64,13 @@ class DatasetInfo:
         """C, the number of foreground classes (labels 1..C in masks)."""
         return len(self.classes)
 
+    @property
+    def image_suffix(self) -> str:
+        """The images' file suffix (``dataset.image_suffix``; folders prepared before it: VOC's ``.jpg``)."""
+        return str(self.meta.get("image_suffix", voc.IMAGE_SUFFIX))
+
     def image_path(self, image_id: str) -> Path:
-        return voc.image_path(self.root, voc.check_id(image_id, "image id"))
+        return voc.image_path(self.root, voc.check_id(image_id, "image id"), self.image_suffix)
 
     def mask_path(self, image_id: str) -> Path:
         return voc.mask_path(self.root, self.mask_dir, voc.check_id(image_id, "image id"))

@@ -1,6 +1,6 @@
 """VOC-layout folders: lists, image and mask reading with validation, the VOC colour map.
 
-A VOC-layout root holds ``JPEGImages/<id>.jpg``, ``<mask_dir>/<id>.png`` (``SegmentationClass`` or SBD's
+A VOC-layout root holds ``JPEGImages/<id>.jpg`` (or another ``dataset.image_suffix``), ``<mask_dir>/<id>.png`` (``SegmentationClass`` or SBD's
 ``SegmentationClassAug``) and ``ImageSets/Segmentation/<list>.txt`` (one id per line), and may hold VOC's
 ``Annotations/<id>.xml``, from which :func:`labels_from_xml` reads image-level labels (the objects' names).
 
@@ -125,8 +125,11 @@ def parse_list_file(path: Path, first_field: bool = False, hint: str = "") -> li
     return ids
 
 
-def image_path(root: Path, image_id: str) -> Path:
-    return Path(root) / IMAGE_DIR / f"{image_id}.jpg"
+IMAGE_SUFFIX = ".jpg"  # VOC's; dataset.image_suffix names another (e.g. .png: no lossy conversion to JPEG)
+
+
+def image_path(root: Path, image_id: str, suffix: str = IMAGE_SUFFIX) -> Path:
+    return Path(root) / IMAGE_DIR / f"{image_id}{suffix}"
 
 
 def mask_path(root: Path, mask_dir: str, image_id: str) -> Path:

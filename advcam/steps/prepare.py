@@ -67,16 +67,17 @@ class MissingMask(AdvcamError):
 
 
 def _check_one(root: Path, mask_dir: str, classes: list[str], image_id: str, list_file: Path, full: bool,
-               need_mask: bool, image_labels: str) -> tuple[list[int], str] | AdvcamError:
+               need_mask: bool, image_labels: str, suffix: str = voc.IMAGE_SUFFIX
+               ) -> tuple[list[int], str] | AdvcamError:
     """Labels of one image and where they came from (``mask`` or ``xml``), or the problem with it (returned,
     not raised, so all problems are collected). ``need_mask``: the image is scored against its mask (val)."""
-    img_path, msk_path = voc.image_path(root, image_id), voc.mask_path(root, mask_dir, image_id)
+    img_path, msk_path = voc.image_path(root, image_id, suffix), voc.mask_path(root, mask_dir, image_id)
     xml_path = voc.annotation_path(root, image_id)
     try:
         if not img_path.is_file():
             others = sorted(p.name for p in img_path.parent.glob(glob.escape(image_id) + ".*") if p.is_file())
-            found = (f"; found {', '.join(others[:3])}: advcam reads <id>.jpg only (rename a .JPG, convert other "
-                     "formats to JPEG)") if others else ""
+            found = (f"; found {', '.join(others[:3])}: dataset.image_suffix is {suffix!r}, set it to the images' "
+                     "suffix (one for all images)") if others else ""
             raise AdvcamError(f"{list_file}: id {image_id!r} has no image (expected {img_path}){found}")
         has_mask, has_xml = msk_path.is_file(), xml_path.is_file()
         if image_labels == "xml" and not has_xml:
@@ -119,8 +120,8 @@ def check_layout(root: Path, mask_dir: str, list_names: dict[str, str],
 
 
 def index(root: Path, mask_dir: str, classes: list[str], list_names: dict[str, str],
-          workers: int | None = None, image_labels: str = "masks",
-          sources: dict[str, str] | None = None) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
+          workers: int | None = None, image_labels: str = "masks", sources: dict[str, str] | None = None,
+          suffix: str = voc.IMAGE_SUFFIX) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
     """Read and validate the lists of a VOC-layout ``root``; return ``(lists by role, labels by id)``.
 
     Image-level labels (``image_labels``): ``masks`` takes them from each image's mask, and from its
@@ -145,7 +146,7 @@ def index(root: Path, mask_dir: str, classes: list[str], list_names: dict[str, s
     pool = ThreadPoolExecutor(max_workers=n_workers)
     try:
         results = list(progress(pool.map(lambda i: _check_one(root, mask_dir, classes, i, first_list[i], full[i],
-                                                                i in scored, image_labels), ids),
+                                                                i in scored, image_labels, suffix), ids),
                                 desc=f"index {root.name}", total=len(ids), unit="img"))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -177,6 +178,7 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
     names = role_list_names(ds)
     meta: dict[str, Any] = {"kind": ds.kind}
     image_labels = str(ds.get("image_labels", "masks"))
+    suffix = str(ds.get("image_suffix", voc.IMAGE_SUFFIX))
     if ds.kind == "synthetic":
         syn = cfg.synthetic
         if ds.classes is not None and len(ds.classes) != syn.num_classes:
@@ -189,6 +191,10 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
             log.warning("dataset.image_labels=%s ignored for the synthetic dataset (it writes no annotations; its "
                         "labels come from its masks)", image_labels)
             image_labels = "masks"
+        if suffix != voc.IMAGE_SUFFIX:
+            log.warning("dataset.image_suffix=%s ignored for the synthetic dataset (it writes %s images)", suffix,
+                        voc.IMAGE_SUFFIX)
+            suffix = voc.IMAGE_SUFFIX
         n_images = int(syn.num_train_aug) + int(syn.num_val)
         check_free_space(tmp, n_images * int(syn.image_size) ** 2 * SYNTHETIC_BYTES_PER_PIXEL,
                          f"prepare: {n_images} synthetic images")
@@ -203,7 +209,8 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
         root_ref, mask_dir = str(root), _check_mask_dir(ds.mask_dir)
         classes = list(ds.classes) if ds.classes is not None else list(voc.VOC_CLASSES)
     sources: dict[str, str] = {}
-    lists, labels = index(root, mask_dir, classes, names, image_labels=image_labels, sources=sources)
+    lists, labels = index(root, mask_dir, classes, names, image_labels=image_labels, sources=sources,
+                          suffix=suffix)
     source_of = (lambda i: voc.annotation_path(root, i) if sources[i] == "xml"  # noqa: E731
                  else voc.mask_path(root, mask_dir, i))
     if not ds.get("allow_background_only", False):
@@ -216,7 +223,7 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
         log.warning("infer: none of the %d images of %s.txt has a mask in %s: seeds and pseudo labels will be made "
                     "but not scored", len(lists["infer"]), names["infer"], mask_dir)
     meta.update({"root": root_ref, "mask_dir": mask_dir, "classes": classes, "lists": names,
-                 "image_labels": image_labels,
+                 "image_suffix": suffix, "image_labels": image_labels,
                  "label_sources": {src: sum(1 for v in sources.values() if v == src) for src in ("mask", "xml")},
                  "counts": {role: len(ids) for role, ids in lists.items()},
                  "class_counts": {role: _class_counts(ids, labels, classes) for role, ids in lists.items()}})
