@@ -311,10 +311,9 @@ def test_a_diverging_localiser_is_reported_once(tmp_path: Path, caplog):
     """EADER's own loop warns like loop.fit when the localiser's loss grows far above its first step's."""
     torch.manual_seed(0)
     with caplog.at_level(logging.WARNING, logger="advcam"):
-        rows = train_eader(build_eader("resnet_small", 3), Squares(16), cfg=_cfg(epochs=4, phase_steps=1, alpha=0.0,
-                                                                                lr=500.0),
-                           seed=0, workers=0, resume=tmp_path / "m.resume.pt", curves=tmp_path / "c.csv",
-                           fingerprint={"t": 1})
+        cfg = _cfg(epochs=4, phase_steps=1, alpha=0.0, lr=500.0)
+        rows = train_eader(build_eader("resnet_small", 3), Squares(16), cfg=cfg, seed=0, workers=0,
+                           resume=tmp_path / "m.resume.pt", curves=tmp_path / "c.csv", fingerprint={"t": 1})
     assert loop.epoch_mean_loss(rows, 2) > 10 * rows[0][2] and np.isfinite(rows[-1][2])
     warned = [r.getMessage() for r in caplog.records if "diverged" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("train-cls (eader) localiser: the mean loss of epoch 2 ")

@@ -131,7 +131,8 @@ def test_image_labels_and_suffix_are_ignored_for_the_synthetic_dataset(tmp_path,
     assert "dataset.image_labels=xml ignored for the synthetic dataset" in caplog.text
     assert "dataset.image_suffix=.png ignored for the synthetic dataset" in caplog.text
     assert info.image_path(info.lists["val"][0]).suffix == ".jpg"
-    assert json.loads((tmp_path / "syn" / "dataset.json").read_text())["label_sources"] == {"mask": 13, "xml": 0}  # train_aug (10, holding train) + val (3)
+    sources = json.loads((tmp_path / "syn" / "dataset.json").read_text())["label_sources"]
+    assert sources == {"mask": 13, "xml": 0}  # train_aug (10, holding train) + val (3)
     assert all(info.labels[i] == voc.labels_from_mask(info.read_mask(i)) for i in info.lists["val"])
 
 
@@ -207,7 +208,8 @@ def _break(case: str, root: Path) -> str:
         return r"val\.txt: list is empty"
     if case == "no mask, no annotation":
         (root / "SegmentationClass" / f"{first}.png").unlink()
-        return f"id '{first}' has no mask \\(expected .*{first}.png\\) and no annotation \\(.*Annotations/{first}.xml\\)"
+        return (f"id '{first}' has no mask \\(expected .*{first}.png\\) and no annotation "
+                f"\\(.*Annotations/{first}.xml\\)")
     if case in ("val without mask", "unknown object", "broken annotation", "not an annotation", "xml, none"):
         val = (lists / "val.txt").read_text().split()[0]
         write_annotation(root, first, [("cat", (1, 1, 5, 5))], (40, 48))
@@ -333,4 +335,5 @@ def test_images_labelled_only_by_annotations_run_through_the_stages(tmp_path, ca
     assert cli_main(["train-seg", *common, "--set", "segmentation.gt_fraction=0.5", *seg]) == 0
     capsys.readouterr()
     assert cli_main(["train-seg", *common, "--set", "segmentation.gt_fraction=1.0", *seg]) == 2
-    assert "asks for the masks of 6 images of train.txt (dataset.seg_list), but only 3 of its 6" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "asks for the masks of 6 images of train.txt (dataset.seg_list), but only 3 of its 6" in err

@@ -97,7 +97,8 @@ def write_annotation(root: Path, image_id: str, objects: Sequence[tuple[str, tup
         box = f"<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox>"
         part = f"<part><name>head</name>{box}</part>" if k == 0 else ""
         parts.append(f"  <object>\n    <name>{escape(name)}</name>\n    <pose>Unspecified</pose>\n"
-                     f"    <truncated>0</truncated>\n    <difficult>{k % 2}</difficult>\n    {box}{part}\n  </object>\n")
+                     f"    <truncated>0</truncated>\n    <difficult>{k % 2}</difficult>\n"
+                     f"    {box}{part}\n  </object>\n")
     path = Path(root) / "Annotations" / f"{image_id}.xml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"<annotation>\n  <folder>VOC2012</folder>\n  <filename>{image_id}.jpg</filename>\n"

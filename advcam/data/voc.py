@@ -1,8 +1,9 @@
 """VOC-layout folders: lists, image and mask reading with validation, the VOC colour map.
 
-A VOC-layout root holds ``JPEGImages/<id>.jpg`` (or another ``dataset.image_suffix``), ``<mask_dir>/<id>.png`` (``SegmentationClass`` or SBD's
-``SegmentationClassAug``) and ``ImageSets/Segmentation/<list>.txt`` (one id per line), and may hold VOC's
-``Annotations/<id>.xml``, from which :func:`labels_from_xml` reads image-level labels (the objects' names).
+A VOC-layout root holds ``JPEGImages/<id>.jpg`` (or another ``dataset.image_suffix``), ``<mask_dir>/<id>.png``
+(``SegmentationClass`` or SBD's ``SegmentationClassAug``) and ``ImageSets/Segmentation/<list>.txt`` (one id per
+line), and may hold VOC's ``Annotations/<id>.xml``, from which :func:`labels_from_xml` reads image-level labels
+(the objects' names).
 
 Masks: palette (``P``) and plain index (``L``) PNGs are read as class indices (0 = background, 1..C,
 255 = ignore). An RGB(A) *colour* mask is converted through the VOC colour map when every colour in it is
@@ -273,9 +274,9 @@ def labels_from_xml(path: Path, classes: Sequence[str]) -> list[int]:
 
     Every object counts, ``difficult`` and ``truncated`` ones too, as in the ``cls_labels`` that PSA and SEAM
     build from these files. The names of person-layout parts (``<object><part><name>``: head, hand, foot) are
-    not objects and are skipped. A file that does not parse or whose root is not ``<annotation>``, an object without a name and a name that is not
-    one of ``classes`` are refused, naming the file (the last like a mask value outside 1..C: a class list
-    that does not fit the data).
+    not objects and are skipped. A file that does not parse or whose root is not ``<annotation>``, an object
+    without a name and a name that is not one of ``classes`` are refused, naming the file (the last like a mask
+    value outside 1..C: a class list that does not fit the data).
     """
     try:
         root = ET.parse(path).getroot()
