@@ -82,6 +82,20 @@ def test_prepare_sbd_train_aug(tmp_path):
         prepare.run(voc_cfg(root, "dataset.train_list=train_aug"), tmp_path / "bad")
 
 
+
+def test_sbd_train_aug_with_voc_masks_and_annotations_names_the_sbd_masks(tmp_path, caplog):
+    """VOC2012 has an annotation for every image: with mask_dir SegmentationClass the extra train_aug ids take
+    their labels from the annotations, and the log points at SBD's masks, where IRN and AdvCAM take them."""
+    root = make_voc_fixture(tmp_path / "VOC", n_train=3, n_val=2, aug=True, n_extra_aug=3, annotations=True)
+    with caplog.at_level(logging.INFO, logger="advcam"):
+        info = prepare.run(voc_cfg(root, "dataset.train_list=train_aug"), tmp_path / "prep")
+    assert "3 from Annotations/<id>.xml" in caplog.text
+    assert "dataset.mask_dir: SegmentationClassAug takes the labels of train_aug's images" in caplog.text
+    sbd = prepare.run(voc_cfg(root, "dataset.train_list=train_aug", "dataset.mask_dir=SegmentationClassAug"),
+                      tmp_path / "sbd")
+    assert info.labels == sbd.labels  # the fixture's annotations name the classes its masks show
+
+
 def test_images_without_masks_take_their_labels_from_voc_annotations(tmp_path, caplog):
     """The weakly supervised case: training images labelled at image level only (VOC's Annotations/<id>.xml, no
     mask). Before, prepare refused every image without a mask. Their labels are the objects' names, equal to the
@@ -98,7 +112,7 @@ def test_images_without_masks_take_their_labels_from_voc_annotations(tmp_path, c
         assert info.labels[i] == voc.labels_from_mask(info.read_mask(i))
     meta = json.loads((tmp_path / "prep" / "dataset.json").read_text())
     assert meta["image_labels"] == "masks" and meta["label_sources"] == {"mask": 6, "xml": 3}
-    assert "3 from Annotations/<id>.xml" in caplog.text
+    assert "3 from Annotations/<id>.xml" in caplog.text and "SegmentationClassAug" not in caplog.text
     assert ("image-level labels: 6 from masks, 3 from Annotations/<id>.xml (dataset.image_labels: masks)"
             in dataset_summary(tmp_path / "prep"))
 
