@@ -116,6 +116,7 @@ def compute_ids(cfg: Any, info: Any, ids: Sequence[str], model_path: Path, out: 
         on_scale = lambda s, k, n: note(bar, f"scale {s:g} ({k + 1}/{n})")  # noqa: E731
         for group in groups:
             _compute_group(model, cfg, info, group, model_path, out, on_scale)
+            bar.set_postfix_str("", refresh=False)  # the next image's first scale names itself
             bar.update(len(group))  # counted once its files are written
 
 
