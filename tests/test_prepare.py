@@ -164,6 +164,10 @@ def test_png_images_are_read_with_their_suffix_and_without_loss(tmp_path):
         prepare.run(voc_cfg(root), tmp_path / "bad")
     with pytest.raises(config.ConfigError, match="dataset.image_suffix"):
         voc_cfg(root, "dataset.image_suffix=png")  # the dot is part of the suffix
+    lists = root / "ImageSets" / "Segmentation"  # DeepLab's two-column lists name the PNGs: the same ids
+    (lists / "train.txt").write_text("".join(f"/JPEGImages/{i}.png /SegmentationClass/{i}.png\n"
+                                             for i in info.lists["train"]))
+    assert prepare.run(voc_cfg(root, "dataset.image_suffix=.png"), tmp_path / "two").lists == info.lists
 
 
 def test_list_files_in_the_deeplab_two_column_form(tmp_path):

@@ -97,13 +97,15 @@ def read_list(root: Path, name: str) -> list[str]:
     return parse_list_file(path, first_field=True)
 
 
-DEEPLAB_FIELD = re.compile(r"^/?JPEGImages/([^/\\]+)\.jpg$")  # DeepLab / SBD-aug lists: "/JPEGImages/<id>.jpg ..."
+# DeepLab / SBD-aug lists: "/JPEGImages/<id>.jpg ..." (or another image suffix: the id is the name before it)
+DEEPLAB_FIELD = re.compile(r"^/?JPEGImages/([^/\\]+)\.[A-Za-z0-9]+$")
 
 
 def parse_list_file(path: Path, first_field: bool = False, hint: str = "") -> list[str]:
     """Ids of a list file, one per line (blank lines skipped): each checked by :func:`check_id`, no duplicates,
     at least one. ``first_field``: use the first whitespace-separated field of a line (else the whole line);
-    a first field ``/JPEGImages/<id>.jpg`` (the DeepLab / SBD-aug two-column lists) gives ``<id>``.
+    a first field ``/JPEGImages/<id>.jpg`` (the DeepLab / SBD-aug two-column lists; any image suffix) gives
+    ``<id>``.
     ``hint`` is appended to the error messages."""
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Windows editors) is dropped
