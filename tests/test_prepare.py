@@ -228,7 +228,8 @@ def _break(case: str, root: Path) -> str:
         (root / "SegmentationClass" / f"{first}.png").unlink()
         return (f"id '{first}' has no mask \\(expected .*{first}.png\\) and no annotation "
                 f"\\(.*Annotations/{first}.xml\\)")
-    if case in ("val without mask", "unknown object", "broken annotation", "not an annotation", "xml, none"):
+    if case in ("val without mask", "unknown object", "broken annotation", "not an annotation", "xml, none",
+                "annotation without objects"):
         val = (lists / "val.txt").read_text().split()[0]
         write_annotation(root, first, [("cat", (1, 1, 5, 5))], (40, 48))
         (root / "SegmentationClass" / f"{first}.png").unlink()
@@ -239,6 +240,10 @@ def _break(case: str, root: Path) -> str:
         if case == "unknown object":
             write_annotation(root, first, [("cat", (1, 1, 5, 5)), ("unicorn", (2, 2, 6, 6))], (40, 48))
             return f"{first}.xml: object 2 is a 'unicorn', which is not one of dataset.classes \\(cat, dog, car\\)"
+        if case == "annotation without objects":  # a training image needs a class, as with masks
+            write_annotation(root, first, [], (40, 48))
+            return (f"train.txt: 1 image\\(s\\) of the classifier's training list have no foreground class in "
+                    f"their labels, e.g. id '{first}' \\(.*Annotations/{first}.xml\\)")
         if case == "broken annotation":
             (root / "Annotations" / f"{first}.xml").write_text("<annotation><object><name>cat</name>")
             return f"{first}.xml: not a readable VOC annotation"
@@ -254,7 +259,7 @@ def _break(case: str, root: Path) -> str:
 
 CASES = ["missing root", "missing list", "missing image", "upper-case extension", "unreadable image", "bad label",
          "separator", "dotdot", "duplicate", "empty", "size mismatch", "no mask, no annotation", "val without mask",
-         "unknown object", "broken annotation", "not an annotation", "xml, none"]
+         "unknown object", "broken annotation", "not an annotation", "xml, none", "annotation without objects"]
 
 
 @pytest.mark.parametrize("case", CASES)
