@@ -215,19 +215,19 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
                  else voc.mask_path(root, mask_dir, i))
     if not ds.get("allow_background_only", False):
         _check_foreground(lists, labels, voc.list_path(root, names["train"]), source_of)
-    from_xml = sum(1 for v in sources.values() if v == "xml")
-    if from_xml:
+    counts = {src: sum(1 for v in sources.values() if v == src) for src in ("mask", "xml")}
+    if counts["xml"]:
         aug = "SegmentationClassAug"  # SBD's masks of train_aug: labels from masks, as IRN's and AdvCAM's are
         hint = (f" ({root / aug} exists: dataset.mask_dir: {aug} takes the labels of train_aug's images from "
                 "their masks)" if image_labels == "masks" and mask_dir != aug and (root / aug).is_dir() else "")
-        log.info("image-level labels: %d image(s) from their masks, %d from %s/<id>.xml%s", len(sources) - from_xml,
-                 from_xml, voc.ANNOTATION_DIR, hint)
+        log.info("image-level labels: %d image(s) from their masks, %d from %s/<id>.xml%s", counts["mask"],
+                 counts["xml"], voc.ANNOTATION_DIR, hint)
     if not any(voc.mask_path(root, mask_dir, i).is_file() for i in lists["infer"]):
         log.warning("infer: none of the %d images of %s.txt has a mask in %s: seeds and pseudo labels will be made "
                     "but not scored", len(lists["infer"]), names["infer"], mask_dir)
     meta.update({"root": root_ref, "mask_dir": mask_dir, "classes": classes, "lists": names,
                  "image_suffix": suffix, "image_labels": image_labels,
-                 "label_sources": {src: sum(1 for v in sources.values() if v == src) for src in ("mask", "xml")},
+                 "label_sources": counts,
                  "counts": {role: len(ids) for role, ids in lists.items()},
                  "class_counts": {role: _class_counts(ids, labels, classes) for role, ids in lists.items()}})
     for role in ("train", "seg"):  # the classic leak: SBD's train_aug holds VOC val images unless they are removed
