@@ -183,26 +183,28 @@ def epoch_mean_loss(rows: Sequence[Sequence[float]], epoch: int) -> float | None
     return sum(values) / len(values) if values else None
 
 
-def diverging(rows: Sequence[Sequence[float]], epoch: int, last: bool, factor: float = DIVERGENCE_FACTOR) -> bool:
-    """Whether the curve rows (``[epoch, step, loss, lr]``) up to epoch ``epoch`` show a diverging run: the
-    epoch's mean loss is more than ``factor`` times the run's first loss (the untrained model's), and so was the
-    epoch before (a run that recovers from one bad epoch is not judged) unless ``epoch`` is the ``last``. A
-    non-finite loss stops training anyway; a first loss that is not positive gives no scale and is not judged."""
+def diverging(rows: Sequence[Sequence[float]], epoch: int, last: bool,
+              factor: float = DIVERGENCE_FACTOR) -> tuple[float, float] | None:
+    """``(epoch's mean loss, first loss)`` when the curve rows (``[epoch, step, loss, lr]``) up to epoch ``epoch``
+    show a diverging run, else None: the epoch's mean loss is more than ``factor`` times the run's first loss (the
+    untrained model's), and so was the epoch before (a run that recovers from one bad epoch is not judged) unless
+    ``epoch`` is the ``last``. A non-finite loss stops training anyway; a first loss that is not positive gives
+    no scale and is not judged."""
     first = float(rows[0][2]) if rows else float("nan")
     if not first > 0:
-        return False
+        return None
     now, before = epoch_mean_loss(rows, epoch), epoch_mean_loss(rows, epoch - 1)
     high = lambda m: m is not None and np.isfinite(m) and m > factor * first  # noqa: E731
-    return high(now) and (last or high(before))
+    return (float(now), first) if high(now) and (last or high(before)) else None  # type: ignore[arg-type]
 
 
 def warn_if_diverging(desc: str, rows: Sequence[Sequence[float]], epoch: int, last: bool,
                       hint: str = "lower the learning rate, or check the pretrained weights") -> bool:
     """Log a warning (and return True) when :func:`diverging` says so at epoch ``epoch``."""
-    if not diverging(rows, epoch, last):
+    found = diverging(rows, epoch, last)
+    if found is None:
         return False
-    now = epoch_mean_loss(rows, epoch) or 0.0
-    first = float(rows[0][2])
+    now, first = found
     log.warning("%s: the mean loss of epoch %d is %.4g, %.0fx the first step's %.4g: training diverged; %s",
                 desc, epoch, now, now / first, first, hint)
     return True
