@@ -144,11 +144,14 @@ def test_sources_found_and_cache_outside_repo(monkeypatch, tmp_path):
     assert fused.build_dir(False).parent == tmp_path
 
 
-def _load_in_subprocess(src: str, timeout: float) -> subprocess.CompletedProcess:
-    """Load the extension in a fresh process whose sources live in ``src`` (another checkout)."""
+def _load_in_subprocess(src: str, timeout: float, stale_lock: bool = False) -> subprocess.CompletedProcess:
+    """Load the extension in a fresh process whose sources live in ``src`` (another checkout); with
+    ``stale_lock``, that process first writes the ``lock`` file a SIGKILLed build leaves, just before it loads
+    (not earlier: any other process that loads the extension, such as another test worker's, would remove it)."""
     code = ("import sys, pathlib; from advcam.ops import fused; "
             f"fused.source_dir = lambda: pathlib.Path({src!r}); "
-            "ext = fused.load_extension(); print('loaded', ext.__file__)")
+            + ("(fused.build_dir(fused._want_cuda()) / 'lock').write_text(''); " if stale_lock else "")
+            + "ext = fused.load_extension(); print('loaded', ext.__file__)")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ))
 
@@ -156,12 +159,11 @@ def _load_in_subprocess(src: str, timeout: float) -> subprocess.CompletedProcess
 def test_a_killed_build_does_not_block_the_next_one(ext, tmp_path):
     """torch's builder waits, without a limit, for the ``lock`` file of a build; one killed mid-build leaves it.
     advcam removes it under its own flock (which no dead process holds), so the next load finishes."""
-    folder = fused.build_dir(False)
+    folder = fused.build_dir(fused._want_cuda())
     src = tmp_path / "csrc"
     shutil.copytree(fused.source_dir(), src)
-    (folder / "lock").write_text("")  # what a SIGKILLed build leaves
     try:
-        done = _load_in_subprocess(str(src), timeout=240)
+        done = _load_in_subprocess(str(src), timeout=240, stale_lock=True)
     except subprocess.TimeoutExpired:
         pytest.fail(f"load_extension waited on the stale {folder / 'lock'}")
     finally:
