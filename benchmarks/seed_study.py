@@ -4,7 +4,7 @@ For a trained classifier and a prepared dataset, each variant (a list of param o
 them) computes the CAM maps of the first N images of the infer list in memory, sweeps the background threshold
 as ``advcam cams`` does, and at the best threshold reports the accuracy of the seeds on three kinds of pixel:
 background, body and part. Body and part come from the embedded dataset's ``SegmentationPart/<id>.png``
-(1 = body, 2 = part); on other datasets only the mIoU is reported. This is the diagnostic behind the README's
+(1 = body, 2 = part); on other datasets only the mIoU is reported. This is the diagnostic behind docs/results.md's
 "what the numbers say": it shows whether a method grows the maps into the bodies (body accuracy up) or into
 the clutter (background accuracy down).
 
