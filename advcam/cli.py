@@ -62,6 +62,13 @@ STAGES: dict[str, tuple[str, list[tuple[str, PathDefault, str]]]] = {
         ("metrics", lambda c: "metrics/segmentation.json", "segmentation metrics JSON"),
         ("plots", lambda c: "plots/evaluation", "folder for the confusion matrix and gallery PNGs"),
     ]),
+    "predict": ("Predict masks with the segmenter for the images of predict.list (e.g. VOC's test list, for the "
+                "evaluation server); no ground truth needed.", [
+        ("data", lambda c: f"data/{c.dataset.name}", "prepared dataset folder (its root holds the list and images)"),
+        ("model", lambda c: "models/segmenter.pt", "segmenter checkpoint"),
+        ("out", lambda c: f"predictions/{(c.get('predict') or {}).get('list') or '<predict.list>'}",
+         "folder of <id>.png masks (VOC palette) to write"),
+    ]),
     "figures": ("Report figures and tables of a finished run (method table, threshold curves, per-class IoU, "
                 "training curves, gallery); used by `snakemake --report`.", [
         ("data", lambda c: f"data/{c.dataset.name}", "prepared dataset folder"),
@@ -83,7 +90,8 @@ STAGES: dict[str, tuple[str, list[tuple[str, PathDefault, str]]]] = {
 FILE_OUTPUTS = {("train-cls", "out"), ("train-cls", "curves"), ("cams", "metrics"), ("cams", "curve"),
                 ("refine", "metrics"), ("train-seg", "out"), ("train-seg", "curves"), ("evaluate", "metrics"),
                 ("compare", "out"), ("visualize", "out"), ("params", "check")}
-FOLDER_OUTPUTS = {("prepare", "out"), ("cams", "out"), ("refine", "out"), ("evaluate", "plots"), ("figures", "out")}
+FOLDER_OUTPUTS = {("prepare", "out"), ("cams", "out"), ("refine", "out"), ("evaluate", "plots"), ("predict", "out"),
+                  ("figures", "out")}
 
 
 def check_output_paths(stage: str, args: argparse.Namespace) -> None:

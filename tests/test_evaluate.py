@@ -162,13 +162,13 @@ DEEPLAB_PYTORCH_VOC12_CRF = {"iter_max": 10, "pos_w": 3, "pos_xy_std": 1, "bi_w"
 
 def test_deeplab_crf_is_deeplab_pytorchs_config():
     """DEEPLAB_CRF holds configs/voc12.yaml's CRF numbers, and the schema's evaluation.crf defaults are it."""
-    from advcam.steps.evaluate import DEEPLAB_CRF, _inference
+    from advcam.steps.evaluate import DEEPLAB_CRF, inference_params
 
     ref = DEEPLAB_PYTORCH_VOC12_CRF
     assert (DEEPLAB_CRF.iterations, DEEPLAB_CRF.gaussian_compat, DEEPLAB_CRF.gaussian_sxy, DEEPLAB_CRF.bilateral_compat,
             DEEPLAB_CRF.bilateral_sxy, DEEPLAB_CRF.bilateral_srgb) == (
         ref["iter_max"], ref["pos_w"], ref["pos_xy_std"], ref["bi_w"], ref["bi_xy_std"], ref["bi_rgb_std"])
-    assert _inference(config.load(None, []).evaluation)[2] == DEEPLAB_CRF
+    assert inference_params(config.load(None, []).evaluation)[2] == DEEPLAB_CRF
 
 
 def test_crf_postprocess_is_deeplab_pytorchs_dense_crf():

@@ -263,18 +263,31 @@ def test_changing_workers_reruns_nothing(dvc_project):
         restore(root, "params.yaml", "dvc.lock")
 
 
+def test_predict_list_adds_its_masks_to_the_default_target(dvc_project):
+    """With predict.list set, `snakemake` also predicts that list's images (rule predict, one job: no other rule
+    depends on the section) into predictions/<list>/; then there is nothing left to do."""
+    root = dvc_project
+    sh("snakemake", "--cores", "1", "--config", "predict={list: val}", cwd=root)
+    ids = (root / "data/synthetic/lists/val.txt").read_text().split()
+    assert sorted(p.stem for p in (root / "predictions/val").glob("*.png")) == sorted(ids)
+    assert (root / "logs/predict_val.log").is_file()
+    r = sh("snakemake", "-n", "--config", "predict={list: val}", cwd=root)
+    assert "Nothing to be done" in r.stdout + r.stderr, r.stdout
+    assert "predictions/" in sh("git", "check-ignore", "predictions/val", cwd=root).stdout
+
+
 def test_files_outside_the_repository_are_rule_inputs(tmp_path):
     """A VOC dataset's list files are prepare's inputs and a set `pretrained` file the trainings' (the affinity
     network's with the random walk), so a newer one reruns the stage; unset, they are not inputs."""
     lists = tmp_path / "VOC" / "ImageSets" / "Segmentation"
     lists.mkdir(parents=True)
-    for name in ("train_aug", "train", "val"):
+    for name in ("train_aug", "train", "val", "test"):
         (lists / f"{name}.txt").write_text("a\n")
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
     out = sh("snakemake", "-n", "--forceall", "--config", f"dataset={{kind: voc, root: {tmp_path / 'VOC'}}}",
              f"classifier={{pretrained: {weights}}}", f"segmentation={{pretrained: {weights}}}",
-             "refine={method: randomwalk}", cwd=REPO).stdout
+             "refine={method: randomwalk}", "predict={list: test}", cwd=REPO).stdout
     jobs = {}
     for block in re.split(r"\n(?=\[.*\]\nrule )", out):
         m = re.search(r"^rule (\w+):$", block, re.M)
@@ -284,5 +297,6 @@ def test_files_outside_the_repository_are_rule_inputs(tmp_path):
     assert jobs["prepare"] == {str(lists / f"{n}.txt") for n in ("train_aug", "train", "val")}, jobs["prepare"]
     for rule in ("train_cls", "train_seg", "refine"):
         assert str(weights) in jobs[rule], (rule, jobs[rule])
+    assert str(lists / "test.txt") in jobs["predict"], jobs["predict"]  # predict.list's list file
     plain = snakemake_jobs(REPO)
     assert plain["prepare"]["input"] == [] and str(weights) not in plain["train_cls"]["input"]

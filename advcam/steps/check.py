@@ -8,6 +8,7 @@ the same one-line messages as the stages:
   VOC id ``2007_000032`` is the number 2007000032);
 - a dataset folder, image or mask folder, or list file that is missing (``dataset.kind: voc``; the images
   themselves are checked by ``prepare``), or a list name the synthetic dataset does not write;
+- a ``predict.list`` that the dataset does not have;
 - ``segmentation.gt_ids`` outside the segmenter's training list, or a ``gt_fraction`` outside [0, 1] (the
   segmenter is the stage it would cost);
 - a ``pretrained`` weight file that is missing, unreadable, or does not fit its arch (keys and shapes against
@@ -63,6 +64,20 @@ def dataset_lists(cfg: Any) -> dict[str, list[str]]:
     return {role: generated[name] for role, name in names.items()}
 
 
+def predict_list_exists(cfg: Any) -> None:
+    """``predict.list``, where set, is a list file of the VOC-layout dataset or a list the synthetic one writes."""
+    name = (cfg.get("predict") or {}).get("list")
+    if not name:
+        return
+    if cfg.dataset.kind == "voc":
+        voc.read_list(Path(cfg.dataset.root).expanduser().absolute(), str(name))
+        return
+    generated = synthetic.list_ids(cfg.synthetic.to_dict())
+    if name not in generated:
+        raise AdvcamError(f"predict.list: the synthetic dataset has no list {name!r} (it writes "
+                          f"{', '.join(sorted(generated))})")
+
+
 def gt_ids_fit(cfg: Any, lists: dict[str, list[str]]) -> None:
     """``segmentation.gt_ids`` name images of the segmenter's training list; ``gt_fraction`` is in [0, 1]."""
     seg, ds = cfg.segmentation, cfg.dataset
@@ -90,6 +105,7 @@ def run(cfg: Any, params: Path | None, out: Path) -> None:
     if params is not None:
         as_snakemake_reads(params)
     gt_ids_fit(cfg, dataset_lists(cfg))
+    predict_list_exists(cfg)
     for key, build, arch, path in (("classifier.pretrained", build_classifier, cfg.classifier.arch,
                                     cfg.classifier.pretrained),
                                    ("segmentation.pretrained", build_segmenter, cfg.segmentation.arch,

@@ -75,7 +75,7 @@ def crf_postprocess(image: np.ndarray, prob: np.ndarray, params: CRFParams = DEE
     return q.argmax(axis=0).astype(np.uint8)
 
 
-def _inference(cfg_eval: Any) -> tuple[tuple[float, ...], bool, CRFParams | None]:
+def inference_params(cfg_eval: Any) -> tuple[tuple[float, ...], bool, CRFParams | None]:
     """(scales, flip, CRF params or None) from ``cfg.evaluation``; missing keys take the defaults."""
     scales = tuple(float(v) for v in cfg_eval.get("scales", (1.0, 0.75, 0.5)))
     crf_cfg = cfg_eval.get("crf", {}) or {}
@@ -121,7 +121,7 @@ def run(cfg: Any, data: Path, model: Path, cams: Path, pseudo: Path, metrics: Pa
     k = info.num_classes + 1
     device = resolve_device(cfg.device)
     net = load_segmenter(model, map_location=device, num_classes=k).to(device).eval()
-    inference = _inference(cfg.evaluation)
+    inference = inference_params(cfg.evaluation)
     scales, flip, crf = inference
     log.info("evaluate: scales %s%s, max-fused%s", list(scales), " + flips" if flip else "",
              "; also with CRF post-processing" if crf is not None else "")

@@ -45,6 +45,17 @@ def outside_files(section):
         return [os.path.join(root, "ImageSets", "Segmentation", f"{n}.txt") for n in sorted(names)]
     return [os.path.expanduser(cfg["pretrained"])] if cfg.get("pretrained") else []
 
+def outside_list(name):
+    """The list file `name` of a VOC-layout dataset (outside the repository), as an input; none for the synthetic
+    dataset, whose lists are inside the prepared folder."""
+    if config["dataset"]["kind"] != "voc":
+        return []
+    return [os.path.join(os.path.expanduser(config["dataset"]["root"]), "ImageSets", "Segmentation", f"{name}.txt")]
+
+
+# The predictions of predict.list's images (rule predict), part of the default target while it is set.
+PREDICTIONS = [f"predictions/{config['predict']['list']}"] if config["predict"].get("list") else []
+
 SHARDS = int(config["workflow"]["shards"])
 
 # Resumable per-image work of cams and refine (ADVCAM_WORK_DIR, advcam/steps/shards.py): Snakemake deletes a job's
