@@ -277,16 +277,18 @@ def test_predict_list_adds_its_masks_to_the_default_target(dvc_project):
 
 
 def test_files_outside_the_repository_are_rule_inputs(tmp_path):
-    """A VOC dataset's list files are prepare's inputs and a set `pretrained` file the trainings' (the affinity
-    network's with the random walk), so a newer one reruns the stage; unset, they are not inputs."""
+    """A VOC dataset's list files are prepare's inputs, a set `pretrained` file the trainings' (the affinity
+    network's with the random walk) and a set `classifier.trained` file train_cls's, so a newer one reruns the
+    stage; unset, they are not inputs."""
     lists = tmp_path / "VOC" / "ImageSets" / "Segmentation"
     lists.mkdir(parents=True)
     for name in ("train_aug", "train", "val", "test"):
         (lists / f"{name}.txt").write_text("a\n")
-    weights = tmp_path / "w.pth"
+    weights, trained = tmp_path / "w.pth", tmp_path / "res50_cam.pth"
     weights.write_bytes(b"")
+    trained.write_bytes(b"")
     out = sh("snakemake", "-n", "--forceall", "--config", f"dataset={{kind: voc, root: {tmp_path / 'VOC'}}}",
-             f"classifier={{pretrained: {weights}}}", f"segmentation={{pretrained: {weights}}}",
+             f"classifier={{pretrained: {weights}, trained: {trained}}}", f"segmentation={{pretrained: {weights}}}",
              "refine={method: randomwalk}", "predict={list: test}", cwd=REPO).stdout
     jobs = {}
     for block in re.split(r"\n(?=\[.*\]\nrule )", out):
@@ -298,5 +300,6 @@ def test_files_outside_the_repository_are_rule_inputs(tmp_path):
     for rule in ("train_cls", "train_seg", "refine"):
         assert str(weights) in jobs[rule], (rule, jobs[rule])
     assert str(lists / "test.txt") in jobs["predict"], jobs["predict"]  # predict.list's list file
+    assert str(trained) in jobs["train_cls"] and str(trained) not in jobs["refine"]  # classifier.trained
     plain = snakemake_jobs(REPO)
     assert plain["prepare"]["input"] == [] and str(weights) not in plain["train_cls"]["input"]

@@ -176,6 +176,52 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu",
     return model  # type: ignore[return-value]
 
 
+# IRN's (and AdvCAM's) ``net/resnet50_cam.py`` registers the ResNet-50 under ``resnet50`` and again inside its
+# stages (``stage1``..``stage4``, ``backbone``) and the classifier inside ``newly_added``: its state dict holds each
+# tensor under several names; ``resnet50.*`` (torchvision's names) and ``classifier.weight`` are the whole network.
+IRN_ALIASES = ("stage1.", "stage2.", "stage3.", "stage4.", "backbone.", "newly_added.")
+
+
+def irn_cam_state(path: Path, num_classes: int) -> dict[str, torch.Tensor] | None:
+    """The state dict of a CAM network for ``resnet50`` from IRN's / AdvCAM's trained ``res50_cam.pth``, or None
+    when ``path`` is not a plain state dict with IRN's ``resnet50.*`` keys (an advcam checkpoint, for instance).
+
+    Raises AdvcamError naming the file when it is IRN's but does not fit: other keys, shapes or class count."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not a plain tensor file: the caller tries the advcam format
+        return None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        return None
+    if state and all(k.startswith("module.") for k in state):  # saved from a DataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if not any(k.startswith("resnet50.") for k in state):
+        return None
+    model = build_classifier("resnet50", num_classes)
+    own = model.state_dict()
+    ours = {"backbone." + k[len("resnet50."):]: v for k, v in state.items() if k.startswith("resnet50.")}
+    ours.update({k: v for k, v in state.items() if k == "classifier.weight"})
+    ours.update({k: v for k, v in own.items() if k.endswith(".num_batches_tracked") and k not in ours})
+    other = sorted(k for k in state if not k.startswith(("resnet50.", "classifier.weight", *IRN_ALIASES)))
+    missing = sorted(set(own) - set(ours))
+    if other or missing:
+        parts = [f"{len(keys)} {what}, e.g. {', '.join(keys[:3])}"
+                 for what, keys in (("unexpected", other), ("missing", missing)) if keys]
+        raise AdvcamError(f"{path}: not IRN's ResNet-50 CAM network ({'; '.join(parts)})")
+    weight = ours["classifier.weight"]
+    if torch.is_tensor(weight) and weight.dim() == 4 and weight.shape[0] != num_classes:
+        raise AdvcamError(f"{path}: classifier has {weight.shape[0]} output classes, expected {num_classes} "
+                          "(trained on a different dataset?)")
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in ours.items()
+             if not torch.is_tensor(v) or v.shape != own[k].shape]
+    if wrong:
+        raise AdvcamError(f"{path}: shapes do not match IRN's ResNet-50 CAM network ({len(wrong)} tensors, e.g. "
+                          f"{wrong[:2]})")
+    return ours
+
+
 def classifier_header(model: nn.Module, classes: list[str], params: Mapping[str, Any]) -> dict:
     """The JSON header of a classifier checkpoint (``arch``, ``method`` and ``num_classes`` are attributes of
     every classifier: CAMNet, SEAMNet, EADERNet)."""

@@ -11,6 +11,7 @@ the same one-line messages as the stages:
 - a ``predict.list`` that the dataset does not have;
 - ``segmentation.gt_ids`` outside the segmenter's training list, or a ``gt_fraction`` outside [0, 1] (the
   segmenter is the stage it would cost);
+- a ``classifier.trained`` file that is missing or holds another kind of classifier than the params ask for;
 - a ``pretrained`` weight file that is missing, unreadable, or does not fit its arch (keys and shapes against
   the backbone built on the ``meta`` device: no memory, no computation).
 
@@ -27,10 +28,11 @@ import yaml
 from advcam import config
 from advcam.data import role_list_names, synthetic, voc
 from advcam.models import resnet
-from advcam.models.classifier import build_classifier
+from advcam.models.classifier import build_classifier, irn_cam_state
 from advcam.models.deeplab import build_segmenter
 from advcam.steps.prepare import check_layout
 from advcam.train.segmentation import select_gt_ids
+from advcam.utils.checkpoint import load_checkpoint
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import write_text
 from advcam.utils.progress import log
@@ -78,6 +80,45 @@ def predict_list_exists(cfg: Any) -> None:
                           f"{', '.join(sorted(generated))})")
 
 
+def num_classes(cfg: Any) -> int:
+    """C, the dataset's foreground classes as ``prepare`` will name them."""
+    ds = cfg.dataset
+    if ds.classes is not None:
+        return len(ds.classes)
+    return len(voc.VOC_CLASSES) if ds.kind == "voc" else int(cfg.synthetic.num_classes)
+
+
+def trained_fits(cfg: Any) -> None:
+    """``classifier.trained``, where set, is IRN's ResNet-50 CAM network (for ``resnet50``, ``cam``) or an advcam
+    classifier checkpoint of the dataset's class count and the configured method and arch."""
+    c = cfg.classifier
+    if not c.get("trained"):
+        return
+    path = Path(str(c.trained)).expanduser()
+    if not path.is_file():
+        raise AdvcamError(f"classifier.trained: file not found: {path}")
+    n = num_classes(cfg)
+    try:
+        irn = irn_cam_state(path, n) is not None
+    except AdvcamError as exc:
+        raise AdvcamError(f"classifier.trained: {exc}") from None
+    if irn:
+        if (c.method, c.arch) != ("cam", "resnet50"):
+            raise AdvcamError(f"classifier.trained: {path} is IRN's ResNet-50 CAM network; set classifier.method=cam "
+                              f"and classifier.arch=resnet50 (they are {c.method} and {c.arch})")
+        return
+    try:
+        header, _ = load_checkpoint(path)
+    except AdvcamError as exc:
+        raise AdvcamError(f"classifier.trained: {exc} (expected IRN's res50_cam.pth or an advcam classifier "
+                          "checkpoint)") from None
+    got = (header.get("kind"), header.get("method", "cam"), header.get("arch"), header.get("num_classes"))
+    if got != ("classifier", c.method, c.arch, n):
+        raise AdvcamError(f"classifier.trained: {path} holds a {got[0]} checkpoint (method {got[1]}, arch {got[2]}, "
+                          f"{got[3]} classes); the params ask for a classifier (method {c.method}, arch {c.arch}, "
+                          f"{n} classes)")
+
+
 def gt_ids_fit(cfg: Any, lists: dict[str, list[str]]) -> None:
     """``segmentation.gt_ids`` name images of the segmenter's training list; ``gt_fraction`` is in [0, 1]."""
     seg, ds = cfg.segmentation, cfg.dataset
@@ -106,6 +147,7 @@ def run(cfg: Any, params: Path | None, out: Path) -> None:
         as_snakemake_reads(params)
     gt_ids_fit(cfg, dataset_lists(cfg))
     predict_list_exists(cfg)
+    trained_fits(cfg)
     for key, build, arch, path in (("classifier.pretrained", build_classifier, cfg.classifier.arch,
                                     cfg.classifier.pretrained),
                                    ("segmentation.pretrained", build_segmenter, cfg.segmentation.arch,

@@ -1,19 +1,27 @@
-"""Stage train_cls: train the CAM classifier on the train list; write the checkpoint and the curve CSV."""
+"""Stage train_cls: train the CAM classifier on the train list; write the checkpoint and the curve CSV.
+
+With ``classifier.trained`` set, nothing is trained: the classifier in that file is checked against the dataset
+and the params and written as the checkpoint (AdvCAM is post-hoc: it climbs on any trained classifier). The file
+is IRN's or AdvCAM's trained ``res50_cam.pth`` (their ResNet-50 CAM network, ``classifier.arch: resnet50``) or an
+advcam classifier checkpoint (of the configured method and arch). The curve CSV is then empty.
+"""
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from advcam import config
 from advcam.config import Config
 from advcam.data import image_classes, load_info
 from advcam.data.datasets import ClassificationDataset
-from advcam.models.classifier import builder_for, classifier_header
+from advcam.models.classifier import (build_classifier, builder_for, classifier_header, irn_cam_state,
+                                     load_classifier)
 from advcam.train import loop, memo
 from advcam.train import eader as eader_training
 from advcam.train import seam as seam_training
 from advcam.utils.checkpoint import save_checkpoint
+from advcam.utils.errors import AdvcamError
 from advcam.utils.io import clean_stale_temps_for, code_digest, files_digest, ids_digest
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.progress import launch_rank, log
@@ -32,9 +40,49 @@ def trainer_for(method: str) -> Callable[..., list[list[float]]]:
     return getattr(importlib.import_module(module), name)
 
 
+def import_trained(cfg: Config, info: Any, out: Path, curves: Path) -> None:
+    """``classifier.trained``: write the classifier of that file (IRN's ``res50_cam.pth`` or an advcam checkpoint)
+    as ``out``, after checking it against the dataset's classes and the classifier params."""
+    c = cfg.classifier
+    path = Path(str(c.trained)).expanduser()
+    if not path.is_file():
+        raise AdvcamError(f"classifier.trained: file not found: {path}")
+    try:
+        state = irn_cam_state(path, info.num_classes)
+    except AdvcamError as exc:
+        raise AdvcamError(f"classifier.trained: {exc}") from None
+    if state is not None:
+        if (c.method, c.arch) != ("cam", "resnet50"):
+            raise AdvcamError(f"classifier.trained: {path} is IRN's ResNet-50 CAM network; set classifier.method=cam "
+                              f"and classifier.arch=resnet50 (they are {c.method} and {c.arch})")
+        model = build_classifier("resnet50", info.num_classes)
+        model.load_state_dict(state)
+        source = "irn"
+    else:
+        try:
+            model = load_classifier(path, num_classes=info.num_classes, classes=list(info.classes))
+        except AdvcamError as exc:
+            raise AdvcamError(f"classifier.trained: {exc} (expected IRN's res50_cam.pth or an advcam classifier "
+                              "checkpoint)") from None
+        if (model.method, model.arch) != (c.method, c.arch):
+            raise AdvcamError(f"classifier.trained: {path} holds a {model.method} classifier of arch {model.arch}; "
+                              f"set classifier.method={model.method} and classifier.arch={model.arch}")
+        source = "advcam"
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # the header names the file, not the training params (unused here): the same file gives the same bytes
+    save_checkpoint(out, classifier_header(model, list(info.classes), {"trained": str(path), "format": source}),
+                    model=state)
+    loop.write_curves(curves, [])
+    log.info("train-cls: took the trained %s classifier of %s (%s format); nothing trained; wrote %s",
+             model.arch, path, source, out)
+
+
 def run(cfg: Config, data: Path, out: Path, curves: Path) -> None:
     info = load_info(data)
     info.check_lists(cfg.dataset, "train-cls")
+    if cfg.classifier.get("trained"):
+        import_trained(cfg, info, out, curves)
+        return
     ids = info.lists["train"]
     c = cfg.classifier
     params = {**config.active("classifier", c.to_dict()), "seed": cfg.seed}

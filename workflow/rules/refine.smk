@@ -31,7 +31,7 @@ rule refine:
         cams="cams",
         shards=shard_folders("refine"),
         # the affinity network of refine.method randomwalk starts from classifier.pretrained
-        weights=outside_files("classifier") if config["refine"]["method"] == "randomwalk" else [],
+        weights=outside_files("classifier", keys=("pretrained",)) if config["refine"]["method"] == "randomwalk" else [],
     output:
         pseudo=directory("pseudo"),
         metrics="metrics/pseudo.json",

@@ -1,0 +1,147 @@
+"""``classifier.trained``: a classifier trained elsewhere (IRN's / AdvCAM's ``res50_cam.pth``, or an advcam
+checkpoint) is taken instead of training one, so that the later stages (AdvCAM first) run on it."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from advcam import config
+from advcam.cli import main as cli_main
+from advcam.models import resnet
+from advcam.models.classifier import build_classifier, classifier_header, load_classifier
+from advcam.steps import check
+from advcam.utils.checkpoint import save_checkpoint
+from advcam.utils.errors import AdvcamError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from voc_fixture import DEFAULT_CLASSES, make_voc_fixture  # noqa: E402
+
+
+class IRNLayout(nn.Module):
+    """The module layout of IRN's ``net/resnet50_cam.py`` (the layout, not its code): a torchvision-named ResNet-50
+    under ``resnet50``, registered again inside ``stage1``..``stage4`` and the ``backbone`` list, and the bias-free
+    classifier again inside ``newly_added``; so its state dict holds each tensor under several names, as IRN's."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        r = resnet.resnet50(strides=(2, 2, 2, 1))
+        self.resnet50 = r
+        self.stage1 = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1)
+        self.stage2, self.stage3, self.stage4 = nn.Sequential(r.layer2), nn.Sequential(r.layer3), nn.Sequential(r.layer4)
+        self.classifier = nn.Conv2d(2048, num_classes, 1, bias=False)
+        self.backbone = nn.ModuleList([self.stage1, self.stage2, self.stage3, self.stage4])
+        self.newly_added = nn.ModuleList([self.classifier])
+
+    def cam(self, x: torch.Tensor) -> torch.Tensor:
+        """The class maps as IRN's CAM network computes them (before its ReLU and flip merge)."""
+        for stage in (self.stage1, self.stage2, self.stage3, self.stage4):
+            x = stage(x)
+        return F.conv2d(x, self.classifier.weight)
+
+
+def irn_file(path: Path, num_classes: int, seed: int = 0) -> IRNLayout:
+    """Save an IRN-layout network with random weights and BatchNorm statistics as ``path``; return it."""
+    torch.manual_seed(seed)
+    net = IRNLayout(num_classes).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    torch.save(net.state_dict(), path)
+    return net
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trained")
+    root = make_voc_fixture(tmp / "VOC", n_train=3, n_val=2)
+    net = irn_file(tmp / "res50_cam.pth", len(DEFAULT_CLASSES))
+    sets = ["device=cpu", "dataset.kind=voc", f"dataset.root={root}", "dataset.train_list=train",
+            f"dataset.classes={list(DEFAULT_CLASSES)}", "classifier.arch=resnet50", "cam.method=cam",
+            "cam.scales=[1.0]"]
+    assert run(tmp, sets, "prepare", "--out", tmp / "data") == 0
+    return tmp, sets, net
+
+
+def run(tmp: Path, sets: list[str], *args: object) -> int:
+    return cli_main([str(args[0]), "--params-json", "{}", *[a for s in sets for a in ("--set", s)],
+                     *map(str, args[1:])])
+
+
+def train_cls(tmp: Path, sets: list[str], trained: Path, out: str = "cls.pt", *more: str) -> int:
+    return run(tmp, [*sets, f"classifier.trained={trained}", *more], "train-cls", "--data", tmp / "data", "--out",
+               tmp / out, "--curves", tmp / f"{out}.csv")
+
+
+def test_irns_res50_cam_is_taken_as_the_classifier(voc):
+    """IRN's trained CAM network (res50_cam.pth) becomes the classifier, weights and BatchNorm statistics
+    included: its class maps are IRN's, nothing is trained, the same file gives the same bytes, and the cams
+    stage runs on it."""
+    tmp, sets, net = voc
+    assert train_cls(tmp, sets, tmp / "res50_cam.pth") == 0
+    model = load_classifier(tmp / "cls.pt", num_classes=len(DEFAULT_CLASSES), classes=list(DEFAULT_CLASSES))
+    assert (model.arch, model.method) == ("resnet50", "cam")
+    assert model.header["params"] == {"trained": str(tmp / "res50_cam.pth"), "format": "irn"}
+    x = torch.randn(2, 3, 40, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model.cam(x), net.cam(x), rtol=0, atol=0)
+    assert (tmp / "cls.pt.csv").read_text() == "epoch,step,loss,lr\n"
+    first = (tmp / "cls.pt").read_bytes()
+    assert train_cls(tmp, sets, tmp / "res50_cam.pth", "cls.pt", "classifier.epochs=3") == 0  # training params unused
+    assert (tmp / "cls.pt").read_bytes() == first
+    assert run(tmp, sets, "cams", "--data", tmp / "data", "--model", tmp / "cls.pt", "--out", tmp / "cams",
+               "--metrics", tmp / "seeds.json", "--curve", tmp / "seeds.csv") == 0
+    assert len(list((tmp / "cams").glob("*.npz"))) == 3
+
+
+def small_checkpoint(path: Path) -> nn.Module:
+    """An advcam checkpoint of a resnet_small classifier (random weights) at ``path``."""
+    torch.manual_seed(1)
+    small = build_classifier("resnet_small", len(DEFAULT_CLASSES)).eval()
+    save_checkpoint(path, classifier_header(small, list(DEFAULT_CLASSES), {"epochs": 9}), model=small.state_dict())
+    return small
+
+
+def test_an_advcam_checkpoint_is_taken_as_it_is(voc):
+    tmp, sets, _ = voc
+    small = small_checkpoint(tmp / "small.pt")
+    assert train_cls(tmp, [*sets, "classifier.arch=resnet_small"], tmp / "small.pt", "small-copy.pt") == 0
+    model = load_classifier(tmp / "small-copy.pt")
+    x = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model.cam(x), small.cam(x), rtol=0, atol=0)
+    assert model.header["params"] == {"trained": str(tmp / "small.pt"), "format": "advcam"}
+
+
+def test_a_classifier_that_does_not_fit_is_refused_naming_the_file(voc, capsys):
+    """One line, exit 2, no checkpoint written; check_params says the same before any stage runs."""
+    tmp, sets, _ = voc
+    irn20 = tmp / "res50_cam_voc.pth"
+    irn_file(irn20, 20)
+    small_checkpoint(tmp / "small.pt")
+    (tmp / "notes.txt").write_text("not a checkpoint")
+    cases = [(tmp / "missing.pth", (), "classifier.trained: file not found"),
+             (irn20, (), "classifier has 20 output classes, expected 3"),
+             (tmp / "res50_cam.pth", ("classifier.arch=resnet_small",),
+              "is IRN's ResNet-50 CAM network; set classifier.method=cam and classifier.arch=resnet50"),
+             (tmp / "notes.txt", (), "classifier.trained: "),
+             (tmp / "small.pt", (), "set classifier.method=cam and classifier.arch=resnet_small")]
+    for path, more, message in cases:
+        capsys.readouterr()
+        assert train_cls(tmp, sets, path, "refused.pt", *more) == 2, path
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("advcam train-cls: error: ") and message in err[0], err
+        assert not (tmp / "refused.pt").exists()
+        cfg = config.load(None, [*sets, f"classifier.trained={path}", *more])
+        if path.name != "small.pt":  # check_params reads the header only; it names the params
+            with pytest.raises(AdvcamError, match="classifier.trained: "):
+                check.trained_fits(cfg)
+    with pytest.raises(AdvcamError, match="method resnet_small|arch resnet_small"):
+        check.trained_fits(config.load(None, [*sets, f"classifier.trained={tmp / 'small.pt'}"]))
+    check.trained_fits(config.load(None, [*sets, f"classifier.trained={tmp / 'res50_cam.pth'}"]))
