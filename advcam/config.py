@@ -282,9 +282,15 @@ METHOD_SUBSECTIONS: dict[str, dict[str, str]] = {"classifier": {"seam": "seam", 
                                                  "refine": {"randomwalk": "randomwalk"}}
 
 
+# Keys added to a section after results were recorded: unset (null), they are left out of what a stage depends on,
+# so the records of earlier runs (Snakemake's params, the trainings' fingerprints) still match and nothing reruns.
+UNSET_MEANS_ABSENT: dict[str, tuple[str, ...]] = {"classifier": ("trained",)}
+
+
 def active(section: str, values: Any) -> Any:
     """``values`` of the params section ``section`` without the sub-sections of methods it does not use (e.g.
-    ``classifier.seam`` when ``classifier.method`` is cam); a top-level scalar (``seed``) as it is. What a
+    ``classifier.seam`` when ``classifier.method`` is cam) and without the :data:`UNSET_MEANS_ABSENT` keys that are
+    null; a top-level scalar (``seed``) as it is. What a
     stage's results depend on: Snakemake's rule params and the stages' fingerprints use it, so a change there
     reruns and retrains nothing."""
     if not isinstance(values, Mapping):
@@ -293,6 +299,9 @@ def active(section: str, values: Any) -> Any:
     for sub, method in METHOD_SUBSECTIONS.get(section, {}).items():
         if out.get("method") != method:
             out.pop(sub, None)
+    for key in UNSET_MEANS_ABSENT.get(section, ()):
+        if out.get(key, 0) is None:
+            out.pop(key)
     return out
 
 
