@@ -299,6 +299,14 @@ def active(section: str, values: Any) -> Any:
     for sub, method in METHOD_SUBSECTIONS.get(section, {}).items():
         if out.get("method") != method:
             out.pop(sub, None)
+    return without_unset(section, out)
+
+
+def without_unset(section: str, values: Any) -> Any:
+    """``values`` of the params section ``section`` without the :data:`UNSET_MEANS_ABSENT` keys that are null."""
+    if not isinstance(values, Mapping):
+        return copy.deepcopy(values)
+    out = copy.deepcopy(dict(values))
     for key in UNSET_MEANS_ABSENT.get(section, ()):
         if out.get(key, 0) is None:
             out.pop(key)

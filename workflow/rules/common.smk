@@ -27,7 +27,8 @@ def params_json(*sections, inactive=False):
     section does not use are left out too (classifier.seam while classifier.method is cam), unless
     `inactive` (the report draws the attribution method not configured as well).
     """
-    pick = (lambda k: config[k]) if inactive else (lambda k: advcam_config.active(k, config[k]))
+    pick = (lambda k: advcam_config.without_unset(k, config[k])) if inactive else (
+        lambda k: advcam_config.active(k, config[k]))
     return json.dumps({k: pick(k) for k in COMMON + list(sections)}, sort_keys=True)
 
 
