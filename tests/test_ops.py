@@ -173,6 +173,23 @@ def test_a_killed_build_does_not_block_the_next_one(ext, tmp_path):
     assert not (folder / "lock").exists()
 
 
+def test_the_environments_ninja_builds_whatever_ninja_is_first_on_path(ext, tmp_path):
+    """Ninja versions hash their build commands differently: a build checked by another version's ninja (a system
+    one first on PATH when the venv is not activated) is compiled again, and alternating rebuilds it every time.
+    The load uses this environment's ninja whatever PATH says: here a fake ninja first on PATH is never run."""
+    if fused.environment_ninja() is None:
+        pytest.skip("the ninja package is not installed (pip install ninja)")
+    fake = tmp_path / "bin" / "ninja"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ntouch {tmp_path / 'fake-ninja-ran'}\nexit 1\n")
+    fake.chmod(0o755)
+    code = "from advcam.ops import fused; fused.load_extension(); print('loaded')"
+    env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-2000:]
+    assert not (tmp_path / "fake-ninja-ran").exists()
+
+
 def test_another_checkout_reuses_the_build(ext, tmp_path):
     """The same sources under another path (a second clone, a DVC temporary copy) load the cached build: the
     library is not compiled again."""

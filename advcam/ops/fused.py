@@ -120,6 +120,38 @@ def _copy_sources(with_cuda: bool, folder: Path) -> list[str]:
     return out
 
 
+def environment_ninja() -> Path | None:
+    """The folder of the ``ninja`` that belongs to this Python environment (the ``ninja`` package, a dependency),
+    or None where it is missing."""
+    try:
+        import ninja  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    folder = getattr(ninja, "BIN_DIR", None)
+    return Path(folder) if folder and (Path(folder) / "ninja").is_file() else None
+
+
+@contextlib.contextmanager
+def ninja_first_on_path() -> Iterator[None]:
+    """Put this environment's ``ninja`` first on ``PATH`` while torch builds (torch runs whichever ``ninja`` is first
+    on ``PATH``). Ninja versions hash their commands differently, so a build checked by another version's ninja
+    (a system ``/usr/bin/ninja`` when the venv is not activated) is compiled again (20 s to a minute) although
+    nothing changed, and alternating between the two rebuilds it every time."""
+    folder = environment_ninja()
+    if folder is None:
+        yield
+        return
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([str(folder), *([before] if before else [])])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
+
+
 def _want_cuda() -> bool:
     from torch.utils.cpp_extension import CUDA_HOME
     return torch.cuda.is_available() and torch.version.cuda is not None and CUDA_HOME is not None
@@ -138,7 +170,7 @@ def load_extension(verbose: bool = False) -> ModuleType:
             with_cuda = _want_cuda()
             folder = build_dir(with_cuda)
             flags = list(CFLAGS) + (["-DWITH_CUDA"] if with_cuda else [])
-            with build_lock(folder):
+            with build_lock(folder), ninja_first_on_path():
                 _ext = load(name=f"advcam_ops_{'cuda' if with_cuda else 'cpu'}",
                             sources=_copy_sources(with_cuda, folder), extra_cflags=flags,
                             extra_cuda_cflags=list(CUDA_CFLAGS), build_directory=str(folder), with_cuda=with_cuda,
