@@ -19,6 +19,15 @@ def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "advcam.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
+def refused_in_process(capsys, *args) -> str:
+    """``advcam ARGS`` run in this process (no interpreter start): it must exit 2 with one error line; the line."""
+    capsys.readouterr()
+    assert cli.main([str(a) for a in args]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith(f"advcam {args[0]}: error: "), err
+    return err[0]
+
+
 def test_params_prints_resolved_config(capsys):
     assert cli.main(["params", "--params", str(REPO / "params.yaml"), "--set", "cam.flip=false"]) == 0
     out = capsys.readouterr().out
@@ -132,7 +141,7 @@ def test_info_without_a_dataset_says_so(tmp_path, capsys):
     assert "not prepared yet" in capsys.readouterr().out
 
 
-def test_visualize_draws_what_exists(prepared, tmp_path):
+def test_visualize_draws_what_exists(prepared, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     from advcam.attribution.cam import save_cam
@@ -163,12 +172,13 @@ def test_visualize_draws_what_exists(prepared, tmp_path):
     assert "findfont" not in r.stderr and "STREAM" not in r.stderr  # --debug shows advcam's lines, not matplotlib's
     assert (tmp_path / "cli.png").stat().st_size > 0
     # a path the user names must exist (it used to drop its column silently)
-    r = run_cli("visualize", image_id, "--set", "device=cpu", "--data", str(prepared.resolve()), "--segmenter",
-                str(tmp_path / "typo.pt"), "--out", str(tmp_path / "typo.png"), cwd=tmp_path)
-    assert r.returncode == 2 and f"--segmenter {tmp_path / 'typo.pt'}: not found" in r.stderr, r.stderr
+    monkeypatch.chdir(tmp_path)
+    line = refused_in_process(capsys, "visualize", image_id, "--set", "device=cpu", "--data", prepared.resolve(),
+                              "--segmenter", tmp_path / "typo.pt", "--out", tmp_path / "typo.png")
+    assert f"--segmenter {tmp_path / 'typo.pt'}: not found" in line
     assert not (tmp_path / "typo.png").exists()
-    r = run_cli("figures", "--runs", str(tmp_path / "nothere"), cwd=tmp_path)
-    assert r.returncode == 2 and "--runs" in r.stderr and "not found" in r.stderr, r.stderr
+    line = refused_in_process(capsys, "figures", "--runs", tmp_path / "nothere")
+    assert "--runs" in line and "not found" in line
 
 
 def _random_cams(folder, info, ids, seed):
@@ -183,7 +193,7 @@ def _random_cams(folder, info, ids, seed):
             "cam": rng.random((len(keys), (h + 3) // 4, (w + 3) // 4), dtype=np.float32)})
 
 
-def test_compare_draws_the_images_every_folder_has(prepared, tmp_path):
+def test_compare_draws_the_images_every_folder_has(prepared, tmp_path, capsys):
     from PIL import Image
 
     from advcam.data import load_info
@@ -198,19 +208,17 @@ def test_compare_draws_the_images_every_folder_has(prepared, tmp_path):
     assert cli.main(args) == 0
     with Image.open(out) as im:
         assert im.width > 3 * im.height / 2 > 0  # two rows of four panels: image, ground truth, CAM, AdvCAM
-    r = run_cli(*args[:-1], str(tmp_path / "bad.png"), "--ids", "no_such_image")
-    assert r.returncode == 2 and "compare: image 'no_such_image' is in none of the lists" in r.stderr, r.stderr
+    refused = lambda *a: refused_in_process(capsys, *a)  # noqa: E731
+    assert "compare: image 'no_such_image' is in none of the lists" in refused(*args[:-1], tmp_path / "bad.png",
+                                                                               "--ids", "no_such_image")
     assert not (tmp_path / "bad.png").exists()
-    r = run_cli(*args[:8], "--labels", "CAM", "--out", str(tmp_path / "x.png"))
-    assert r.returncode == 2 and "2 CAM folders but 1 labels" in r.stderr, r.stderr
-    r = run_cli(*args[:7], str(tmp_path / "missing"), "--labels", "CAM", "X", "--out", str(tmp_path / "x.png"))
-    assert r.returncode == 2 and "missing" in r.stderr, r.stderr
+    assert "2 CAM folders but 1 labels" in refused(*args[:8], "--labels", "CAM", "--out", tmp_path / "x.png")
+    assert "missing" in refused(*args[:7], tmp_path / "missing", "--labels", "CAM", "X", "--out", tmp_path / "x.png")
     (tmp_path / "empty").mkdir()
-    r = run_cli(*args[:7], str(tmp_path / "empty"), "--labels", "CAM", "X", "--out", str(tmp_path / "x.png"))
-    assert r.returncode == 2 and "no image of the infer list" in r.stderr, r.stderr
-    r = run_cli(*args[:-1], str(tmp_path / "n0.png"), "-n", "-3")
-    assert r.returncode == 2 and "-n must be at least 1, got -3" in r.stderr and not (tmp_path / "n0.png").exists()
-    assert not (tmp_path / "x.png").exists()
+    assert "no image of the infer list" in refused(*args[:7], tmp_path / "empty", "--labels", "CAM", "X", "--out",
+                                                   tmp_path / "x.png")
+    assert "-n must be at least 1, got -3" in refused(*args[:-1], tmp_path / "n0.png", "-n", "-3")
+    assert not (tmp_path / "n0.png").exists() and not (tmp_path / "x.png").exists()
 
 
 def test_visualize_unknown_image_is_one_line(prepared, tmp_path):
