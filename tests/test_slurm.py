@@ -28,7 +28,7 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "ADVCAM_PROGRESS": "0",
        "OMP_NUM_THREADS": "1"}
 PROFILE = REPO / "workflow/profiles/slurm"
-GPU_RULES = {"train_cls", "cams_shard", "train_seg", "evaluate"}
+GPU_RULES = {"train_cls", "cams_shard", "train_seg", "evaluate", "predict"}
 CPU_RULES = {"prepare", "cams", "refine_shard", "refine"}
 HAS_PLUGIN = importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
 pytestmark = pytest.mark.skipif(shutil.which("snakemake", path=ENV["PATH"]) is None,
@@ -62,7 +62,7 @@ def job_resources(profile: Path, *config_args: str) -> dict[str, list[dict[str, 
 
 
 def test_profile_dry_run_gives_gpus_to_training_and_climbing_only(profile_dir):
-    jobs = job_resources(profile_dir, "workflow={shards: 3}")
+    jobs = job_resources(profile_dir, "workflow={shards: 3}", "predict={list: val}")
     assert len(jobs["cams_shard"]) == 3 and len(jobs["refine_shard"]) == 3
     for rule, runs in jobs.items():
         if rule == "all":
