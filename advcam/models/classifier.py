@@ -222,6 +222,19 @@ def irn_cam_state(path: Path, num_classes: int) -> dict[str, torch.Tensor] | Non
     return ours
 
 
+def trained_irn_state(path: Path, num_classes: int, method: str, arch: str) -> dict[str, torch.Tensor] | None:
+    """:func:`irn_cam_state` for ``classifier.trained`` (errors name the param), refusing IRN's network unless the
+    params ask for what it is (method ``cam``, arch ``resnet50``)."""
+    try:
+        state = irn_cam_state(path, num_classes)
+    except AdvcamError as exc:
+        raise AdvcamError(f"classifier.trained: {exc}") from None
+    if state is not None and (method, arch) != ("cam", "resnet50"):
+        raise AdvcamError(f"classifier.trained: {path} is IRN's ResNet-50 CAM network; set classifier.method=cam and "
+                          f"classifier.arch=resnet50 (they are {method} and {arch})")
+    return state
+
+
 def classifier_header(model: nn.Module, classes: list[str], params: Mapping[str, Any]) -> dict:
     """The JSON header of a classifier checkpoint (``arch``, ``method`` and ``num_classes`` are attributes of
     every classifier: CAMNet, SEAMNet, EADERNet)."""

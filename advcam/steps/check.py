@@ -28,7 +28,7 @@ import yaml
 from advcam import config
 from advcam.data import role_list_names, synthetic, voc
 from advcam.models import resnet
-from advcam.models.classifier import build_classifier, irn_cam_state
+from advcam.models.classifier import build_classifier, trained_irn_state
 from advcam.models.deeplab import build_segmenter
 from advcam.steps.prepare import check_layout
 from advcam.train.segmentation import select_gt_ids
@@ -98,14 +98,7 @@ def trained_fits(cfg: Any) -> None:
     if not path.is_file():
         raise AdvcamError(f"classifier.trained: file not found: {path}")
     n = num_classes(cfg)
-    try:
-        irn = irn_cam_state(path, n) is not None
-    except AdvcamError as exc:
-        raise AdvcamError(f"classifier.trained: {exc}") from None
-    if irn:
-        if (c.method, c.arch) != ("cam", "resnet50"):
-            raise AdvcamError(f"classifier.trained: {path} is IRN's ResNet-50 CAM network; set classifier.method=cam "
-                              f"and classifier.arch=resnet50 (they are {c.method} and {c.arch})")
+    if trained_irn_state(path, n, c.method, c.arch) is not None:
         return
     try:
         header, _ = load_checkpoint(path)

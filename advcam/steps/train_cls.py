@@ -15,8 +15,8 @@ from advcam import config
 from advcam.config import Config
 from advcam.data import image_classes, load_info
 from advcam.data.datasets import ClassificationDataset
-from advcam.models.classifier import (build_classifier, builder_for, classifier_header, irn_cam_state,
-                                     load_classifier)
+from advcam.models.classifier import (build_classifier, builder_for, classifier_header, load_classifier,
+                                     trained_irn_state)
 from advcam.train import loop, memo
 from advcam.train import eader as eader_training
 from advcam.train import seam as seam_training
@@ -47,14 +47,8 @@ def import_trained(cfg: Config, info: Any, out: Path, curves: Path) -> None:
     path = Path(str(c.trained)).expanduser()
     if not path.is_file():
         raise AdvcamError(f"classifier.trained: file not found: {path}")
-    try:
-        state = irn_cam_state(path, info.num_classes)
-    except AdvcamError as exc:
-        raise AdvcamError(f"classifier.trained: {exc}") from None
+    state = trained_irn_state(path, info.num_classes, c.method, c.arch)
     if state is not None:
-        if (c.method, c.arch) != ("cam", "resnet50"):
-            raise AdvcamError(f"classifier.trained: {path} is IRN's ResNet-50 CAM network; set classifier.method=cam "
-                              f"and classifier.arch=resnet50 (they are {c.method} and {c.arch})")
         model = build_classifier("resnet50", info.num_classes)
         model.load_state_dict(state)
         source = "irn"
