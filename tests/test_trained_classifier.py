@@ -5,13 +5,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from PIL import Image
+from torch import nn
 
 from advcam import config
+from advcam.attribution.cam import load_cam
 from advcam.cli import main as cli_main
+from advcam.data import load_info
 from advcam.models import resnet
 from advcam.models.classifier import build_classifier, classifier_header, load_classifier
 from advcam.steps import check
@@ -106,6 +110,49 @@ def small_checkpoint(path: Path) -> nn.Module:
     small = build_classifier("resnet_small", len(DEFAULT_CLASSES)).eval()
     save_checkpoint(path, classifier_header(small, list(DEFAULT_CLASSES), {"epochs": 9}), model=small.state_dict())
     return small
+
+
+def irn_make_cam(net: IRNLayout, pixels: np.ndarray, classes: list[int], scales: tuple[float, ...]) -> dict:
+    """IRN's ``make_cam`` step written out for one image (the references' CAM files, which AdvCAM's seeds start
+    from): per scale, the 8-bit image resized by PIL bicubic to the rounded size, normalised with ImageNet's
+    statistics, stacked with its flip; the CAM network's ReLU maps, flip-merged; summed over scales at stride 4
+    (``cam``) and at the stride-16 multiple above the image, cropped (``high_res``); the labelled classes, each
+    divided by its maximum + 1e-5."""
+    h, w = pixels.shape[:2]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    strided, up = ((h + 3) // 4, (w + 3) // 4), ((h + 15) // 16 * 16, (w + 15) // 16 * 16)
+    low, high = [], []
+    for s in scales:
+        size = (int(np.round(h * s)), int(np.round(w * s)))
+        img = pixels if s == 1 else np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BICUBIC))
+        x = torch.from_numpy(((img / 255. - mean) / std).astype(np.float32).transpose(2, 0, 1).copy())
+        with torch.no_grad():
+            maps = F.relu(net.cam(torch.stack([x, x.flip(-1)])))
+        o = maps[0] + maps[1].flip(-1)
+        low.append(F.interpolate(o[None], strided, mode="bilinear", align_corners=False)[0])
+        high.append(F.interpolate(o[:, None], up, mode="bilinear", align_corners=False)[:, 0, :h, :w])
+    out = {}
+    for name, parts in (("cam", low), ("high_res", high)):
+        m = torch.stack(parts).sum(0)[classes]
+        out[name] = (m / (m.amax((1, 2), keepdim=True) + 1e-5)).numpy()
+    return out
+
+
+def test_cams_of_irns_classifier_are_irns_make_cam(voc):
+    """On IRN's classifier, advcam's CAM files (cam.method cam, two scales) are what IRN's make_cam writes."""
+    tmp, sets, net = voc
+    sets = [*sets, "cam.scales=[1.0, 0.5]"]
+    assert train_cls(tmp, sets, tmp / "res50_cam.pth", "irn.pt") == 0
+    assert run(tmp, sets, "cams", "--data", tmp / "data", "--model", tmp / "irn.pt", "--out", tmp / "cams2",
+               "--metrics", tmp / "seeds2.json", "--curve", tmp / "seeds2.csv") == 0
+    info = load_info(tmp / "data")
+    for image_id in info.lists["infer"]:
+        ours = load_cam(tmp / "cams2" / f"{image_id}.npz")
+        classes = [int(c) for c in ours["keys"]]
+        assert classes == info.labels[image_id] and classes
+        ref = irn_make_cam(net, info.read_image(image_id), classes, (1.0, 0.5))
+        for key in ("cam", "high_res"):
+            np.testing.assert_allclose(ours[key], ref[key], rtol=0, atol=1e-5, err_msg=f"{image_id} {key}")
 
 
 def test_an_advcam_checkpoint_is_taken_as_it_is(voc):
