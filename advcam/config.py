@@ -290,9 +290,8 @@ UNSET_MEANS_ABSENT: dict[str, tuple[str, ...]] = {"classifier": ("trained",)}
 def active(section: str, values: Any) -> Any:
     """``values`` of the params section ``section`` without the sub-sections of methods it does not use (e.g.
     ``classifier.seam`` when ``classifier.method`` is cam) and without the :data:`UNSET_MEANS_ABSENT` keys that are
-    null; a top-level scalar (``seed``) as it is. What a
-    stage's results depend on: Snakemake's rule params and the stages' fingerprints use it, so a change there
-    reruns and retrains nothing."""
+    null; a top-level scalar (``seed``) as it is. What a stage's results depend on: Snakemake's rule params and
+    the stages' fingerprints use it, so a change there reruns and retrains nothing."""
     if not isinstance(values, Mapping):
         return copy.deepcopy(values)
     out = copy.deepcopy(dict(values))
