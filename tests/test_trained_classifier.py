@@ -151,6 +151,55 @@ def test_cams_of_irns_classifier_are_irns_make_cam(voc):
             np.testing.assert_allclose(ours[key], ref[key], rtol=0, atol=1e-5, err_msg=f"{image_id} {key}")
 
 
+class IRNFeatures(nn.Module):
+    """The IRN-layout network seen as test_advcam's literal reference loop expects it (``features``,
+    ``classifier``)."""
+
+    def __init__(self, net: IRNLayout) -> None:
+        super().__init__()
+        self.net, self.classifier = net, net.classifier
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in (self.net.stage1, self.net.stage2, self.net.stage3, self.net.stage4):
+            x = stage(x)
+        return x
+
+
+def test_advcam_files_of_irns_classifier_are_the_references(voc):
+    """On IRN's classifier, advcam's AdvCAM files are the reference's (AdvCAM's obtain_CAM_masking written out):
+    per scale, IRN's resized and normalised image climbed by the literal loop of test_advcam (one class at a time,
+    Grad-CAM through autograd), the accumulated maps summed over the scales as make_cam sums the CAMs."""
+    from test_advcam import literal_climb
+
+    tmp, sets, net = voc
+    sets = [*sets, "cam.method=advcam", "cam.scales=[1.0, 0.5]", "cam.advcam.steps=3"]
+    assert train_cls(tmp, sets, tmp / "res50_cam.pth", "irn.pt") == 0
+    assert run(tmp, sets, "cams", "--data", tmp / "data", "--model", tmp / "irn.pt", "--out", tmp / "adv",
+               "--metrics", tmp / "adv.json", "--curve", tmp / "adv.csv") == 0
+    info = load_info(tmp / "data")
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    reference = IRNFeatures(net)
+    infer = info.lists["infer"]
+    for image_id in [next((i for i in infer if len(info.labels[i]) > 1), infer[0])]:  # two classes where there are
+        ours = load_cam(tmp / "adv" / f"{image_id}.npz")
+        classes = [int(c) for c in ours["keys"]]
+        pixels = info.read_image(image_id)
+        h, w = pixels.shape[:2]
+        strided, up = ((h + 3) // 4, (w + 3) // 4), ((h + 15) // 16 * 16, (w + 15) // 16 * 16)
+        low, high = [], []
+        for s in (1.0, 0.5):  # T = 3 climbs 3 steps at scale 0.5 too (the reference halves only T > 10)
+            size = (int(np.round(h * s)), int(np.round(w * s)))
+            img = pixels if s == 1 else np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BICUBIC))
+            x = torch.from_numpy(((img / 255. - mean) / std).astype(np.float32).transpose(2, 0, 1).copy())
+            o = literal_climb(reference, x, classes, steps=3)
+            low.append(F.interpolate(o[None], strided, mode="bilinear", align_corners=False)[0])
+            high.append(F.interpolate(o[:, None], up, mode="bilinear", align_corners=False)[:, 0, :h, :w])
+        for key, parts in (("cam", low), ("high_res", high)):
+            m = torch.stack(parts).sum(0)
+            ref = (m / (m.amax((1, 2), keepdim=True) + 1e-5)).numpy()
+            np.testing.assert_allclose(ours[key], ref, rtol=0, atol=1e-4, err_msg=f"{image_id} {key}")
+
+
 def test_an_advcam_checkpoint_is_taken_as_it_is(voc):
     tmp, sets, _ = voc
     small = small_checkpoint(tmp / "small.pt")
