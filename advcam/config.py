@@ -284,7 +284,7 @@ METHOD_SUBSECTIONS: dict[str, dict[str, str]] = {"classifier": {"seam": "seam", 
 
 # Keys added to a section after results were recorded: unset (null), they are left out of what a stage depends on,
 # so the records of earlier runs (Snakemake's params, the trainings' fingerprints) still match and nothing reruns.
-UNSET_MEANS_ABSENT: dict[str, tuple[str, ...]] = {"classifier": ("trained",)}
+UNSET_MEANS_ABSENT: dict[str, tuple[str, ...]] = {"classifier": ("trained",), "dataset": ("labels_file",)}
 
 
 def active(section: str, values: Any) -> Any:

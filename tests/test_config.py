@@ -179,10 +179,12 @@ def test_active_drops_only_the_sub_sections_of_unused_methods():
 
 
 def test_active_leaves_out_a_later_key_while_it_is_unset():
-    """classifier.trained came after runs were recorded: unset, it is not part of what train_cls depends on, so
+    """classifier.trained (and dataset.labels_file) came after runs were recorded: unset, it is not part of what train_cls depends on, so
     those runs' records (Snakemake's params, the training's fingerprint) still match; set, it is."""
     d = config.defaults()
     assert d["classifier"]["trained"] is None and "trained" not in config.active("classifier", d["classifier"])
     before = {k: v for k, v in d["classifier"].items() if k not in ("trained", "seam", "eader")}
     assert config.active("classifier", d["classifier"]) == before
     assert config.active("classifier", {**d["classifier"], "trained": "res50_cam.pth"})["trained"] == "res50_cam.pth"
+    assert "labels_file" not in config.active("dataset", d["dataset"])  # dataset.labels_file came later too
+    assert config.active("dataset", {**d["dataset"], "labels_file": "l.txt"})["labels_file"] == "l.txt"

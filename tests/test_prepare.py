@@ -360,3 +360,77 @@ def test_images_labelled_only_by_annotations_run_through_the_stages(tmp_path, ca
     assert cli_main(["train-seg", *common, "--set", "segmentation.gt_fraction=1.0", *seg]) == 2
     err = capsys.readouterr().err
     assert "asks for the masks of 6 images of train.txt (dataset.seg_list), but only 3 of its 6" in err
+
+
+def write_labels_file(path: Path, rows: dict[str, list[str]], comment: bool = True) -> Path:
+    text = ("# id, then its classes\n\n" if comment else "") + "".join(f"{i} {' '.join(c)}\n" for i, c in rows.items())
+    path.write_text(text)
+    return path
+
+
+def hidden_labels(root: Path, image_id: str) -> list[int]:
+    return voc.labels_from_mask(np.array(Image.open(root / "HiddenMasks" / f"{image_id}.png")))
+
+
+def test_images_without_masks_take_their_labels_from_a_labels_file(tmp_path):
+    """dataset.labels_file: one line per image (its id, then its class names). An image without a mask takes its
+    labels from its line, before its annotation; images with a mask keep the mask's labels; with image_labels
+    file every image takes its line."""
+    root = make_voc_fixture(tmp_path / "VOC", n_train=6, n_val=2, annotations=True, mask_free=3)
+    free = (root / "ImageSets/Segmentation/train.txt").read_text().split()[:3]
+    for i in free[1:]:
+        (root / "Annotations" / f"{i}.xml").unlink()  # free[1:] have only the file; free[0] has both
+    rows = {i: [DEFAULT_CLASSES[c] for c in hidden_labels(root, i)] for i in free}
+    rows[free[0]] = ["car"]  # the file's line, not the annotation, labels it
+    write_labels_file(root / "labels.txt", rows)
+    info = prepare.run(voc_cfg(root, "dataset.labels_file=labels.txt"), tmp_path / "prep")  # relative to the root
+    assert info.labels[free[0]] == [2] and all(info.labels[i] == hidden_labels(root, i) for i in free[1:])
+    for i in info.lists["train"][3:] + info.lists["val"]:
+        assert info.labels[i] == voc.labels_from_mask(info.read_mask(i))
+    meta = json.loads((tmp_path / "prep" / "dataset.json").read_text())
+    assert meta["label_sources"] == {"mask": 5, "xml": 0, "file": 3} and meta["labels_file"] == str(root / "labels.txt")
+    assert any(f"3 from {root / 'labels.txt'}" in line for line in dataset_summary(tmp_path / "prep"))
+    every = {i: ["dog"] for i in [*info.lists["train"], *info.lists["val"]]}
+    write_labels_file(tmp_path / "all.txt", every, comment=False)
+    by_file = prepare.run(voc_cfg(root, f"dataset.labels_file={tmp_path / 'all.txt'}", "dataset.image_labels=file"),
+                          tmp_path / "file")
+    assert all(v == [1] for v in by_file.labels.values())
+    assert json.loads((tmp_path / "file" / "dataset.json").read_text())["label_sources"]["file"] == 8
+
+
+@pytest.mark.parametrize("case", ["missing file", "unknown class", "duplicate id", "file mode without a file",
+                                  "file mode, image without a line", "no mask, no annotation, no line"])
+def test_a_labels_file_that_does_not_fit_is_refused_naming_it(tmp_path, case):
+    """prepare refuses, naming the file and line, and writes nothing; check_params refuses the same."""
+    from advcam.steps import check
+
+    root = make_voc_fixture(tmp_path / "VOC", n_train=3, n_val=2, annotations=True, mask_free=1)
+    free = (root / "ImageSets/Segmentation/train.txt").read_text().split()[0]
+    good = {free: [DEFAULT_CLASSES[c] for c in hidden_labels(root, free)]}
+    path = root / "labels.txt"
+    sets, message = [f"dataset.labels_file={path}"], ""
+    if case == "missing file":
+        message = f"labels file not found: {path} (dataset.labels_file)"
+    elif case == "unknown class":
+        write_labels_file(path, {**good, "2009_000046": ["unicorn"]})
+        message = f"{path}:4: 'unicorn' is not one of dataset.classes (cat, dog, car)"
+    elif case == "duplicate id":
+        path.write_text(f"{free} cat\n{free} dog\n")
+        message = f"{path}:2: duplicate id '{free}' (first on line 1)"
+    elif case == "file mode without a file":
+        sets, message = ["dataset.image_labels=file"], "dataset.image_labels is file but dataset.labels_file is not set"
+    elif case == "file mode, image without a line":
+        write_labels_file(path, good)
+        sets.append("dataset.image_labels=file")
+        message = "has no line in the labels file (dataset.image_labels is file)"
+    else:
+        write_labels_file(path, {})
+        (root / "Annotations" / f"{free}.xml").unlink()
+        message = f"no annotation ({root / 'Annotations' / free}.xml) and no line in dataset.labels_file"
+    with pytest.raises(AdvcamError) as err:
+        prepare.run(voc_cfg(root, *sets), tmp_path / "prep")
+    assert message in str(err.value)
+    assert not (tmp_path / "prep").exists() and leftovers(tmp_path) == []
+    if case in ("missing file", "unknown class", "duplicate id", "file mode without a file"):
+        with pytest.raises(AdvcamError, match="labels"):
+            check.dataset_lists(voc_cfg(root, *sets))

@@ -277,9 +277,9 @@ def test_predict_list_adds_its_masks_to_the_default_target(dvc_project):
 
 
 def test_files_outside_the_repository_are_rule_inputs(tmp_path):
-    """A VOC dataset's list files are prepare's inputs, a set `pretrained` file the trainings' (the affinity
-    network's with the random walk) and a set `classifier.trained` file train_cls's, so a newer one reruns the
-    stage; unset, they are not inputs."""
+    """A VOC dataset's list files and labels file are prepare's inputs, a set `pretrained` file the trainings'
+    (the affinity network's with the random walk) and a set `classifier.trained` file train_cls's, so a newer one
+    reruns the stage; unset, they are not inputs."""
     lists = tmp_path / "VOC" / "ImageSets" / "Segmentation"
     lists.mkdir(parents=True)
     for name in ("train_aug", "train", "val", "test"):
@@ -287,7 +287,9 @@ def test_files_outside_the_repository_are_rule_inputs(tmp_path):
     weights, trained = tmp_path / "w.pth", tmp_path / "res50_cam.pth"
     weights.write_bytes(b"")
     trained.write_bytes(b"")
-    out = sh("snakemake", "-n", "--forceall", "--config", f"dataset={{kind: voc, root: {tmp_path / 'VOC'}}}",
+    (tmp_path / "VOC" / "labels.txt").write_text("a cat\n")
+    out = sh("snakemake", "-n", "--forceall", "--config",
+             f"dataset={{kind: voc, root: {tmp_path / 'VOC'}, labels_file: labels.txt}}",
              f"classifier={{pretrained: {weights}, trained: {trained}}}", f"segmentation={{pretrained: {weights}}}",
              "refine={method: randomwalk}", "predict={list: test}", cwd=REPO).stdout
     jobs = {}
@@ -296,7 +298,8 @@ def test_files_outside_the_repository_are_rule_inputs(tmp_path):
         if m:
             inputs = re.search(r"^\s+input: (.*)$", block, re.M)
             jobs[m.group(1)] = {s.strip() for s in inputs.group(1).split(",")} if inputs else set()
-    assert jobs["prepare"] == {str(lists / f"{n}.txt") for n in ("train_aug", "train", "val")}, jobs["prepare"]
+    assert jobs["prepare"] == {*(str(lists / f"{n}.txt") for n in ("train_aug", "train", "val")),
+                               str(tmp_path / "VOC" / "labels.txt")}, jobs["prepare"]
     for rule in ("train_cls", "train_seg", "refine"):
         assert str(weights) in jobs[rule], (rule, jobs[rule])
     assert str(lists / "test.txt") in jobs["predict"], jobs["predict"]  # predict.list's list file

@@ -270,6 +270,37 @@ def labels_from_mask(mask: np.ndarray) -> list[int]:
     return [int(v) - 1 for v in np.flatnonzero(counts[1:IGNORE]) + 1]
 
 
+def read_labels_file(path: Path, classes: Sequence[str]) -> dict[str, list[int]]:
+    """Image-level labels from a text file (``dataset.labels_file``): one image per line, its id and then the names
+    of its classes, separated by whitespace (``2007_000032 aeroplane person``; an id alone: no foreground class).
+    Blank lines and lines starting with ``#`` are skipped. Returns id -> sorted 0-based indices in ``classes``.
+
+    Refused, naming the file and line: an unreadable file, an invalid or duplicate id, a class name that is not one
+    of ``classes``."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise AdvcamError(f"labels file not found: {path} (dataset.labels_file)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdvcamError(f"{path}: cannot read labels file ({exc})") from None
+    index = {name: k for k, name in enumerate(classes)}
+    labels: dict[str, list[int]] = {}
+    first: dict[str, int] = {}
+    for n, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        image_id = check_id(fields[0], f"{path}:{n}")
+        if image_id in first:
+            raise AdvcamError(f"{path}:{n}: duplicate id {image_id!r} (first on line {first[image_id]})")
+        unknown = [name for name in fields[1:] if name not in index]
+        if unknown:
+            raise AdvcamError(f"{path}:{n}: {unknown[0]!r} is not one of dataset.classes ({', '.join(classes)})")
+        first[image_id] = n
+        labels[image_id] = sorted({index[name] for name in fields[1:]})
+    return labels
+
+
 def labels_from_xml(path: Path, classes: Sequence[str]) -> list[int]:
     """Image-level labels from a VOC annotation file: the 0-based indices in ``classes`` of its objects' names
     (``<annotation><object><name>``), sorted, each once.

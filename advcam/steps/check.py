@@ -7,7 +7,8 @@ the same one-line messages as the stages:
 - params the schema refuses, as advcam reads the file and as Snakemake reads it (YAML 1.1, where an unquoted
   VOC id ``2007_000032`` is the number 2007000032);
 - a dataset folder, image or mask folder, or list file that is missing (``dataset.kind: voc``; the images
-  themselves are checked by ``prepare``), or a list name the synthetic dataset does not write;
+  themselves are checked by ``prepare``), or a list name the synthetic dataset does not write; a
+  ``dataset.labels_file`` that is missing or has a bad line;
 - a ``predict.list`` that the dataset does not have;
 - ``segmentation.gt_ids`` outside the segmenter's training list, or a ``gt_fraction`` outside [0, 1] (the
   segmenter is the stage it would cost);
@@ -30,7 +31,7 @@ from advcam.data import role_list_names, synthetic, voc
 from advcam.models import resnet
 from advcam.models.classifier import build_classifier, trained_irn_state
 from advcam.models.deeplab import build_segmenter
-from advcam.steps.prepare import check_layout
+from advcam.steps.prepare import check_layout, labels_file_path
 from advcam.train.segmentation import select_gt_ids
 from advcam.utils.checkpoint import load_checkpoint
 from advcam.utils.errors import AdvcamError
@@ -55,8 +56,11 @@ def dataset_lists(cfg: Any) -> dict[str, list[str]]:
     ds = cfg.dataset
     names = role_list_names(ds)
     if ds.kind == "voc":
-        return check_layout(Path(ds.root).expanduser().absolute(), ds.mask_dir, names,
-                            str(ds.get("image_labels", "masks")))
+        root = Path(ds.root).expanduser().absolute()
+        labels_file = labels_file_path(ds, root)
+        if labels_file is not None:
+            voc.read_labels_file(labels_file, list(ds.classes) if ds.classes is not None else list(voc.VOC_CLASSES))
+        return check_layout(root, ds.mask_dir, names, str(ds.get("image_labels", "masks")))
     generated = synthetic.list_ids(cfg.synthetic.to_dict())
     for role, name in names.items():
         if name not in generated:

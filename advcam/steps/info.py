@@ -74,8 +74,11 @@ def dataset_summary(data: Path) -> list[str]:
     lines.append("images per class: " + ", ".join(f"{n} {c}" for n, c in zip(info.classes, counts)))
     sources = info.meta.get("label_sources")
     if isinstance(sources, dict):  # folders prepared before 2026-12-03 do not record it
+        from_file = (f", {sources['file']} from {info.meta.get('labels_file', 'dataset.labels_file')}"
+                     if sources.get("file") else "")
+        mode = info.meta.get("image_labels", "masks")
         lines.append(f"image-level labels: {sources.get('mask', 0)} from masks, {sources.get('xml', 0)} from "
-                     f"Annotations/<id>.xml (dataset.image_labels: {info.meta.get('image_labels', 'masks')})")
+                     f"Annotations/<id>.xml{from_file} (dataset.image_labels: {mode})")
     return lines
 
 

@@ -67,12 +67,14 @@ class MissingMask(AdvcamError):
 
 
 def _check_one(root: Path, mask_dir: str, classes: list[str], image_id: str, list_file: Path, full: bool,
-               need_mask: bool, image_labels: str, suffix: str = voc.IMAGE_SUFFIX
-               ) -> tuple[list[int], str] | AdvcamError:
-    """Labels of one image and where they came from (``mask`` or ``xml``), or the problem with it (returned,
-    not raised, so all problems are collected). ``need_mask``: the image is scored against its mask (val)."""
+               need_mask: bool, image_labels: str, suffix: str = voc.IMAGE_SUFFIX,
+               file_labels: dict[str, list[int]] | None = None) -> tuple[list[int], str] | AdvcamError:
+    """Labels of one image and where they came from (``mask``, ``file`` or ``xml``), or the problem with it
+    (returned, not raised, so all problems are collected). ``need_mask``: the image is scored against its mask
+    (val). ``file_labels``: the labels of ``dataset.labels_file``, where set."""
     img_path, msk_path = voc.image_path(root, image_id, suffix), voc.mask_path(root, mask_dir, image_id)
     xml_path = voc.annotation_path(root, image_id)
+    in_file = file_labels is not None and image_id in file_labels
     try:
         if not img_path.is_file():
             others = sorted(p.name for p in img_path.parent.glob(glob.escape(image_id) + ".*") if p.is_file())
@@ -83,9 +85,14 @@ def _check_one(root: Path, mask_dir: str, classes: list[str], image_id: str, lis
         if image_labels == "xml" and not has_xml:
             raise AdvcamError(f"{list_file}: id {image_id!r} has no annotation (expected {xml_path}; "
                               "dataset.image_labels is xml)")
-        if not has_mask and (need_mask or not has_xml):
+        if image_labels == "file" and not in_file:
+            raise AdvcamError(f"{list_file}: id {image_id!r} has no line in the labels file (dataset.image_labels "
+                              "is file)")
+        if not has_mask and (need_mask or not (has_xml or in_file)):
+            sources = (f", no annotation ({xml_path}) and no line in dataset.labels_file" if file_labels is not None
+                       else f" and no annotation ({xml_path})")
             why = ("; val images are scored against their masks" if need_mask else
-                   f" and no annotation ({xml_path}) to take its image-level labels from")
+                   f"{sources} to take its image-level labels from")
             raise MissingMask(f"{list_file}: id {image_id!r} has no mask (expected {msk_path}){why}")
         h, w = voc.check_image(img_path, full=full)
         labels: list[int] = []
@@ -97,6 +104,8 @@ def _check_one(root: Path, mask_dir: str, classes: list[str], image_id: str, lis
                 raise AdvcamError(f"{msk_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image {img_path} "
                                   f"is {h}x{w}{turned}")
             labels = voc.labels_from_mask(mask)
+        if image_labels == "file" or (in_file and not has_mask and image_labels == "masks"):
+            return list((file_labels or {})[image_id]), "file"
         if image_labels == "xml" or not has_mask:
             return voc.labels_from_xml(xml_path, classes), "xml"
         return labels, "mask"
@@ -121,12 +130,14 @@ def check_layout(root: Path, mask_dir: str, list_names: dict[str, str],
 
 def index(root: Path, mask_dir: str, classes: list[str], list_names: dict[str, str],
           workers: int | None = None, image_labels: str = "masks", sources: dict[str, str] | None = None,
-          suffix: str = voc.IMAGE_SUFFIX) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
+          suffix: str = voc.IMAGE_SUFFIX, file_labels: dict[str, list[int]] | None = None
+          ) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
     """Read and validate the lists of a VOC-layout ``root``; return ``(lists by role, labels by id)``.
 
-    Image-level labels (``image_labels``): ``masks`` takes them from each image's mask, and from its
-    ``Annotations/<id>.xml`` where it has no mask; ``xml`` from the annotation of every image. Val images
-    must have a mask. ``sources``, if given, receives where each id's labels came from (``mask`` / ``xml``).
+    Image-level labels (``image_labels``): ``masks`` takes them from each image's mask, and where it has no mask
+    from its line in ``file_labels`` (``dataset.labels_file``), else from its ``Annotations/<id>.xml``; ``xml``
+    from the annotation of every image; ``file`` from ``file_labels`` for every image. Val images must have a
+    mask. ``sources``, if given, receives where each id's labels came from (``mask`` / ``file`` / ``xml``).
 
     Raises AdvcamError for a missing folder or list, unsafe or duplicate ids, an empty list, and (all
     collected, the first few listed) ids without an image, without a mask or annotation to label them (val:
@@ -146,7 +157,8 @@ def index(root: Path, mask_dir: str, classes: list[str], list_names: dict[str, s
     pool = ThreadPoolExecutor(max_workers=n_workers)
     try:
         results = list(progress(pool.map(lambda i: _check_one(root, mask_dir, classes, i, first_list[i], full[i],
-                                                                i in scored, image_labels, suffix), ids),
+                                                                i in scored, image_labels, suffix, file_labels),
+                                          ids),
                                 desc=f"index {root.name}", total=len(ids), unit="img"))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -173,6 +185,19 @@ def _class_counts(ids: list[str], labels: dict[str, list[int]], classes: list[st
     return dict(zip(classes, counts))
 
 
+def labels_file_path(ds: Any, root: Path) -> Path | None:
+    """``dataset.labels_file`` (relative to the dataset root, or absolute), or None where unset; AdvcamError when
+    ``dataset.image_labels`` is file without it."""
+    name = ds.get("labels_file")
+    if not name:
+        if str(ds.get("image_labels", "masks")) == "file":
+            raise AdvcamError("dataset.image_labels is file but dataset.labels_file is not set: name the file of "
+                              "image-level labels (one line per image: its id, then its class names)")
+        return None
+    path = Path(str(name)).expanduser()
+    return path if path.is_absolute() else Path(root) / path
+
+
 def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
     ds = cfg.dataset
     names = role_list_names(ds)
@@ -191,6 +216,9 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
             log.warning("dataset.image_labels=%s ignored for the synthetic dataset (it writes no annotations; its "
                         "labels come from its masks)", image_labels)
             image_labels = "masks"
+        if ds.get("labels_file"):
+            log.warning("dataset.labels_file=%s ignored for the synthetic dataset (its labels come from its masks)",
+                        ds.get("labels_file"))
         if suffix != voc.IMAGE_SUFFIX:
             log.warning("dataset.image_suffix=%s ignored for the synthetic dataset (it writes %s images)", suffix,
                         voc.IMAGE_SUFFIX)
@@ -208,14 +236,28 @@ def _build(cfg: Any, tmp: Path) -> dict[str, Any]:
         root = Path(ds.root).expanduser().absolute()
         root_ref, mask_dir = str(root), _check_mask_dir(ds.mask_dir)
         classes = list(ds.classes) if ds.classes is not None else list(voc.VOC_CLASSES)
+    labels_file = labels_file_path(ds, root) if ds.kind != "synthetic" else None
+    file_labels = voc.read_labels_file(labels_file, classes) if labels_file is not None else None
+    if labels_file is not None:
+        meta["labels_file"] = str(labels_file)
     sources: dict[str, str] = {}
     lists, labels = index(root, mask_dir, classes, names, image_labels=image_labels, sources=sources,
-                          suffix=suffix)
-    source_of = (lambda i: voc.annotation_path(root, i) if sources[i] == "xml"  # noqa: E731
-                 else voc.mask_path(root, mask_dir, i))
+                          suffix=suffix, file_labels=file_labels)
+    def source_of(image_id: str) -> Path:
+        """The file an image's labels came from: its annotation, the labels file or its mask."""
+        if sources[image_id] == "xml":
+            return voc.annotation_path(root, image_id)
+        if sources[image_id] == "file" and labels_file is not None:
+            return labels_file
+        return voc.mask_path(root, mask_dir, image_id)
+
     if not ds.get("allow_background_only", False):
         _check_foreground(lists, labels, voc.list_path(root, names["train"]), source_of)
-    counts = {src: sum(1 for v in sources.values() if v == src) for src in ("mask", "xml")}
+    counts = {src: sum(1 for v in sources.values() if v == src)
+              for src in ("mask", "xml", *(("file",) if labels_file is not None else ()))}
+    if counts.get("file"):
+        log.info("image-level labels: %d image(s) from their masks, %d from %s", counts["mask"], counts["file"],
+                 labels_file)
     if counts["xml"]:
         aug = "SegmentationClassAug"  # SBD's masks of train_aug: labels from masks, as IRN's and AdvCAM's are
         hint = (f" ({root / aug} exists: dataset.mask_dir: {aug} takes the labels of train_aug's images from "

@@ -36,15 +36,16 @@ def params_json(*sections, inactive=False):
 def outside_files(section, keys=("pretrained", "trained")):
     """Files outside the repository that a stage reads, as its inputs, so that a newer one reruns it and what
     follows: the set `pretrained` weight file of `classifier` / `segmentation`, the set `classifier.trained`
-    (`keys` picks among them), the list files of a VOC-layout `dataset`. (DVC's stages cannot list them;
-    `advcam params --check` checks that they exist.)"""
+    (`keys` picks among them), the list files and `labels_file` of a VOC-layout `dataset`. (DVC's stages cannot
+    list them; `advcam params --check` checks that they exist.)"""
     cfg = config[section]
     if section == "dataset":
         if cfg["kind"] != "voc":
             return []
         names = {cfg["train_list"], cfg["infer_list"], cfg.get("seg_list") or cfg["infer_list"], cfg["val_list"]}
         root = os.path.expanduser(cfg["root"])
-        return [os.path.join(root, "ImageSets", "Segmentation", f"{n}.txt") for n in sorted(names)]
+        labels = [os.path.join(root, os.path.expanduser(cfg["labels_file"]))] if cfg.get("labels_file") else []
+        return [os.path.join(root, "ImageSets", "Segmentation", f"{n}.txt") for n in sorted(names)] + labels
     return [os.path.expanduser(cfg[k]) for k in keys if cfg.get(k)]
 
 
