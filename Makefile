@@ -30,9 +30,11 @@ run: install
 	snakemake --cores all --rerun-incomplete
 
 # One pytest worker per CPU (pytest-xdist); each test file runs whole on one worker, so its module fixtures (a
-# tiny Snakemake or DVC run) are made once.
+# tiny Snakemake or DVC run) are made once. The files go to the workers in the order tests/conftest.py collects
+# them, the longest first (--no-loadscope-reorder: xdist would otherwise start the files with the most tests first,
+# which left the longest, test_workflow.py, to run alone at the end).
 test: install
-	$(BIN)/python -m pytest -q -n logical --dist loadfile tests
+	$(BIN)/python -m pytest -q -n logical --dist loadfile --no-loadscope-reorder tests
 
 # Renews constraints.txt: the newest versions within setup.py's ranges, resolved in a venv of its own (no system
 # packages), for this Python. torch and the packages only torch needs are left out, so that a CUDA build of
