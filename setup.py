@@ -44,7 +44,7 @@ setup(
         # dvclive: training curves for `dvc plots` (advcam.train.live; optional, a no-op when missing)
         # snakemake-executor-plugin-slurm: workflow/profiles/slurm (docs/cluster.md)
         "workflow": ["snakemake>=9,<10", "dvc>=3.50,<4", "dvclive>=3.40,<4", "snakemake-executor-plugin-slurm>=2,<3"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5,<4", "mypy>=2.4,<2.5", "snakemake>=9,<10", "dvc>=3.50,<4",
+        "test": ["pytest>=8", "pytest-xdist>=3.8,<4", "mypy>=2.4,<2.5", "snakemake>=9,<10", "dvc>=3.50,<4",
                  "dvclive>=3.40,<4", "snakemake-executor-plugin-slurm>=2,<3"],
     },
     entry_points={"console_scripts": ["advcam=advcam.cli:main"]},
