@@ -222,17 +222,34 @@ def irn_cam_state(path: Path, num_classes: int) -> dict[str, torch.Tensor] | Non
     return ours
 
 
-def trained_irn_state(path: Path, num_classes: int, method: str, arch: str) -> dict[str, torch.Tensor] | None:
-    """:func:`irn_cam_state` for ``classifier.trained`` (errors name the param), refusing IRN's network unless the
-    params ask for what it is (method ``cam``, arch ``resnet50``)."""
+def load_trained(path: str | Path, num_classes: int, classes: Sequence[str] | None, method: str,
+                 arch: str) -> tuple[CAMNet, str]:
+    """The classifier of ``classifier.trained`` and its format (``irn`` or ``advcam``), checked against the
+    dataset (``num_classes``, ``classes`` where known) and the params (``method``, ``arch``); errors name the
+    param. IRN's ResNet-50 CAM network needs method ``cam`` and arch ``resnet50``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise AdvcamError(f"classifier.trained: file not found: {path}")
     try:
         state = irn_cam_state(path, num_classes)
     except AdvcamError as exc:
         raise AdvcamError(f"classifier.trained: {exc}") from None
-    if state is not None and (method, arch) != ("cam", "resnet50"):
-        raise AdvcamError(f"classifier.trained: {path} is IRN's ResNet-50 CAM network; set classifier.method=cam and "
-                          f"classifier.arch=resnet50 (they are {method} and {arch})")
-    return state
+    if state is not None:
+        if (method, arch) != ("cam", "resnet50"):
+            raise AdvcamError(f"classifier.trained: {path} is IRN's ResNet-50 CAM network; set classifier.method=cam "
+                              f"and classifier.arch=resnet50 (they are {method} and {arch})")
+        model = build_classifier("resnet50", num_classes)
+        model.load_state_dict(state)
+        return model.eval(), "irn"
+    try:
+        loaded = load_classifier(path, num_classes=num_classes, classes=classes)
+    except AdvcamError as exc:
+        raise AdvcamError(f"classifier.trained: {exc} (expected IRN's res50_cam.pth or an advcam classifier "
+                          "checkpoint)") from None
+    if (loaded.method, loaded.arch) != (method, arch):
+        raise AdvcamError(f"classifier.trained: {path} holds a {loaded.method} classifier of arch {loaded.arch}; "
+                          f"set classifier.method={loaded.method} and classifier.arch={loaded.arch}")
+    return loaded, "advcam"
 
 
 def classifier_header(model: nn.Module, classes: list[str], params: Mapping[str, Any]) -> dict:

@@ -29,11 +29,10 @@ import yaml
 from advcam import config
 from advcam.data import role_list_names, synthetic, voc
 from advcam.models import resnet
-from advcam.models.classifier import build_classifier, trained_irn_state
+from advcam.models.classifier import build_classifier, load_trained
 from advcam.models.deeplab import build_segmenter
 from advcam.steps.prepare import check_layout, labels_file_path
 from advcam.train.segmentation import select_gt_ids
-from advcam.utils.checkpoint import load_checkpoint
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import write_text
 from advcam.utils.progress import log
@@ -84,36 +83,21 @@ def predict_list_exists(cfg: Any) -> None:
                           f"{', '.join(sorted(generated))})")
 
 
-def num_classes(cfg: Any) -> int:
-    """C, the dataset's foreground classes as ``prepare`` will name them."""
+def dataset_classes(cfg: Any) -> list[str]:
+    """The dataset's foreground class names as ``prepare`` will name them."""
     ds = cfg.dataset
     if ds.classes is not None:
-        return len(ds.classes)
-    return len(voc.VOC_CLASSES) if ds.kind == "voc" else int(cfg.synthetic.num_classes)
+        return list(ds.classes)
+    return list(voc.VOC_CLASSES) if ds.kind == "voc" else synthetic.class_names(int(cfg.synthetic.num_classes))
 
 
 def trained_fits(cfg: Any) -> None:
-    """``classifier.trained``, where set, is IRN's ResNet-50 CAM network (for ``resnet50``, ``cam``) or an advcam
-    classifier checkpoint of the dataset's class count and the configured method and arch."""
+    """``classifier.trained``, where set, is a classifier that ``train-cls`` takes (the same check, the same
+    message): IRN's ResNet-50 CAM network or an advcam classifier checkpoint that fits the dataset and params."""
     c = cfg.classifier
-    if not c.get("trained"):
-        return
-    path = Path(str(c.trained)).expanduser()
-    if not path.is_file():
-        raise AdvcamError(f"classifier.trained: file not found: {path}")
-    n = num_classes(cfg)
-    if trained_irn_state(path, n, c.method, c.arch) is not None:
-        return
-    try:
-        header, _ = load_checkpoint(path)
-    except AdvcamError as exc:
-        raise AdvcamError(f"classifier.trained: {exc} (expected IRN's res50_cam.pth or an advcam classifier "
-                          "checkpoint)") from None
-    got = (header.get("kind"), header.get("method", "cam"), header.get("arch"), header.get("num_classes"))
-    if got != ("classifier", c.method, c.arch, n):
-        raise AdvcamError(f"classifier.trained: {path} holds a {got[0]} checkpoint (method {got[1]}, arch {got[2]}, "
-                          f"{got[3]} classes); the params ask for a classifier (method {c.method}, arch {c.arch}, "
-                          f"{n} classes)")
+    if c.get("trained"):
+        classes = dataset_classes(cfg)
+        load_trained(str(c.trained), len(classes), classes, c.method, c.arch)
 
 
 def gt_ids_fit(cfg: Any, lists: dict[str, list[str]]) -> None:

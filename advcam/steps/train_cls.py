@@ -15,13 +15,11 @@ from advcam import config
 from advcam.config import Config
 from advcam.data import image_classes, load_info
 from advcam.data.datasets import ClassificationDataset
-from advcam.models.classifier import (build_classifier, builder_for, classifier_header, load_classifier,
-                                     trained_irn_state)
+from advcam.models.classifier import builder_for, classifier_header, load_trained
 from advcam.train import loop, memo
 from advcam.train import eader as eader_training
 from advcam.train import seam as seam_training
 from advcam.utils.checkpoint import save_checkpoint
-from advcam.utils.errors import AdvcamError
 from advcam.utils.io import clean_stale_temps_for, code_digest, files_digest, ids_digest
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.progress import launch_rank, log
@@ -45,23 +43,7 @@ def import_trained(cfg: Config, info: Any, out: Path, curves: Path) -> None:
     as ``out``, after checking it against the dataset's classes and the classifier params."""
     c = cfg.classifier
     path = Path(str(c.trained)).expanduser()
-    if not path.is_file():
-        raise AdvcamError(f"classifier.trained: file not found: {path}")
-    state = trained_irn_state(path, info.num_classes, c.method, c.arch)
-    if state is not None:
-        model = build_classifier("resnet50", info.num_classes)
-        model.load_state_dict(state)
-        source = "irn"
-    else:
-        try:
-            model = load_classifier(path, num_classes=info.num_classes, classes=list(info.classes))
-        except AdvcamError as exc:
-            raise AdvcamError(f"classifier.trained: {exc} (expected IRN's res50_cam.pth or an advcam classifier "
-                              "checkpoint)") from None
-        if (model.method, model.arch) != (c.method, c.arch):
-            raise AdvcamError(f"classifier.trained: {path} holds a {model.method} classifier of arch {model.arch}; "
-                              f"set classifier.method={model.method} and classifier.arch={model.arch}")
-        source = "advcam"
+    model, source = load_trained(path, info.num_classes, list(info.classes), c.method, c.arch)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # the header names the file, not the training params (unused here): the same file gives the same bytes
     save_checkpoint(out, classifier_header(model, list(info.classes), {"trained": str(path), "format": source}),
