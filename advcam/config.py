@@ -292,13 +292,12 @@ def active(section: str, values: Any) -> Any:
     ``classifier.seam`` when ``classifier.method`` is cam) and without the :data:`UNSET_MEANS_ABSENT` keys that are
     null; a top-level scalar (``seed``) as it is. What a stage's results depend on: Snakemake's rule params and
     the stages' fingerprints use it, so a change there reruns and retrains nothing."""
-    if not isinstance(values, Mapping):
-        return copy.deepcopy(values)
-    out = copy.deepcopy(dict(values))
-    for sub, method in METHOD_SUBSECTIONS.get(section, {}).items():
-        if out.get("method") != method:
-            out.pop(sub, None)
-    return without_unset(section, out)
+    out = without_unset(section, values)
+    if isinstance(out, dict):
+        for sub, method in METHOD_SUBSECTIONS.get(section, {}).items():
+            if out.get("method") != method:
+                out.pop(sub, None)
+    return out
 
 
 def without_unset(section: str, values: Any) -> Any:

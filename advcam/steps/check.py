@@ -60,13 +60,17 @@ def dataset_lists(cfg: Any) -> dict[str, list[str]]:
         if labels_file is not None:
             voc.read_labels_file(labels_file, list(ds.classes) if ds.classes is not None else list(voc.VOC_CLASSES))
         return check_layout(root, ds.mask_dir, names, str(ds.get("image_labels", "masks")))
+    return {role: synthetic_list(cfg, name, "dataset." + ("seg_list" if role == "seg" else f"{role}_list"))
+            for role, name in names.items()}
+
+
+def synthetic_list(cfg: Any, name: str, key: str) -> list[str]:
+    """The ids of list ``name`` of the synthetic dataset; AdvcamError naming ``key`` when it writes no such list."""
     generated = synthetic.list_ids(cfg.synthetic.to_dict())
-    for role, name in names.items():
-        if name not in generated:
-            key = "seg_list" if role == "seg" else f"{role}_list"
-            raise AdvcamError(f"dataset.{key}: the synthetic dataset has no list {name!r} (it writes "
-                              f"{', '.join(sorted(generated))})")
-    return {role: generated[name] for role, name in names.items()}
+    if name not in generated:
+        raise AdvcamError(f"{key}: the synthetic dataset has no list {name!r} (it writes "
+                          f"{', '.join(sorted(generated))})")
+    return generated[name]
 
 
 def predict_list_exists(cfg: Any) -> None:
@@ -76,11 +80,8 @@ def predict_list_exists(cfg: Any) -> None:
         return
     if cfg.dataset.kind == "voc":
         voc.read_list(Path(cfg.dataset.root).expanduser().absolute(), str(name))
-        return
-    generated = synthetic.list_ids(cfg.synthetic.to_dict())
-    if name not in generated:
-        raise AdvcamError(f"predict.list: the synthetic dataset has no list {name!r} (it writes "
-                          f"{', '.join(sorted(generated))})")
+    else:
+        synthetic_list(cfg, str(name), "predict.list")
 
 
 def dataset_classes(cfg: Any) -> list[str]:

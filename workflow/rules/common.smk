@@ -45,7 +45,7 @@ def outside_files(section, keys=("pretrained", "trained")):
         names = {cfg["train_list"], cfg["infer_list"], cfg.get("seg_list") or cfg["infer_list"], cfg["val_list"]}
         root = os.path.expanduser(cfg["root"])
         labels = [os.path.join(root, os.path.expanduser(cfg["labels_file"]))] if cfg.get("labels_file") else []
-        return [os.path.join(root, "ImageSets", "Segmentation", f"{n}.txt") for n in sorted(names)] + labels
+        return [f for n in sorted(names) for f in outside_list(n)] + labels
     return [os.path.expanduser(cfg[k]) for k in keys if cfg.get(k)]
 
 
