@@ -11,6 +11,10 @@ gradient with respect to the input that adversarial climbing needs.
 BatchNorm layers train normally, since frozen statistics of a randomly initialised network would be meaningless.
 Its output stride is 8 (96 px -> 12x12 maps).
 
+``resnet38`` is PSA's and SEAM's ResNet-38 (:mod:`advcam.models.resnet38`, output stride 8), frozen as they freeze
+it: every BatchNorm (statistics and affine parameters) and ``conv1a``, ``b2``, ``b2_1``, ``b2_2``. With method
+``cam`` it is PSA's CAM network without the dropout PSA applies before the classifier in training.
+
 Checkpoint helpers shared with :mod:`advcam.models.deeplab` live here too.
 """
 from __future__ import annotations
@@ -23,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advcam.models import resnet
+from advcam.models import resnet, resnet38
 from advcam.utils.checkpoint import load_checkpoint
 from advcam.utils.errors import AdvcamError
 
-CLASSIFIER_ARCHS = ("resnet50", "resnet_small")
+CLASSIFIER_ARCHS = ("resnet50", "resnet38", "resnet_small")
+Backbone = resnet.ResNet | resnet38.ResNet38
 
 
 class CAMNet(nn.Module):
@@ -36,7 +41,7 @@ class CAMNet(nn.Module):
 
     method = "cam"
 
-    def __init__(self, backbone: resnet.ResNet, num_classes: int, arch: str, frozen_bn: bool,
+    def __init__(self, backbone: Backbone, num_classes: int, arch: str, frozen_bn: bool,
                  frozen_modules: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.arch = arch
@@ -78,10 +83,16 @@ def freeze_batchnorm_stats(model: nn.Module) -> None:
 
 
 def build_classifier(arch: str, num_classes: int, pretrained: str | Path | None = None) -> CAMNet:
-    """A fresh CAM network; ``pretrained`` = a local torchvision-format weight file for the backbone."""
+    """A fresh CAM network; ``pretrained`` = a local weight file for the backbone (torchvision's format; for
+    ``resnet38`` a state dict with PSA's / SEAM's names)."""
+    backbone: Backbone
     if arch == "resnet50":
         backbone = resnet.resnet50(strides=(2, 2, 2, 1))
         frozen: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2")
+    elif arch == "resnet38":
+        backbone = resnet38.resnet38()
+        resnet38.freeze_reference_layers(backbone)
+        frozen = ()
     elif arch == "resnet_small":
         backbone = resnet.resnet_small(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4))
         frozen = ()
@@ -89,7 +100,16 @@ def build_classifier(arch: str, num_classes: int, pretrained: str | Path | None 
         raise AdvcamError(f"classifier arch {arch!r} unknown (choose from {', '.join(CLASSIFIER_ARCHS)})")
     if pretrained:
         resnet.load_torchvision_weights(backbone, pretrained)
-    return CAMNet(backbone, num_classes, arch, frozen_bn=arch == "resnet50", frozen_modules=frozen)
+    return CAMNet(backbone, num_classes, arch, frozen_bn=arch != "resnet_small", frozen_modules=frozen)
+
+
+def build_uninitialised(build: Callable[[str, int], nn.Module], arch: str, num_classes: int) -> nn.Module:
+    """``build(arch, num_classes)`` on the CPU without initialising its weights (built on the meta device, then given
+    empty memory): for a network whose every parameter and buffer a strict ``load_state_dict`` sets next. Spares
+    the random initialisation (a second for ResNet-38's 105 M parameters)."""
+    with torch.device("meta"):
+        model = build(arch, num_classes)
+    return model.to_empty(device="cpu")
 
 
 def load_model_checkpoint(path: str | Path, kind: str, build: Callable[[str, int], nn.Module],
@@ -116,7 +136,7 @@ def load_model_checkpoint(path: str | Path, kind: str, build: Callable[[str, int
         raise AdvcamError(f"{path}: {kind} has {n} output classes, expected {num_classes} "
                           f"(trained on a different dataset?)")
     try:
-        model = build(arch, n)
+        model = build_uninitialised(build, arch, n)
     except AdvcamError as exc:
         raise AdvcamError(f"{path}: {exc}") from None
     weights = state.get("model")
@@ -174,82 +194,6 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu",
     model.header = header  # type: ignore[assignment]
     model.classes = list(header.get("classes") or [])  # type: ignore[assignment]
     return model  # type: ignore[return-value]
-
-
-# IRN's (and AdvCAM's) ``net/resnet50_cam.py`` registers the ResNet-50 under ``resnet50`` and again inside its
-# stages (``stage1``..``stage4``, ``backbone``) and the classifier inside ``newly_added``: its state dict holds each
-# tensor under several names; ``resnet50.*`` (torchvision's names) and ``classifier.weight`` are the whole network.
-IRN_ALIASES = ("stage1.", "stage2.", "stage3.", "stage4.", "backbone.", "newly_added.")
-
-
-def irn_cam_state(path: Path, num_classes: int) -> dict[str, torch.Tensor] | None:
-    """The state dict of a CAM network for ``resnet50`` from IRN's / AdvCAM's trained ``res50_cam.pth``, or None
-    when ``path`` is not a plain state dict with IRN's ``resnet50.*`` keys (an advcam checkpoint, for instance).
-
-    Raises AdvcamError naming the file when it is IRN's but does not fit: other keys, shapes or class count."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not a plain tensor file: the caller tries the advcam format
-        return None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        return None
-    if state and all(k.startswith("module.") for k in state):  # saved from a DataParallel wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
-    if not any(k.startswith("resnet50.") for k in state):
-        return None
-    model = build_classifier("resnet50", num_classes)
-    own = model.state_dict()
-    ours = {"backbone." + k[len("resnet50."):]: v for k, v in state.items() if k.startswith("resnet50.")}
-    ours.update({k: v for k, v in state.items() if k == "classifier.weight"})
-    ours.update({k: v for k, v in own.items() if k.endswith(".num_batches_tracked") and k not in ours})
-    other = sorted(k for k in state if not k.startswith(("resnet50.", "classifier.weight", *IRN_ALIASES)))
-    missing = sorted(set(own) - set(ours))
-    if other or missing:
-        parts = [f"{len(keys)} {what}, e.g. {', '.join(keys[:3])}"
-                 for what, keys in (("unexpected", other), ("missing", missing)) if keys]
-        raise AdvcamError(f"{path}: not IRN's ResNet-50 CAM network ({'; '.join(parts)})")
-    weight = ours["classifier.weight"]
-    if torch.is_tensor(weight) and weight.dim() == 4 and weight.shape[0] != num_classes:
-        raise AdvcamError(f"{path}: classifier has {weight.shape[0]} output classes, expected {num_classes} "
-                          "(trained on a different dataset?)")
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in ours.items()
-             if not torch.is_tensor(v) or v.shape != own[k].shape]
-    if wrong:
-        raise AdvcamError(f"{path}: shapes do not match IRN's ResNet-50 CAM network ({len(wrong)} tensors, e.g. "
-                          f"{wrong[:2]})")
-    return ours
-
-
-def load_trained(path: str | Path, num_classes: int, classes: Sequence[str] | None, method: str,
-                 arch: str) -> tuple[CAMNet, str]:
-    """The classifier of ``classifier.trained`` and its format (``irn`` or ``advcam``), checked against the
-    dataset (``num_classes``, ``classes`` where known) and the params (``method``, ``arch``); errors name the
-    param. IRN's ResNet-50 CAM network needs method ``cam`` and arch ``resnet50``."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise AdvcamError(f"classifier.trained: file not found: {path}")
-    try:
-        state = irn_cam_state(path, num_classes)
-    except AdvcamError as exc:
-        raise AdvcamError(f"classifier.trained: {exc}") from None
-    if state is not None:
-        if (method, arch) != ("cam", "resnet50"):
-            raise AdvcamError(f"classifier.trained: {path} is IRN's ResNet-50 CAM network; set classifier.method=cam "
-                              f"and classifier.arch=resnet50 (they are {method} and {arch})")
-        model = build_classifier("resnet50", num_classes)
-        model.load_state_dict(state)
-        return model.eval(), "irn"
-    try:
-        loaded = load_classifier(path, num_classes=num_classes, classes=classes)
-    except AdvcamError as exc:
-        raise AdvcamError(f"classifier.trained: {exc} (expected IRN's res50_cam.pth or an advcam classifier "
-                          "checkpoint)") from None
-    if (loaded.method, loaded.arch) != (method, arch):
-        raise AdvcamError(f"classifier.trained: {path} holds a {loaded.method} classifier of arch {loaded.arch}; "
-                          f"set classifier.method={loaded.method} and classifier.arch={loaded.arch}")
-    return loaded, "advcam"
 
 
 def classifier_header(model: nn.Module, classes: list[str], params: Mapping[str, Any]) -> dict:

@@ -188,10 +188,15 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
-def load_torchvision_weights(model: ResNet, path: str | Path) -> None:
+def load_torchvision_weights(model: nn.Module, path: str | Path) -> None:
     """Load a torchvision-format ImageNet state dict (e.g. ``resnet50-0676ba61.pth``) from a local file
-    (checked by :func:`read_torchvision_weights`)."""
-    model.load_state_dict(read_torchvision_weights(path, model.state_dict()))
+    (checked by :func:`read_torchvision_weights`, ignoring the backbone's ``ignored_weight_prefixes``)."""
+    model.load_state_dict(read_torchvision_weights(path, model.state_dict(), ignored_prefixes(model)))
+
+
+def ignored_prefixes(backbone: nn.Module) -> tuple[str, ...]:
+    """Keys of a weight file that are not the backbone's (``fc.``, torchvision's ImageNet head, by default)."""
+    return tuple(getattr(backbone, "ignored_weight_prefixes", ("fc.",)))
 
 
 def _blocks(state: Mapping[str, object]) -> tuple[int, ...]:
@@ -213,18 +218,23 @@ def _depth_hint(state: Mapping[str, object], own: Mapping[str, object]) -> str:
             f"({ours})")
 
 
-def read_torchvision_weights(path: str | Path, own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_torchvision_weights(path: str | Path, own: Mapping[str, torch.Tensor],
+                             ignore: Sequence[str] = ("fc.",)) -> dict[str, torch.Tensor]:
     """The backbone state dict in a torchvision-format weight file, checked against ``own`` (a backbone's
     ``state_dict()``; shapes are enough, so a model on the ``meta`` device does).
 
-    ``fc.*`` keys are ignored, BatchNorm ``num_batches_tracked`` counters may be absent (files from before
-    PyTorch 0.4.1); every other key must match ``own`` in name and shape. ``~`` is expanded. Loaded with
-    ``weights_only=True`` (no code is unpickled). Raises :class:`AdvcamError` naming the file on a missing
-    file, a file that is not a state dict, or keys/shapes that do not match.
+    Keys starting with one of ``ignore`` (``fc.*``: the ImageNet head) are ignored, BatchNorm
+    ``num_batches_tracked`` counters may be absent (files from before PyTorch 0.4.1); every other key must match
+    ``own`` in name and shape. ``~`` is expanded. Loaded with ``weights_only=True`` (no code is unpickled). Raises
+    :class:`AdvcamError` naming the file on a missing file, an MXNet ``.params`` file, a file that is not a state
+    dict, or keys/shapes that do not match.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise AdvcamError(f"pretrained weights not found: {path}")
+    if path.suffix == ".params":  # PSA's and SEAM's ImageNet ResNet-38 is distributed in MXNet's format
+        raise AdvcamError(f"{path}: an MXNet parameter file; convert it to a PyTorch state dict first (PSA's and "
+                          "SEAM's network/resnet38d.convert_mxnet_to_torch, then torch.save), see the README")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt file can fail anywhere in the unpickler (even KeyError)
@@ -239,7 +249,7 @@ def read_torchvision_weights(path: str | Path, own: Mapping[str, torch.Tensor]) 
         raise AdvcamError(f"{path}: not a state dict (expected a mapping of parameter names to tensors){keys}")
     if state and all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore))}
     # files saved before PyTorch 0.4.1 (e.g. torchvision's resnet50-19c8e357.pth, which IRN and AdvCAM use) have no
     # BatchNorm step counters; they only matter with momentum=None, so the model's own (zero) counters stay
     hint = _depth_hint(state, own)

@@ -19,11 +19,14 @@ handling, bias-free 1x1 ``classifier``) plus the PCM of the reference (``YudeWan
 PCM), else the raw CAM. ``use_pcm`` is saved in the state dict (as extra state), so it survives
 ``load_classifier``. ``forward(x)`` returns the GAP logits as ``CAMNet`` does.
 
+On ``resnet38`` (the reference's backbone) the PCM stages are the reference's: the pre-activations of ``b5`` and
+``b6`` (``conv4``, ``conv5``; :meth:`advcam.models.resnet38.ResNet38.forward_stages`), all at stride 8, and SEAM's
+trained ``resnet38_SEAM.pth`` loads (:mod:`advcam.models.trained`).
+
 Deviations from the reference, by design:
 
-- the backbone is IRN's ResNet-50 (or the small CPU ResNet) instead of ResNet-38, so the PCM stages are
-  ``layer2``/``layer3``; on ResNet-50 ``layer2`` is at stride 8 and is resized (bilinear) to the stride-16
-  CAM grid before the projection;
+- on IRN's ResNet-50 (or the small CPU ResNet) the PCM stages are ``layer2``/``layer3``; on ResNet-50 ``layer2``
+  is at stride 8 and is resized (bilinear) to the stride-16 CAM grid before the projection;
 - no background channel in the classifier: the reference's ``fc8`` has 21 outputs but its background map
   is always replaced by ``1 - max`` (foreground) and never receives a gradient;
 - ``Dropout2d`` before the classifier in training is ``dropout`` (0.5, the reference's ``dropout7``; set by
@@ -41,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advcam.models import resnet
-from advcam.models.classifier import CAMNet, build_classifier
+from advcam.models.classifier import Backbone, CAMNet, build_classifier
+from advcam.models.resnet38 import ResNet38
 
 EPS = 1e-5
 PROJ_CHANNELS = (64, 128)  # reference f8_3 (conv4 -> 64), f8_4 (conv5 -> 128)
@@ -53,6 +56,13 @@ def _channels(layer: nn.Module) -> int:
     """Output channels of a ResNet layer (the width of its last BatchNorm)."""
     bns = [m for m in layer.modules() if isinstance(m, nn.BatchNorm2d)]
     return int(bns[-1].num_features)
+
+
+def stage_channels(backbone: Backbone) -> tuple[int, int]:
+    """Widths of the two stages the PCM reads (ResNet-38: conv4 and conv5; a torchvision ResNet: layer2, layer3)."""
+    if isinstance(backbone, ResNet38):
+        return backbone.pcm_channels
+    return _channels(backbone.layer2), _channels(backbone.layer3)
 
 
 def pcm_input(cam: torch.Tensor) -> torch.Tensor:
@@ -96,13 +106,14 @@ class SEAMNet(CAMNet):
 
     method = "seam"
 
-    def __init__(self, backbone: resnet.ResNet, num_classes: int, arch: str, frozen_bn: bool,
+    def __init__(self, backbone: Backbone, num_classes: int, arch: str, frozen_bn: bool,
                  use_pcm: bool = True) -> None:
         super().__init__(backbone, num_classes, arch, frozen_bn)
         self.use_pcm = bool(use_pcm)
         self.dropout = 0.0  # training-only Dropout2d before the classifier (set by advcam.train.seam)
-        self.pcm_proj2 = nn.Conv2d(_channels(backbone.layer2), PROJ_CHANNELS[0], 1, bias=False)
-        self.pcm_proj3 = nn.Conv2d(_channels(backbone.layer3), PROJ_CHANNELS[1], 1, bias=False)
+        widths = stage_channels(backbone)
+        self.pcm_proj2 = nn.Conv2d(widths[0], PROJ_CHANNELS[0], 1, bias=False)
+        self.pcm_proj3 = nn.Conv2d(widths[1], PROJ_CHANNELS[1], 1, bias=False)
         self.pcm_embed = nn.Conv2d(3 + sum(PROJ_CHANNELS), EMBED_CHANNELS, 1, bias=False)
         # the reference's initialisation of fc8, f8_3, f8_4, f9
         nn.init.xavier_uniform_(self.classifier.weight)
@@ -118,8 +129,10 @@ class SEAMNet(CAMNet):
         self.use_pcm = bool(state)
 
     def stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(layer2, layer3, layer4) outputs of the backbone."""
+        """(the two PCM stages, the last stage): (layer2, layer3, layer4) outputs; ResNet-38's (conv4, conv5, conv6)."""
         b = self.backbone
+        if isinstance(b, ResNet38):
+            return b.forward_stages(x)
         x2 = b.layer2(b.layer1(b.stem(x)))
         x3 = b.layer3(x2)
         return x2, x3, b.layer4(x3)

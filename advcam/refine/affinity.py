@@ -161,16 +161,23 @@ def _stage_channels(stage: nn.Module) -> int:
     return int(cast(nn.Conv2d, last.get_submodule(name)).out_channels)
 
 
+def check_affinity_arch(arch: str) -> None:
+    """The random walk's affinity network is built on the classifier's arch: refuse one it has no variant for."""
+    if arch not in AFFINITY_ARCHS:
+        raise AdvcamError(f"refine.method randomwalk: the affinity network is built on classifier.arch, and has no "
+                          f"{arch} variant (it has {', '.join(AFFINITY_ARCHS)}: IRN's design; PSA's ResNet-38 "
+                          "AffinityNet is not implemented); use refine.method crf")
+
+
 def build_affinity_net(arch: str, pretrained: str | Path | None = None) -> AffinityNet:
     """An affinity network on ``arch`` (the classifier's arch; strides give a stride-4 layer1).
 
     ``pretrained``: a local torchvision weight file; the backbone is then frozen (IRN)."""
+    check_affinity_arch(arch)
     if arch == "resnet50":
         backbone = resnet.resnet50(strides=(2, 2, 2, 1))
-    elif arch == "resnet_small":
-        backbone = resnet.resnet_small(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4))
     else:
-        raise AdvcamError(f"affinity network: arch {arch!r} unknown (choose from {', '.join(AFFINITY_ARCHS)})")
+        backbone = resnet.resnet_small(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4))
     if pretrained:
         resnet.load_torchvision_weights(backbone, pretrained)
     return AffinityNet(backbone, arch, frozen=bool(pretrained))
@@ -189,4 +196,4 @@ def batch_loss(model: nn.Module, batch: Mapping[str, Any], radius: int) -> torch
 
 
 __all__: Sequence[str] = ["offsets", "shifted", "downsample_label", "affinity_labels", "pairwise_affinity",
-                          "affinity_loss", "AffinityNet", "build_affinity_net", "batch_loss"]
+                          "affinity_loss", "AffinityNet", "build_affinity_net", "check_affinity_arch", "batch_loss"]

@@ -13,6 +13,7 @@ the same one-line messages as the stages:
 - ``segmentation.gt_ids`` outside the segmenter's training list, or a ``gt_fraction`` outside [0, 1] (the
   segmenter is the stage it would cost);
 - a ``classifier.trained`` file that is missing or holds another kind of classifier than the params ask for;
+- ``refine.method: randomwalk`` on a classifier arch the affinity network has no variant for (``resnet38``);
 - a ``pretrained`` weight file that is missing, unreadable, or does not fit its arch (keys and shapes against
   the backbone built on the ``meta`` device: no memory, no computation).
 
@@ -29,8 +30,10 @@ import yaml
 from advcam import config
 from advcam.data import role_list_names, synthetic, voc
 from advcam.models import resnet
-from advcam.models.classifier import build_classifier, load_trained
+from advcam.models.classifier import build_classifier
 from advcam.models.deeplab import build_segmenter
+from advcam.models.trained import load_trained
+from advcam.refine.affinity import check_affinity_arch
 from advcam.steps.prepare import check_layout, labels_file_path
 from advcam.train.segmentation import select_gt_ids
 from advcam.utils.errors import AdvcamError
@@ -119,7 +122,7 @@ def weights_fit(build: Callable[..., torch.nn.Module], arch: str, path: str, key
     try:
         backbone = model.backbone
         assert isinstance(backbone, torch.nn.Module)
-        resnet.read_torchvision_weights(path, backbone.state_dict())
+        resnet.read_torchvision_weights(path, backbone.state_dict(), resnet.ignored_prefixes(backbone))
     except AdvcamError as exc:
         raise AdvcamError(f"{key}: {exc}") from None
 
@@ -130,6 +133,8 @@ def run(cfg: Any, params: Path | None, out: Path) -> None:
     gt_ids_fit(cfg, dataset_lists(cfg))
     predict_list_exists(cfg)
     trained_fits(cfg)
+    if cfg.refine.method == "randomwalk":
+        check_affinity_arch(str(cfg.classifier.arch))
     for key, build, arch, path in (("classifier.pretrained", build_classifier, cfg.classifier.arch,
                                     cfg.classifier.pretrained),
                                    ("segmentation.pretrained", build_segmenter, cfg.segmentation.arch,

@@ -2,8 +2,9 @@
 
 With ``classifier.trained`` set, nothing is trained: the classifier in that file is checked against the dataset
 and the params and written as the checkpoint (AdvCAM is post-hoc: it climbs on any trained classifier). The file
-is IRN's or AdvCAM's trained ``res50_cam.pth`` (their ResNet-50 CAM network, ``classifier.arch: resnet50``) or an
-advcam classifier checkpoint (of the configured method and arch). The curve CSV is then empty.
+is a reference's trained network (IRN's or AdvCAM's ``res50_cam.pth``, PSA's ``resnet38_cls.pth``, SEAM's
+``resnet38_SEAM.pth``: :mod:`advcam.models.trained`) or an advcam classifier checkpoint (of the configured method
+and arch). The curve CSV is then empty.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from advcam import config
 from advcam.config import Config
 from advcam.data import image_classes, load_info
 from advcam.data.datasets import ClassificationDataset
-from advcam.models.classifier import builder_for, classifier_header, load_trained
+from advcam.models.classifier import builder_for, classifier_header
+from advcam.models.trained import load_trained
 from advcam.train import loop, memo
 from advcam.train import eader as eader_training
 from advcam.train import seam as seam_training
@@ -39,8 +41,8 @@ def trainer_for(method: str) -> Callable[..., list[list[float]]]:
 
 
 def import_trained(cfg: Config, info: Any, out: Path, curves: Path) -> None:
-    """``classifier.trained``: write the classifier of that file (IRN's ``res50_cam.pth`` or an advcam checkpoint)
-    as ``out``, after checking it against the dataset's classes and the classifier params."""
+    """``classifier.trained``: write the classifier of that file (a reference's trained network or an advcam
+    checkpoint) as ``out``, after checking it against the dataset's classes and the classifier params."""
     c = cfg.classifier
     path = Path(str(c.trained)).expanduser()
     model, source = load_trained(path, info.num_classes, list(info.classes), c.method, c.arch)

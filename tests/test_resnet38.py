@@ -1,0 +1,261 @@
+"""``classifier.arch: resnet38``: PSA's and SEAM's ResNet-38, their trained weight files as ``classifier.trained``
+(SEAM's ``resnet38_SEAM.pth``, PSA's ``resnet38_cls.pth``) and their ImageNet weights as ``classifier.pretrained``.
+
+The reference side is written out here from the references' equations, on the state dict with their names
+(functional, so a module or a name that differs fails): ResNet-38's forward, SEAM's PCM and ``infer_SEAM.py``."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from advcam import config
+from advcam.attribution.cam import load_cam
+from advcam.data import load_info
+from advcam.models import resnet
+from advcam.models.classifier import build_classifier, load_classifier
+from advcam.models.resnet38 import ResNet38
+from advcam.models.seam import build_seam
+from advcam.steps import check
+from advcam.utils.errors import AdvcamError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_trained_classifier import run, train_cls  # noqa: E402
+from voc_fixture import DEFAULT_CLASSES, make_voc_fixture  # noqa: E402
+
+EPS = 1e-5
+# the reference's pre-activation blocks: (name, stride, first conv's dilation, second conv's dilation, 1x1 shortcut)
+BLOCKS = [("b2", 2, 1, 1, True), ("b2_1", 1, 1, 1, False), ("b2_2", 1, 1, 1, False),
+          ("b3", 2, 1, 1, True), ("b3_1", 1, 1, 1, False), ("b3_2", 1, 1, 1, False),
+          ("b4", 2, 1, 1, True), *[(f"b4_{i}", 1, 1, 1, False) for i in range(1, 6)],
+          ("b5", 1, 1, 2, True), ("b5_1", 1, 2, 2, False), ("b5_2", 1, 2, 2, False)]
+BOTTLENECKS = ("b6", "b7")  # 1x1 to out/4, 3x3 (dilation 4) to out/2, 1x1 to out; 1x1 shortcut
+
+def bn_relu(sd: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    return F.relu(F.batch_norm(x, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
+                               sd[f"{name}.bias"], False, 0.0, EPS))
+
+def conv(sd: dict, name: str, x: torch.Tensor, stride: int = 1, dilation: int = 1) -> torch.Tensor:
+    w = sd[f"{name}.weight"]
+    return F.conv2d(x, w, stride=stride, padding=dilation * (w.shape[-1] // 2), dilation=dilation)
+
+def reference_resnet38(sd: dict, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """resnet38d's ``forward_as_dict``: conv4 / conv5 = the BN-ReLU pre-activations of b5 / b6, conv6 = ReLU(bn7)."""
+    out = {}
+    x = conv(sd, "conv1a", x)
+    for name, stride, first, dilation, projected in BLOCKS:
+        pre = bn_relu(sd, f"{name}.bn_branch2a", x)
+        if name == "b5":
+            out["conv4"] = pre
+        shortcut = conv(sd, f"{name}.conv_branch1", pre, stride) if projected else x
+        y = bn_relu(sd, f"{name}.bn_branch2b1", conv(sd, f"{name}.conv_branch2a", pre, stride, first))
+        x = shortcut + conv(sd, f"{name}.conv_branch2b1", y, 1, dilation)
+    for name in BOTTLENECKS:
+        pre = bn_relu(sd, f"{name}.bn_branch2a", x)
+        if name == "b6":
+            out["conv5"] = pre
+        y = bn_relu(sd, f"{name}.bn_branch2b1", conv(sd, f"{name}.conv_branch2a", pre))
+        y = bn_relu(sd, f"{name}.bn_branch2b2", conv(sd, f"{name}.conv_branch2b1", y, 1, 4))
+        x = conv(sd, f"{name}.conv_branch1", pre) + conv(sd, f"{name}.conv_branch2b2", y)
+    out["conv6"] = bn_relu(sd, "bn7", x)
+    return out
+
+def reference_seam(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """resnet38_SEAM's ``forward`` in eval mode: the PCM output ``cam_rv`` (21 maps, background first), resized to
+    the input with ``align_corners=True``."""
+    f = reference_resnet38(sd, x)
+    cam = F.conv2d(f["conv6"], sd["fc8.weight"])
+    n, c, h, w = cam.shape
+    d = F.relu(cam)
+    norm = F.relu(d - EPS) / (d.view(n, c, -1).max(-1)[0].view(n, c, 1, 1) + EPS)
+    top = norm[:, 1:].max(1, keepdim=True)[0]
+    fg = torch.where(norm[:, 1:] < top, torch.zeros_like(top), norm[:, 1:])
+    norm = torch.cat([1 - top, fg], 1)
+    small = F.interpolate(x, (h, w), mode="bilinear", align_corners=True)
+    feats = torch.cat([small, F.relu(F.conv2d(f["conv4"], sd["f8_3.weight"])),
+                       F.relu(F.conv2d(f["conv5"], sd["f8_4.weight"]))], 1)
+    e = F.conv2d(feats, sd["f9.weight"]).view(n, -1, h * w)
+    e = e / (torch.norm(e, dim=1, keepdim=True) + EPS)
+    aff = F.relu(torch.matmul(e.transpose(1, 2), e))
+    aff = aff / (aff.sum(1, keepdim=True) + EPS)
+    rv = torch.matmul(norm.view(n, -1, h * w), aff).view(n, -1, h, w)
+    return F.interpolate(rv, x.shape[-2:], mode="bilinear", align_corners=True)
+
+def infer_seam(sd: dict, pixels: np.ndarray, classes: list[int], scales: tuple[float, ...]) -> np.ndarray:
+    """``infer_SEAM.py`` for one image: per scale the PIL bicubic resize to the rounded size, ImageNet normalisation,
+    the image and its flip; foreground PCM maps resized to the image (``align_corners=False``), flipped back,
+    summed; ReLU; per class minimum-maximum normalisation with pixels below minimum + 1e-5 zeroed."""
+    h, w = pixels.shape[:2]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    total = torch.zeros(len(classes), h, w)
+    for s in scales:
+        img = np.asarray(Image.fromarray(pixels).resize((round(w * s), round(h * s)), Image.BICUBIC))
+        x = torch.from_numpy(((img / 255. - mean) / std).astype(np.float32).transpose(2, 0, 1).copy())
+        for flip in (False, True):
+            with torch.no_grad():
+                rv = reference_seam(sd, (x.flip(-1) if flip else x)[None])
+            m = F.interpolate(rv[:, 1:], (h, w), mode="bilinear", align_corners=False)[0][[c for c in classes]]
+            total += m.flip(-1) if flip else m
+    total = total.clamp_min(0)
+    lo, hi = total.amin((1, 2), keepdim=True), total.amax((1, 2), keepdim=True)
+    total[total < lo + EPS] = 0
+    return ((total - lo - EPS) / (hi - lo + EPS)).numpy()
+
+def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """``model`` in eval mode with random BatchNorm statistics and affine parameters (not the identity)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return model.eval()
+
+def reference_keys() -> set[str]:
+    """The parameter and buffer names of resnet38d.Net, from the block table above."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = {"conv1a.weight", *(f"bn7.{k}" for k in bn)}
+    for name, _, _, _, projected in BLOCKS:
+        keys |= {f"{name}.conv_branch2a.weight", f"{name}.conv_branch2b1.weight"}
+        keys |= {f"{name}.{b}.{k}" for b in ("bn_branch2a", "bn_branch2b1") for k in bn}
+        keys |= {f"{name}.conv_branch1.weight"} if projected else set()
+    for name in BOTTLENECKS:
+        keys |= {f"{name}.conv_branch{c}.weight" for c in ("1", "2a", "2b1", "2b2")}
+        keys |= {f"{name}.{b}.{k}" for b in ("bn_branch2a", "bn_branch2b1", "bn_branch2b2") for k in bn}
+    return keys
+
+@pytest.fixture(scope="module")
+def seam_file(tmp_path_factory):
+    """A SEAM-format ``resnet38_SEAM.pth`` for 3 classes (fc8 with a background row first) with random weights and
+    BatchNorm parameters, the state dict under the reference's names, and the VOC fixture prepared for it."""
+    tmp = tmp_path_factory.mktemp("resnet38")
+    net = randomised(build_seam("resnet38", len(DEFAULT_CLASSES)), 0)
+    sd = {k[len("backbone."):]: v for k, v in net.state_dict().items() if k.startswith("backbone.")}
+    sd.update({"fc8.weight": torch.cat([torch.randn(1, 4096, 1, 1) * 0.02, net.classifier.weight.detach()]),
+               "f8_3.weight": net.pcm_proj2.weight.detach(), "f8_4.weight": net.pcm_proj3.weight.detach(),
+               "f9.weight": net.pcm_embed.weight.detach()})
+    torch.save(sd, tmp / "resnet38_SEAM.pth")
+    root = make_voc_fixture(tmp / "VOC", n_train=2, n_val=1, size=(36, 44))
+    sets = ["device=cpu", "dataset.kind=voc", f"dataset.root={root}", "dataset.train_list=train",
+            f"dataset.classes={list(DEFAULT_CLASSES)}", "classifier.arch=resnet38", "classifier.method=seam",
+            "cam.method=cam", "cam.scales=[1.0, 0.5]"]
+    assert run(tmp, sets, "prepare", "--out", tmp / "data") == 0
+    assert train_cls(tmp, sets, tmp / "resnet38_SEAM.pth", "seam.pt") == 0  # the classifier the tests climb on
+    yield tmp, sets, sd
+    shutil.rmtree(tmp)  # about 2 GB of weight files
+
+def test_resnet38_is_the_references_network():
+    """Names, shapes and the forward (conv4, conv5, conv6) of resnet38d.Net; frozen as PSA and SEAM freeze it."""
+    net = randomised(ResNet38(), 1)
+    sd = net.state_dict()
+    assert set(sd) == reference_keys()
+    x = torch.randn(2, 3, 37, 29)
+    with torch.no_grad():
+        ours, ref = net.forward_stages(x), reference_resnet38(sd, x)
+    for got, key in zip(ours, ("conv4", "conv5", "conv6")):
+        assert got.shape[-2:] == (5, 4)  # output stride 8, and the stages read by the PCM at the same grid
+        torch.testing.assert_close(got, ref[key], rtol=1e-4, atol=1e-5, msg=key)
+    model = build_classifier("resnet38", 4).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"classifier.weight"} | {f"backbone.{k}" for k in reference_keys()
+                                                 if k.split(".")[0] not in ("conv1a", "b2", "b2_1", "b2_2")
+                                                 and ".conv" in f".{k}"}
+    assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+def test_seams_trained_network_gives_infer_seams_maps(seam_file):
+    """SEAM's resnet38_SEAM.pth as classifier.trained: the CAM files (two scales, flips) are infer_SEAM.py's."""
+    tmp, sets, sd = seam_file
+    model = load_classifier(tmp / "seam.pt")
+    assert (model.arch, model.method, model.header["params"]["format"]) == ("resnet38", "seam", "seam")
+    assert run(tmp, sets, "cams", "--data", tmp / "data", "--model", tmp / "seam.pt", "--out", tmp / "cams",
+               "--metrics", tmp / "seeds.json", "--curve", tmp / "seeds.csv") == 0
+    info = load_info(tmp / "data")
+    for image_id in info.lists["infer"]:
+        ours = load_cam(tmp / "cams" / f"{image_id}.npz")
+        classes = [int(c) for c in ours["keys"]]
+        assert classes == info.labels[image_id] and classes
+        ref = infer_seam(sd, info.read_image(image_id), classes, (1.0, 0.5))
+        # the reference leaves its zeroed pixels at -1e-5 / (max - min): advcam clips them to 0 (cam.normalise)
+        np.testing.assert_allclose(ours["high_res"], ref.clip(0), rtol=0, atol=1e-4, err_msg=image_id)
+
+def test_advcam_climbs_on_seams_trained_network(seam_file):
+    """AdvCAM on SEAM's network, as the AdvCAM paper's SEAM row (T = 8 there; 2 here): the class maps with evidence
+    change. (The fused op is the same on every network: the fallback spares this test the extension's build.)"""
+    tmp, sets, _ = seam_file
+    adv = [*sets, "cam.method=advcam", "cam.scales=[1.0]", "cam.advcam.steps=2", "cam.advcam.lam=2.0",
+           "cam.advcam.backend=fallback"]
+    plain = [*sets, "cam.scales=[1.0]"]
+    for name, s in (("adv", adv), ("plain", plain)):
+        assert run(tmp, s, "cams", "--data", tmp / "data", "--model", tmp / "seam.pt", "--out", tmp / name,
+                   "--metrics", tmp / f"{name}.json", "--curve", tmp / f"{name}.csv") == 0
+    for image_id in load_info(tmp / "data").lists["infer"]:
+        a, p = (load_cam(tmp / name / f"{image_id}.npz")["high_res"] for name in ("adv", "plain"))
+        assert np.isfinite(a).all() and a.shape == p.shape
+        lit = [k for k in range(len(p)) if p[k].max() > 0]  # a random network gives some classes no evidence
+
+        assert len(lit) and all(np.abs(a[k] - p[k]).max() > 1e-3 for k in lit), image_id
+
+def test_psas_trained_network_is_a_resnet38_cam_classifier(seam_file):
+    """PSA's resnet38_cls.pth (fc8 without a background row, no PCM) becomes a cam classifier on resnet38 whose
+    maps are resnet38_cls's forward_cam before its ReLU."""
+    tmp, sets, sd = seam_file
+    psa = {k: v for k, v in sd.items() if not k.startswith(("f8_", "f9."))}
+    psa["fc8.weight"] = sd["fc8.weight"][1:]
+    torch.save(psa, tmp / "resnet38_cls.pth")
+    cam = [*sets, "classifier.method=cam"]
+    assert train_cls(tmp, cam, tmp / "resnet38_cls.pth", "psa.pt") == 0
+    model = load_classifier(tmp / "psa.pt")
+    assert (model.arch, model.method, model.header["params"]["format"]) == ("resnet38", "cam", "psa")
+    x = torch.randn(1, 3, 32, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(model.cam(x), F.conv2d(reference_resnet38(psa, x)["conv6"], psa["fc8.weight"]),
+                                   rtol=1e-4, atol=1e-5)
+
+def test_reference_files_that_do_not_fit_are_refused(seam_file, capsys):
+    """One line naming the file and the fix, exit 2, nothing written; check_params says the same."""
+    tmp, sets, sd = seam_file
+    voc = dict(sd, **{"fc8.weight": torch.randn(21, 4096, 1, 1)})  # SEAM's VOC network: background + 20 rows
+    torch.save(voc, tmp / "seam_voc.pth")
+    torch.save({k: v for k, v in sd.items() if k != "f8_4.weight"}, tmp / "seam_cut.pth")
+    cases = [(tmp / "resnet38_SEAM.pth", ("classifier.arch=resnet50",),
+              "is SEAM's ResNet-38 network; set classifier.method=seam and classifier.arch=resnet38"),
+             (tmp / "seam_voc.pth", (), "classifier has 20 output classes (its fc8 has 21 rows: background first), "
+                                        "expected 3"),
+             (tmp / "seam_cut.pth", (), "not SEAM's ResNet-38 network (1 missing, e.g. pcm_proj3.weight)")]
+    for path, more, message in cases:
+        capsys.readouterr()
+        assert train_cls(tmp, sets, path, "refused.pt", *more) == 2, path
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and str(path) in err[0], err
+        assert not (tmp / "refused.pt").exists()
+        with pytest.raises(AdvcamError) as refused:
+            check.trained_fits(config.load(None, [*sets, f"classifier.trained={path}", *more]))
+        assert err[0] == f"advcam train-cls: error: {refused.value}"
+    with pytest.raises(AdvcamError, match="refine.method randomwalk: .* no resnet38 variant .* use refine.method crf"):
+        check.run(config.load(None, [*sets, "refine.method=randomwalk"]), None, tmp / "checked")
+    assert not (tmp / "checked").exists()
+
+def test_resnet38_imagenet_weights_load_as_pretrained(seam_file):
+    """classifier.pretrained for resnet38: the converted ImageNet weights (resnet38d's names), or a trained PSA /
+    SEAM file whose heads are ignored; an MXNet .params file and another network's file are refused."""
+    tmp, _, sd = seam_file
+    backbone = {k: v for k, v in sd.items() if not k.startswith(("fc8.", "f8_", "f9."))}
+    torch.save(backbone, tmp / "imagenet.pth")
+    for path in (tmp / "imagenet.pth", tmp / "resnet38_SEAM.pth"):
+        check.weights_fit(build_classifier, "resnet38", str(path), "classifier.pretrained")
+        model = build_classifier("resnet38", 3, path)
+        torch.testing.assert_close(model.backbone.state_dict(), backbone, rtol=0, atol=0)
+    (tmp / "ilsvrc-cls_rna-a1_cls1000_ep-0001.params").write_bytes(b"\x12\x01\x00\x00")
+    torch.save(resnet.resnet_small().state_dict(), tmp / "resnet.pth")  # a torchvision-named ResNet
+    for name, message in (("ilsvrc-cls_rna-a1_cls1000_ep-0001.params", "an MXNet parameter file; convert it"),
+                          ("resnet.pth", "keys do not match this backbone")):
+        with pytest.raises(AdvcamError, match="classifier.pretrained: .*" + message):
+            check.weights_fit(build_classifier, "resnet38", str(tmp / name), "classifier.pretrained")
