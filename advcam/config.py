@@ -284,7 +284,9 @@ METHOD_SUBSECTIONS: dict[str, dict[str, str]] = {"classifier": {"seam": "seam", 
 
 # Keys added to a section after results were recorded: unset (null), they are left out of what a stage depends on,
 # so the records of earlier runs (Snakemake's params, the trainings' fingerprints) still match and nothing reruns.
-UNSET_MEANS_ABSENT: dict[str, tuple[str, ...]] = {"classifier": ("trained",), "dataset": ("labels_file",)}
+# A dotted key is one inside a sub-section.
+UNSET_MEANS_ABSENT: dict[str, tuple[str, ...]] = {"classifier": ("trained",), "dataset": ("labels_file",),
+                                                  "refine": ("randomwalk.arch", "randomwalk.pretrained")}
 
 
 def active(section: str, values: Any) -> Any:
@@ -305,9 +307,13 @@ def without_unset(section: str, values: Any) -> Any:
     if not isinstance(values, Mapping):
         return copy.deepcopy(values)
     out = copy.deepcopy(dict(values))
-    for key in UNSET_MEANS_ABSENT.get(section, ()):
-        if out.get(key, 0) is None:
-            out.pop(key)
+    for dotted in UNSET_MEANS_ABSENT.get(section, ()):
+        *parents, key = dotted.split(".")
+        inner: Any = out
+        for name in parents:
+            inner = inner.get(name) if isinstance(inner, dict) else None
+        if isinstance(inner, dict) and key in inner and inner[key] is None:
+            inner.pop(key)
     return out
 
 
@@ -334,7 +340,7 @@ def markdown_reference() -> str:
             allowed = ", ".join(f"{k} {sub[k]}" for k in ("minimum", "exclusiveMinimum", "maximum",
                                                           "exclusiveMaximum", "minItems") if k in sub)
             if "enum" in sub:
-                allowed = " \\| ".join(map(str, sub["enum"]))
+                allowed = " \\| ".join("null" if v is None else str(v) for v in sub["enum"])
             default = json.dumps(sub.get("default"))
             if len(default) > 40:
                 default = default[:37] + "..."

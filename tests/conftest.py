@@ -48,10 +48,10 @@ def tiny_cfg():
 # the order collected (--no-loadscope-reorder; xdist's default order, most tests first, put test_workflow.py, the
 # longest, last): a long file started last keeps one worker busy while the other has nothing left. Started first,
 # the short files fill in around them. (Summed durations on a 2-core Intel machine, 2026-12-03: workflow 95 s,
-# faults 78 s, slurm 59 s (mostly waiting for the SLURM status checks), shards 50 s, ddp 33 s, report 29 s; the
-# other 25 files 90 s together. The suite took 3 min 56 s in this order and 4 min 25 s in xdist's.)
+# faults 78 s, slurm 59 s (mostly waiting for the SLURM status checks), shards 50 s, ddp 33 s, report 29 s,
+# resnet38 23 s (a 420 MB network); the other 25 files 90 s together. The suite took 3 min 56 s in this order and 4 min 25 s in xdist's.)
 SLOW_FIRST = ("test_workflow.py", "test_faults.py", "test_slurm.py", "test_shards.py", "test_ddp.py",
-              "test_report.py")
+              "test_report.py", "test_resnet38.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -188,3 +188,9 @@ def test_active_leaves_out_a_later_key_while_it_is_unset():
     assert config.active("classifier", {**d["classifier"], "trained": "res50_cam.pth"})["trained"] == "res50_cam.pth"
     assert "labels_file" not in config.active("dataset", d["dataset"])  # dataset.labels_file came later too
     assert config.active("dataset", {**d["dataset"], "labels_file": "l.txt"})["labels_file"] == "l.txt"
+    walk = {**d["refine"], "method": "randomwalk"}  # refine.randomwalk.arch / pretrained came later, inside a section
+    assert not {"arch", "pretrained"} & set(config.active("refine", walk)["randomwalk"])
+    assert set(config.active("refine", walk)["randomwalk"]) == set(d["refine"]["randomwalk"]) - {"arch", "pretrained"}
+    walk["randomwalk"] = {**walk["randomwalk"], "arch": "resnet50"}
+    assert config.active("refine", walk)["randomwalk"]["arch"] == "resnet50"
+    assert walk["randomwalk"]["pretrained"] is None  # the caller's values are not touched

@@ -23,6 +23,7 @@ from advcam.models.classifier import build_classifier, load_classifier
 from advcam.models.resnet38 import ResNet38
 from advcam.models.seam import build_seam
 from advcam.steps import check
+from advcam.utils.checkpoint import load_checkpoint
 from advcam.utils.errors import AdvcamError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -259,3 +260,26 @@ def test_resnet38_imagenet_weights_load_as_pretrained(seam_file):
                           ("resnet.pth", "keys do not match this backbone")):
         with pytest.raises(AdvcamError, match="classifier.pretrained: .*" + message):
             check.weights_fit(build_classifier, "resnet38", str(tmp / name), "classifier.pretrained")
+
+
+def test_random_walk_on_a_resnet38_classifier_uses_refine_randomwalk_arch(seam_file):
+    """The affinity network has no ResNet-38 variant: with refine.randomwalk.arch it is built on that arch instead,
+    and the random walk runs on the ResNet-38 classifier's CAMs."""
+    tmp, sets, _ = seam_file
+    walk = [*sets, "refine.method=randomwalk", "refine.randomwalk.arch=resnet_small", "refine.randomwalk.epochs=1",
+            "refine.randomwalk.batch_size=2", "refine.randomwalk.crop_size=32"]
+    check.run(config.load(None, walk), None, tmp / "checked")
+    torch.save(resnet.resnet_small().state_dict(), tmp / "small.pth")  # not a ResNet-50: check_params refuses it
+    with pytest.raises(AdvcamError, match=r"refine.randomwalk.pretrained: .*small.pth: keys do not match"):
+        check.run(config.load(None, [*walk, "refine.randomwalk.arch=resnet50",
+                                     f"refine.randomwalk.pretrained={tmp / 'small.pth'}"]), None, tmp / "checked2")
+    assert run(tmp, walk, "cams", "--data", tmp / "data", "--model", tmp / "seam.pt", "--out", tmp / "walk_cams",
+               "--metrics", tmp / "walk_seeds.json", "--curve", tmp / "walk_seeds.csv") == 0
+    assert run(tmp, walk, "refine", "--data", tmp / "data", "--cams", tmp / "walk_cams", "--out", tmp / "pseudo",
+               "--metrics", tmp / "pseudo.json") == 0
+    header, _ = load_checkpoint(tmp / "pseudo" / ".affinity.pt")
+    assert header["fingerprint"]["arch"] == "resnet_small" and header["fingerprint"]["pretrained"] is None
+    info = load_info(tmp / "data")
+    for image_id in info.lists["infer"]:
+        label = np.asarray(Image.open(tmp / "pseudo" / f"{image_id}.png"))
+        assert label.shape == info.read_image(image_id).shape[:2]

@@ -304,5 +304,11 @@ def test_files_outside_the_repository_are_rule_inputs(tmp_path):
         assert str(weights) in jobs[rule], (rule, jobs[rule])
     assert str(lists / "test.txt") in jobs["predict"], jobs["predict"]  # predict.list's list file
     assert str(trained) in jobs["train_cls"] and str(trained) not in jobs["refine"]  # classifier.trained
+    walk = tmp_path / "resnet50.pth"  # refine.randomwalk.pretrained, for its own arch, replaces classifier.pretrained
+    walk.write_bytes(b"")
+    out = sh("snakemake", "-n", "--forceall", "--config", f"classifier={{arch: resnet38, pretrained: {weights}}}",
+             f"refine={{method: randomwalk, randomwalk: {{arch: resnet50, pretrained: {walk}}}}}", cwd=REPO).stdout
+    refine = re.search(r"^rule refine:$.*?^\s+input: (.*)$", out, re.M | re.S)
+    assert refine and str(walk) in refine.group(1) and str(weights) not in refine.group(1), out
     plain = snakemake_jobs(REPO)
     assert plain["prepare"]["input"] == [] and str(weights) not in plain["train_cls"]["input"]

@@ -161,19 +161,26 @@ def _stage_channels(stage: nn.Module) -> int:
     return int(cast(nn.Conv2d, last.get_submodule(name)).out_channels)
 
 
-def check_affinity_arch(arch: str) -> None:
-    """The random walk's affinity network is built on the classifier's arch: refuse one it has no variant for."""
+def affinity_source(classifier: Mapping[str, Any], randomwalk: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(arch, pretrained weight file) of the affinity network from the params sections (Config or dict): ``refine.randomwalk.arch`` (null: the classifier's)
+    and ``refine.randomwalk.pretrained`` (null: ``classifier.pretrained`` while the arch is the classifier's).
+    Refuses an arch the affinity network has no variant for (a ResNet-38 classifier's, left to null)."""
+    arch = str(randomwalk.get("arch") or classifier["arch"])
     if arch not in AFFINITY_ARCHS:
-        raise AdvcamError(f"refine.method randomwalk: the affinity network is built on classifier.arch, and has no "
-                          f"{arch} variant (it has {', '.join(AFFINITY_ARCHS)}: IRN's design; PSA's ResNet-38 "
-                          "AffinityNet is not implemented); use refine.method crf")
+        raise AdvcamError(f"refine.method randomwalk: the affinity network has no {arch} variant (it has "
+                          f"{', '.join(AFFINITY_ARCHS)}, IRN's design; PSA's ResNet-38 AffinityNet is not "
+                          "implemented): set refine.randomwalk.arch=resnet50 (and refine.randomwalk.pretrained), "
+                          "or use refine.method crf")
+    pretrained = randomwalk.get("pretrained") or (classifier.get("pretrained") if arch == classifier["arch"] else None)
+    return arch, (str(pretrained) if pretrained else None)
 
 
 def build_affinity_net(arch: str, pretrained: str | Path | None = None) -> AffinityNet:
     """An affinity network on ``arch`` (the classifier's arch; strides give a stride-4 layer1).
 
     ``pretrained``: a local torchvision weight file; the backbone is then frozen (IRN)."""
-    check_affinity_arch(arch)
+    if arch not in AFFINITY_ARCHS:
+        raise AdvcamError(f"affinity network: arch {arch!r} unknown (choose from {', '.join(AFFINITY_ARCHS)})")
     if arch == "resnet50":
         backbone = resnet.resnet50(strides=(2, 2, 2, 1))
     else:
@@ -196,4 +203,4 @@ def batch_loss(model: nn.Module, batch: Mapping[str, Any], radius: int) -> torch
 
 
 __all__: Sequence[str] = ["offsets", "shifted", "downsample_label", "affinity_labels", "pairwise_affinity",
-                          "affinity_loss", "AffinityNet", "build_affinity_net", "check_affinity_arch", "batch_loss"]
+                          "affinity_loss", "AffinityNet", "build_affinity_net", "affinity_source", "batch_loss"]

@@ -13,9 +13,11 @@ the same one-line messages as the stages:
 - ``segmentation.gt_ids`` outside the segmenter's training list, or a ``gt_fraction`` outside [0, 1] (the
   segmenter is the stage it would cost);
 - a ``classifier.trained`` file that is missing or holds another kind of classifier than the params ask for;
-- ``refine.method: randomwalk`` on a classifier arch the affinity network has no variant for (``resnet38``);
-- a ``pretrained`` weight file that is missing, unreadable, or does not fit its arch (keys and shapes against
-  the backbone built on the ``meta`` device: no memory, no computation).
+- ``refine.method: randomwalk`` with an affinity network arch it has no variant for (``resnet38``, the
+  classifier's where ``refine.randomwalk.arch`` is null);
+- a ``pretrained`` weight file (``classifier``, ``segmentation``, ``refine.randomwalk``) that is missing, unreadable,
+  or does not fit its arch (keys and shapes against the backbone built on the ``meta`` device: no memory, no
+  computation).
 
 When all is well it writes FILE, always the same text, so a valid change reruns nothing after this stage.
 """
@@ -33,7 +35,7 @@ from advcam.models import resnet
 from advcam.models.classifier import build_classifier
 from advcam.models.deeplab import build_segmenter
 from advcam.models.trained import load_trained
-from advcam.refine.affinity import check_affinity_arch
+from advcam.refine.affinity import affinity_source, build_affinity_net
 from advcam.steps.prepare import check_layout, labels_file_path
 from advcam.train.segmentation import select_gt_ids
 from advcam.utils.errors import AdvcamError
@@ -133,12 +135,14 @@ def run(cfg: Any, params: Path | None, out: Path) -> None:
     gt_ids_fit(cfg, dataset_lists(cfg))
     predict_list_exists(cfg)
     trained_fits(cfg)
+    weights: list[tuple[str, Callable[..., torch.nn.Module], str, Any]] = [
+        ("classifier.pretrained", build_classifier, cfg.classifier.arch, cfg.classifier.pretrained),
+        ("segmentation.pretrained", build_segmenter, cfg.segmentation.arch, cfg.segmentation.pretrained)]
     if cfg.refine.method == "randomwalk":
-        check_affinity_arch(str(cfg.classifier.arch))
-    for key, build, arch, path in (("classifier.pretrained", build_classifier, cfg.classifier.arch,
-                                    cfg.classifier.pretrained),
-                                   ("segmentation.pretrained", build_segmenter, cfg.segmentation.arch,
-                                    cfg.segmentation.pretrained)):
+        arch, pretrained = affinity_source(cfg.classifier, cfg.refine.randomwalk)
+        if cfg.refine.randomwalk.get("pretrained"):
+            weights.append(("refine.randomwalk.pretrained", lambda a, n, p: build_affinity_net(a), arch, pretrained))
+    for key, build, arch, path in weights:
         if path:
             weights_fit(build, arch, path, key)
     write_text(out, CHECKED)

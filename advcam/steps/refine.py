@@ -5,7 +5,9 @@ first writes the CRF labels to ``<out>/.crf/``, trains an affinity network on th
 (:mod:`advcam.refine.affinity`; checkpoint ``<out>/.affinity.pt``, resume file ``<out>/.affinity.pt.resume.pt``
 while training, curve ``<out>/.affinity.csv``), then walks the stride-4 CAMs over its affinities
 (:mod:`advcam.refine.randomwalk`). The affinity network uses ``classifier.arch`` (and ``classifier.pretrained``,
-then frozen as IRN's backbone); it is retrained only when its params, the seed or the CRF labels change.
+then frozen as IRN's backbone), or ``refine.randomwalk.arch`` / ``pretrained`` where set
+(:func:`advcam.refine.affinity.affinity_source`); it is retrained only when its params, the seed or the CRF labels
+change.
 
 Pseudo labels are made for the infer list and the seg list (``dataset.seg_list``, what the segmenter trains
 on); the scores are of the infer list only, as the references score them on VOC train.
@@ -47,7 +49,7 @@ from advcam.steps import shards as sharding
 from advcam.steps.shards import FINGERPRINT, invalidate_if_changed
 from advcam.data.voc import palette, read_label
 from advcam.metrics import confusion, finite_or_none, iou_from_confusion, mean_iou, per_class
-from advcam.refine.affinity import AffinityNet, batch_loss, build_affinity_net, pairwise_affinity
+from advcam.refine.affinity import AffinityNet, affinity_source, batch_loss, build_affinity_net, pairwise_affinity
 from advcam.refine.crf import CRFParams, cam_to_label
 from advcam.refine.randomwalk import walk_labels
 from advcam.train import loop
@@ -123,8 +125,9 @@ def affinity_fingerprint(cfg: Any, labels: Path, ids: list[str]) -> dict[str, An
     """What the affinity network depends on: its training params, arch, seed and the CRF labels' bytes."""
     rw = cfg.refine.randomwalk
     digest = files_digest([labels / f"{i}.png" for i in ids], "fingerprint the CRF labels")
-    return {"stage": "affinity", "params": {k: rw[k] for k in TRAIN_KEYS}, "arch": str(cfg.classifier.arch),
-            "pretrained": cfg.classifier.pretrained, "seed": int(cfg.seed), "labels": digest}
+    arch, pretrained = affinity_source(cfg.classifier, rw)
+    return {"stage": "affinity", "params": {k: rw[k] for k in TRAIN_KEYS}, "arch": arch, "pretrained": pretrained,
+            "seed": int(cfg.seed), "labels": digest}
 
 
 def affinity_model(cfg: Any, info: Any, ids: list[str], labels: Path, out: Path,
@@ -133,7 +136,7 @@ def affinity_model(cfg: Any, info: Any, ids: list[str], labels: Path, out: Path,
     rw = cfg.refine.randomwalk
     path = out / AFFINITY_FILE
     fingerprint = affinity_fingerprint(cfg, labels, ids)
-    arch = str(cfg.classifier.arch)
+    arch, pretrained = affinity_source(cfg.classifier, rw)
     if path.is_file():
         try:
             header, state = load_checkpoint(path)
@@ -147,7 +150,7 @@ def affinity_model(cfg: Any, info: Any, ids: list[str], labels: Path, out: Path,
             return model.to(device).eval()
         log.info("refine: %s was trained with other params or labels; retraining", path)
     seed_everything(int(cfg.seed))
-    model = build_affinity_net(arch, cfg.classifier.pretrained).to(device)
+    model = build_affinity_net(arch, pretrained).to(device)
     dataset = SegmentationDataset(info, ids, pseudo_label_reader(info, labels), int(rw.crop_size), train=True,
                                   seed=int(cfg.seed), scale_range=AFFINITY_SCALES)
     # IRN's PolyOptimizer passes its weight decay as SGD's momentum: the effective momentum is the weight decay

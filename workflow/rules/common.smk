@@ -49,6 +49,21 @@ def outside_files(section, keys=("pretrained", "trained")):
     return [os.path.expanduser(cfg[k]) for k in keys if cfg.get(k)]
 
 
+def affinity_weights():
+    """The affinity network's pretrained weight file (refine.method randomwalk), as an input, as the refine stage
+    picks it (`refine.randomwalk.pretrained`, else `classifier.pretrained` while the archs agree)."""
+    if config["refine"]["method"] != "randomwalk":
+        return []
+    from advcam.refine.affinity import affinity_source  # imports torch: only where the random walk runs
+    from advcam.utils.errors import AdvcamError
+
+    try:
+        _, path = affinity_source(config["classifier"], config["refine"]["randomwalk"])
+    except AdvcamError:  # an arch without affinity network: check_params and the refine stage say so
+        return []
+    return [os.path.expanduser(path)] if path else []
+
+
 def outside_list(name):
     """The list file `name` of a VOC-layout dataset (outside the repository), as an input; none for the synthetic
     dataset, whose lists are inside the prepared folder."""

@@ -30,13 +30,13 @@ rule refine:
         data=DATA,
         cams="cams",
         shards=shard_folders("refine"),
-        # the affinity network of refine.method randomwalk starts from classifier.pretrained
-        weights=outside_files("classifier", keys=("pretrained",)) if config["refine"]["method"] == "randomwalk" else [],
+        # the affinity network of refine.method randomwalk starts from refine.randomwalk.pretrained or classifier.pretrained
+        weights=affinity_weights(),
     output:
         pseudo=directory("pseudo"),
         metrics="metrics/pseudo.json",
     params:
-        # classifier: the affinity network of refine.method randomwalk uses classifier.arch / pretrained
+        # classifier: the affinity network of refine.method randomwalk may use classifier.arch / pretrained
         cfg=params_json("dataset", "refine", "classifier"),
         work=WORK,
     log:
