@@ -108,6 +108,25 @@ def infer_seam(sd: dict, pixels: np.ndarray, classes: list[int], scales: tuple[f
     total[total < lo + EPS] = 0
     return ((total - lo - EPS) / (hi - lo + EPS)).numpy()
 
+def infer_cls(sd: dict, pixels: np.ndarray, classes: list[int], scales: tuple[float, ...]) -> np.ndarray:
+    """PSA's ``infer_cls.py`` for one image: per scale (the same resize and normalisation as SEAM's) the image and
+    its flip; ``forward_cam`` (ReLU of the classifier on conv6) resized straight to the image
+    (``align_corners=False``), flipped back, summed; each map divided by its maximum + 1e-5."""
+    h, w = pixels.shape[:2]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    total = torch.zeros(len(classes), h, w)
+    for s in scales:
+        img = np.asarray(Image.fromarray(pixels).resize((round(w * s), round(h * s)), Image.BICUBIC))
+        x = torch.from_numpy(((img / 255. - mean) / std).astype(np.float32).transpose(2, 0, 1).copy())
+        for flip in (False, True):
+            with torch.no_grad():
+                cam = F.relu(F.conv2d(reference_resnet38(sd, (x.flip(-1) if flip else x)[None])["conv6"],
+                                      sd["fc8.weight"]))
+            m = F.interpolate(cam, (h, w), mode="bilinear", align_corners=False)[0][classes]
+            total += m.flip(-1) if flip else m
+    return (total / (total.amax((1, 2), keepdim=True) + EPS)).numpy()
+
+
 def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """``model`` in eval mode with random BatchNorm statistics and affine parameters (not the identity)."""
     torch.manual_seed(seed)
@@ -206,7 +225,7 @@ def test_advcam_climbs_on_seams_trained_network(seam_file):
 
 def test_psas_trained_network_is_a_resnet38_cam_classifier(seam_file):
     """PSA's resnet38_cls.pth (fc8 without a background row, no PCM) becomes a cam classifier on resnet38 whose
-    maps are resnet38_cls's forward_cam before its ReLU."""
+    maps are resnet38_cls's forward_cam before its ReLU, and whose CAM files are what PSA's infer_cls.py computes."""
     tmp, sets, sd = seam_file
     psa = {k: v for k, v in sd.items() if not k.startswith(("f8_", "f9."))}
     psa["fc8.weight"] = sd["fc8.weight"][1:]
@@ -219,6 +238,14 @@ def test_psas_trained_network_is_a_resnet38_cam_classifier(seam_file):
     with torch.no_grad():
         torch.testing.assert_close(model.cam(x), F.conv2d(reference_resnet38(psa, x)["conv6"], psa["fc8.weight"]),
                                    rtol=1e-4, atol=1e-5)
+    assert run(tmp, cam, "cams", "--data", tmp / "data", "--model", tmp / "psa.pt", "--out", tmp / "psa_cams",
+               "--metrics", tmp / "psa.json", "--curve", tmp / "psa.csv") == 0
+    info = load_info(tmp / "data")
+    for image_id in info.lists["infer"]:
+        ours = load_cam(tmp / "psa_cams" / f"{image_id}.npz")
+        classes = [int(c) for c in ours["keys"]]
+        ref = infer_cls(psa, info.read_image(image_id), classes, (1.0, 0.5))
+        np.testing.assert_allclose(ours["high_res"], ref, rtol=0, atol=1e-4, err_msg=image_id)
 
 def test_reference_files_that_do_not_fit_are_refused(seam_file, capsys):
     """One line naming the file and the fix, exit 2, nothing written; check_params says the same."""

@@ -9,7 +9,8 @@ small CPU network has 8, where IRN's fixed 16 would stretch the maps); each map 
 (``cam.normalise``, :func:`normalise_maps`): divided by its maximum + 1e-5 (IRN, AdvCAM), or, for a SEAM
 classifier, min-max normalised as SEAM's ``infer_SEAM.py`` does. A SEAM classifier's maps are also resized as
 SEAM's reference does (``cam.resize``): each scale's map to its scaled input (``align_corners=True``, as
-``resnet38_SEAM.Net.forward``), then to the image (``align_corners=False``, as ``infer_SEAM.py``).
+``resnet38_SEAM.Net.forward``), then to the image (``align_corners=False``, as ``infer_SEAM.py``); a CAM classifier
+on ResNet-38 (PSA's network) as PSA's ``infer_cls.py`` does: each scale's map straight to the image.
 
 Methods plug in through :data:`METHODS`: ``name -> fn(model, image, classes, cfg_cam) -> list`` of per-scale
 maps ``(n, h_s, w_s)`` (unnormalised, any resolution). :func:`compute_maps` looks the method up, runs it
@@ -40,7 +41,7 @@ from advcam.utils.io import load_npz, save_npz
 EPS = 1e-5
 CAM_KEYS = ("keys", "cam", "high_res")
 NORMALISE = ("auto", "max", "min_max")
-RESIZE = ("auto", "irn", "seam")
+RESIZE = ("auto", "irn", "seam", "psa")
 
 MapFn = Callable[[nn.Module, torch.Tensor, Sequence[int], Any], "list[torch.Tensor]"]
 
@@ -145,19 +146,23 @@ def resolve_normalise(cfg_cam: Any, model: nn.Module) -> str:
 
 
 def resolve_resize(cfg_cam: Any, model: nn.Module) -> str:
-    """``cam.resize`` for ``model``: ``auto`` is ``seam`` for a SEAM classifier, ``irn`` otherwise."""
-    return _resolve(cfg_cam, model, "resize", RESIZE, "seam", "irn")
+    """``cam.resize`` for ``model``: ``auto`` is ``seam`` for a SEAM classifier, ``psa`` for a CAM classifier on
+    ResNet-38 (PSA's network), ``irn`` otherwise."""
+    psa = getattr(model, "method", None) == "cam" and getattr(model, "arch", None) == "resnet38"
+    return _resolve(cfg_cam, model, "resize", RESIZE, "seam", "psa" if psa else "irn")
 
 
 def combine_scales(maps: Sequence[torch.Tensor], size: tuple[int, int], stride: int = 16, normalise: str = "max",
-                   input_sizes: Sequence[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   input_sizes: Sequence[tuple[int, int]] | None = None, to_image: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum per-scale maps ``(n, h_s, w_s)`` into ``(cam, high_res)`` for an image of ``size = (H, W)``.
 
     ``cam`` is ``(n, ceil(H/4), ceil(W/4))``; ``high_res`` is ``(n, H, W)``: resized to the ``stride`` up size
     ``stride * ceil(H / stride)`` (where a feature cell of the scale-1 map covers exactly ``stride`` pixels),
     then cropped. ``stride`` is the network's output stride (16 = the reference ResNet-50, IRN's value).
     With ``input_sizes`` (SEAM's resize, one size per map: the scaled image it was computed on) each map is
-    first resized to its input size with ``align_corners=True``, and from there to both sizes (no crop).
+    first resized to its input size with ``align_corners=True``, and from there to both sizes (no crop). With
+    ``to_image`` (PSA's resize) ``high_res`` is each map resized straight to ``(H, W)`` (no crop).
     Both are float32, each map normalised on its own by :func:`normalise_maps` (``normalise``: max, min_max).
     """
     if not maps:
@@ -165,9 +170,9 @@ def combine_scales(maps: Sequence[torch.Tensor], size: tuple[int, int], stride: 
     h, w = int(size[0]), int(size[1])
     n = maps[0].shape[0]
     small, up = strided_size((h, w), 4), strided_up_size((h, w), int(stride))
-    if input_sizes is not None:
-        if len(input_sizes) != len(maps):
-            raise ValueError(f"combine_scales: {len(maps)} maps but {len(input_sizes)} input sizes")
+    if input_sizes is not None and len(input_sizes) != len(maps):
+        raise ValueError(f"combine_scales: {len(maps)} maps but {len(input_sizes)} input sizes")
+    if input_sizes is not None or to_image:
         up = (h, w)
     dev = maps[0].device
     if n == 0:
@@ -242,7 +247,8 @@ def compute_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classe
     if bad:
         raise AdvcamError(f"class ids {bad} outside 0..{num - 1 if num else 0} (the classifier's classes)")
     normalise = resolve_normalise(cfg_cam, model)
-    seam_resize = resolve_resize(cfg_cam, model) == "seam"
+    resize = resolve_resize(cfg_cam, model)
+    seam_resize = resize == "seam"
     scales = [float(s) for s in param(cfg_cam, "scales", [1.0])]
     weight = next(iter(model.parameters()), None)
     if weight is not None:  # the model's device, and its dtype (a float64 model takes float64 images)
@@ -274,7 +280,8 @@ def compute_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classe
                                   f"{len(scales)} scales; it needs one map per scale of cam.scales")
             inputs = [scaled_size(size, s) for s in scales]
         with torch.no_grad():
-            cam, high = combine_scales([m.detach() for m in maps[k]], size, model_stride(model), normalise, inputs)
+            cam, high = combine_scales([m.detach() for m in maps[k]], size, model_stride(model), normalise, inputs,
+                                       to_image=resize == "psa")
         out.append({"keys": key, "cam": cam.cpu().numpy().astype(np.float32, copy=False),
                     "high_res": high.cpu().numpy().astype(np.float32, copy=False)})
     return out
