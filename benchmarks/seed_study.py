@@ -49,8 +49,8 @@ from PIL import Image
 
 from advcam import config
 from advcam.attribution.advcam import advcam_maps, prepare_model
-from advcam.attribution.cam import (METHODS, combine_scales, compute_maps, model_stride, resolve_normalise,
-                                   resolve_resize, scaled_size)
+from advcam.attribution.cam import (METHODS, combine_resized, compute_maps, model_stride, resolve_normalise,
+                                   resolve_resize)
 from advcam.data import load_info
 from advcam.data.transforms import normalize
 from advcam.metrics import best_index, mean_iou, seed_confusions, seeds_from_cams
@@ -130,7 +130,7 @@ def scale_study(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: 
     scales = [float(s) for s in cfg_cam.scales]
     if cfg_cam.method == "advcam":
         model = prepare_model(model, cfg_cam)
-    seam, normalise = resolve_resize(cfg_cam, model) == "seam", resolve_normalise(cfg_cam, model)
+    resize, normalise = resolve_resize(cfg_cam, model), resolve_normalise(cfg_cam, model)
     device = next(model.parameters()).device
     every = list(range(len(scales)))
     merges = {**{f"scale {s:g}": [k] for k, s in enumerate(scales)}, "sum": every, "sum_max_normalised": every}
@@ -147,8 +147,8 @@ def scale_study(model: torch.nn.Module, info: Any, ids: Sequence[str], cfg_cam: 
         for name, chosen in merges.items():
             use = [maps[k] / (maps[k].amax((1, 2), keepdim=True) + 1e-5) if name == "sum_max_normalised"
                    else maps[k] for k in chosen]
-            inputs = [scaled_size(tuple(gt.shape), scales[k]) for k in chosen] if seam else None
-            _, high = combine_scales(use, tuple(gt.shape), model_stride(model), normalise, inputs)
+            _, high = combine_resized(use, tuple(gt.shape), [scales[k] for k in chosen], resize, model_stride(model),
+                                      normalise)
             c = seed_confusions(high.numpy(), np.asarray(keys), gt, thresholds, info.num_classes + 1)
             confs[name] = c if name not in confs else confs[name] + c
     if not confs:

@@ -190,6 +190,14 @@ def combine_scales(maps: Sequence[torch.Tensor], size: tuple[int, int], stride: 
     return normalise_maps(cam, normalise), normalise_maps(high[:, :h, :w], normalise)
 
 
+def combine_resized(maps: Sequence[torch.Tensor], size: tuple[int, int], scales: Sequence[float], resize: str,
+                    stride: int, normalise: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`combine_scales` of the maps of ``scales`` with the resize ``resize`` (irn, seam, psa: a resolved
+    ``cam.resize``)."""
+    inputs = [scaled_size(size, s) for s in scales] if resize == "seam" else None
+    return combine_scales(maps, size, stride, normalise, inputs, to_image=resize == "psa")
+
+
 def model_stride(model: nn.Module, default: int = 16) -> int:
     """The classifier's output stride (``output_stride`` of the model or its ``backbone``; else ``default``)."""
     for obj in (model, getattr(model, "backbone", None)):
@@ -248,7 +256,6 @@ def compute_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classe
         raise AdvcamError(f"class ids {bad} outside 0..{num - 1 if num else 0} (the classifier's classes)")
     normalise = resolve_normalise(cfg_cam, model)
     resize = resolve_resize(cfg_cam, model)
-    seam_resize = resize == "seam"
     scales = [float(s) for s in param(cfg_cam, "scales", [1.0])]
     weight = next(iter(model.parameters()), None)
     if weight is not None:  # the model's device, and its dtype (a float64 model takes float64 images)
@@ -273,15 +280,12 @@ def compute_maps_images(model: nn.Module, images: Sequence[torch.Tensor], classe
             out.append({"keys": key, "cam": np.zeros((0, *small), np.float32),
                         "high_res": np.zeros((0, *size), np.float32)})
             continue
-        inputs = None
-        if seam_resize:
-            if len(maps[k]) != len(scales):
-                raise AdvcamError(f"cam.resize seam: method {method!r} gave {len(maps[k])} maps for "
-                                  f"{len(scales)} scales; it needs one map per scale of cam.scales")
-            inputs = [scaled_size(size, s) for s in scales]
+        if resize == "seam" and len(maps[k]) != len(scales):
+            raise AdvcamError(f"cam.resize seam: method {method!r} gave {len(maps[k])} maps for "
+                              f"{len(scales)} scales; it needs one map per scale of cam.scales")
         with torch.no_grad():
-            cam, high = combine_scales([m.detach() for m in maps[k]], size, model_stride(model), normalise, inputs,
-                                       to_image=resize == "psa")
+            cam, high = combine_resized([m.detach() for m in maps[k]], size, scales, resize, model_stride(model),
+                                        normalise)
         out.append({"keys": key, "cam": cam.cpu().numpy().astype(np.float32, copy=False),
                     "high_res": high.cpu().numpy().astype(np.float32, copy=False)})
     return out
