@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from advcam.utils.checkpoint import load_checkpoint
 from advcam.utils.errors import AdvcamError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trained_classifier import run, train_cls  # noqa: E402
+from test_trained_classifier import assert_cam_files, cams, run, train_cls  # noqa: E402
 from voc_fixture import DEFAULT_CLASSES, make_voc_fixture  # noqa: E402
 
 EPS = 1e-5
@@ -38,13 +39,16 @@ BLOCKS = [("b2", 2, 1, 1, True), ("b2_1", 1, 1, 1, False), ("b2_2", 1, 1, 1, Fal
           ("b5", 1, 1, 2, True), ("b5_1", 1, 2, 2, False), ("b5_2", 1, 2, 2, False)]
 BOTTLENECKS = ("b6", "b7")  # 1x1 to out/4, 3x3 (dilation 4) to out/2, 1x1 to out; 1x1 shortcut
 
+
 def bn_relu(sd: dict, name: str, x: torch.Tensor) -> torch.Tensor:
     return F.relu(F.batch_norm(x, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"],
                                sd[f"{name}.bias"], False, 0.0, EPS))
 
+
 def conv(sd: dict, name: str, x: torch.Tensor, stride: int = 1, dilation: int = 1) -> torch.Tensor:
     w = sd[f"{name}.weight"]
     return F.conv2d(x, w, stride=stride, padding=dilation * (w.shape[-1] // 2), dilation=dilation)
+
 
 def reference_resnet38(sd: dict, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """resnet38d's ``forward_as_dict``: conv4 / conv5 = the BN-ReLU pre-activations of b5 / b6, conv6 = ReLU(bn7)."""
@@ -67,6 +71,7 @@ def reference_resnet38(sd: dict, x: torch.Tensor) -> dict[str, torch.Tensor]:
     out["conv6"] = bn_relu(sd, "bn7", x)
     return out
 
+
 def reference_seam(sd: dict, x: torch.Tensor) -> torch.Tensor:
     """resnet38_SEAM's ``forward`` in eval mode: the PCM output ``cam_rv`` (21 maps, background first), resized to
     the input with ``align_corners=True``."""
@@ -88,10 +93,12 @@ def reference_seam(sd: dict, x: torch.Tensor) -> torch.Tensor:
     rv = torch.matmul(norm.view(n, -1, h * w), aff).view(n, -1, h, w)
     return F.interpolate(rv, x.shape[-2:], mode="bilinear", align_corners=True)
 
-def infer_seam(sd: dict, pixels: np.ndarray, classes: list[int], scales: tuple[float, ...]) -> np.ndarray:
-    """``infer_SEAM.py`` for one image: per scale the PIL bicubic resize to the rounded size, ImageNet normalisation,
-    the image and its flip; foreground PCM maps resized to the image (``align_corners=False``), flipped back,
-    summed; ReLU; per class minimum-maximum normalisation with pixels below minimum + 1e-5 zeroed."""
+
+def summed_over_scales(pixels: np.ndarray, classes: list[int], scales: tuple[float, ...],
+                       maps: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The multi-scale loop of SEAM's and PSA's inference scripts (their ``VOC12ClsDatasetMSF``) for one image: per
+    scale the PIL bicubic resize to the rounded size, ImageNet normalisation, the image and its flip; ``maps(x)``
+    (all classes) resized to the image (``align_corners=False``), the classes' maps flipped back and summed."""
     h, w = pixels.shape[:2]
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     total = torch.zeros(len(classes), h, w)
@@ -100,30 +107,26 @@ def infer_seam(sd: dict, pixels: np.ndarray, classes: list[int], scales: tuple[f
         x = torch.from_numpy(((img / 255. - mean) / std).astype(np.float32).transpose(2, 0, 1).copy())
         for flip in (False, True):
             with torch.no_grad():
-                rv = reference_seam(sd, (x.flip(-1) if flip else x)[None])
-            m = F.interpolate(rv[:, 1:], (h, w), mode="bilinear", align_corners=False)[0][[c for c in classes]]
+                m = F.interpolate(maps((x.flip(-1) if flip else x)[None]), (h, w), mode="bilinear",
+                                  align_corners=False)[0][classes]
             total += m.flip(-1) if flip else m
-    total = total.clamp_min(0)
+    return total
+
+
+def infer_seam(sd: dict, pixels: np.ndarray, classes: list[int], scales: tuple[float, ...]) -> np.ndarray:
+    """``infer_SEAM.py`` for one image: the foreground PCM maps summed over scales and flips; ReLU; per class
+    minimum-maximum normalisation with pixels below minimum + 1e-5 zeroed."""
+    total = summed_over_scales(pixels, classes, scales, lambda x: reference_seam(sd, x)[:, 1:]).clamp_min(0)
     lo, hi = total.amin((1, 2), keepdim=True), total.amax((1, 2), keepdim=True)
     total[total < lo + EPS] = 0
     return ((total - lo - EPS) / (hi - lo + EPS)).numpy()
 
+
 def infer_cls(sd: dict, pixels: np.ndarray, classes: list[int], scales: tuple[float, ...]) -> np.ndarray:
-    """PSA's ``infer_cls.py`` for one image: per scale (the same resize and normalisation as SEAM's) the image and
-    its flip; ``forward_cam`` (ReLU of the classifier on conv6) resized straight to the image
-    (``align_corners=False``), flipped back, summed; each map divided by its maximum + 1e-5."""
-    h, w = pixels.shape[:2]
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    total = torch.zeros(len(classes), h, w)
-    for s in scales:
-        img = np.asarray(Image.fromarray(pixels).resize((round(w * s), round(h * s)), Image.BICUBIC))
-        x = torch.from_numpy(((img / 255. - mean) / std).astype(np.float32).transpose(2, 0, 1).copy())
-        for flip in (False, True):
-            with torch.no_grad():
-                cam = F.relu(F.conv2d(reference_resnet38(sd, (x.flip(-1) if flip else x)[None])["conv6"],
-                                      sd["fc8.weight"]))
-            m = F.interpolate(cam, (h, w), mode="bilinear", align_corners=False)[0][classes]
-            total += m.flip(-1) if flip else m
+    """PSA's ``infer_cls.py`` for one image: ``forward_cam`` (ReLU of the classifier on conv6) summed over scales
+    and flips; each map divided by its maximum + 1e-5."""
+    cam = lambda x: F.relu(F.conv2d(reference_resnet38(sd, x)["conv6"], sd["fc8.weight"]))  # noqa: E731
+    total = summed_over_scales(pixels, classes, scales, cam)
     return (total / (total.amax((1, 2), keepdim=True) + EPS)).numpy()
 
 
@@ -139,6 +142,7 @@ def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
                 m.bias.normal_(0, 0.1)
     return model.eval()
 
+
 def reference_keys() -> set[str]:
     """The parameter and buffer names of resnet38d.Net, from the block table above."""
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -152,11 +156,13 @@ def reference_keys() -> set[str]:
         keys |= {f"{name}.{b}.{k}" for b in ("bn_branch2a", "bn_branch2b1", "bn_branch2b2") for k in bn}
     return keys
 
+
 @pytest.fixture(scope="module")
 def seam_file(tmp_path_factory):
     """A SEAM-format ``resnet38_SEAM.pth`` for 3 classes (fc8 with a background row first) with random weights and
     BatchNorm parameters, the state dict under the reference's names, and the VOC fixture prepared for it."""
     tmp = tmp_path_factory.mktemp("resnet38")
+    torch.manual_seed(0)
     net = randomised(build_seam("resnet38", len(DEFAULT_CLASSES)), 0)
     sd = {k[len("backbone."):]: v for k, v in net.state_dict().items() if k.startswith("backbone.")}
     sd.update({"fc8.weight": torch.cat([torch.randn(1, 4096, 1, 1) * 0.02, net.classifier.weight.detach()]),
@@ -172,8 +178,10 @@ def seam_file(tmp_path_factory):
     yield tmp, sets, sd
     shutil.rmtree(tmp)  # about 2 GB of weight files
 
+
 def test_resnet38_is_the_references_network():
     """Names, shapes and the forward (conv4, conv5, conv6) of resnet38d.Net; frozen as PSA and SEAM freeze it."""
+    torch.manual_seed(1)
     net = randomised(ResNet38(), 1)
     sd = net.state_dict()
     assert set(sd) == reference_keys()
@@ -190,21 +198,16 @@ def test_resnet38_is_the_references_network():
                                                  and ".conv" in f".{k}"}
     assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
+
 def test_seams_trained_network_gives_infer_seams_maps(seam_file):
     """SEAM's resnet38_SEAM.pth as classifier.trained: the CAM files (two scales, flips) are infer_SEAM.py's."""
     tmp, sets, sd = seam_file
     model = load_classifier(tmp / "seam.pt")
     assert (model.arch, model.method, model.header["params"]["format"]) == ("resnet38", "seam", "seam")
-    assert run(tmp, sets, "cams", "--data", tmp / "data", "--model", tmp / "seam.pt", "--out", tmp / "cams",
-               "--metrics", tmp / "seeds.json", "--curve", tmp / "seeds.csv") == 0
-    info = load_info(tmp / "data")
-    for image_id in info.lists["infer"]:
-        ours = load_cam(tmp / "cams" / f"{image_id}.npz")
-        classes = [int(c) for c in ours["keys"]]
-        assert classes == info.labels[image_id] and classes
-        ref = infer_seam(sd, info.read_image(image_id), classes, (1.0, 0.5))
-        # the reference leaves its zeroed pixels at -1e-5 / (max - min): advcam clips them to 0 (cam.normalise)
-        np.testing.assert_allclose(ours["high_res"], ref.clip(0), rtol=0, atol=1e-4, err_msg=image_id)
+    # the reference leaves its zeroed pixels at -1e-5 / (max - min): advcam clips them to 0 (cam.normalise)
+    assert_cam_files(tmp, cams(tmp, sets, tmp / "seam.pt", "cams"),
+                     lambda px, classes: {"high_res": infer_seam(sd, px, classes, (1.0, 0.5)).clip(0)}, atol=1e-4)
+
 
 def test_advcam_climbs_on_seams_trained_network(seam_file):
     """AdvCAM on SEAM's network, as the AdvCAM paper's SEAM row (T = 8 there; 2 here): the class maps with evidence
@@ -214,14 +217,17 @@ def test_advcam_climbs_on_seams_trained_network(seam_file):
            "cam.advcam.backend=fallback"]
     plain = [*sets, "cam.scales=[1.0]"]
     for name, s in (("adv", adv), ("plain", plain)):
-        assert run(tmp, s, "cams", "--data", tmp / "data", "--model", tmp / "seam.pt", "--out", tmp / name,
-                   "--metrics", tmp / f"{name}.json", "--curve", tmp / f"{name}.csv") == 0
+        cams(tmp, s, tmp / "seam.pt", name)
+    lit = 0
     for image_id in load_info(tmp / "data").lists["infer"]:
         a, p = (load_cam(tmp / name / f"{image_id}.npz")["high_res"] for name in ("adv", "plain"))
         assert np.isfinite(a).all() and a.shape == p.shape
-        lit = [k for k in range(len(p)) if p[k].max() > 0]  # a random network gives some classes no evidence
+        for k in range(len(p)):
+            if p[k].max() > 0:  # a random network gives some classes no evidence
+                lit += 1
+                assert np.abs(a[k] - p[k]).max() > 1e-3, (image_id, k)
+    assert lit
 
-        assert len(lit) and all(np.abs(a[k] - p[k]).max() > 1e-3 for k in lit), image_id
 
 def test_psas_trained_network_is_a_resnet38_cam_classifier(seam_file):
     """PSA's resnet38_cls.pth (fc8 without a background row, no PCM) becomes a cam classifier on resnet38 whose
@@ -238,14 +244,9 @@ def test_psas_trained_network_is_a_resnet38_cam_classifier(seam_file):
     with torch.no_grad():
         torch.testing.assert_close(model.cam(x), F.conv2d(reference_resnet38(psa, x)["conv6"], psa["fc8.weight"]),
                                    rtol=1e-4, atol=1e-5)
-    assert run(tmp, cam, "cams", "--data", tmp / "data", "--model", tmp / "psa.pt", "--out", tmp / "psa_cams",
-               "--metrics", tmp / "psa.json", "--curve", tmp / "psa.csv") == 0
-    info = load_info(tmp / "data")
-    for image_id in info.lists["infer"]:
-        ours = load_cam(tmp / "psa_cams" / f"{image_id}.npz")
-        classes = [int(c) for c in ours["keys"]]
-        ref = infer_cls(psa, info.read_image(image_id), classes, (1.0, 0.5))
-        np.testing.assert_allclose(ours["high_res"], ref, rtol=0, atol=1e-4, err_msg=image_id)
+    assert_cam_files(tmp, cams(tmp, cam, tmp / "psa.pt", "psa_cams"),
+                     lambda px, classes: {"high_res": infer_cls(psa, px, classes, (1.0, 0.5))}, atol=1e-4)
+
 
 def test_reference_files_that_do_not_fit_are_refused(seam_file, capsys):
     """One line naming the file and the fix, exit 2, nothing written; check_params says the same."""
@@ -270,6 +271,7 @@ def test_reference_files_that_do_not_fit_are_refused(seam_file, capsys):
     with pytest.raises(AdvcamError, match="refine.method randomwalk: .* no resnet38 variant .* use refine.method crf"):
         check.run(config.load(None, [*sets, "refine.method=randomwalk"]), None, tmp / "checked")
     assert not (tmp / "checked").exists()
+
 
 def test_resnet38_imagenet_weights_load_as_pretrained(seam_file):
     """classifier.pretrained for resnet38: the converted ImageNet weights (resnet38d's names), or a trained PSA /
@@ -300,8 +302,7 @@ def test_random_walk_on_a_resnet38_classifier_uses_refine_randomwalk_arch(seam_f
     with pytest.raises(AdvcamError, match=r"refine.randomwalk.pretrained: .*small.pth: keys do not match"):
         check.run(config.load(None, [*walk, "refine.randomwalk.arch=resnet50",
                                      f"refine.randomwalk.pretrained={tmp / 'small.pth'}"]), None, tmp / "checked2")
-    assert run(tmp, walk, "cams", "--data", tmp / "data", "--model", tmp / "seam.pt", "--out", tmp / "walk_cams",
-               "--metrics", tmp / "walk_seeds.json", "--curve", tmp / "walk_seeds.csv") == 0
+    cams(tmp, walk, tmp / "seam.pt", "walk_cams")
     assert run(tmp, walk, "refine", "--data", tmp / "data", "--cams", tmp / "walk_cams", "--out", tmp / "pseudo",
                "--metrics", tmp / "pseudo.json") == 0
     header, _ = load_checkpoint(tmp / "pseudo" / ".affinity.pt")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -78,6 +79,25 @@ def run(tmp: Path, sets: list[str], *args: object) -> int:
                      *map(str, args[1:])])
 
 
+def cams(tmp: Path, sets: list[str], model: Path, out: str) -> Path:
+    """Run the cams stage with ``sets`` on the classifier ``model`` into ``tmp / out``; returns that folder."""
+    assert run(tmp, sets, "cams", "--data", tmp / "data", "--model", model, "--out", tmp / out,
+               "--metrics", tmp / f"{out}.json", "--curve", tmp / f"{out}.csv") == 0
+    return tmp / out
+
+
+def assert_cam_files(tmp: Path, folder: Path, reference: Callable[[np.ndarray, list[int]], dict], atol: float) -> None:
+    """Every CAM file in ``folder`` (the infer list's) holds its image's classes, and its arrays equal those of
+    ``reference(pixels, classes)`` (a dict: ``cam`` and / or ``high_res``) to ``atol``."""
+    info = load_info(tmp / "data")
+    for image_id in info.lists["infer"]:
+        ours = load_cam(folder / f"{image_id}.npz")
+        classes = [int(c) for c in ours["keys"]]
+        assert classes == info.labels[image_id] and classes
+        for key, ref in reference(info.read_image(image_id), classes).items():
+            np.testing.assert_allclose(ours[key], ref, rtol=0, atol=atol, err_msg=f"{image_id} {key}")
+
+
 def train_cls(tmp: Path, sets: list[str], trained: Path, out: str = "cls.pt", *more: str) -> int:
     return run(tmp, [*sets, f"classifier.trained={trained}", *more], "train-cls", "--data", tmp / "data", "--out",
                tmp / out, "--curves", tmp / f"{out}.csv")
@@ -139,16 +159,8 @@ def test_cams_of_irns_classifier_are_irns_make_cam(voc):
     tmp, sets, net = voc
     sets = [*sets, "cam.scales=[1.0, 0.5]"]
     assert train_cls(tmp, sets, tmp / "res50_cam.pth", "irn.pt") == 0
-    assert run(tmp, sets, "cams", "--data", tmp / "data", "--model", tmp / "irn.pt", "--out", tmp / "cams2",
-               "--metrics", tmp / "seeds2.json", "--curve", tmp / "seeds2.csv") == 0
-    info = load_info(tmp / "data")
-    for image_id in info.lists["infer"]:
-        ours = load_cam(tmp / "cams2" / f"{image_id}.npz")
-        classes = [int(c) for c in ours["keys"]]
-        assert classes == info.labels[image_id] and classes
-        ref = irn_make_cam(net, info.read_image(image_id), classes, (1.0, 0.5))
-        for key in ("cam", "high_res"):
-            np.testing.assert_allclose(ours[key], ref[key], rtol=0, atol=1e-5, err_msg=f"{image_id} {key}")
+    assert_cam_files(tmp, cams(tmp, sets, tmp / "irn.pt", "cams2"),
+                     lambda pixels, classes: irn_make_cam(net, pixels, classes, (1.0, 0.5)), atol=1e-5)
 
 
 class IRNFeatures(nn.Module):
@@ -174,8 +186,7 @@ def test_advcam_files_of_irns_classifier_are_the_references(voc):
     tmp, sets, net = voc
     sets = [*sets, "cam.method=advcam", "cam.scales=[1.0, 0.5]", "cam.advcam.steps=3"]
     assert train_cls(tmp, sets, tmp / "res50_cam.pth", "irn.pt") == 0
-    assert run(tmp, sets, "cams", "--data", tmp / "data", "--model", tmp / "irn.pt", "--out", tmp / "adv",
-               "--metrics", tmp / "adv.json", "--curve", tmp / "adv.csv") == 0
+    cams(tmp, sets, tmp / "irn.pt", "adv")
     info = load_info(tmp / "data")
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     reference = IRNFeatures(net)
