@@ -1,6 +1,9 @@
 """The one validated config: defaults, overrides, and errors that name the key and the allowed range."""
 from __future__ import annotations
 
+import re
+
+import jsonschema
 import yaml
 import pytest
 
@@ -130,6 +133,22 @@ def test_readme_params_examples_validate():
     for block in blocks:
         data = yaml.safe_load(block.split("```", 1)[0])
         config.validate(data, "README example")
+
+
+def test_documented_overrides_name_real_params():
+    """Every ``-S key=value`` (``dvc exp run``) in the README and docs names a params key; a literal value is one the
+    schema accepts for it (a renamed key or a typo in a documented command would fail a user's run)."""
+    found = 0
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for key, value in re.findall(r"-S '?([a-z_][a-z0-9_.]*)=([^\s`';)]*)", path.read_text()):
+            found += 1
+            try:
+                config.schema_property(key)
+            except KeyError:
+                raise AssertionError(f"{path.name}: -S {key}=...: no such params key") from None
+            if value and not value.startswith(("$", "...")):  # the value alone (other keys may depend on it)
+                jsonschema.validate(yaml.safe_load(value), config.schema_property(key))
+    assert found > 30
 
 
 # JSON Schema keywords the params schema may use: anything else is a YAML slip (an unquoted ", " inside a
