@@ -146,16 +146,20 @@ def plot_grouped_bars(names: Sequence[str], groups: Mapping[str, Sequence[float 
 def plot_training_curves(curves: dict[str, dict[str, list[float]]], path: str | Path) -> None:
     """One panel per training run: loss against step (left axis) and the learning rate (right axis, dashed).
 
-    ``curves[name]`` holds the columns ``step``, ``loss``, ``lr`` of a curves CSV. 450 px wide per panel, 350 px high.
+    ``curves[name]`` holds the columns ``step``, ``loss``, ``lr`` of a curves CSV (empty for a classifier taken with
+    ``classifier.trained``: the panel says so). 450 px wide per panel, 350 px high.
     """
     n = max(1, len(curves))
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.5), squeeze=False, layout="constrained")
     for ax, (name, cols) in zip(axes[0], curves.items()):
+        ax.set_title(name)
+        if not cols.get("step"):  # a classifier taken with classifier.trained: nothing trained here
+            ax.text(0.5, 0.5, "no training steps\n(taken trained)", ha="center", va="center", transform=ax.transAxes)
+            continue
         marker = "o" if len(cols["step"]) <= 30 else None  # a short run still shows its points
         ax.plot(cols["step"], cols["loss"], lw=1, color="tab:blue", marker=marker, ms=3)
         ax.set_xlabel("step (batches)")
         ax.set_ylabel("loss", color="tab:blue")
-        ax.set_title(name)
         ax.grid(alpha=0.3)
         if cols.get("lr"):
             twin = ax.twinx()

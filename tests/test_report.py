@@ -164,6 +164,23 @@ def test_other_runs_add_rows_and_curves(project, tmp_path):
     assert (rows[1]["classifier"], rows[1]["attribution"], rows[1]["refinement"]) == ("seam", "cam", "crf")
 
 
+def test_figures_of_a_run_on_a_classifier_trained_elsewhere(project, tmp_path):
+    """With classifier.trained nothing is trained, and train_cls writes a curve with a header alone: the figures
+    are still made, the classifier's training panel saying so."""
+    from PIL import Image
+
+    from advcam.steps import figures
+
+    plots = tmp_path / "plots"
+    shutil.copytree(project / "plots", plots)
+    (plots / "train_cls.csv").write_text("epoch,step,loss,lr\n")  # what train_cls writes for classifier.trained
+    assert figures.read_csv_columns(plots / "train_cls.csv") == {"epoch": [], "step": [], "loss": [], "lr": []}
+    cfg = config.load(None, [*OVERRIDES, "evaluation.gallery_size=1"])
+    figures.run(cfg, project / "data/synthetic", project / "models/classifier.pt", project / "models/segmenter.pt",
+                project / "cams", project / "pseudo", project / "metrics", plots, tmp_path / "runs", tmp_path / "out")
+    assert Image.open(tmp_path / "out" / "training.png").size == SIZES["figures/training.png"]
+
+
 def test_training_curves_are_logged_with_dvclive(project):
     pytest.importorskip("dvclive")
     for name in ("train_cls", "train_seg"):

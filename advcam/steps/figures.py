@@ -65,12 +65,14 @@ def read_metrics(folder: Path, required: bool = True) -> dict[str, Any]:
 
 
 def read_csv_columns(path: Path) -> dict[str, list[float]]:
-    """A numeric CSV (header row) as ``{column: values}``; empty cells become NaN."""
+    """A numeric CSV (header row) as ``{column: values}``; empty cells become NaN; a header alone gives empty
+    columns (the curve of a classifier taken with ``classifier.trained``)."""
     try:
-        rows = list(csv.DictReader(Path(path).read_text().splitlines()))
+        reader = csv.DictReader(Path(path).read_text().splitlines())
+        rows = list(reader)
     except OSError as exc:
         raise AdvcamError(f"figures: cannot read {path} ({exc})") from None
-    cols: dict[str, list[float]] = {}
+    cols: dict[str, list[float]] = {str(key): [] for key in reader.fieldnames or []}
     for r, row in enumerate(rows, start=2):
         for key, value in row.items():
             try:
