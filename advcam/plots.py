@@ -155,6 +155,8 @@ def plot_training_curves(curves: dict[str, dict[str, list[float]]], path: str | 
         ax.set_title(name)
         if not cols.get("step"):  # a classifier taken with classifier.trained: nothing trained here
             ax.text(0.5, 0.5, "no training steps\n(taken trained)", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
             continue
         marker = "o" if len(cols["step"]) <= 30 else None  # a short run still shows its points
         ax.plot(cols["step"], cols["loss"], lw=1, color="tab:blue", marker=marker, ms=3)
