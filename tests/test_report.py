@@ -175,10 +175,12 @@ def test_figures_of_a_run_on_a_classifier_trained_elsewhere(project, tmp_path):
     shutil.copytree(project / "plots", plots)
     (plots / "train_cls.csv").write_text("epoch,step,loss,lr\n")  # what train_cls writes for classifier.trained
     assert figures.read_csv_columns(plots / "train_cls.csv") == {"epoch": [], "step": [], "loss": [], "lr": []}
-    cfg = config.load(None, [*OVERRIDES, "evaluation.gallery_size=1"])
+    cfg = config.load(None, [*OVERRIDES, "evaluation.gallery_size=1", f"classifier.trained={tmp_path / 'cls.pth'}"])
     figures.run(cfg, project / "data/synthetic", project / "models/classifier.pt", project / "models/segmenter.pt",
                 project / "cams", project / "pseudo", project / "metrics", plots, tmp_path / "runs", tmp_path / "out")
     assert Image.open(tmp_path / "out" / "training.png").size == SIZES["figures/training.png"]
+    row = next(csv.DictReader((tmp_path / "out/methods.csv").read_text().splitlines()))
+    assert row["classifier"] == "cam (taken: cls.pth)"  # the table says where the classifier came from
 
 
 def test_training_curves_are_logged_with_dvclive(project):

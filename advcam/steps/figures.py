@@ -5,7 +5,8 @@ Reads what the pipeline wrote (``metrics/{seeds,pseudo,segmentation}.json``, ``p
 
 * ``methods.html`` / ``methods.csv``: one row per run (this run, then every ``runs/<label>/`` folder holding a
   copy of another run's ``seeds.json``, ``pseudo.json``, ``segmentation.json`` and ``seeds_threshold.csv``):
-  seed mIoU (best threshold), pseudo-label mIoU and labelled fraction, final val mIoU, in percent.
+  its methods (the classifier's with the file it was taken from, for ``classifier.trained``), seed mIoU (best
+  threshold), pseudo-label mIoU and labelled fraction, final val mIoU, in percent.
 * ``threshold.png``: seed mIoU against the background threshold, one curve per run.
 * ``per_class_iou.png`` / ``per_class_iou.csv``: IoU per class of the seeds, the pseudo labels and the val
   predictions of this run.
@@ -126,8 +127,16 @@ def run_methods(folder: Path) -> dict[str, str]:
     except (AdvcamError, OSError) as exc:
         log.warning("figures: ignoring %s (%s)", path, exc)
         return {}
-    return {"classifier": str(other.classifier.method), "cam": str(other.cam.method),
-            "refine": str(other.refine.method)}
+    return methods_of(other)
+
+
+def methods_of(cfg: Any) -> dict[str, str]:
+    """The classifier (with the file it was taken from, for ``classifier.trained``), attribution and refinement
+    methods of a run's params."""
+    classifier = str(cfg.classifier.method)
+    if cfg.classifier.get("trained"):
+        classifier += f" (taken: {Path(str(cfg.classifier.trained)).name})"
+    return {"classifier": classifier, "cam": str(cfg.cam.method), "refine": str(cfg.refine.method)}
 
 
 def other_runs(runs: Path) -> dict[str, Path]:
@@ -209,7 +218,7 @@ def run(cfg: Any, data: Path, classifier: Path, segmenter: Path, cams: Path, pse
     """Write every file of :data:`OUTPUTS` into ``out``."""
     info = load_info(data)
     out, plots, pseudo = Path(out), Path(plots), Path(pseudo)
-    here = {"classifier": str(cfg.classifier.method), "cam": str(cfg.cam.method), "refine": str(cfg.refine.method)}
+    here = methods_of(cfg)
     this = read_metrics(metrics_dir)
     label = "+".join(here.values())
     rows = [table_row(f"{label} (this run)", here, this)]
