@@ -162,9 +162,10 @@ def _stage_channels(stage: nn.Module) -> int:
 
 
 def affinity_source(classifier: Mapping[str, Any], randomwalk: Mapping[str, Any]) -> tuple[str, str | None]:
-    """(arch, pretrained weight file) of the affinity network from the params sections (Config or dict): ``refine.randomwalk.arch`` (null: the classifier's)
-    and ``refine.randomwalk.pretrained`` (null: ``classifier.pretrained`` while the arch is the classifier's).
-    Refuses an arch the affinity network has no variant for (a ResNet-38 classifier's, left to null)."""
+    """(arch, pretrained weight file) of the affinity network, from the params sections (Config or dict):
+    ``refine.randomwalk.arch`` (null: the classifier's) and ``refine.randomwalk.pretrained`` (null:
+    ``classifier.pretrained`` while the arch is the classifier's). Refuses an arch the affinity network has no
+    variant for (a ResNet-38 classifier's, left to null)."""
     arch = str(randomwalk.get("arch") or classifier["arch"])
     if arch not in AFFINITY_ARCHS:
         raise AdvcamError(f"refine.method randomwalk: the affinity network has no {arch} variant (it has "
