@@ -164,23 +164,23 @@ def test_other_runs_add_rows_and_curves(project, tmp_path):
     assert (rows[1]["classifier"], rows[1]["attribution"], rows[1]["refinement"]) == ("seam", "cam", "crf")
 
 
-def test_figures_of_a_run_on_a_classifier_trained_elsewhere(project, tmp_path):
-    """With classifier.trained nothing is trained, and train_cls writes a curve with a header alone: the figures
-    are still made, the classifier's training panel saying so."""
+def test_figures_of_a_run_on_a_classifier_trained_elsewhere(tmp_path):
+    """With classifier.trained nothing is trained, and train_cls writes a curve with a header alone: the training
+    figure is still made, the classifier's panel saying so, and the methods table names the file."""
     from PIL import Image
 
+    from advcam.plots import plot_training_curves
     from advcam.steps import figures
 
-    plots = tmp_path / "plots"
-    shutil.copytree(project / "plots", plots)
-    (plots / "train_cls.csv").write_text("epoch,step,loss,lr\n")  # what train_cls writes for classifier.trained
-    assert figures.read_csv_columns(plots / "train_cls.csv") == {"epoch": [], "step": [], "loss": [], "lr": []}
-    cfg = config.load(None, [*OVERRIDES, "evaluation.gallery_size=1", f"classifier.trained={tmp_path / 'cls.pth'}"])
-    figures.run(cfg, project / "data/synthetic", project / "models/classifier.pt", project / "models/segmenter.pt",
-                project / "cams", project / "pseudo", project / "metrics", plots, tmp_path / "runs", tmp_path / "out")
-    assert Image.open(tmp_path / "out" / "training.png").size == SIZES["figures/training.png"]
-    row = next(csv.DictReader((tmp_path / "out/methods.csv").read_text().splitlines()))
-    assert row["classifier"] == "cam (taken: cls.pth)"  # the table says where the classifier came from
+    (tmp_path / "train_cls.csv").write_text("epoch,step,loss,lr\n")  # what train_cls writes for classifier.trained
+    empty = figures.read_csv_columns(tmp_path / "train_cls.csv")
+    assert empty == {"epoch": [], "step": [], "loss": [], "lr": []}
+    plot_training_curves({"classifier": empty, "segmenter": {"step": [1.0, 2.0], "loss": [2.0, 1.0], "lr": [.1, .1]}},
+                         tmp_path / "training.png")
+    assert Image.open(tmp_path / "training.png").size == SIZES["figures/training.png"]
+    cfg = config.load(None, [*OVERRIDES, f"classifier.trained={tmp_path / 'cls.pth'}"])
+    assert figures.methods_of(cfg) == {"classifier": "cam (taken: cls.pth)", "cam": "advcam", "refine": "crf"}
+    assert figures.methods_of(config.load(None, OVERRIDES))["classifier"] == "cam"
 
 
 def test_training_curves_are_logged_with_dvclive(project):
