@@ -324,7 +324,7 @@ def notes(row: dict, spec) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="resnet_small", choices=["resnet_small", "resnet50"])
+    ap.add_argument("--model", default="resnet_small", choices=["resnet_small", "resnet50", "resnet38"])
     ap.add_argument("--size", default="96", help="image size: N or WxH (e.g. 500x375)")
     ap.add_argument("--scales", default="1.0,0.5,1.5,2.0")
     ap.add_argument("--steps", type=int, default=27)
