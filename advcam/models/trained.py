@@ -102,17 +102,17 @@ def reference_state(path: Path, num_classes: int) -> tuple[Format, dict[str, tor
     filled = {k: torch.zeros((), dtype=torch.long) if k.endswith(".num_batches_tracked") else torch.tensor(True)
               for k in own if k.endswith((".num_batches_tracked", "_extra_state")) and k not in ours}
     ours.update(filled)  # BatchNorm step counters (unused with momentum) and SEAM's use_pcm flag (on)
+    weight = ours.get("classifier.weight")  # first: another dataset's network is the likeliest misfit
+    if torch.is_tensor(weight) and weight.dim() == 4 and weight.shape[0] != num_classes:
+        extra = f" (its fc8 has {weight.shape[0] + 1} rows: background first)" if fmt.name == "seam" else ""
+        raise AdvcamError(f"{path}: classifier has {weight.shape[0]} output classes{extra}, expected {num_classes} "
+                          "(trained on a different dataset?)")
     missing = sorted(set(own) - set(ours))
     unexpected = sorted(set(ours) - set(own)) + sorted(other)
     if unexpected or missing:
         parts = [f"{len(keys)} {what}, e.g. {', '.join(keys[:3])}"
                  for what, keys in (("unexpected", unexpected), ("missing", missing)) if keys]
         raise AdvcamError(f"{path}: not {fmt.title} ({'; '.join(parts)})")
-    weight = ours["classifier.weight"]
-    if torch.is_tensor(weight) and weight.dim() == 4 and weight.shape[0] != num_classes:
-        extra = f" (its fc8 has {weight.shape[0] + 1} rows: background first)" if fmt.name == "seam" else ""
-        raise AdvcamError(f"{path}: classifier has {weight.shape[0]} output classes{extra}, expected {num_classes} "
-                          "(trained on a different dataset?)")
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in ours.items()
              if not torch.is_tensor(v) or v.shape != own[k].shape]
     if wrong:
