@@ -218,6 +218,18 @@ def _depth_hint(state: Mapping[str, object], own: Mapping[str, object]) -> str:
             f"({ours})")
 
 
+def unwrap_state_dict(state: object) -> object:
+    """A state dict saved inside ``{"state_dict": ...}`` or ``{"model": ...}`` (torchvision's training scripts), or
+    from a (Distributed)DataParallel wrapper (every key ``module.*``), as a plain one; anything else as it is."""
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if isinstance(state, dict) and state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def read_torchvision_weights(path: str | Path, own: Mapping[str, torch.Tensor],
                              ignore: Sequence[str] = ("fc.",)) -> dict[str, torch.Tensor]:
     """The backbone state dict in a torchvision-format weight file, checked against ``own`` (a backbone's
@@ -240,15 +252,10 @@ def read_torchvision_weights(path: str | Path, own: Mapping[str, torch.Tensor],
     except Exception as exc:  # noqa: BLE001 - a corrupt file can fail anywhere in the unpickler (even KeyError)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AdvcamError(f"{path}: not a loadable torchvision weight file ({first})") from None
-    for wrapper in ("state_dict", "model"):  # {"state_dict": ...}; torchvision's training scripts save {"model": ...}
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-            break
+    state = unwrap_state_dict(state)
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         keys = f" (its keys: {', '.join(map(str, list(state)[:5]))})" if isinstance(state, dict) else ""
         raise AdvcamError(f"{path}: not a state dict (expected a mapping of parameter names to tensors){keys}")
-    if state and all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore))}
     # files saved before PyTorch 0.4.1 (e.g. torchvision's resnet50-19c8e357.pth, which IRN and AdvCAM use) have no
     # BatchNorm step counters; they only matter with momentum=None, so the model's own (zero) counters stay

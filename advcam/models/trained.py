@@ -15,7 +15,7 @@ IRN's network registers its ResNet-50 under ``resnet50`` and again inside its st
 ``resnet50.*`` with ``classifier.weight`` are the whole network. SEAM's ``fc8`` has a background row first, which
 SEAM never uses (its PCM input replaces the background map by ``1 - max``): it is dropped; ``f8_3``, ``f8_4``
 and ``f9`` are the PCM's ``pcm_proj2``, ``pcm_proj3`` and ``pcm_embed``. Files saved from a ``DataParallel``
-wrapper (``module.*``) or as ``{"state_dict": ...}`` are read too.
+wrapper (``module.*``) or as ``{"state_dict": ...}`` / ``{"model": ...}`` are read too.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from advcam.models.classifier import CAMNet, build_uninitialised, builder_for, load_classifier
+from advcam.models.resnet import unwrap_state_dict
 from advcam.models.resnet38 import HEAD_PREFIXES
 from advcam.utils.errors import AdvcamError
 
@@ -49,18 +50,14 @@ SEAM_PCM = {"f8_3.weight": "pcm_proj2.weight", "f8_4.weight": "pcm_proj3.weight"
 
 
 def plain_state_dict(path: Path) -> dict[str, torch.Tensor] | None:
-    """The string-keyed mapping in ``path`` (unwrapped from ``{"state_dict": ...}`` and ``module.``), or None when
-    ``path`` is not a plain tensor file (an advcam checkpoint, for instance)."""
+    """The string-keyed mapping in ``path`` (unwrapped by :func:`advcam.models.resnet.unwrap_state_dict`), or None
+    when ``path`` is not a plain tensor file (an advcam checkpoint, for instance)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception:  # noqa: BLE001 - not a plain tensor file: the caller tries the advcam format
         return None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         return None
-    if state and all(k.startswith("module.") for k in state):  # saved from a DataParallel wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
 
