@@ -275,44 +275,57 @@ def load(path: str | Path | None = "params.yaml", overrides: Iterable[str] = (),
     return Config(validate(apply_overrides(data, overrides), source, origins=origins))
 
 
-# Sub-sections read only by one method of their section (refine.crf is not here: the random walk learns its
-# affinities from CRF labels).
-METHOD_SUBSECTIONS: dict[str, dict[str, str]] = {"classifier": {"seam": "seam", "eader": "eader"},
-                                                 "cam": {"advcam": "advcam"},
-                                                 "refine": {"randomwalk": "randomwalk"}}
+# Sub-sections read only while a key of their section has one value (refine.crf is not here: the random walk learns
+# its affinities from CRF labels): sub-section (dotted inside the section) -> (key, value).
+USED_WHEN: dict[str, dict[str, tuple[str, str]]] = {
+    "classifier": {"seam": ("method", "seam"), "eader": ("method", "eader")},
+    "cam": {"advcam": ("method", "advcam")},
+    "refine": {"randomwalk": ("method", "randomwalk"), "randomwalk.psa": ("randomwalk.design", "psa")}}
 
 
-# Keys added to a section after results were recorded: unset (null), they are left out of what a stage depends on,
-# so the records of earlier runs (Snakemake's params, the trainings' fingerprints) still match and nothing reruns.
-# A dotted key is one inside a sub-section.
-UNSET_MEANS_ABSENT: dict[str, tuple[str, ...]] = {"classifier": ("trained",), "dataset": ("labels_file",),
-                                                  "refine": ("randomwalk.arch", "randomwalk.pretrained")}
+# Keys added to a section after results were recorded, with the value that means what the earlier runs did: at that
+# value they are left out of what a stage depends on, so the records of earlier runs (Snakemake's params, the
+# trainings' fingerprints) still match and nothing reruns. A dotted key is one inside a sub-section.
+UNSET_MEANS_ABSENT: dict[str, dict[str, Any]] = {
+    "classifier": {"trained": None}, "dataset": {"labels_file": None},
+    "refine": {"randomwalk.arch": None, "randomwalk.pretrained": None, "randomwalk.design": "irn"}}
+
+
+def _parent(values: dict, dotted: str) -> tuple[Any, str]:
+    """(the mapping holding the dotted key, its last name); the mapping is None where a parent is missing."""
+    *parents, key = dotted.split(".")
+    inner: Any = values
+    for name in parents:
+        inner = inner.get(name) if isinstance(inner, dict) else None
+    return (inner if isinstance(inner, dict) else None), key
 
 
 def active(section: str, values: Any) -> Any:
-    """``values`` of the params section ``section`` without the sub-sections of methods it does not use (e.g.
-    ``classifier.seam`` when ``classifier.method`` is cam) and without the :data:`UNSET_MEANS_ABSENT` keys that are
-    null; a top-level scalar (``seed``) as it is. What a stage's results depend on: Snakemake's rule params and
-    the stages' fingerprints use it, so a change there reruns and retrains nothing."""
-    out = without_unset(section, values)
-    if isinstance(out, dict):
-        for sub, method in METHOD_SUBSECTIONS.get(section, {}).items():
-            if out.get("method") != method:
-                out.pop(sub, None)
-    return out
-
-
-def without_unset(section: str, values: Any) -> Any:
-    """``values`` of the params section ``section`` without the :data:`UNSET_MEANS_ABSENT` keys that are null."""
+    """``values`` of the params section ``section`` without the sub-sections it does not use (e.g.
+    ``classifier.seam`` when ``classifier.method`` is cam: :data:`USED_WHEN`) and without the
+    :data:`UNSET_MEANS_ABSENT` keys at their absent value; a top-level scalar (``seed``) as it is. What a stage's
+    results depend on: Snakemake's rule params and the stages' fingerprints use it, so a change there reruns and
+    retrains nothing."""
     if not isinstance(values, Mapping):
         return copy.deepcopy(values)
     out = copy.deepcopy(dict(values))
-    for dotted in UNSET_MEANS_ABSENT.get(section, ()):
-        *parents, key = dotted.split(".")
-        inner: Any = out
-        for name in parents:
-            inner = inner.get(name) if isinstance(inner, dict) else None
-        if isinstance(inner, dict) and key in inner and inner[key] is None:
+    for sub, (key, value) in USED_WHEN.get(section, {}).items():  # a sub-section before the ones inside it
+        inner, name = _parent(out, sub)
+        holder, selector = _parent(out, key)
+        if inner is not None and (holder is None or holder.get(selector) != value):
+            inner.pop(name, None)
+    return without_unset(section, out)
+
+
+def without_unset(section: str, values: Any) -> Any:
+    """``values`` of the params section ``section`` without the :data:`UNSET_MEANS_ABSENT` keys at their absent
+    value."""
+    if not isinstance(values, Mapping):
+        return copy.deepcopy(values)
+    out = copy.deepcopy(dict(values))
+    for dotted, absent in UNSET_MEANS_ABSENT.get(section, {}).items():
+        inner, key = _parent(out, dotted)
+        if inner is not None and key in inner and inner[key] == absent:
             inner.pop(key)
     return out
 

@@ -208,8 +208,13 @@ def test_active_leaves_out_a_later_key_while_it_is_unset():
     assert "labels_file" not in config.active("dataset", d["dataset"])  # dataset.labels_file came later too
     assert config.active("dataset", {**d["dataset"], "labels_file": "l.txt"})["labels_file"] == "l.txt"
     walk = {**d["refine"], "method": "randomwalk"}  # refine.randomwalk.arch / pretrained came later, inside a section
-    assert not {"arch", "pretrained"} & set(config.active("refine", walk)["randomwalk"])
-    assert set(config.active("refine", walk)["randomwalk"]) == set(d["refine"]["randomwalk"]) - {"arch", "pretrained"}
+    later = {"arch", "pretrained", "design", "psa"}  # design at irn (what earlier runs did); psa is design psa's
+    assert not later & set(config.active("refine", walk)["randomwalk"])
+    assert set(config.active("refine", walk)["randomwalk"]) == set(d["refine"]["randomwalk"]) - later
     walk["randomwalk"] = {**walk["randomwalk"], "arch": "resnet50"}
     assert config.active("refine", walk)["randomwalk"]["arch"] == "resnet50"
     assert walk["randomwalk"]["pretrained"] is None  # the caller's values are not touched
+    walk["randomwalk"] = {**walk["randomwalk"], "design": "psa"}
+    psa = config.active("refine", walk)["randomwalk"]
+    assert psa["design"] == "psa" and psa["psa"] == d["refine"]["randomwalk"]["psa"]
+    assert "psa" in walk["randomwalk"] and "psa" not in config.active("refine", {**walk, "method": "crf"})

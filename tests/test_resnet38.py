@@ -19,10 +19,12 @@ from PIL import Image
 from advcam import config
 from advcam.attribution.cam import load_cam
 from advcam.data import load_info
+from advcam.data.transforms import normalize
 from advcam.models import resnet
 from advcam.models.classifier import build_classifier, load_classifier
 from advcam.models.resnet38 import ResNet38
 from advcam.models.seam import build_seam
+from advcam.refine import psa
 from advcam.steps import check
 from advcam.utils.checkpoint import load_checkpoint
 from advcam.utils.errors import AdvcamError
@@ -128,6 +130,77 @@ def infer_cls(sd: dict, pixels: np.ndarray, classes: list[int], scales: tuple[fl
     cam = lambda x: F.relu(F.conv2d(reference_resnet38(sd, x)["conv6"], sd["fc8.weight"]))  # noqa: E731
     total = summed_over_scales(pixels, classes, scales, cam)
     return (total / (total.amax((1, 2), keepdim=True) + EPS)).numpy()
+
+
+def reference_aff_embedding(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """resnet38_aff's embedding: ELU(f9(cat(ELU(f8_3(conv4)), ELU(f8_4(conv5)), ELU(f8_5(conv6)))))."""
+    f = reference_resnet38(sd, x)
+    cat = torch.cat([F.elu(F.conv2d(f[k], sd[f"{n}.weight"])) for k, n in
+                     (("conv4", "f8_3"), ("conv5", "f8_4"), ("conv6", "f8_5"))], 1)
+    return F.elu(F.conv2d(cat, sd["f9.weight"]))
+
+
+def reference_pairs(radius: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """PSA's ``get_indices_of_pairs``: (from (P,), to (K, P)) flat indices, first pixels in ``[:-rf, rf:-rf]``."""
+    dist = [(0, x) for x in range(1, radius)]
+    dist += [(y, x) for y in range(1, radius) for x in range(-radius + 1, radius) if x * x + y * y < radius * radius]
+    full, rf = np.arange(h * w, dtype=np.int64).reshape(h, w), radius - 1
+    ch, cw = h - rf, w - 2 * rf
+    to = np.stack([full[dy:dy + ch, rf + dx:rf + dx + cw].reshape(-1) for dy, dx in dist])
+    return full[:-rf, rf:-rf].reshape(-1), to
+
+
+def infer_aff(sd: dict, pixels: np.ndarray, high_res: np.ndarray, keys: list[int], n_classes: int, alpha: float,
+              beta: float, logt: int, radius: int = 5) -> torch.Tensor:
+    """PSA's / SEAM's ``infer_aff.py`` for one image: the upsampled walked scores ``(1 + C, H, W)`` (background
+    first), whose argmax is the label. A dense affinity matrix from the pairs, the identity and the transposed pairs;
+    raised to beta; columns normalised; squared logt times; the CAMs (background ``(1 - max) ** alpha``) padded and
+    average-pooled by 8, multiplied from the left. SEAM's radius for small grids."""
+    h, w = pixels.shape[:2]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    img = torch.from_numpy(((pixels / 255. - mean) / std).astype(np.float32).transpose(2, 0, 1).copy())[None]
+    ph, pw = int(np.ceil(h / 8) * 8), int(np.ceil(w / 8) * 8)
+    img = F.pad(img, (0, pw - w, 0, ph - h))
+    with torch.no_grad():
+        x = reference_aff_embedding(sd, img)
+    dh, dw = x.shape[-2:]
+    edge = min(dh, dw)
+    radius = (edge - 1) // 2 if edge < radius * 2 + 1 else radius
+    ind_from, ind_to = (torch.from_numpy(a) for a in reference_pairs(radius, dh, dw))
+    x = x.view(1, x.size(1), -1)
+    ff = torch.index_select(x, 2, ind_from)[:, :, None]
+    ft = torch.index_select(x, 2, ind_to.reshape(-1)).view(1, x.size(1), -1, ff.size(3))
+    aff = torch.exp(-torch.mean(torch.abs(ft - ff), dim=1)).view(-1)
+    src = ind_from[None].expand(ind_to.size(0), -1).reshape(-1)
+    area, ident = dh * dw, torch.arange(dh * dw)
+    idx = torch.cat([torch.stack([src, ind_to.reshape(-1)]), torch.stack([ident, ident]),
+                     torch.stack([ind_to.reshape(-1), src])], 1)
+    mat = torch.sparse_coo_tensor(idx, torch.cat([aff, torch.ones(area), aff]), (area, area)).to_dense()
+    trans = mat ** beta
+    trans = trans / trans.sum(0, keepdim=True)
+    for _ in range(logt):
+        trans = trans @ trans
+    full = np.zeros((n_classes + 1, h, w), np.float32)
+    for k, m in zip(keys, high_res):
+        full[k + 1] = m
+    full[0] = (1 - full[1:].max(0)) ** alpha
+    full = np.pad(full, ((0, 0), (0, ph - h), (0, pw - w)))
+    vec = F.avg_pool2d(torch.from_numpy(full), 8, 8).view(n_classes + 1, -1)
+    rw = (vec @ trans).view(1, n_classes + 1, dh, dw)
+    return F.interpolate(rw, (ph, pw), mode="bilinear", align_corners=False)[0, :, :h, :w]
+
+
+def aff_state(backbone: dict, seed: int) -> dict:
+    """A resnet38_aff state dict: ``backbone`` (ResNet-38 names) and random f8_3, f8_4, f8_5, f9 as PSA initialises
+    them."""
+    torch.manual_seed(seed)
+    heads = {"f8_3": (64, 512), "f8_4": (128, 1024), "f8_5": (256, 4096), "f9": (448, 448)}
+    out = dict(backbone)
+    for name, (cout, cin) in heads.items():
+        weight = torch.empty(cout, cin, 1, 1)
+        (torch.nn.init.xavier_uniform_(weight, gain=4) if name == "f9" else torch.nn.init.kaiming_normal_(weight))
+        out[f"{name}.weight"] = weight
+    return out
 
 
 def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -311,3 +384,75 @@ def test_random_walk_on_a_resnet38_classifier_uses_refine_randomwalk_arch(seam_f
     for image_id in info.lists["infer"]:
         label = np.asarray(Image.open(tmp / "pseudo" / f"{image_id}.png"))
         assert label.shape == info.read_image(image_id).shape[:2]
+
+
+def test_psas_affinity_network_and_walk_are_infer_affs():
+    """PSA's resnet38_aff (names, embedding) and the walk of ``refine.randomwalk.design: psa`` against infer_aff.py
+    written out: the walked scores to 1e-4 and the labels equal, at radius 5 (a 12 x 13 grid) and on a grid too
+    small for it (5 x 6: SEAM's radius 2), at PSA's and SEAM's settings."""
+    torch.manual_seed(2)
+    net = randomised(psa.PSAAffinityNet(), 2)
+    sd = net.state_dict()
+    assert set(sd) == reference_keys() | set(psa.HEADS)
+    rng, distinct = np.random.default_rng(2), []
+    for (h, w), (alpha, beta, logt), keys in (((92, 100), (16.0, 8.0, 8), [0, 2]), ((36, 44), (6.0, 8.0, 6), [1]),
+                                              ((92, 100), (16.0, 8.0, 8), [])):
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ys, xs = np.mgrid[:h, :w]  # a bump per class, somewhere in the image: background around it
+        bumps = [np.exp(-((ys - rng.uniform(0, h)) ** 2 + (xs - rng.uniform(0, w)) ** 2) / (0.1 * h * w)) for _ in keys]
+        high_res = np.stack(bumps).astype(np.float32) if keys else np.zeros((0, h, w), np.float32)
+        with torch.no_grad():
+            ours_emb = net(psa.padded_to_stride(normalize(pixels))[None])
+            aff, radius = psa.affinities(net, normalize(pixels), 5)
+        assert radius == (5 if h > 80 else 2)
+        ref = infer_aff(sd, pixels, high_res, keys, len(DEFAULT_CLASSES), alpha, beta, logt)
+        torch.testing.assert_close(ours_emb, reference_aff_embedding(sd, psa.padded_to_stride(normalize(pixels))[None]),
+                                   rtol=1e-4, atol=1e-5)
+        ours = psa.walk_scores(torch.from_numpy(high_res), aff, radius, alpha=alpha, beta=beta, logt=logt)
+        channels = [0, *(k + 1 for k in keys)]
+        torch.testing.assert_close(ours, ref[channels], rtol=1e-4, atol=1e-6)
+        label = psa.walk_labels(torch.from_numpy(high_res), keys, aff, radius, alpha=alpha, beta=beta, logt=logt)
+        assert (label == ref.argmax(0).numpy()).all()
+        distinct.append(len(np.unique(label)))
+    assert max(distinct) > 1  # not a walk that gives every pixel one label
+
+
+def test_refine_walks_with_psas_trained_affinity_network(seam_file, capsys):
+    """SEAM's pipeline through advcam: SEAM's classifier, its CAMs, PSA's walk on a trained resnet38_aff file
+    (``refine.randomwalk.design: psa``). Every pseudo label is infer_aff.py's (SEAM's settings); an unset, missing
+    or wrong file is refused by check_params and the stage with the same line, nothing written."""
+    tmp, sets, sd = seam_file
+    backbone = {k: v for k, v in sd.items() if not k.startswith(("fc8.", "f8_", "f9."))}
+    torch.save(aff_state(backbone, 3), tmp / "resnet38_aff_SEAM.pth")
+    walk = [*sets, "refine.method=randomwalk", "refine.randomwalk.design=psa",
+            "refine.randomwalk.psa.alpha=6", "refine.randomwalk.psa.logt=6"]
+    folder = cams(tmp, sets, tmp / "seam.pt", "psa_cams")
+    cases = [((), "set refine.randomwalk.psa.trained to PSA's or SEAM's trained AffinityNet"),
+             ((f"refine.randomwalk.psa.trained={tmp / 'none.pth'}",), "none.pth: file not found"),
+             ((f"refine.randomwalk.psa.trained={tmp / 'resnet38_SEAM.pth'}",),
+              "resnet38_SEAM.pth: not PSA's or SEAM's trained AffinityNet (resnet38_aff: ResNet-38 with f8_3, f8_4, "
+              "f8_5, f9): it looks like a ResNet-38 classifier (give it as classifier.trained)")]
+    for more, message in cases:
+        with pytest.raises(AdvcamError) as refused:
+            check.run(config.load(None, [*walk, *more]), None, tmp / "checked")
+        assert message in str(refused.value) and not (tmp / "checked").exists()
+        capsys.readouterr()
+        assert run(tmp, [*walk, *more], "refine", "--data", tmp / "data", "--cams", folder, "--out",
+                   tmp / "refused", "--metrics", tmp / "refused.json") == 2
+        assert capsys.readouterr().err.strip() == f"advcam refine: error: {refused.value}"
+        assert not (tmp / "refused.json").exists() and not list((tmp / "refused").glob("*.png"))
+    walk.append(f"refine.randomwalk.psa.trained={tmp / 'resnet38_aff_SEAM.pth'}")
+    check.run(config.load(None, walk), None, tmp / "checked")
+    assert run(tmp, walk, "refine", "--data", tmp / "data", "--cams", folder, "--out", tmp / "psa_pseudo",
+               "--metrics", tmp / "psa_pseudo.json") == 0
+    info = load_info(tmp / "data")
+    aff = aff_state(backbone, 3)
+    for image_id in info.lists["infer"]:
+        maps = load_cam(folder / f"{image_id}.npz")
+        pixels = info.read_image(image_id)
+        ref = infer_aff(aff, pixels, maps["high_res"], [int(k) for k in maps["keys"]], len(DEFAULT_CLASSES), 6.0,
+                        8.0, 6)
+        expected = np.concatenate([[0], np.arange(len(DEFAULT_CLASSES)) + 1])[ref.argmax(0).numpy()]
+        label = np.asarray(Image.open(tmp / "psa_pseudo" / f"{image_id}.png"))
+        assert (label == expected).all(), image_id
+    assert not (tmp / "psa_pseudo" / ".affinity.pt").exists()  # taken, not trained

@@ -28,13 +28,18 @@ import torch.nn.functional as F
 from advcam.refine.affinity import offsets
 
 
-def neighbour_pairs(h: int, w: int, radius: int, device: torch.device | str = "cpu"
+def neighbour_pairs(h: int, w: int, radius: int, device: torch.device | str = "cpu", cropped: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(src, dst, k) flat node indices of every in-grid pair of an ``h x w`` grid, and its offset index."""
+    """(src, dst, k) flat node indices of every in-grid pair of an ``h x w`` grid, and its offset index.
+
+    ``cropped``: only the pairs whose first pixel lies in ``[:-(r-1), (r-1):-(r-1)]`` (PSA's and SEAM's
+    ``get_indices_of_pairs`` at inference; IRN pads the grid instead, so that every in-grid pair is there)."""
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    rf = radius - 1
+    inside = (ys < h - rf) & (xs >= rf) & (xs < w - rf) if cropped else torch.ones_like(ys, dtype=torch.bool)
     src_all, dst_all, k_all = [], [], []
     for k, (dy, dx) in enumerate(offsets(radius)):
-        ok = (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)
+        ok = inside & (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)
         y, x = ys[ok], xs[ok]
         src_all.append(y * w + x)
         dst_all.append((y + dy) * w + x + dx)
@@ -42,16 +47,20 @@ def neighbour_pairs(h: int, w: int, radius: int, device: torch.device | str = "c
     return torch.cat(src_all), torch.cat(dst_all), torch.cat(k_all)
 
 
-def transition_matrix(aff: torch.Tensor, radius: int, beta: float) -> torch.Tensor:
+def transition_matrix(aff: torch.Tensor, radius: int, beta: float, cropped: bool = False) -> torch.Tensor:
     """Row-stochastic sparse CSR ``(N, N)`` from pairwise affinities ``(K, h, w)`` (see the module doc).
 
     ``aff[k, y, x]`` is the affinity of ``(y, x)`` and ``(y, x) + offsets(radius)[k]`` (as
-    :func:`advcam.refine.affinity.pairwise_affinity` gives it); values are clamped to [0, 1]."""
+    :func:`advcam.refine.affinity.pairwise_affinity` gives it); values are clamped to [0, 1]. ``cropped``: the
+    pairs of :func:`neighbour_pairs` with ``cropped`` (PSA's walk). ``radius`` 0: no pairs (the identity)."""
     k_total, h, w = aff.shape
-    if k_total != len(offsets(radius)):
-        raise ValueError(f"transition_matrix: {k_total} affinity maps, radius {radius} needs {len(offsets(radius))}")
+    if k_total != (len(offsets(radius)) if radius >= 1 else 0):
+        raise ValueError(f"transition_matrix: {k_total} affinity maps do not fit radius {radius}")
     n = h * w
-    src, dst, k = neighbour_pairs(h, w, radius, aff.device)
+    if radius >= 1:
+        src, dst, k = neighbour_pairs(h, w, radius, aff.device, cropped)
+    else:
+        src = dst = k = torch.zeros(0, dtype=torch.int64, device=aff.device)
     values = aff.float().clamp(0, 1).reshape(k_total, n)[k, src] ** float(beta)
     diag = torch.arange(n, device=aff.device)
     rows = torch.cat([src, dst, diag])

@@ -14,7 +14,8 @@ the same one-line messages as the stages:
   segmenter is the stage it would cost);
 - a ``classifier.trained`` file that is missing or holds another kind of classifier than the params ask for;
 - ``refine.method: randomwalk`` with an affinity network arch it has no variant for (``resnet38``, the
-  classifier's where ``refine.randomwalk.arch`` is null);
+  classifier's where ``refine.randomwalk.arch`` is null), or with ``design: psa`` and a
+  ``refine.randomwalk.psa.trained`` file that is unset, missing or not PSA's / SEAM's trained AffinityNet;
 - a ``pretrained`` weight file (``classifier``, ``segmentation``, ``refine.randomwalk``) that is missing, unreadable,
   or does not fit its arch (keys and shapes against the backbone built on the ``meta`` device: no memory, no
   computation).
@@ -35,6 +36,7 @@ from advcam.models import resnet
 from advcam.models.classifier import build_classifier
 from advcam.models.deeplab import build_segmenter
 from advcam.models.trained import load_trained
+from advcam.refine import psa
 from advcam.refine.affinity import affinity_source, build_affinity_net
 from advcam.steps.prepare import check_layout, labels_file_path
 from advcam.train.segmentation import select_gt_ids
@@ -138,7 +140,9 @@ def run(cfg: Any, params: Path | None, out: Path) -> None:
     weights: list[tuple[str, Callable[..., torch.nn.Module], str, Any]] = [
         ("classifier.pretrained", build_classifier, cfg.classifier.arch, cfg.classifier.pretrained),
         ("segmentation.pretrained", build_segmenter, cfg.segmentation.arch, cfg.segmentation.pretrained)]
-    if cfg.refine.method == "randomwalk":
+    if cfg.refine.method == "randomwalk" and cfg.refine.randomwalk.design == "psa":
+        psa.load_trained(cfg.refine.randomwalk)
+    elif cfg.refine.method == "randomwalk":
         arch, pretrained = affinity_source(cfg.classifier, cfg.refine.randomwalk)
         if cfg.refine.randomwalk.get("pretrained"):
             weights.append(("refine.randomwalk.pretrained", lambda a, n, p: build_affinity_net(a), arch, pretrained))

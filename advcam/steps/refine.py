@@ -34,11 +34,12 @@ images: the scores, and for ``randomwalk`` the affinity training (once, on all C
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence, cast
 
 import numpy as np
 
 import torch
+from torch import nn
 
 from advcam import config
 from advcam.attribution.cam import load_cam
@@ -49,11 +50,13 @@ from advcam.steps import shards as sharding
 from advcam.steps.shards import FINGERPRINT, invalidate_if_changed
 from advcam.data.voc import palette, read_label
 from advcam.metrics import confusion, finite_or_none, iou_from_confusion, mean_iou, per_class
+from advcam.refine import psa
 from advcam.refine.affinity import AffinityNet, affinity_source, batch_loss, build_affinity_net, pairwise_affinity
 from advcam.refine.crf import CRFParams, cam_to_label
 from advcam.refine.randomwalk import walk_labels
 from advcam.train import loop
 from advcam.train.live import live_dir
+from advcam.train.memo import weights_digest
 from advcam.train.segmentation import pseudo_label_reader
 from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
 from advcam.utils.device import resolve_device, seed_everything
@@ -169,24 +172,44 @@ def affinity_model(cfg: Any, info: Any, ids: list[str], labels: Path, out: Path,
     return model.eval()
 
 
-def walker(model_fn: Callable[[], AffinityNet], cfg_rw: Any, device: torch.device) -> LabelFn:
-    """``fn(image, maps)``: the random-walk label of one image (the model is made on first use)."""
-    cache: list[AffinityNet] = []
+def walker(model_fn: Callable[[], nn.Module], walk: Callable[[nn.Module, np.ndarray, dict], np.ndarray]) -> LabelFn:
+    """``fn(image, maps)`` = ``walk(model, image, maps)``, the random-walk label of one image (the affinity network
+    is made on first use)."""
+    cache: list[nn.Module] = []
 
     def fn(image: np.ndarray, maps: dict) -> np.ndarray:
         if not cache:
             cache.append(model_fn())
-        radius = int(cfg_rw.radius)
         with torch.inference_mode():
-            emb = cache[0](normalize(image)[None].to(device))
-            cam = torch.from_numpy(maps["cam"]).to(device)
-            if cam.shape[0] and tuple(emb.shape[-2:]) != tuple(cam.shape[-2:]):
-                raise AdvcamError(f"affinity grid {tuple(emb.shape[-2:])} differs from the CAM grid "
-                                  f"{tuple(cam.shape[-2:])}")
-            return walk_labels(cam, maps["keys"], pairwise_affinity(emb, radius)[0], image.shape[:2],
-                               radius=radius, beta=float(cfg_rw.beta), exp_times=int(cfg_rw.exp_times),
-                               cam_power=float(cfg_rw.cam_power), bg_threshold=float(cfg_rw.bg_threshold))
+            return walk(cache[0], image, maps)
     return fn
+
+
+def irn_walk(cfg_rw: Any, device: torch.device) -> Callable[[nn.Module, np.ndarray, dict], np.ndarray]:
+    """``design: irn``: the stride-4 CAMs walked over the affinities of advcam's affinity network."""
+    radius = int(cfg_rw.radius)
+
+    def walk(model: nn.Module, image: np.ndarray, maps: dict) -> np.ndarray:
+        emb = model(normalize(image)[None].to(device))
+        cam = torch.from_numpy(maps["cam"]).to(device)
+        if cam.shape[0] and tuple(emb.shape[-2:]) != tuple(cam.shape[-2:]):
+            raise AdvcamError(f"affinity grid {tuple(emb.shape[-2:])} differs from the CAM grid "
+                              f"{tuple(cam.shape[-2:])}")
+        return walk_labels(cam, maps["keys"], pairwise_affinity(emb, radius)[0], image.shape[:2],
+                           radius=radius, beta=float(cfg_rw.beta), exp_times=int(cfg_rw.exp_times),
+                           cam_power=float(cfg_rw.cam_power), bg_threshold=float(cfg_rw.bg_threshold))
+    return walk
+
+
+def psa_walk(cfg_rw: Any, device: torch.device) -> Callable[[nn.Module, np.ndarray, dict], np.ndarray]:
+    """``design: psa``: the ``high_res`` maps walked at stride 8 over PSA's AffinityNet (:mod:`advcam.refine.psa`)."""
+    p = cfg_rw["psa"]
+
+    def walk(model: nn.Module, image: np.ndarray, maps: dict) -> np.ndarray:
+        aff, radius = psa.affinities(cast(psa.PSAAffinityNet, model), normalize(image).to(device), int(cfg_rw.radius))
+        return psa.walk_labels(torch.from_numpy(maps["high_res"]), maps["keys"], aff, radius,
+                               alpha=float(p["alpha"]), beta=float(p["beta"]), logt=int(p["logt"]))
+    return walk
 
 
 def crf_labels(cfg: Any, info: Any, ids: list[str], cams: Path, folder: Path, record: dict,
@@ -239,7 +262,10 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
             return
         record: dict[str, Any] = {"refine": config.active("refine", cfg.refine.to_dict()), "cams": cams_record,
                                   "code": code}
-        if method in STAGED:
+        design = str(cfg.refine.randomwalk.design)
+        if method in STAGED and design == "psa":  # the file's bytes: a new file at the same path reruns the walk
+            record["affinity"] = {"trained": weights_digest(psa.trained_file(cfg.refine.randomwalk))}
+        elif method in STAGED:
             record["affinity"] = {"arch": cfg.classifier.arch, "pretrained": cfg.classifier.pretrained,
                                   "seed": cfg.seed}
         # per-image work of this job (the labels unless gathered, the affinity training and the walk) goes to the work
@@ -259,11 +285,16 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
             labels = dest / CRF_DIR
             crf = crf_labels(cfg, info, ids, cams, labels, crf_record, gather, score=scored)
             device = resolve_device(cfg.device)
-            make = lambda: affinity_model(cfg, info, ids, labels, dest, device)  # noqa: E731
+            rw = cfg.refine.randomwalk
+            make: Callable[[], nn.Module] = lambda: affinity_model(cfg, info, ids, labels, dest, device)  # noqa: E731
+            walk = irn_walk(rw, device)
+            if design == "psa":
+                make = lambda: psa.load_trained(rw).to(device)  # noqa: E731
+                walk = psa_walk(rw, device)
             if any(not (dest / f"{i}.png").is_file() for i in ids):  # train (or load) it before the labels' bar
                 trained = make()
                 make = lambda: trained  # noqa: E731
-            fn = walker(make, cfg.refine.randomwalk, device)
+            fn = walker(make, walk)
             final = label_all(info, ids, cams, dest, fn, "refine (random walk)", scored)
         if work is not None:
             names = [f"{i}.png" for i in ids]

@@ -50,10 +50,15 @@ def outside_files(section, keys=("pretrained", "trained")):
 
 
 def affinity_weights():
-    """The affinity network's pretrained weight file (refine.method randomwalk), as an input, as the refine stage
-    picks it (`refine.randomwalk.pretrained`, else `classifier.pretrained` while the archs agree)."""
+    """The affinity network's weight file (refine.method randomwalk), as an input, as the refine stage picks it:
+    `refine.randomwalk.psa.trained` with design psa; else `refine.randomwalk.pretrained`, else
+    `classifier.pretrained` while the archs agree."""
     if config["refine"]["method"] != "randomwalk":
         return []
+    walk = config["refine"]["randomwalk"]
+    if walk.get("design") == "psa":
+        path = (walk.get("psa") or {}).get("trained")
+        return [os.path.expanduser(path)] if path else []
     from advcam.refine.affinity import affinity_source  # imports torch: only where the random walk runs
     from advcam.utils.errors import AdvcamError
 
