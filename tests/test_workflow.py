@@ -278,8 +278,8 @@ def test_predict_list_adds_its_masks_to_the_default_target(dvc_project):
 
 def test_files_outside_the_repository_are_rule_inputs(tmp_path):
     """A VOC dataset's list files and labels file are prepare's inputs, a set `pretrained` file the trainings'
-    (the affinity network's with the random walk) and a set `classifier.trained` file train_cls's, so a newer one
-    reruns the stage; unset, they are not inputs."""
+    (the affinity network's with the random walk; with design psa its `psa.trained` file instead) and a set
+    `classifier.trained` file train_cls's, so a newer one reruns the stage; unset, they are not inputs."""
     lists = tmp_path / "VOC" / "ImageSets" / "Segmentation"
     lists.mkdir(parents=True)
     for name in ("train_aug", "train", "val", "test"):
@@ -310,5 +310,12 @@ def test_files_outside_the_repository_are_rule_inputs(tmp_path):
              f"refine={{method: randomwalk, randomwalk: {{arch: resnet50, pretrained: {walk}}}}}", cwd=REPO).stdout
     refine = re.search(r"^rule refine:$.*?^\s+input: (.*)$", out, re.M | re.S)
     assert refine and str(walk) in refine.group(1) and str(weights) not in refine.group(1), out
+    aff = tmp_path / "resnet38_aff.pth"  # design psa: PSA's trained AffinityNet, and no other affinity weights
+    aff.write_bytes(b"")
+    out = sh("snakemake", "-n", "--forceall", "--config", f"classifier={{arch: resnet38, pretrained: {weights}}}",
+             f"refine={{method: randomwalk, randomwalk: {{design: psa, pretrained: {walk}, psa: {{trained: {aff}}}}}}}",
+             cwd=REPO).stdout
+    refine = re.search(r"^rule refine:$.*?^\s+input: (.*)$", out, re.M | re.S)
+    assert refine and str(aff) in refine.group(1) and str(walk) not in refine.group(1), out
     plain = snakemake_jobs(REPO)
     assert plain["prepare"]["input"] == [] and str(weights) not in plain["train_cls"]["input"]
