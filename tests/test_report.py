@@ -181,6 +181,9 @@ def test_figures_of_a_run_on_a_classifier_trained_elsewhere(tmp_path):
     cfg = config.load(None, [*OVERRIDES, f"classifier.trained={tmp_path / 'cls.pth'}"])
     assert figures.methods_of(cfg) == {"classifier": "cam (taken: cls.pth)", "cam": "advcam", "refine": "crf"}
     assert figures.methods_of(config.load(None, OVERRIDES))["classifier"] == "cam"
+    psa = ["refine.method=randomwalk", "refine.randomwalk.design=psa", "refine.randomwalk.psa.trained=/w/aff.pth"]
+    assert figures.methods_of(config.load(None, [*OVERRIDES, *psa]))["refine"] == "randomwalk (psa, taken: aff.pth)"
+    assert figures.methods_of(config.load(None, [*OVERRIDES, psa[0]]))["refine"] == "randomwalk"
 
 
 def test_training_curves_are_logged_with_dvclive(project):

@@ -175,7 +175,8 @@ def infer_aff(sd: dict, pixels: np.ndarray, high_res: np.ndarray, keys: list[int
     area, ident = dh * dw, torch.arange(dh * dw)
     idx = torch.cat([torch.stack([src, ind_to.reshape(-1)]), torch.stack([ident, ident]),
                      torch.stack([ind_to.reshape(-1), src])], 1)
-    mat = torch.sparse_coo_tensor(idx, torch.cat([aff, torch.ones(area), aff]), (area, area)).to_dense()
+    mat = torch.sparse_coo_tensor(idx, torch.cat([aff, torch.ones(area), aff]), (area, area),
+                                  check_invariants=True).to_dense()
     trans = mat ** beta
     trans = trans / trans.sum(0, keepdim=True)
     for _ in range(logt):
@@ -434,15 +435,15 @@ def test_refine_walks_with_psas_trained_affinity_network(seam_file, capsys):
               "f8_5, f9): it looks like a ResNet-38 classifier (give it as classifier.trained)")]
     for more, message in cases:
         with pytest.raises(AdvcamError) as refused:
-            check.run(config.load(None, [*walk, *more]), None, tmp / "checked")
-        assert message in str(refused.value) and not (tmp / "checked").exists()
+            check.run(config.load(None, [*walk, *more]), None, tmp / "psa_checked")
+        assert message in str(refused.value) and not (tmp / "psa_checked").exists()
         capsys.readouterr()
         assert run(tmp, [*walk, *more], "refine", "--data", tmp / "data", "--cams", folder, "--out",
                    tmp / "refused", "--metrics", tmp / "refused.json") == 2
         assert capsys.readouterr().err.strip() == f"advcam refine: error: {refused.value}"
-        assert not (tmp / "refused.json").exists() and not list((tmp / "refused").glob("*.png"))
+        assert not (tmp / "refused.json").exists() and not list((tmp / "refused").rglob("*.png"))  # nor CRF labels
     walk.append(f"refine.randomwalk.psa.trained={tmp / 'resnet38_aff_SEAM.pth'}")
-    check.run(config.load(None, walk), None, tmp / "checked")
+    check.run(config.load(None, walk), None, tmp / "psa_checked")
     assert run(tmp, walk, "refine", "--data", tmp / "data", "--cams", folder, "--out", tmp / "psa_pseudo",
                "--metrics", tmp / "psa_pseudo.json") == 0
     info = load_info(tmp / "data")

@@ -106,6 +106,7 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, widths[2], layers[2], strides[2], dilations[2])
         self.layer4 = self._make_layer(block, widths[3], layers[3], strides[3], dilations[3])
         self.out_channels = widths[3] * block.expansion
+        self.mid_channels = (widths[1] * block.expansion, widths[2] * block.expansion)  # layer2, layer3
         self.output_stride = strides[0] * 2 * strides[1] * strides[2] * strides[3]
         self._init_weights()
 
@@ -131,6 +132,13 @@ class ResNet(nn.Module):
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(layer2, layer3, layer4) outputs: two mid-level stages (``mid_channels``, read by SEAM's PCM) and the
+        output."""
+        x2 = self.layer2(self.layer1(self.stem(x)))
+        x3 = self.layer3(x2)
+        return x2, x3, self.layer4(x3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer1(self.stem(x))

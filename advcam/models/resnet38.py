@@ -106,7 +106,7 @@ class ResNet38(nn.Module):
 
     out_channels = 4096
     output_stride = 8
-    pcm_channels = (512, 1024)  # the pre-activations of b5 and b6 (the reference's conv4, conv5)
+    mid_channels = (512, 1024)  # the pre-activations of b5 and b6 (the reference's conv4, conv5)
     ignored_weight_prefixes = HEAD_PREFIXES
 
     def __init__(self) -> None:

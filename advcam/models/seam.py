@@ -39,30 +39,17 @@ Deviations from the reference, by design:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from advcam.models.classifier import Backbone, CAMNet, build_classifier
-from advcam.models.resnet38 import ResNet38
 
 EPS = 1e-5
 PROJ_CHANNELS = (64, 128)  # reference f8_3 (conv4 -> 64), f8_4 (conv5 -> 128)
 EMBED_CHANNELS = 192  # reference f9: (3 + 64 + 128) -> 192
-
-
-def _channels(layer: nn.Module) -> int:
-    """Output channels of a ResNet layer (the width of its last BatchNorm)."""
-    bns = [m for m in layer.modules() if isinstance(m, nn.BatchNorm2d)]
-    return int(bns[-1].num_features)
-
-
-def stage_channels(backbone: Backbone) -> tuple[int, int]:
-    """Widths of the two stages the PCM reads (ResNet-38: conv4 and conv5; a torchvision ResNet: layer2, layer3)."""
-    if isinstance(backbone, ResNet38):
-        return backbone.pcm_channels
-    return _channels(backbone.layer2), _channels(backbone.layer3)
 
 
 def pcm_input(cam: torch.Tensor) -> torch.Tensor:
@@ -111,7 +98,7 @@ class SEAMNet(CAMNet):
         super().__init__(backbone, num_classes, arch, frozen_bn)
         self.use_pcm = bool(use_pcm)
         self.dropout = 0.0  # training-only Dropout2d before the classifier (set by advcam.train.seam)
-        widths = stage_channels(backbone)
+        widths = backbone.mid_channels  # the two stages the PCM reads
         self.pcm_proj2 = nn.Conv2d(widths[0], PROJ_CHANNELS[0], 1, bias=False)
         self.pcm_proj3 = nn.Conv2d(widths[1], PROJ_CHANNELS[1], 1, bias=False)
         self.pcm_embed = nn.Conv2d(3 + sum(PROJ_CHANNELS), EMBED_CHANNELS, 1, bias=False)
@@ -130,12 +117,7 @@ class SEAMNet(CAMNet):
 
     def stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(the two PCM stages, the last stage): (layer2, layer3, layer4) outputs; ResNet-38's (conv4, conv5, conv6)."""
-        b = self.backbone
-        if isinstance(b, ResNet38):
-            return b.forward_stages(x)
-        x2 = b.layer2(b.layer1(b.stem(x)))
-        x3 = b.layer3(x2)
-        return x2, x3, b.layer4(x3)
+        return cast(Backbone, self.backbone).forward_stages(x)
 
     def pcm_features(self, x: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
         """Embeddings ``(B, 192, h, w)`` of the image and two stages at the CAM resolution ``x3.shape[-2:]``."""

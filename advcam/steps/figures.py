@@ -132,11 +132,14 @@ def run_methods(folder: Path) -> dict[str, str]:
 
 def methods_of(cfg: Any) -> dict[str, str]:
     """The classifier (with the file it was taken from, for ``classifier.trained``), attribution and refinement
-    methods of a run's params."""
+    (with PSA's design and its AffinityNet file) methods of a run's params."""
     classifier = str(cfg.classifier.method)
     if cfg.classifier.get("trained"):
         classifier += f" (taken: {Path(str(cfg.classifier.trained)).name})"
-    return {"classifier": classifier, "cam": str(cfg.cam.method), "refine": str(cfg.refine.method)}
+    refine, walk = str(cfg.refine.method), cfg.refine.randomwalk
+    if refine == "randomwalk" and walk.design == "psa":
+        refine += f" (psa, taken: {Path(str(walk.psa.trained)).name})" if walk.psa.trained else " (psa)"
+    return {"classifier": classifier, "cam": str(cfg.cam.method), "refine": refine}
 
 
 def other_runs(runs: Path) -> dict[str, Path]:

@@ -283,14 +283,14 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
                                     f"refine ({method})", scored)
         else:
             labels = dest / CRF_DIR
-            crf = crf_labels(cfg, info, ids, cams, labels, crf_record, gather, score=scored)
             device = resolve_device(cfg.device)
             rw = cfg.refine.randomwalk
             make: Callable[[], nn.Module] = lambda: affinity_model(cfg, info, ids, labels, dest, device)  # noqa: E731
             walk = irn_walk(rw, device)
-            if design == "psa":
-                make = lambda: psa.load_trained(rw).to(device)  # noqa: E731
-                walk = psa_walk(rw, device)
+            if design == "psa":  # read (and checked) before the CRF labels' hours
+                taken = psa.load_trained(rw).to(device)
+                make, walk = (lambda: taken), psa_walk(rw, device)
+            crf = crf_labels(cfg, info, ids, cams, labels, crf_record, gather, score=scored)
             if any(not (dest / f"{i}.png").is_file() for i in ids):  # train (or load) it before the labels' bar
                 trained = make()
                 make = lambda: trained  # noqa: E731
