@@ -351,7 +351,7 @@ def markdown_reference() -> str:
             if types == "array":
                 types = f"list of {sub.get('items', {}).get('type', 'any')}"
             allowed = ", ".join(f"{k} {sub[k]}" for k in ("minimum", "exclusiveMinimum", "maximum",
-                                                          "exclusiveMaximum", "minItems") if k in sub)
+                                                          "exclusiveMaximum", "multipleOf", "minItems") if k in sub)
             if "enum" in sub:
                 allowed = " \\| ".join("null" if v is None else str(v) for v in sub["enum"])
             default = json.dumps(sub.get("default"))

@@ -24,7 +24,8 @@ from advcam.models import resnet
 from advcam.models.classifier import build_classifier, load_classifier
 from advcam.models.resnet38 import ResNet38
 from advcam.models.seam import build_seam
-from advcam.refine import psa
+from advcam.refine import psa, psa_labels
+from advcam.refine.affinity import affinity_labels
 from advcam.steps import check
 from advcam.utils.checkpoint import load_checkpoint
 from advcam.utils.errors import AdvcamError
@@ -420,16 +421,15 @@ def test_psas_affinity_network_and_walk_are_infer_affs():
 
 def test_refine_walks_with_psas_trained_affinity_network(seam_file, capsys):
     """SEAM's pipeline through advcam: SEAM's classifier, its CAMs, PSA's walk on a trained resnet38_aff file
-    (``refine.randomwalk.design: psa``). Every pseudo label is infer_aff.py's (SEAM's settings); an unset, missing
-    or wrong file is refused by check_params and the stage with the same line, nothing written."""
+    (``refine.randomwalk.design: psa``). Every pseudo label is infer_aff.py's (SEAM's settings); a missing or wrong
+    file is refused by check_params and the stage with the same line, nothing written."""
     tmp, sets, sd = seam_file
     backbone = {k: v for k, v in sd.items() if not k.startswith(("fc8.", "f8_", "f9."))}
     torch.save(aff_state(backbone, 3), tmp / "resnet38_aff_SEAM.pth")
     walk = [*sets, "refine.method=randomwalk", "refine.randomwalk.design=psa",
             "refine.randomwalk.psa.alpha=6", "refine.randomwalk.psa.logt=6"]
     folder = cams(tmp, sets, tmp / "seam.pt", "psa_cams")
-    cases = [((), "set refine.randomwalk.psa.trained to PSA's or SEAM's trained AffinityNet"),
-             ((f"refine.randomwalk.psa.trained={tmp / 'none.pth'}",), "none.pth: file not found"),
+    cases = [((f"refine.randomwalk.psa.trained={tmp / 'none.pth'}",), "none.pth: file not found"),
              ((f"refine.randomwalk.psa.trained={tmp / 'resnet38_SEAM.pth'}",),
               "resnet38_SEAM.pth: not PSA's or SEAM's trained AffinityNet (resnet38_aff: ResNet-38 with f8_3, f8_4, "
               "f8_5, f9): it looks like a ResNet-38 classifier (give it as classifier.trained)")]
@@ -457,3 +457,123 @@ def test_refine_walks_with_psas_trained_affinity_network(seam_file, capsys):
         label = np.asarray(Image.open(tmp / "psa_pseudo" / f"{image_id}.png"))
         assert (label == expected).all(), image_id
     assert not (tmp / "psa_pseudo" / ".affinity.pt").exists()  # taken, not trained
+
+
+def reference_aff_labels(image: np.ndarray, la: np.ndarray, ha: np.ndarray, size: int, crop: tuple[int, int, int, int],
+                         flip: bool, radius: int = 5) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """PSA's ``VOC12AffDataset`` item after its colour jitter, for a given ``RandomCrop`` draw and flip: the normalised
+    image (C, S, S) and ``ExtractAffinityLabelInRadius``'s (bg, fg, neg) labels (K, P)."""
+    label = np.concatenate([la, ha]).transpose(1, 2, 0)
+    img_label = np.concatenate((image, label), axis=-1)
+    h, w = image.shape[:2]
+    ct, cl, it, il = crop
+    ch, cw = min(size, h), min(size, w)
+    box = np.zeros((size, size, img_label.shape[-1]), np.float32)
+    box[ct:ct + ch, cl:cl + cw] = img_label[it:it + ch, il:il + cw]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    img = ((box[..., :3] / 255. - mean) / std).astype(np.float32)
+    label = box[..., 3:]
+    if flip:
+        img, label = np.fliplr(img).copy(), np.fliplr(label).copy()
+    label = label.reshape(size // 8, 8, size // 8, 8, -1).mean((1, 3))  # skimage's block_reduce(mean)
+    no_score = np.max(label, -1) < 1e-5
+    low, high = np.array_split(label, 2, axis=-1)
+    low, high = np.argmax(low, -1).astype(np.uint8), np.argmax(high, -1).astype(np.uint8)
+    label = low.copy()
+    label[low == 0] = 255
+    label[high == 0] = 0
+    label[no_score] = 255
+    dist = [(0, x) for x in range(1, radius)]
+    dist += [(y, x) for y in range(1, radius) for x in range(-radius + 1, radius) if x * x + y * y < radius * radius]
+    rf, cells = radius - 1, size // 8
+    src = label[:-rf, rf:-rf].reshape(-1)
+    to = np.stack([label[dy:dy + cells - rf, rf + dx:rf + dx + cells - 2 * rf].reshape(-1) for dy, dx in dist])
+    valid = (to < 255) & (src < 255)[None]
+    pos = src[None] == to
+    return img.transpose(2, 0, 1), (pos & (src[None] == 0), pos & (src[None] != 0) & valid, ~pos & valid)
+
+
+def reference_crf_with_alpha(image: np.ndarray, high_res: np.ndarray, alpha: float) -> np.ndarray:
+    """PSA's ``_crf_with_alpha`` and ``crf_inference`` (pydensecrf as they call it)."""
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+    probs = np.concatenate([np.power(1 - np.max(high_res, axis=0, keepdims=True), alpha), high_res])
+    h, w = image.shape[:2]
+    d = dcrf.DenseCRF2D(w, h, probs.shape[0])
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    d.addPairwiseGaussian(sxy=3, compat=3)
+    d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=np.copy(image), compat=10)
+    return np.array(d.inference(10)).reshape((probs.shape[0], h, w))
+
+
+def test_psa_affinity_training_data_is_voc12affdatasets():
+    """The CRF scores are infer_cls.py's la / ha CRFs; a training sample (crop in its zero container, flip,
+    normalisation, 8x8 pooling, the la / ha label rule) and its affinity pairs are VOC12AffDataset's, for crops
+    inside the image and larger than it; a sample's crop is within its container."""
+    rng = np.random.default_rng(4)
+    h, w = 100, 130
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    ys, xs = np.mgrid[:h, :w]
+    high_res = np.stack([np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / 800.0) for cy, cx in ((30, 40), (70, 95))])
+    high_res = high_res.astype(np.float32)
+    la, ha = (psa_labels.crf_scores(image, high_res, a) for a in (4.0, 32.0))
+    for ours, alpha in ((la, 4.0), (ha, 32.0)):
+        np.testing.assert_allclose(ours, reference_crf_with_alpha(image, high_res, alpha), rtol=1e-6, atol=1e-7)
+    kinds = set()
+    for size, crop, flip in ((80, (0, 0, 3, 10), False), (80, (0, 0, 20, 50), True), (112, (12, 0, 0, 18), True),
+                             (112, (0, 0, 0, 0), False)):
+        img, label = psa_labels.sample_at(image, la, ha, size, crop, flip)
+        ref_img, ref_pairs = reference_aff_labels(image, la, ha, size, crop, flip)
+        np.testing.assert_allclose(img, ref_img, rtol=1e-6, atol=1e-6)
+        pairs = affinity_labels(torch.from_numpy(label.astype(np.int64))[None], 5)
+        cells = size // 8
+        for ours, ref in zip(pairs, ref_pairs):
+            assert (ours[0, :, :cells - 4, 4:cells - 4].reshape(len(ref), -1).numpy() == ref).all(), (size, crop)
+        kinds |= {v for v in np.unique(label)}
+    assert {0, 255} <= kinds and kinds - {0, 255}  # background, unsure and foreground cells all occur
+    for _ in range(20):
+        ct, cl, it, il = psa_labels.draw_crop(h, w, 112, rng)
+        assert 0 <= ct <= 112 - h and it == 0 and cl == 0 and 0 <= il <= w - 112
+
+
+def test_refine_trains_psas_affinity_network(seam_file):
+    """``design: psa`` without a trained file: the CRF scores are written, PSA's AffinityNet is trained from the
+    ResNet-38 weights (heads 10x lr, conv1a / b2* / BatchNorm frozen), and the walk labels every image; a rerun
+    with the same params trains nothing and recomputes nothing."""
+    tmp, sets, sd = seam_file
+    backbone = {k: v for k, v in sd.items() if not k.startswith(("fc8.", "f8_", "f9."))}
+    torch.save(backbone, tmp / "imagenet38.pth")
+    root = make_voc_fixture(tmp / "VOC100", n_train=2, n_val=1, size=(100, 120))
+    big = [s for s in sets if not s.startswith("dataset.root=")] + [f"dataset.root={root}"]
+    walk = [*big, "refine.method=randomwalk", "refine.randomwalk.design=psa",
+            f"refine.randomwalk.pretrained={tmp / 'imagenet38.pth'}", "refine.randomwalk.psa.epochs=1",
+            "refine.randomwalk.psa.batch_size=2", "refine.randomwalk.psa.crop_size=80", "refine.randomwalk.psa.logt=4"]
+    check.run(config.load(None, walk), None, tmp / "psa_train_checked")
+    assert run(tmp, big, "prepare", "--out", tmp / "data100") == 0
+    assert run(tmp, big, "cams", "--data", tmp / "data100", "--model", tmp / "seam.pt", "--out", tmp / "cams100",
+               "--metrics", tmp / "cams100.json", "--curve", tmp / "cams100.csv") == 0
+    args = ["refine", "--data", tmp / "data100", "--cams", tmp / "cams100", "--out", tmp / "pseudo100", "--metrics",
+            tmp / "pseudo100.json"]
+    assert run(tmp, walk, *args) == 0
+    out = tmp / "pseudo100"
+    header, state = load_checkpoint(out / ".affinity.pt")
+    assert header["kind"] == "affinity-psa" and header["fingerprint"]["params"]["crop_size"] == 80
+    model = psa.PSAAffinityNet()
+    model.load_state_dict(state["model"])
+    frozen = {k: v for k, v in model.state_dict().items() if k.startswith(("conv1a.", "b2.", "b2_1.", "b7.bn"))}
+    for k, v in frozen.items():  # the frozen layers (and BatchNorm statistics) are the pretrained ones
+        torch.testing.assert_close(v, backbone[k], rtol=0, atol=0, msg=k)
+    assert not torch.equal(model.b3.conv_branch2a.weight, backbone["b3.conv_branch2a.weight"])  # trained
+    rows = (out / ".affinity.csv").read_text().splitlines()
+    losses = [float(r.split(",")[2]) for r in rows[1:]]
+    assert rows[0].split(",")[2] == "loss" and losses and all(np.isfinite(x) and x > 0 for x in losses)
+    info = load_info(tmp / "data100")
+    ids = sorted(set(info.lists["infer"]) | set(info.lists["seg"]))
+    for image_id in ids:
+        with np.load(out / ".psa_crf" / f"{image_id}.npz") as z:
+            n = 1 + len(info.labels[image_id])
+            assert z["la"].shape == z["ha"].shape == (n, 100, 120)
+        assert np.asarray(Image.open(out / f"{image_id}.png")).shape == (100, 120)
+    stamps = {p: p.stat().st_mtime_ns for p in [out / ".affinity.pt", *out.glob("*.png")]}
+    assert run(tmp, walk, *args) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

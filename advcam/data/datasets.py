@@ -23,7 +23,7 @@ from advcam.utils.errors import AdvcamError
 IGNORE = 255
 
 
-class _Augmented(Dataset):
+class AugmentedDataset(Dataset):
     """Shared bookkeeping: ids, crop size, train/eval, per-item RNG from (seed, epoch, index)."""
 
     def __init__(self, info: DatasetInfo, ids: Sequence[str], crop_size: int, train: bool, seed: int):
@@ -43,7 +43,7 @@ class _Augmented(Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
 
-class ClassificationDataset(_Augmented):
+class ClassificationDataset(AugmentedDataset):
     """Items ``{"image": (3, S, S) float32, "label": (C,) float32 multi-hot, "id": str}``.
 
     Training augmentation, as IRN's classification dataset scaled to ``crop_size`` S: resize the long side
@@ -90,7 +90,7 @@ def augmentation_options(how: str, key: str, reference: dict[str, Any]) -> dict[
     return dict(reference)
 
 
-class SegmentationDataset(_Augmented):
+class SegmentationDataset(AugmentedDataset):
     """Items ``{"image": (3, S, S) float32, "mask": (S, S) int64 (255 = ignore), "id": str}``.
 
     ``label_fn(id)`` returns the uint8 ``(H, W)`` target (ground truth or pseudo label). Training

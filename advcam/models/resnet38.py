@@ -33,8 +33,9 @@ from torch import nn
 
 # PSA's and SEAM's ``not_training`` layers (plus every BatchNorm, which they freeze as well)
 FROZEN_MODULES = ("conv1a", "b2", "b2_1", "b2_2")
-# keys of the reference's weight files that are not the backbone's: the ImageNet head, the CAM classifier, the PCM
-HEAD_PREFIXES = ("fc.", "linear1000", "fc8.", "f8_3.", "f8_4.", "f9.")
+# keys of the reference's weight files that are not the backbone's: the ImageNet head, the CAM classifier, the PCM,
+# the AffinityNet's heads
+HEAD_PREFIXES = ("fc.", "linear1000", "fc8.", "f8_3.", "f8_4.", "f8_5.", "f9.")
 
 
 def _bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:

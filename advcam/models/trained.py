@@ -93,6 +93,9 @@ def reference_state(path: Path, num_classes: int) -> tuple[Format, dict[str, tor
     fmt = detect(state) if state is not None else None
     if state is None or fmt is None:
         return None
+    if "f8_5.weight" in state:
+        raise AdvcamError(f"{path}: PSA's or SEAM's trained AffinityNet (resnet38_aff), not a classifier; give it as "
+                          "refine.randomwalk.psa.trained")
     with torch.device("meta"):  # names and shapes only
         own = builder_for(fmt.method)(fmt.arch, num_classes).state_dict()
     ours, other = renamed(fmt, state)

@@ -191,17 +191,20 @@ def build_affinity_net(arch: str, pretrained: str | Path | None = None) -> Affin
     return AffinityNet(backbone, arch, frozen=bool(pretrained))
 
 
-def batch_loss(model: nn.Module, batch: Mapping[str, Any], radius: int) -> torch.Tensor:
-    """Loss of one ``{"image", "mask"}`` batch (full-resolution CRF labels, 255 = unsure)."""
-    device = next(model.parameters()).device
-    emb = model(batch["image"].to(device))
-    label = downsample_label(batch["mask"].to(device))
+def grid_loss(emb: torch.Tensor, label: torch.Tensor, radius: int) -> torch.Tensor:
+    """The affinity loss of embeddings ``(B, E, h, w)`` against labels ``(B, h, w)`` on the same grid."""
     if label.shape[-2:] != emb.shape[-2:]:
-        raise AdvcamError(f"affinity network: embedding {tuple(emb.shape[-2:])} is not the stride-4 grid "
+        raise AdvcamError(f"affinity network: embedding {tuple(emb.shape[-2:])} is not the label grid "
                           f"{tuple(label.shape[-2:])} of the crop")
     loss, _ = affinity_loss(pairwise_affinity(emb, radius), *affinity_labels(label, radius))
     return loss
 
 
+def batch_loss(model: nn.Module, batch: Mapping[str, Any], radius: int) -> torch.Tensor:
+    """Loss of one ``{"image", "mask"}`` batch (full-resolution CRF labels, 255 = unsure; the stride-4 grid)."""
+    device = next(model.parameters()).device
+    return grid_loss(model(batch["image"].to(device)), downsample_label(batch["mask"].to(device)), radius)
+
+
 __all__: Sequence[str] = ["offsets", "shifted", "downsample_label", "affinity_labels", "pairwise_affinity",
-                          "affinity_loss", "AffinityNet", "build_affinity_net", "affinity_source", "batch_loss"]
+                          "affinity_loss", "AffinityNet", "build_affinity_net", "affinity_source", "grid_loss", "batch_loss"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
-from pydensecrf.utils import unary_from_labels
+from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
 IGNORE = 255
 
@@ -53,6 +53,22 @@ def crf_inference_label(image: np.ndarray, labels: np.ndarray, n_labels: int, pa
                            compat=params.bilateral_compat)
     q = np.asarray(d.inference(params.iterations))
     return q.reshape(n_labels, h, w).argmax(axis=0)
+
+
+def crf_inference_softmax(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+    """Mean-field marginals ``(n, H, W)`` float32 of the scores ``probs`` (``(n, H, W)``, taken as probabilities:
+    unary ``-log(max(p, 1e-5))``, pydensecrf's ``unary_from_softmax``) on a uint8 RGB ``image`` (PSA's
+    ``crf_inference``); ``params.gt_prob`` is unused."""
+    n, h, w = probs.shape
+    if image.shape != (h, w, 3):
+        raise ValueError(f"crf_inference_softmax: image {image.shape} does not match scores {probs.shape}")
+    d = dcrf.DenseCRF2D(w, h, n)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.asarray(probs, dtype=np.float32))))
+    d.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
+    rgb = np.array(image, dtype=np.uint8, order="C", copy=True)
+    d.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=rgb,
+                           compat=params.bilateral_compat)
+    return np.asarray(d.inference(params.iterations), dtype=np.float32).reshape(n, h, w)
 
 
 def _crf_with_background(image: np.ndarray, high_res: np.ndarray, keys: np.ndarray, bg: float,

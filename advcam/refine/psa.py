@@ -2,7 +2,8 @@
 
 SEAM's pipeline refines its CAMs as PSA (AffinityNet, Ahn and Kwak, CVPR 2018) does, and its reported pseudo labels
 (63.6 mIoU on VOC train) are PSA's walk on SEAM's CAMs. This module reads the trained AffinityNet files of PSA and
-SEAM (``resnet38_aff``, ``refine.randomwalk.psa.trained``) as they are, and walks as their ``infer_aff.py`` does.
+SEAM (``resnet38_aff``, ``refine.randomwalk.psa.trained``) as they are, builds the network to train, and walks as
+their ``infer_aff.py`` does.
 
 Network (:class:`PSAAffinityNet`, their ``network/resnet38_aff.py``, with their names): ResNet-38's ``conv4``,
 ``conv5`` and ``conv6`` (:meth:`advcam.models.resnet38.ResNet38.forward_stages`) each go through a bias-free 1x1
@@ -26,20 +27,22 @@ Walk (:func:`walk_scores`), per image:
    ``keys + 1``), with no unsure pixel.
 
 PSA's defaults: ``alpha`` 16, ``beta`` 8, ``logt`` 8; SEAM's ``infer_aff.py``: ``alpha`` 6, ``beta`` 8, ``logt``
-6. Training this network inside the pipeline (PSA's ``train_aff.py`` on CRF labels at two background exponents)
-is not implemented: the design takes a trained file.
+6. Without a trained file the network is trained as PSA's ``train_aff.py`` trains it (:func:`build_psa_affinity`,
+its data in :mod:`advcam.refine.psa_labels`, the loop in :mod:`advcam.steps.refine`).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advcam.models.resnet38 import ResNet38
+from advcam.models.classifier import freeze_batchnorm_stats
+from advcam.models.resnet import read_torchvision_weights
+from advcam.models.resnet38 import HEAD_PREFIXES, ResNet38, freeze_reference_layers
 from advcam.models.trained import plain_state_dict
 from advcam.refine.affinity import pairwise_affinity
 from advcam.refine.randomwalk import random_walk, transition_matrix
@@ -69,6 +72,31 @@ class PSAAffinityNet(ResNet38):
         conv4, conv5, conv6 = self.forward_stages(x)
         f = torch.cat([F.elu(self.f8_3(conv4)), F.elu(self.f8_4(conv5)), F.elu(self.f8_5(conv6))], 1)
         return F.elu(self.f9(f))
+
+    def train(self, mode: bool = True) -> "PSAAffinityNet":
+        super().train(mode)
+        freeze_batchnorm_stats(self)  # PSA's resnet38d: every BatchNorm in eval mode, also in training
+        return self
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(trainable backbone parameters, the heads ``f8_3``..``f9``: PSA's ``from_scratch_layers``, 10x lr)."""
+        head = [cast(nn.Parameter, m.weight) for m in (self.f8_3, self.f8_4, self.f8_5, self.f9)]
+        ids = {id(p) for p in head}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in ids], head
+
+
+def build_psa_affinity(pretrained: str | Path | None = None) -> PSAAffinityNet:
+    """A fresh AffinityNet to train (PSA's ``train_aff.py``): ``pretrained`` = ResNet-38 weights with PSA's names
+    (the converted ImageNet weights, or a trained PSA / SEAM file whose heads are ignored); frozen as PSA freezes
+    it (``conv1a``, ``b2*`` and every BatchNorm)."""
+    model = PSAAffinityNet()
+    if pretrained:
+        with torch.device("meta"):
+            own = ResNet38().state_dict()
+        state = read_torchvision_weights(pretrained, own, HEAD_PREFIXES)  # every backbone key, checked
+        model.load_state_dict({k: v for k, v in state.items() if not v.is_meta}, strict=False)  # (absent counters)
+    freeze_reference_layers(model)
+    return model
 
 
 def load_psa_affinity(path: str | Path) -> PSAAffinityNet:
@@ -108,19 +136,24 @@ def load_psa_affinity(path: str | Path) -> PSAAffinityNet:
     return model.eval()
 
 
-def trained_file(cfg_rw: Any) -> str:
-    """``refine.randomwalk.psa.trained`` (a Config section or a dict); refused where unset."""
+def trained_file(cfg_rw: Any) -> str | None:
+    """``refine.randomwalk.psa.trained`` (a Config section or a dict); None: train one."""
     path = cfg_rw["psa"]["trained"]
-    if not path:
-        raise AdvcamError("refine.randomwalk.design psa: set refine.randomwalk.psa.trained to PSA's or SEAM's trained "
-                          "AffinityNet (resnet38_aff); training it in the pipeline is not implemented (design irn "
-                          "trains its affinity network here)")
-    return str(path)
+    return str(path) if path else None
+
+
+def pretrained_source(classifier: Mapping[str, Any], cfg_rw: Mapping[str, Any]) -> str | None:
+    """The ResNet-38 weights the AffinityNet trains from: ``refine.randomwalk.pretrained``, else
+    ``classifier.pretrained`` while the classifier is a ResNet-38 (PSA and SEAM start both from ImageNet)."""
+    path = cfg_rw.get("pretrained") or (classifier.get("pretrained") if classifier["arch"] == "resnet38" else None)
+    return str(path) if path else None
 
 
 def load_trained(cfg_rw: Any) -> PSAAffinityNet:
-    """The AffinityNet of ``refine.randomwalk.psa.trained``; errors name the param."""
+    """The AffinityNet of ``refine.randomwalk.psa.trained`` (set); errors name the param."""
     path = trained_file(cfg_rw)
+    if path is None:
+        raise AdvcamError("refine.randomwalk.psa.trained: unset (null: the AffinityNet is trained here)")
     try:
         return load_psa_affinity(path)
     except AdvcamError as exc:
@@ -175,5 +208,5 @@ def walk_labels(high_res: torch.Tensor, keys: Sequence[int], aff: torch.Tensor, 
     return lookup[scores.argmax(0).cpu().numpy()]
 
 
-__all__ = ["PSAAffinityNet", "load_psa_affinity", "trained_file", "load_trained", "pair_radius", "padded_to_stride",
+__all__ = ["PSAAffinityNet", "build_psa_affinity", "load_psa_affinity", "trained_file", "pretrained_source", "load_trained", "pair_radius", "padded_to_stride",
            "affinities", "walk_scores", "walk_labels", "STRIDE", "HEADS"]

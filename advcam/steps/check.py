@@ -15,7 +15,7 @@ the same one-line messages as the stages:
 - a ``classifier.trained`` file that is missing or holds another kind of classifier than the params ask for;
 - ``refine.method: randomwalk`` with an affinity network arch it has no variant for (``resnet38``, the
   classifier's where ``refine.randomwalk.arch`` is null), or with ``design: psa`` and a
-  ``refine.randomwalk.psa.trained`` file that is unset, missing or not PSA's / SEAM's trained AffinityNet;
+  ``refine.randomwalk.psa.trained`` file that is missing or not PSA's / SEAM's trained AffinityNet;
 - a ``pretrained`` weight file (``classifier``, ``segmentation``, ``refine.randomwalk``) that is missing, unreadable,
   or does not fit its arch (keys and shapes against the backbone built on the ``meta`` device: no memory, no
   computation).
@@ -140,8 +140,12 @@ def run(cfg: Any, params: Path | None, out: Path) -> None:
     weights: list[tuple[str, Callable[..., torch.nn.Module], str, Any]] = [
         ("classifier.pretrained", build_classifier, cfg.classifier.arch, cfg.classifier.pretrained),
         ("segmentation.pretrained", build_segmenter, cfg.segmentation.arch, cfg.segmentation.pretrained)]
-    if cfg.refine.method == "randomwalk" and cfg.refine.randomwalk.design == "psa":
-        psa.load_trained(cfg.refine.randomwalk)
+    rw = cfg.refine.randomwalk
+    if cfg.refine.method == "randomwalk" and rw.design == "psa" and psa.trained_file(rw):
+        psa.load_trained(rw)
+    elif cfg.refine.method == "randomwalk" and rw.design == "psa":
+        weights.append(("refine.randomwalk.pretrained", lambda a, n, p: build_classifier(a, n), "resnet38",
+                        psa.pretrained_source(cfg.classifier, rw)))
     elif cfg.refine.method == "randomwalk":
         arch, pretrained = affinity_source(cfg.classifier, cfg.refine.randomwalk)
         if cfg.refine.randomwalk.get("pretrained"):

@@ -50,8 +50,8 @@ from advcam.steps import shards as sharding
 from advcam.steps.shards import FINGERPRINT, invalidate_if_changed
 from advcam.data.voc import palette, read_label
 from advcam.metrics import confusion, finite_or_none, iou_from_confusion, mean_iou, per_class
-from advcam.refine import psa
-from advcam.refine.affinity import AffinityNet, affinity_source, batch_loss, build_affinity_net, pairwise_affinity
+from advcam.refine import psa, psa_labels
+from advcam.refine.affinity import affinity_source, batch_loss, build_affinity_net, grid_loss, pairwise_affinity
 from advcam.refine.crf import CRFParams, cam_to_label
 from advcam.refine.randomwalk import walk_labels
 from advcam.train import loop
@@ -61,8 +61,8 @@ from advcam.train.segmentation import pseudo_label_reader
 from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import (check_free_space, clean_stale_temps, code_digest, files_digest, read_json, save_png,
-                             sole_writer, write_json)
+from advcam.utils.io import (check_free_space, clean_stale_temps, code_digest, files_digest, read_json, save_npz,
+                             save_png, sole_writer, write_json)
 from advcam.utils.progress import log, progress
 
 RefineFn = Callable[[np.ndarray, dict, Any], np.ndarray]
@@ -72,6 +72,8 @@ AFFINITY_FILE = ".affinity.pt"
 AFFINITY_CURVE = ".affinity.csv"
 AFFINITY_SCALES = (0.5, 1.5)  # random rescaling of the training images (IRN's train_irn: rescale=(0.5, 1.5))
 TRAIN_KEYS = ("epochs", "batch_size", "crop_size", "lr", "weight_decay", "radius")
+PSA_SCORES = ".psa_crf"  # design psa: the CRF scores its AffinityNet trains on, inside the output folder
+PSA_TRAIN_KEYS = ("la_alpha", "ha_alpha", "epochs", "batch_size", "crop_size", "lr", "weight_decay")
 
 
 def crf_method(image: np.ndarray, maps: dict, cfg_refine: Any) -> np.ndarray:
@@ -133,43 +135,103 @@ def affinity_fingerprint(cfg: Any, labels: Path, ids: list[str]) -> dict[str, An
             "seed": int(cfg.seed), "labels": digest}
 
 
-def affinity_model(cfg: Any, info: Any, ids: list[str], labels: Path, out: Path,
-                   device: torch.device) -> AffinityNet:
-    """The affinity network of ``out/.affinity.pt`` if it fits, else trained (resuming) on ``labels``."""
-    rw = cfg.refine.randomwalk
-    path = out / AFFINITY_FILE
-    fingerprint = affinity_fingerprint(cfg, labels, ids)
-    arch, pretrained = affinity_source(cfg.classifier, rw)
+def cached_or_trained(path: Path, kind: str, fingerprint: dict[str, Any], empty: Callable[[], nn.Module],
+                      train: Callable[[Path], nn.Module], seed: int, device: torch.device) -> nn.Module:
+    """The network of the checkpoint ``path`` if its kind and fingerprint fit (built by ``empty()``), else
+    ``train(resume_file)`` after seeding (it builds, trains and returns the network), saved to ``path``."""
     if path.is_file():
         try:
             header, state = load_checkpoint(path)
         except AdvcamError as exc:
             log.warning("refine: ignoring %s (%s)", path, exc)
             header, state = {}, {}
-        if header.get("kind") == "affinity" and header.get("fingerprint") == fingerprint:
-            model = build_affinity_net(arch)
+        if header.get("kind") == kind and header.get("fingerprint") == fingerprint:
+            model = empty()
             model.load_state_dict(state["model"])
             log.info("refine: affinity network from %s", path)
             return model.to(device).eval()
         log.info("refine: %s was trained with other params or labels; retraining", path)
-    seed_everything(int(cfg.seed))
-    model = build_affinity_net(arch, pretrained).to(device)
-    dataset = SegmentationDataset(info, ids, pseudo_label_reader(info, labels), int(rw.crop_size), train=True,
-                                  seed=int(cfg.seed), scale_range=AFFINITY_SCALES)
-    # IRN's PolyOptimizer passes its weight decay as SGD's momentum: the effective momentum is the weight decay
-    optimizer = loop.make_sgd(model.param_groups(), float(rw.lr), float(rw.weight_decay), float(rw.weight_decay),
-                              head_mult=1.0)
+    seed_everything(seed)
     resume = loop.resume_path_for(path)
-    log.info("refine: training the affinity network (%s, %d images, %d epochs) on %s", arch, len(ids),
-             int(rw.epochs), device)
-    loop.fit(model, optimizer,
-             lambda e: loop.epoch_loader(dataset, int(rw.batch_size), int(cfg.seed), e, int(cfg.workers)),
-             lambda m, b: batch_loss(m, b, int(rw.radius)), epochs=int(rw.epochs), base_lr=float(rw.lr),
-             resume=resume, curves=out / AFFINITY_CURVE, fingerprint=fingerprint, desc="affinity")
-    save_checkpoint(path, {"kind": "affinity", "arch": arch, "fingerprint": fingerprint},
+    model = train(resume)
+    save_checkpoint(path, {"kind": kind, "fingerprint": fingerprint},
                     model={k: v.cpu() for k, v in model.state_dict().items()})
     loop.finish(resume)
     return model.eval()
+
+
+def affinity_model(cfg: Any, info: Any, ids: list[str], labels: Path, out: Path, device: torch.device) -> nn.Module:
+    """``design: irn``: the affinity network of ``out/.affinity.pt`` if it fits, else trained (resuming) on
+    ``labels``."""
+    rw = cfg.refine.randomwalk
+    arch, pretrained = affinity_source(cfg.classifier, rw)
+
+    def train(resume: Path) -> nn.Module:
+        model = build_affinity_net(arch, pretrained).to(device)
+        dataset = SegmentationDataset(info, ids, pseudo_label_reader(info, labels), int(rw.crop_size), train=True,
+                                      seed=int(cfg.seed), scale_range=AFFINITY_SCALES)
+        # IRN's PolyOptimizer passes its weight decay as SGD's momentum: the effective momentum is the weight decay
+        optimizer = loop.make_sgd(model.param_groups(), float(rw.lr), float(rw.weight_decay),
+                                  float(rw.weight_decay), head_mult=1.0)
+        log.info("refine: training the affinity network (%s, %d images, %d epochs) on %s", arch, len(ids),
+                 int(rw.epochs), device)
+        loop.fit(model, optimizer,
+                 lambda e: loop.epoch_loader(dataset, int(rw.batch_size), int(cfg.seed), e, int(cfg.workers)),
+                 lambda m, b: batch_loss(m, b, int(rw.radius)), epochs=int(rw.epochs), base_lr=float(rw.lr),
+                 resume=resume, curves=out / AFFINITY_CURVE, fingerprint=fingerprint, desc="affinity")
+        return model
+
+    fingerprint = affinity_fingerprint(cfg, labels, ids)
+    return cached_or_trained(out / AFFINITY_FILE, "affinity", fingerprint, lambda: build_affinity_net(arch), train,
+                             int(cfg.seed), device)
+
+
+def psa_scores(cfg: Any, info: Any, ids: list[str], cams: Path, folder: Path, record: dict) -> None:
+    """``design: psa`` without a trained file: the CRF scores ``folder/<id>.npz`` (``la``, ``ha``) that PSA's
+    AffinityNet trains on (:func:`advcam.refine.psa_labels.crf_scores`), where missing or stale."""
+    p = cfg.refine.randomwalk.psa
+    folder.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(folder)
+    invalidate_if_changed(folder, record, ids, ".npz")
+    todo = [i for i in ids if not (folder / f"{i}.npz").is_file()]
+    if todo:  # two (1 + n, H, W) float32 arrays an image
+        check_free_space(folder, sum(8 * (1 + len(info.labels[i])) * h * w + 4096
+                                     for i, (h, w) in ((i, image_size(info, i)) for i in todo)),
+                         f"refine: {len(todo)} CRF score files")
+    for image_id in progress(todo, desc="refine (psa crf scores)", unit="img"):
+        image = info.read_image(image_id)
+        maps = load_cam(cams / f"{image_id}.npz", image.shape[:2], info.num_classes)
+        save_npz(folder / f"{image_id}.npz", la=psa_labels.crf_scores(image, maps["high_res"], float(p.la_alpha)),
+                 ha=psa_labels.crf_scores(image, maps["high_res"], float(p.ha_alpha)))
+
+
+def psa_affinity_model(cfg: Any, info: Any, ids: list[str], scores: Path, out: Path,
+                       device: torch.device) -> nn.Module:
+    """``design: psa`` without a trained file: PSA's AffinityNet of ``out/.affinity.pt`` if it fits, else trained
+    (resuming) on the CRF scores, as PSA's ``train_aff.py``."""
+    rw = cfg.refine.randomwalk
+    p, radius = rw.psa, int(rw.radius)
+    pretrained = psa.pretrained_source(cfg.classifier, rw)
+
+    def train(resume: Path) -> nn.Module:
+        model = psa.build_psa_affinity(pretrained).to(device)
+        dataset = psa_labels.AffinityDataset(info, ids, scores, int(p.crop_size), int(cfg.seed))
+        # PSA's PolyOptimizer passes its weight decay as SGD's momentum too; the heads learn at 10x
+        optimizer = loop.make_sgd(model.param_groups(), float(p.lr), float(p.weight_decay), float(p.weight_decay),
+                                  head_mult=10.0)
+        log.info("refine: training PSA's AffinityNet (%d images, %d epochs) on %s", len(ids), int(p.epochs), device)
+        loop.fit(model, optimizer,
+                 lambda e: loop.epoch_loader(dataset, int(p.batch_size), int(cfg.seed), e, int(cfg.workers)),
+                 lambda m, b: grid_loss(m(b["image"].to(device)), b["label"].to(device), radius),
+                 epochs=int(p.epochs), base_lr=float(p.lr), resume=resume, curves=out / AFFINITY_CURVE,
+                 fingerprint=fingerprint, desc="affinity (psa)")
+        return model
+
+    digest = files_digest([scores / f"{i}.npz" for i in ids], "fingerprint the CRF scores")
+    fingerprint = {"stage": "affinity-psa", "params": {k: p[k] for k in PSA_TRAIN_KEYS}, "radius": radius,
+                   "pretrained": weights_digest(pretrained), "seed": int(cfg.seed), "scores": digest}
+    return cached_or_trained(out / AFFINITY_FILE, "affinity-psa", fingerprint, psa.PSAAffinityNet, train,
+                             int(cfg.seed), device)
 
 
 def walker(model_fn: Callable[[], nn.Module], walk: Callable[[nn.Module, np.ndarray, dict], np.ndarray]) -> LabelFn:
@@ -262,9 +324,13 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
             return
         record: dict[str, Any] = {"refine": config.active("refine", cfg.refine.to_dict()), "cams": cams_record,
                                   "code": code}
-        design = str(cfg.refine.randomwalk.design)
-        if method in STAGED and design == "psa":  # the file's bytes: a new file at the same path reruns the walk
-            record["affinity"] = {"trained": weights_digest(psa.trained_file(cfg.refine.randomwalk))}
+        rw = cfg.refine.randomwalk
+        design, taken_file = str(rw.design), rw.psa.trained if rw.design == "psa" else None
+        if method in STAGED and taken_file:  # the file's bytes: a new file at the same path reruns the walk
+            record["affinity"] = {"trained": weights_digest(str(taken_file))}
+        elif method in STAGED and design == "psa":
+            record["affinity"] = {"pretrained": weights_digest(psa.pretrained_source(cfg.classifier, rw)),
+                                  "seed": cfg.seed}
         elif method in STAGED:
             record["affinity"] = {"arch": cfg.classifier.arch, "pretrained": cfg.classifier.pretrained,
                                   "seed": cfg.seed}
@@ -284,13 +350,19 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
         else:
             labels = dest / CRF_DIR
             device = resolve_device(cfg.device)
-            rw = cfg.refine.randomwalk
             make: Callable[[], nn.Module] = lambda: affinity_model(cfg, info, ids, labels, dest, device)  # noqa: E731
             walk = irn_walk(rw, device)
-            if design == "psa":  # read (and checked) before the CRF labels' hours
+            if taken_file:  # read (and checked) before the CRF labels' hours
                 taken = psa.load_trained(rw).to(device)
                 make, walk = (lambda: taken), psa_walk(rw, device)
+            elif design == "psa":
+                make = lambda: psa_affinity_model(cfg, info, ids, dest / PSA_SCORES, dest, device)  # noqa: E731
+                walk = psa_walk(rw, device)
             crf = crf_labels(cfg, info, ids, cams, labels, crf_record, gather, score=scored)
+            if design == "psa" and not taken_file and any(not (dest / f"{i}.png").is_file() for i in ids):
+                psa_scores(cfg, info, ids, cams, dest / PSA_SCORES,
+                           {"psa": {k: rw.psa[k] for k in ("la_alpha", "ha_alpha")}, "cams": cams_record,
+                            "code": code})
             if any(not (dest / f"{i}.png").is_file() for i in ids):  # train (or load) it before the labels' bar
                 trained = make()
                 make = lambda: trained  # noqa: E731
@@ -300,6 +372,8 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
             names = [f"{i}.png" for i in ids]
             if method in STAGED:
                 names += [f"{CRF_DIR}/{i}.png" for i in ids] + [f"{CRF_DIR}/{FINGERPRINT}"]
+                if (work / PSA_SCORES).is_dir():
+                    names += [f"{PSA_SCORES}/{i}.npz" for i in ids] + [f"{PSA_SCORES}/{FINGERPRINT}"]
                 names += [n for n in (AFFINITY_FILE, AFFINITY_CURVE) if (work / n).is_file()]
                 live = live_dir(work / AFFINITY_CURVE)  # the curve's dvclive mirror, when dvclive is installed
                 if live.is_dir():

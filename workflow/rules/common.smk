@@ -51,13 +51,14 @@ def outside_files(section, keys=("pretrained", "trained")):
 
 def affinity_weights():
     """The affinity network's weight file (refine.method randomwalk), as an input, as the refine stage picks it:
-    `refine.randomwalk.psa.trained` with design psa; else `refine.randomwalk.pretrained`, else
-    `classifier.pretrained` while the archs agree."""
+    with design psa `refine.randomwalk.psa.trained`, else the ResNet-38 weights its AffinityNet trains from; else
+    `refine.randomwalk.pretrained`, else `classifier.pretrained` while the archs agree."""
     if config["refine"]["method"] != "randomwalk":
         return []
     walk = config["refine"]["randomwalk"]
-    if walk.get("design") == "psa":
-        path = (walk.get("psa") or {}).get("trained")
+    if walk.get("design") == "psa":  # PSA's trained AffinityNet, else the ResNet-38 weights it trains from
+        path = (walk.get("psa") or {}).get("trained") or walk.get("pretrained") or (
+            config["classifier"].get("pretrained") if config["classifier"]["arch"] == "resnet38" else None)
         return [os.path.expanduser(path)] if path else []
     from advcam.refine.affinity import affinity_source  # imports torch: only where the random walk runs
     from advcam.utils.errors import AdvcamError
