@@ -154,8 +154,8 @@ def test_documented_overrides_name_real_params():
 # JSON Schema keywords the params schema may use: anything else is a YAML slip (an unquoted ", " inside a
 # flow mapping splits a description into stray keys, which jsonschema silently ignores).
 KEYWORDS = {"type", "default", "description", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-            "multipleOf", "items", "minItems", "maxItems", "uniqueItems", "pattern", "properties", "additionalProperties",
-            "required", "minLength", "$schema", "title"}
+            "multipleOf", "items", "minItems", "maxItems", "uniqueItems", "pattern", "properties",
+            "additionalProperties", "required", "minLength", "$schema", "title"}
 
 
 def _unknown_keywords(node: dict, where: str) -> list[str]:

@@ -208,5 +208,6 @@ def walk_labels(high_res: torch.Tensor, keys: Sequence[int], aff: torch.Tensor, 
     return lookup[scores.argmax(0).cpu().numpy()]
 
 
-__all__ = ["PSAAffinityNet", "build_psa_affinity", "load_psa_affinity", "trained_file", "pretrained_source", "load_trained", "pair_radius", "padded_to_stride",
-           "affinities", "walk_scores", "walk_labels", "STRIDE", "HEADS"]
+__all__ = ["PSAAffinityNet", "build_psa_affinity", "load_psa_affinity", "trained_file", "pretrained_source",
+           "load_trained", "pair_radius", "padded_to_stride", "affinities", "walk_scores", "walk_labels", "STRIDE",
+           "HEADS"]
