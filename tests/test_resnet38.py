@@ -549,6 +549,10 @@ def test_refine_trains_psas_affinity_network(seam_file):
             f"refine.randomwalk.pretrained={tmp / 'imagenet38.pth'}", "refine.randomwalk.psa.epochs=1",
             "refine.randomwalk.psa.batch_size=2", "refine.randomwalk.psa.crop_size=80", "refine.randomwalk.psa.logt=4"]
     check.run(config.load(None, walk), None, tmp / "psa_train_checked")
+    torch.save(resnet.resnet_small().state_dict(), tmp / "small38.pth")  # not ResNet-38 weights: refused
+    with pytest.raises(AdvcamError, match=r"refine.randomwalk.pretrained: .*small38.pth: keys do not match"):
+        check.run(config.load(None, [*walk, f"refine.randomwalk.pretrained={tmp / 'small38.pth'}"]), None,
+                  tmp / "psa_train_refused")
     assert run(tmp, big, "prepare", "--out", tmp / "data100") == 0
     assert run(tmp, big, "cams", "--data", tmp / "data100", "--model", tmp / "seam.pt", "--out", tmp / "cams100",
                "--metrics", tmp / "cams100.json", "--curve", tmp / "cams100.csv") == 0

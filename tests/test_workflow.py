@@ -317,5 +317,9 @@ def test_files_outside_the_repository_are_rule_inputs(tmp_path):
              cwd=REPO).stdout
     refine = re.search(r"^rule refine:$.*?^\s+input: (.*)$", out, re.M | re.S)
     assert refine and str(aff) in refine.group(1) and str(walk) not in refine.group(1), out
+    out = sh("snakemake", "-n", "--forceall", "--config", f"classifier={{arch: resnet38, pretrained: {weights}}}",
+             "refine={method: randomwalk, randomwalk: {design: psa}}", cwd=REPO).stdout  # trained from these
+    refine = re.search(r"^rule refine:$.*?^\s+input: (.*)$", out, re.M | re.S)
+    assert refine and str(weights) in refine.group(1), out
     plain = snakemake_jobs(REPO)
     assert plain["prepare"]["input"] == [] and str(weights) not in plain["train_cls"]["input"]

@@ -7,7 +7,9 @@ while training, curve ``<out>/.affinity.csv``), then walks the stride-4 CAMs ove
 (:mod:`advcam.refine.randomwalk`). The affinity network uses ``classifier.arch`` (and ``classifier.pretrained``,
 then frozen as IRN's backbone), or ``refine.randomwalk.arch`` / ``pretrained`` where set
 (:func:`advcam.refine.affinity.affinity_source`); it is retrained only when its params, the seed or the CRF labels
-change.
+change. With ``refine.randomwalk.design: psa`` the network is PSA's AffinityNet (:mod:`advcam.refine.psa`): taken
+from ``refine.randomwalk.psa.trained``, or trained here on CRF scores written to ``.psa_crf/``
+(:mod:`advcam.refine.psa_labels`), and the walk is PSA's.
 
 Pseudo labels are made for the infer list and the seg list (``dataset.seg_list``, what the segmenter trains
 on); the scores are of the infer list only, as the references score them on VOC train.
@@ -61,8 +63,8 @@ from advcam.train.segmentation import pseudo_label_reader
 from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
 from advcam.utils.device import resolve_device, seed_everything
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import (check_free_space, clean_stale_temps, code_digest, files_digest, read_json, save_npz,
-                             save_png, sole_writer, write_json)
+from advcam.utils.io import (check_free_space, clean_stale_temps, code_digest, files_digest, ids_digest, read_json,
+                             save_npz, save_png, sole_writer, write_json)
 from advcam.utils.progress import log, progress
 
 RefineFn = Callable[[np.ndarray, dict, Any], np.ndarray]
@@ -72,7 +74,9 @@ AFFINITY_FILE = ".affinity.pt"
 AFFINITY_CURVE = ".affinity.csv"
 AFFINITY_SCALES = (0.5, 1.5)  # random rescaling of the training images (IRN's train_irn: rescale=(0.5, 1.5))
 TRAIN_KEYS = ("epochs", "batch_size", "crop_size", "lr", "weight_decay", "radius")
-PSA_SCORES = ".psa_crf"  # design psa: the CRF scores its AffinityNet trains on, inside the output folder
+# design psa: the CRF scores its AffinityNet trains on, in the work folder (the output folder without one); not
+# published into the output folder (DVC would cache them: about 40 GB for VOC's train_aug)
+PSA_SCORES = ".psa_crf"
 PSA_TRAIN_KEYS = ("la_alpha", "ha_alpha", "epochs", "batch_size", "crop_size", "lr", "weight_decay")
 
 
@@ -205,10 +209,10 @@ def psa_scores(cfg: Any, info: Any, ids: list[str], cams: Path, folder: Path, re
                  ha=psa_labels.crf_scores(image, maps["high_res"], float(p.ha_alpha)))
 
 
-def psa_affinity_model(cfg: Any, info: Any, ids: list[str], scores: Path, out: Path,
+def psa_affinity_model(cfg: Any, info: Any, ids: list[str], scores: Path, scores_record: dict, out: Path,
                        device: torch.device) -> nn.Module:
     """``design: psa`` without a trained file: PSA's AffinityNet of ``out/.affinity.pt`` if it fits, else trained
-    (resuming) on the CRF scores, as PSA's ``train_aff.py``."""
+    (resuming) on the CRF scores in ``scores`` (made from ``scores_record``), as PSA's ``train_aff.py``."""
     rw = cfg.refine.randomwalk
     p, radius = rw.psa, int(rw.radius)
     pretrained = psa.pretrained_source(cfg.classifier, rw)
@@ -227,9 +231,9 @@ def psa_affinity_model(cfg: Any, info: Any, ids: list[str], scores: Path, out: P
                  fingerprint=fingerprint, desc="affinity (psa)")
         return model
 
-    digest = files_digest([scores / f"{i}.npz" for i in ids], "fingerprint the CRF scores")
     fingerprint = {"stage": "affinity-psa", "params": {k: p[k] for k in PSA_TRAIN_KEYS}, "radius": radius,
-                   "pretrained": weights_digest(pretrained), "seed": int(cfg.seed), "scores": digest}
+                   "pretrained": weights_digest(pretrained), "seed": int(cfg.seed), "scores": scores_record,
+                   "ids": ids_digest(ids)}
     return cached_or_trained(out / AFFINITY_FILE, "affinity-psa", fingerprint, psa.PSAAffinityNet, train,
                              int(cfg.seed), device)
 
@@ -355,14 +359,15 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
             if taken_file:  # read (and checked) before the CRF labels' hours
                 taken = psa.load_trained(rw).to(device)
                 make, walk = (lambda: taken), psa_walk(rw, device)
-            elif design == "psa":
-                make = lambda: psa_affinity_model(cfg, info, ids, dest / PSA_SCORES, dest, device)  # noqa: E731
+            elif design == "psa":  # the scores' record: what they are computed from (hashing 40 GB is no use)
+                scores_record = {"psa": {k: rw.psa[k] for k in ("la_alpha", "ha_alpha")}, "cams": cams_record,
+                                 "code": code}
+                make = lambda: psa_affinity_model(cfg, info, ids, dest / PSA_SCORES, scores_record, dest,  # noqa: E731
+                                                  device)
                 walk = psa_walk(rw, device)
             crf = crf_labels(cfg, info, ids, cams, labels, crf_record, gather, score=scored)
             if design == "psa" and not taken_file and any(not (dest / f"{i}.png").is_file() for i in ids):
-                psa_scores(cfg, info, ids, cams, dest / PSA_SCORES,
-                           {"psa": {k: rw.psa[k] for k in ("la_alpha", "ha_alpha")}, "cams": cams_record,
-                            "code": code})
+                psa_scores(cfg, info, ids, cams, dest / PSA_SCORES, scores_record)
             if any(not (dest / f"{i}.png").is_file() for i in ids):  # train (or load) it before the labels' bar
                 trained = make()
                 make = lambda: trained  # noqa: E731
@@ -372,8 +377,6 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
             names = [f"{i}.png" for i in ids]
             if method in STAGED:
                 names += [f"{CRF_DIR}/{i}.png" for i in ids] + [f"{CRF_DIR}/{FINGERPRINT}"]
-                if (work / PSA_SCORES).is_dir():
-                    names += [f"{PSA_SCORES}/{i}.npz" for i in ids] + [f"{PSA_SCORES}/{FINGERPRINT}"]
                 names += [n for n in (AFFINITY_FILE, AFFINITY_CURVE) if (work / n).is_file()]
                 live = live_dir(work / AFFINITY_CURVE)  # the curve's dvclive mirror, when dvclive is installed
                 if live.is_dir():
