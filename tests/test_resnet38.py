@@ -19,6 +19,7 @@ from PIL import Image
 from advcam import config
 from advcam.attribution.cam import load_cam
 from advcam.data import load_info
+from advcam.data import transforms as T
 from advcam.data.transforms import normalize
 from advcam.models import resnet
 from advcam.models.classifier import build_classifier, load_classifier
@@ -522,7 +523,10 @@ def test_psa_affinity_training_data_is_voc12affdatasets():
     kinds = set()
     for size, crop, flip in ((80, (0, 0, 3, 10), False), (80, (0, 0, 20, 50), True), (112, (12, 0, 0, 18), True),
                              (112, (0, 0, 0, 0), False)):
-        img, label = psa_labels.sample_at(image, la, ha, size, crop, flip)
+        ct, cl, it, il = crop
+        box = (slice(ct, ct + min(size, h)), slice(cl, cl + min(size, w)), slice(it, it + min(size, h)),
+               slice(il, il + min(size, w)))
+        img, label = psa_labels.sample_at(image, la, ha, size, box, flip)
         ref_img, ref_pairs = reference_aff_labels(image, la, ha, size, crop, flip)
         np.testing.assert_allclose(img, ref_img, rtol=1e-6, atol=1e-6)
         pairs = affinity_labels(torch.from_numpy(label.astype(np.int64))[None], 5)
@@ -531,9 +535,9 @@ def test_psa_affinity_training_data_is_voc12affdatasets():
             assert (ours[0, :, :cells - 4, 4:cells - 4].reshape(len(ref), -1).numpy() == ref).all(), (size, crop)
         kinds |= {v for v in np.unique(label)}
     assert {0, 255} <= kinds and kinds - {0, 255}  # background, unsure and foreground cells all occur
-    for _ in range(20):
-        ct, cl, it, il = psa_labels.draw_crop(h, w, 112, rng)
-        assert 0 <= ct <= 112 - h and it == 0 and cl == 0 and 0 <= il <= w - 112
+    for _ in range(20):  # PSA's RandomCrop: a random place in the container for a short side, of the image for a long
+        cr, cc, ir, ic = (s.start for s in T.crop_box((h, w), 112, rng))
+        assert 0 <= cr <= 112 - h and ir == 0 and cc == 0 and 0 <= ic <= w - 112
 
 
 def test_refine_trains_psas_affinity_network(seam_file):

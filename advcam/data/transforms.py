@@ -162,10 +162,16 @@ def crop_with_pad(arrays: list[np.ndarray], pads: list[float], crop: int,
                   rng: np.random.Generator | None, pad: str = "random") -> list[np.ndarray]:
     """Crop (and pad with ``pads``) arrays of the same H, W to ``crop`` x ``crop`` with one shared box
     (:func:`crop_box`; ``pad`` places short sides)."""
-    cr, cc, ir, ic = crop_box(arrays[0].shape[:2], crop, rng, pad)
+    return crop_at(arrays, pads, crop, crop_box(arrays[0].shape[:2], crop, rng, pad))
+
+
+def crop_at(arrays: list[np.ndarray], pads: list[float], crop: int,
+            box: tuple[slice, slice, slice, slice]) -> list[np.ndarray]:
+    """Each array's ``crop`` x ``crop`` container (filled with its pad) holding the ``box`` of :func:`crop_box`."""
+    cr, cc, ir, ic = box
     out = []
     for arr, fill in zip(arrays, pads):
-        box = np.full((crop, crop) + arr.shape[2:], fill, arr.dtype)
-        box[cr, cc] = arr[ir, ic]
-        out.append(box)
+        container = np.full((crop, crop) + arr.shape[2:], fill, arr.dtype)
+        container[cr, cc] = arr[ir, ic]
+        out.append(container)
     return out

@@ -12,11 +12,11 @@ background, so what stays background is sure). The marginals are kept, float32, 
 
 Sample (:func:`sample_at`, :class:`AffinityDataset`): colour jitter of the image (torchvision's ColorJitter
 0.3/0.3/0.3/0.1, before the crop); image and scores cropped together to S x S, placed in a zero container where
-the image is smaller (PSA's ``RandomCrop``, :func:`draw_crop`); a horizontal flip with p 0.5; the image normalised
-(the container's zeros are black pixels); the scores average-pooled by 8. A cell's label is ``la``'s argmax where
-that is foreground, 0 where ``ha``'s argmax is background, else 255, and 255 where no score reaches 1e-5 (the
-container's padding). The pairs and the loss are :mod:`advcam.refine.affinity`'s (first pixels in PSA's source
-region).
+the image is smaller (PSA's ``RandomCrop``: :func:`advcam.data.transforms.crop_box`); a horizontal flip with
+p 0.5; the image normalised (the container's zeros are black pixels); the scores average-pooled by 8. A cell's
+label is ``la``'s argmax where that is foreground, 0 where ``ha``'s argmax is background, else 255, and 255 where
+no score reaches 1e-5 (the container's padding). The pairs and the loss are :mod:`advcam.refine.affinity`'s (first
+pixels in PSA's source region).
 """
 from __future__ import annotations
 
@@ -46,15 +46,6 @@ def crf_scores(image: np.ndarray, high_res: np.ndarray, alpha: float) -> np.ndar
     return crf_inference_softmax(image, np.concatenate([(1 - top) ** float(alpha), fg]), PSA_CRF)
 
 
-def draw_crop(h: int, w: int, size: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """PSA's ``RandomCrop`` draw: (container top, container left, image top, image left) of an S x S crop."""
-    def one(extent: int) -> tuple[int, int]:
-        space = extent - size
-        return (0, int(rng.integers(space + 1))) if space > 0 else (int(rng.integers(-space + 1)), 0)
-    (ct, it), (cl, il) = one(h), one(w)
-    return ct, cl, it, il
-
-
 def pooled_label(la: np.ndarray, ha: np.ndarray) -> np.ndarray:
     """The cells' labels ``(h, w)`` uint8 from pooled scores ``(1 + n, h, w)`` (see the module doc)."""
     none = np.maximum(la.max(0), ha.max(0)) < 1e-5
@@ -66,22 +57,21 @@ def pooled_label(la: np.ndarray, ha: np.ndarray) -> np.ndarray:
     return label
 
 
-def sample_at(image: np.ndarray, la: np.ndarray, ha: np.ndarray, size: int, crop: tuple[int, int, int, int],
-              flip: bool) -> tuple[np.ndarray, np.ndarray]:
+def sample_at(image: np.ndarray, la: np.ndarray, ha: np.ndarray, size: int,
+              box: tuple[slice, slice, slice, slice], flip: bool) -> tuple[np.ndarray, np.ndarray]:
     """(normalised image ``(3, S, S)`` float32, label ``(S/8, S/8)`` uint8) of one training sample, for a crop
-    drawn by :func:`draw_crop` and a flip (the image jittered already)."""
+    ``box`` drawn by :func:`advcam.data.transforms.crop_box` (PSA's ``RandomCrop`` is IRN's ``random_crop``) and a
+    flip (the image jittered already)."""
     h, w = image.shape[:2]
     if la.shape[1:] != (h, w) or ha.shape != la.shape:
         raise ValueError(f"sample_at: scores {la.shape} / {ha.shape} do not fit an image of {h}x{w}")
-    ct, cl, it, il = crop
-    ch, cw = min(size, h), min(size, w)
-    stack = np.concatenate([image.transpose(2, 0, 1).astype(np.float32), la, ha])
-    box = np.zeros((stack.shape[0], size, size), np.float32)
-    box[:, ct:ct + ch, cl:cl + cw] = stack[:, it:it + ch, il:il + cw]
+    stack = np.concatenate([image.astype(np.float32), la.transpose(1, 2, 0), ha.transpose(1, 2, 0)], -1)
+    crop = T.crop_at([stack], [0.0], size, box)[0]
     if flip:
-        box = box[:, :, ::-1]
-    img = T.normalize_array(np.ascontiguousarray(box[:3].transpose(1, 2, 0))).transpose(2, 0, 1)
-    pooled = F.avg_pool2d(torch.from_numpy(np.ascontiguousarray(box[3:])), STRIDE, ceil_mode=True).numpy()
+        crop = crop[:, ::-1]
+    img = T.normalize_array(np.ascontiguousarray(crop[..., :3])).transpose(2, 0, 1)
+    scores = torch.from_numpy(np.ascontiguousarray(crop[..., 3:].transpose(2, 0, 1)))
+    pooled = F.avg_pool2d(scores, STRIDE, ceil_mode=True).numpy()
     return np.ascontiguousarray(img), pooled_label(*np.split(pooled, 2))
 
 
@@ -102,9 +92,9 @@ class AffinityDataset(AugmentedDataset):
             la, ha = z["la"], z["ha"]
         rng = self.rng(index)
         image = T.color_jitter(image, rng)
-        crop = draw_crop(image.shape[0], image.shape[1], self.crop_size, rng)
-        img, label = sample_at(image, la, ha, self.crop_size, crop, bool(rng.random() < 0.5))
+        box = T.crop_box((image.shape[0], image.shape[1]), self.crop_size, rng)
+        img, label = sample_at(image, la, ha, self.crop_size, box, bool(rng.random() < 0.5))
         return {"image": torch.from_numpy(img), "label": torch.from_numpy(label.astype(np.int64)), "id": image_id}
 
 
-__all__ = ["PSA_CRF", "crf_scores", "draw_crop", "pooled_label", "sample_at", "AffinityDataset"]
+__all__ = ["PSA_CRF", "crf_scores", "pooled_label", "sample_at", "AffinityDataset"]
