@@ -107,17 +107,24 @@ def reference_state(path: Path, num_classes: int) -> tuple[Format, dict[str, tor
         extra = f" (its fc8 has {weight.shape[0] + 1} rows: background first)" if fmt.name == "seam" else ""
         raise AdvcamError(f"{path}: classifier has {weight.shape[0]} output classes{extra}, expected {num_classes} "
                           "(trained on a different dataset?)")
-    missing = sorted(set(own) - set(ours))
-    unexpected = sorted(set(ours) - set(own)) + sorted(other)
+    check_fits(path, fmt.title, ours, own, other)
+    return fmt, ours
+
+
+def check_fits(path: Path, title: str, state: Mapping[str, object], own: Mapping[str, torch.Tensor],
+               other: Sequence[str] = ()) -> None:
+    """Raise AdvcamError naming ``path`` unless ``state`` has exactly the keys of ``own`` (a network's state dict,
+    on the meta device will do) with their shapes; ``other``: more of the file's keys that have no place."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own)) + sorted(other)
     if unexpected or missing:
         parts = [f"{len(keys)} {what}, e.g. {', '.join(keys[:3])}"
                  for what, keys in (("unexpected", unexpected), ("missing", missing)) if keys]
-        raise AdvcamError(f"{path}: not {fmt.title} ({'; '.join(parts)})")
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in ours.items()
+        raise AdvcamError(f"{path}: not {title} ({'; '.join(parts)})")
+    wrong = [f"{k} {tuple(getattr(v, 'shape', ()))} vs {tuple(own[k].shape)}" for k, v in state.items()
              if not torch.is_tensor(v) or v.shape != own[k].shape]
     if wrong:
-        raise AdvcamError(f"{path}: shapes do not match {fmt.title} ({len(wrong)} tensors, e.g. {wrong[:2]})")
-    return fmt, ours
+        raise AdvcamError(f"{path}: shapes do not match {title} ({len(wrong)} tensors, e.g. {wrong[:2]})")
 
 
 def load_trained(path: str | Path, num_classes: int, classes: Sequence[str] | None, method: str,
@@ -152,4 +159,5 @@ def load_trained(path: str | Path, num_classes: int, classes: Sequence[str] | No
     return loaded, "advcam"
 
 
-__all__ = ["Format", "FORMATS", "detect", "renamed", "reference_state", "load_trained", "plain_state_dict"]
+__all__ = ["Format", "FORMATS", "detect", "renamed", "reference_state", "check_fits", "load_trained",
+           "plain_state_dict"]

@@ -43,7 +43,7 @@ from torch import nn
 from advcam.models.classifier import freeze_batchnorm_stats
 from advcam.models.resnet import read_torchvision_weights
 from advcam.models.resnet38 import HEAD_PREFIXES, ResNet38, freeze_reference_layers
-from advcam.models.trained import plain_state_dict
+from advcam.models.trained import check_fits, plain_state_dict
 from advcam.refine.affinity import pairwise_affinity
 from advcam.refine.randomwalk import random_walk, transition_matrix
 from advcam.utils.errors import AdvcamError
@@ -120,15 +120,7 @@ def load_psa_affinity(path: str | Path) -> PSAAffinityNet:
     for key in own:  # BatchNorm step counters, absent from files saved before PyTorch 0.4.1 (unused: momentum)
         if key.endswith(".num_batches_tracked") and key not in state:
             state[key] = torch.zeros((), dtype=torch.long)
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        parts = [f"{len(keys)} {what}, e.g. {', '.join(keys[:3])}"
-                 for what, keys in (("unexpected", unexpected), ("missing", missing)) if keys]
-        raise AdvcamError(f"{path}: not PSA's or SEAM's trained AffinityNet ({'; '.join(parts)})")
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if not torch.is_tensor(v) or v.shape != own[k].shape]
-    if wrong:
-        raise AdvcamError(f"{path}: shapes do not match PSA's AffinityNet ({len(wrong)} tensors, e.g. {wrong[:2]})")
+    check_fits(path, "PSA's or SEAM's trained AffinityNet", state, own)
     with torch.device("meta"):
         model = PSAAffinityNet()
     model = model.to_empty(device="cpu")
