@@ -276,6 +276,25 @@ def test_predict_list_adds_its_masks_to_the_default_target(dvc_project):
     assert "predictions/" in sh("git", "check-ignore", "predictions/val", cwd=root).stdout
 
 
+def test_a_missing_outside_file_is_named_before_any_job(tmp_path):
+    """Snakemake passes over a finished job whose input file is missing, even when its params changed: a mistyped
+    path would leave the earlier results in place without a word. The workflow refuses it when it starts, naming
+    the key and the path (exit 1, no job)."""
+    (tmp_path / "VOC" / "ImageSets" / "Segmentation").mkdir(parents=True)
+    missing = tmp_path / "nope.pth"
+    cases = [(f"classifier={{trained: {missing}}}", "classifier.trained"),
+             (f"segmentation={{pretrained: {missing}}}", "segmentation.pretrained"),
+             (f"refine={{method: randomwalk, randomwalk: {{design: psa, psa: {{trained: {missing}}}}}}}",
+              "refine.randomwalk.psa.trained"),
+             (f"refine={{method: randomwalk, randomwalk: {{arch: resnet50, pretrained: {missing}}}}}",
+              "refine.randomwalk.pretrained"),
+             (f"dataset={{kind: voc, root: {tmp_path / 'VOC'}}}", "dataset list 'train'")]
+    for override, key in cases:
+        r = sh("snakemake", "-n", "--config", override, cwd=REPO, check=False)
+        out = r.stdout + r.stderr  # Snakemake prints its errors on stdout
+        assert r.returncode == 1 and f"{key}: file not found: " in out and "Job stats" not in out, (override, out)
+
+
 def test_files_outside_the_repository_are_rule_inputs(tmp_path):
     """A VOC dataset's list files and labels file are prepare's inputs, a set `pretrained` file the trainings'
     (the affinity network's with the random walk; with design psa its `psa.trained` file instead) and a set

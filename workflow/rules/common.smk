@@ -2,6 +2,8 @@
 import json
 import os
 
+from snakemake.exceptions import WorkflowError
+
 from advcam import config as advcam_config
 
 
@@ -33,33 +35,46 @@ def params_json(*sections, inactive=False):
 
 
 
+def present(path, key):
+    """`[path]`, a file outside the repository that a rule reads as its input, once it exists; else an error naming
+    `key`. Snakemake passes over a finished job whose input file is missing (even with changed params), so a mistyped
+    path would otherwise leave the earlier results in place without a word."""
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise WorkflowError(f"{key}: file not found: {path}")
+    return [path]
+
+
 def outside_files(section, keys=("pretrained", "trained")):
     """Files outside the repository that a stage reads, as its inputs, so that a newer one reruns it and what
     follows: the set `pretrained` weight file of `classifier` / `segmentation`, the set `classifier.trained`
     (`keys` picks among them), the list files and `labels_file` of a VOC-layout `dataset`. (DVC's stages cannot
-    list them; `advcam params --check` checks that they exist.)"""
+    list them; `advcam params --check` checks that they exist.) Each must exist (`present`)."""
     cfg = config[section]
     if section == "dataset":
         if cfg["kind"] != "voc":
             return []
         names = {cfg["train_list"], cfg["infer_list"], cfg.get("seg_list") or cfg["infer_list"], cfg["val_list"]}
         root = os.path.expanduser(cfg["root"])
-        labels = [os.path.join(root, os.path.expanduser(cfg["labels_file"]))] if cfg.get("labels_file") else []
-        return [f for n in sorted(names) for f in outside_list(n)] + labels
-    return [os.path.expanduser(cfg[k]) for k in keys if cfg.get(k)]
+        labels = cfg.get("labels_file")
+        labels = present(os.path.join(root, os.path.expanduser(labels)), "dataset.labels_file") if labels else []
+        return [f for n in sorted(names) for f in present(outside_list(n)[0], f"dataset list {n!r}")] + labels
+    return [f for k in keys if cfg.get(k) for f in present(cfg[k], f"{section}.{k}")]
 
 
 def affinity_weights():
     """The affinity network's weight file (refine.method randomwalk), as an input, as the refine stage picks it:
     with design psa `refine.randomwalk.psa.trained`, else the ResNet-38 weights its AffinityNet trains from; else
-    `refine.randomwalk.pretrained`, else `classifier.pretrained` while the archs agree."""
+    `refine.randomwalk.pretrained`, else `classifier.pretrained` while the archs agree. It must exist (`present`)."""
     if config["refine"]["method"] != "randomwalk":
         return []
     walk = config["refine"]["randomwalk"]
     if walk.get("design") == "psa":  # PSA's trained AffinityNet, else the ResNet-38 weights it trains from
-        path = (walk.get("psa") or {}).get("trained") or walk.get("pretrained") or (
+        trained = (walk.get("psa") or {}).get("trained")
+        path = trained or walk.get("pretrained") or (
             config["classifier"].get("pretrained") if config["classifier"]["arch"] == "resnet38" else None)
-        return [os.path.expanduser(path)] if path else []
+        key = "refine.randomwalk.psa.trained" if trained else "refine.randomwalk.pretrained"
+        return present(path, key) if path else []
     from advcam.refine.affinity import affinity_source  # imports torch: only where the random walk runs
     from advcam.utils.errors import AdvcamError
 
@@ -67,7 +82,7 @@ def affinity_weights():
         _, path = affinity_source(config["classifier"], config["refine"]["randomwalk"])
     except AdvcamError:  # an arch without affinity network: check_params and the refine stage say so
         return []
-    return [os.path.expanduser(path)] if path else []
+    return present(path, "refine.randomwalk.pretrained") if path else []
 
 
 def outside_list(name):
