@@ -285,10 +285,13 @@ USED_WHEN: dict[str, dict[str, tuple[str, str]]] = {
 
 # Keys added to a section after results were recorded, with the value that means what the earlier runs did: at that
 # value they are left out of what a stage depends on, so the records of earlier runs (Snakemake's params, the
-# trainings' fingerprints) still match and nothing reruns. A dotted key is one inside a sub-section.
+# trainings' fingerprints) still match and nothing reruns. A dotted key is one inside a sub-section; SCHEMA_DEFAULT
+# stands for the key's default in the schema (a whole added sub-section at its defaults).
+SCHEMA_DEFAULT = "<schema default>"
 UNSET_MEANS_ABSENT: dict[str, dict[str, Any]] = {
     "classifier": {"trained": None}, "dataset": {"labels_file": None},
-    "refine": {"randomwalk.arch": None, "randomwalk.pretrained": None, "randomwalk.design": "irn"}}
+    "refine": {"randomwalk.arch": None, "randomwalk.pretrained": None, "randomwalk.design": "irn",
+               "randomwalk.psa": SCHEMA_DEFAULT}}
 
 
 def _parent(values: dict, dotted: str) -> tuple[Any, str]:
@@ -325,9 +328,16 @@ def without_unset(section: str, values: Any) -> Any:
     out = copy.deepcopy(dict(values))
     for dotted, absent in UNSET_MEANS_ABSENT.get(section, {}).items():
         inner, key = _parent(out, dotted)
+        if absent == SCHEMA_DEFAULT:
+            absent = _parent(_defaults_copy()[section], dotted)[0][key]
         if inner is not None and key in inner and inner[key] == absent:
             inner.pop(key)
     return out
+
+
+@lru_cache(maxsize=1)
+def _defaults_copy() -> dict:
+    return defaults()
 
 
 def defaults() -> dict:

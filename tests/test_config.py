@@ -214,7 +214,12 @@ def test_active_leaves_out_a_later_key_while_it_is_unset():
     walk["randomwalk"] = {**walk["randomwalk"], "arch": "resnet50"}
     assert config.active("refine", walk)["randomwalk"]["arch"] == "resnet50"
     assert walk["randomwalk"]["pretrained"] is None  # the caller's values are not touched
+    assert "psa" not in config.without_unset("refine", walk)["randomwalk"]  # the report's params: at its defaults
     walk["randomwalk"] = {**walk["randomwalk"], "design": "psa"}
     psa = config.active("refine", walk)["randomwalk"]
-    assert psa["design"] == "psa" and psa["psa"] == d["refine"]["randomwalk"]["psa"]
+    assert psa["design"] == "psa" and "psa" not in psa  # the added section at its defaults: absent
+    walk["randomwalk"]["psa"] = {**walk["randomwalk"]["psa"], "alpha": 6}
+    assert config.active("refine", walk)["randomwalk"]["psa"]["alpha"] == 6
     assert "psa" in walk["randomwalk"] and "psa" not in config.active("refine", {**walk, "method": "crf"})
+    irn = {**walk, "randomwalk": {**walk["randomwalk"], "design": "irn"}}  # psa's values are not irn's params
+    assert "psa" not in config.active("refine", irn)["randomwalk"]
