@@ -139,10 +139,12 @@ def affinity_fingerprint(cfg: Any, labels: Path, ids: list[str]) -> dict[str, An
             "seed": int(cfg.seed), "labels": digest}
 
 
-def cached_or_trained(path: Path, kind: str, fingerprint: dict[str, Any], empty: Callable[[], nn.Module],
+def cached_or_trained(path: Path, header: dict[str, Any], empty: Callable[[], nn.Module],
                       train: Callable[[Path], nn.Module], seed: int, device: torch.device) -> nn.Module:
-    """The network of the checkpoint ``path`` if its kind and fingerprint fit (built by ``empty()``), else
-    ``train(resume_file)`` after seeding (it builds, trains and returns the network), saved to ``path``."""
+    """The network of the checkpoint ``path`` if its header's ``kind`` and ``fingerprint`` are ``header``'s (built by
+    ``empty()``), else ``train(resume_file)`` after seeding (it builds, trains and returns the network), saved to
+    ``path`` with ``header``."""
+    kind, fingerprint = header["kind"], header["fingerprint"]
     if path.is_file():
         try:
             header, state = load_checkpoint(path)
@@ -158,8 +160,7 @@ def cached_or_trained(path: Path, kind: str, fingerprint: dict[str, Any], empty:
     seed_everything(seed)
     resume = loop.resume_path_for(path)
     model = train(resume)
-    save_checkpoint(path, {"kind": kind, "fingerprint": fingerprint},
-                    model={k: v.cpu() for k, v in model.state_dict().items()})
+    save_checkpoint(path, header, model={k: v.cpu() for k, v in model.state_dict().items()})
     loop.finish(resume)
     return model.eval()
 
@@ -186,8 +187,8 @@ def affinity_model(cfg: Any, info: Any, ids: list[str], labels: Path, out: Path,
         return model
 
     fingerprint = affinity_fingerprint(cfg, labels, ids)
-    return cached_or_trained(out / AFFINITY_FILE, "affinity", fingerprint, lambda: build_affinity_net(arch), train,
-                             int(cfg.seed), device)
+    return cached_or_trained(out / AFFINITY_FILE, {"kind": "affinity", "arch": arch, "fingerprint": fingerprint},
+                             lambda: build_affinity_net(arch), train, int(cfg.seed), device)
 
 
 def psa_scores(cfg: Any, info: Any, ids: list[str], cams: Path, folder: Path, record: dict) -> None:
@@ -234,8 +235,9 @@ def psa_affinity_model(cfg: Any, info: Any, ids: list[str], scores: Path, scores
     fingerprint = {"stage": "affinity-psa", "params": {k: p[k] for k in PSA_TRAIN_KEYS}, "radius": radius,
                    "pretrained": weights_digest(pretrained), "seed": int(cfg.seed), "scores": scores_record,
                    "ids": ids_digest(ids)}
-    return cached_or_trained(out / AFFINITY_FILE, "affinity-psa", fingerprint, psa.PSAAffinityNet, train,
-                             int(cfg.seed), device)
+    return cached_or_trained(out / AFFINITY_FILE, {"kind": "affinity-psa", "arch": "resnet38",
+                                                   "fingerprint": fingerprint},
+                             psa.PSAAffinityNet, train, int(cfg.seed), device)
 
 
 def walker(model_fn: Callable[[], nn.Module], walk: Callable[[nn.Module, np.ndarray, dict], np.ndarray]) -> LabelFn:
