@@ -263,17 +263,17 @@ def test_affinity_fingerprint_changes_with_every_training_param(tmp_path):
     """The remembered affinity network is trained again for other training params, another seed or another
     backbone; the walk's own params (beta, exp_times, ...) are not in it."""
     from advcam import config
-    from advcam.steps import refine
+    from advcam.steps import refine_walk
 
     (tmp_path / "a.png").write_bytes(b"x")
-    base = refine.affinity_fingerprint(config.load(None, []), tmp_path, ["a"])
-    assert refine.affinity_fingerprint(config.load(None, ["refine.randomwalk.beta=8"]), tmp_path, ["a"]) == base
+    base = refine_walk.affinity_fingerprint(config.load(None, []), tmp_path, ["a"])
+    assert refine_walk.affinity_fingerprint(config.load(None, ["refine.randomwalk.beta=8"]), tmp_path, ["a"]) == base
     for override in ["refine.randomwalk.radius=4", "refine.randomwalk.epochs=2", "refine.randomwalk.lr=0.05",
                      "refine.randomwalk.batch_size=8", "refine.randomwalk.crop_size=64",
                      "refine.randomwalk.weight_decay=0.001", "seed=1", "classifier.arch=resnet50"]:
-        assert refine.affinity_fingerprint(config.load(None, [override]), tmp_path, ["a"]) != base, override
+        assert refine_walk.affinity_fingerprint(config.load(None, [override]), tmp_path, ["a"]) != base, override
     (tmp_path / "a.png").write_bytes(b"y")
-    assert refine.affinity_fingerprint(config.load(None, []), tmp_path, ["a"]) != base
+    assert refine_walk.affinity_fingerprint(config.load(None, []), tmp_path, ["a"]) != base
 
 
 # ---------------------------------------------------------------- the stage, on the TINY synthetic dataset
@@ -347,7 +347,7 @@ def test_refine_stage_passes_every_walk_param_to_walk_labels(tiny_data, tmp_path
     """The stage hands refine.randomwalk's radius, beta, exp_times, cam_power and bg_threshold to walk_labels
     (the affinities at that radius); none falls back to walk_labels' own default."""
     from advcam import config
-    from advcam.steps import refine
+    from advcam.steps import refine, refine_walk
 
     root, info = tiny_data
     calls: list[dict] = []
@@ -356,8 +356,8 @@ def test_refine_stage_passes_every_walk_param_to_walk_labels(tiny_data, tmp_path
         calls.append({**kwargs, "offsets": aff.shape[0]})
         return np.zeros(size, np.uint8)
 
-    monkeypatch.setattr(refine, "walk_labels", record)
-    monkeypatch.setattr(refine, "affinity_model", lambda *a: build_affinity_net("resnet_small").eval())
+    monkeypatch.setattr(refine_walk, "walk_labels", record)
+    monkeypatch.setattr(refine_walk, "affinity_model", lambda *a: build_affinity_net("resnet_small").eval())
     chosen = {"radius": 3, "beta": 7.5, "exp_times": 3, "cam_power": 2.5, "bg_threshold": 0.4}
     overrides = [f"refine.randomwalk.{k}={v}" for k, v in chosen.items()]
     cfg = config.load(None, TINY + ["refine.method=randomwalk", *overrides])

@@ -36,7 +36,7 @@ from advcam.data.voc import palette, read_label
 from advcam.plots import (cam_overlay, colorize, plot_curves, plot_gallery, plot_grouped_bars,
                           plot_training_curves)
 from advcam.steps.evaluate import gallery_ids, predict
-from advcam.steps.refine import AFFINITY_CURVE
+from advcam.steps.refine_walk import AFFINITY_CURVE
 from advcam.utils.device import resolve_device
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import read_json, write_text

@@ -1,15 +1,9 @@
 """Stage ``refine``: pseudo labels (``<out>/<id>.png``, VOC palette, 255 = unsure) and their scores.
 
-``refine.method``: ``crf`` writes the dense-CRF labels (:mod:`advcam.refine.crf`). ``randomwalk`` (IRN/AdvCAM)
-first writes the CRF labels to ``<out>/.crf/``, trains an affinity network on them
-(:mod:`advcam.refine.affinity`; checkpoint ``<out>/.affinity.pt``, resume file ``<out>/.affinity.pt.resume.pt``
-while training, curve ``<out>/.affinity.csv``), then walks the stride-4 CAMs over its affinities
-(:mod:`advcam.refine.randomwalk`). The affinity network uses ``classifier.arch`` (and ``classifier.pretrained``,
-then frozen as IRN's backbone), or ``refine.randomwalk.arch`` / ``pretrained`` where set
-(:func:`advcam.refine.affinity.affinity_source`); it is retrained only when its params, the seed or the CRF labels
-change. With ``refine.randomwalk.design: psa`` the network is PSA's AffinityNet (:mod:`advcam.refine.psa`): taken
-from ``refine.randomwalk.psa.trained``, or trained here on CRF scores written to ``.psa_crf/``
-(:mod:`advcam.refine.psa_labels`), and the walk is PSA's.
+``refine.method``: ``crf`` writes the dense-CRF labels (:mod:`advcam.refine.crf`). ``randomwalk`` first writes
+the CRF labels to ``<out>/.crf/``, then walks the CAMs over the affinities of a network that
+:mod:`advcam.steps.refine_walk` trains, loads or takes: advcam's affinity network trained on the CRF labels and
+IRN's walk (``refine.randomwalk.design: irn``), or PSA's AffinityNet and walk (``psa``).
 
 Pseudo labels are made for the infer list and the seg list (``dataset.seg_list``, what the segmenter trains
 on); the scores are of the infer list only, as the references score them on VOC train.
@@ -36,48 +30,26 @@ images: the scores, and for ``randomwalk`` the affinity training (once, on all C
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Collection, Sequence, cast
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
-
-import torch
-from torch import nn
 
 from advcam import config
 from advcam.attribution.cam import load_cam
 from advcam.data import image_size, load_info
-from advcam.data.datasets import SegmentationDataset
-from advcam.data.transforms import normalize
-from advcam.steps import shards as sharding
-from advcam.steps.shards import FINGERPRINT, invalidate_if_changed
 from advcam.data.voc import palette, read_label
 from advcam.metrics import confusion, finite_or_none, iou_from_confusion, mean_iou, per_class
-from advcam.refine import psa, psa_labels
-from advcam.refine.affinity import affinity_source, batch_loss, build_affinity_net, grid_loss, pairwise_affinity
 from advcam.refine.crf import CRFParams, cam_to_label
-from advcam.refine.randomwalk import walk_labels
-from advcam.train import loop
-from advcam.train.live import live_dir
-from advcam.train.memo import weights_digest
-from advcam.train.segmentation import pseudo_label_reader
-from advcam.utils.checkpoint import load_checkpoint, save_checkpoint
-from advcam.utils.device import resolve_device, seed_everything
+from advcam.steps import refine_walk
+from advcam.steps import shards as sharding
+from advcam.steps.refine_walk import CRF_DIR, LabelFn
+from advcam.steps.shards import FINGERPRINT, invalidate_if_changed
 from advcam.utils.errors import AdvcamError
-from advcam.utils.io import (check_free_space, clean_stale_temps, code_digest, files_digest, ids_digest, read_json,
-                             save_npz, save_png, sole_writer, write_json)
+from advcam.utils.io import (check_free_space, clean_stale_temps, code_digest, read_json, save_png, sole_writer,
+                             write_json)
 from advcam.utils.progress import log, progress
 
 RefineFn = Callable[[np.ndarray, dict, Any], np.ndarray]
-LabelFn = Callable[[np.ndarray, dict], np.ndarray]
-CRF_DIR = ".crf"  # CRF labels of the randomwalk method, inside the output folder
-AFFINITY_FILE = ".affinity.pt"
-AFFINITY_CURVE = ".affinity.csv"
-AFFINITY_SCALES = (0.5, 1.5)  # random rescaling of the training images (IRN's train_irn: rescale=(0.5, 1.5))
-TRAIN_KEYS = ("epochs", "batch_size", "crop_size", "lr", "weight_decay", "radius")
-# design psa: the CRF scores its AffinityNet trains on, in the work folder (the output folder without one); not
-# published into the output folder (DVC would cache them: about 40 GB for VOC's train_aug)
-PSA_SCORES = ".psa_crf"
-PSA_TRAIN_KEYS = ("la_alpha", "ha_alpha", "epochs", "batch_size", "crop_size", "lr", "weight_decay")
 
 
 def crf_method(image: np.ndarray, maps: dict, cfg_refine: Any) -> np.ndarray:
@@ -130,156 +102,6 @@ def label_all(info: Any, ids: list[str], cams: Path, folder: Path, fn: LabelFn, 
             "computed": computed}
 
 
-def affinity_fingerprint(cfg: Any, labels: Path, ids: list[str]) -> dict[str, Any]:
-    """What the affinity network depends on: its training params, arch, seed and the CRF labels' bytes."""
-    rw = cfg.refine.randomwalk
-    digest = files_digest([labels / f"{i}.png" for i in ids], "fingerprint the CRF labels")
-    arch, pretrained = affinity_source(cfg.classifier, rw)
-    return {"stage": "affinity", "params": {k: rw[k] for k in TRAIN_KEYS}, "arch": arch, "pretrained": pretrained,
-            "seed": int(cfg.seed), "labels": digest}
-
-
-def cached_or_trained(path: Path, header: dict[str, Any], empty: Callable[[], nn.Module],
-                      train: Callable[[Path], nn.Module], seed: int, device: torch.device) -> nn.Module:
-    """The network of the checkpoint ``path`` if its header's ``kind`` and ``fingerprint`` are ``header``'s (built by
-    ``empty()``), else ``train(resume_file)`` after seeding (it builds, trains and returns the network), saved to
-    ``path`` with ``header``."""
-    kind, fingerprint = header["kind"], header["fingerprint"]
-    if path.is_file():
-        try:
-            header, state = load_checkpoint(path)
-        except AdvcamError as exc:
-            log.warning("refine: ignoring %s (%s)", path, exc)
-            header, state = {}, {}
-        if header.get("kind") == kind and header.get("fingerprint") == fingerprint:
-            model = empty()
-            model.load_state_dict(state["model"])
-            log.info("refine: affinity network from %s", path)
-            return model.to(device).eval()
-        log.info("refine: %s was trained with other params or labels; retraining", path)
-    seed_everything(seed)
-    resume = loop.resume_path_for(path)
-    model = train(resume)
-    save_checkpoint(path, header, model={k: v.cpu() for k, v in model.state_dict().items()})
-    loop.finish(resume)
-    return model.eval()
-
-
-def affinity_model(cfg: Any, info: Any, ids: list[str], labels: Path, out: Path, device: torch.device) -> nn.Module:
-    """``design: irn``: the affinity network of ``out/.affinity.pt`` if it fits, else trained (resuming) on
-    ``labels``."""
-    rw = cfg.refine.randomwalk
-    arch, pretrained = affinity_source(cfg.classifier, rw)
-
-    def train(resume: Path) -> nn.Module:
-        model = build_affinity_net(arch, pretrained).to(device)
-        dataset = SegmentationDataset(info, ids, pseudo_label_reader(info, labels), int(rw.crop_size), train=True,
-                                      seed=int(cfg.seed), scale_range=AFFINITY_SCALES)
-        # IRN's PolyOptimizer passes its weight decay as SGD's momentum: the effective momentum is the weight decay
-        optimizer = loop.make_sgd(model.param_groups(), float(rw.lr), float(rw.weight_decay),
-                                  float(rw.weight_decay), head_mult=1.0)
-        log.info("refine: training the affinity network (%s, %d images, %d epochs) on %s", arch, len(ids),
-                 int(rw.epochs), device)
-        loop.fit(model, optimizer,
-                 lambda e: loop.epoch_loader(dataset, int(rw.batch_size), int(cfg.seed), e, int(cfg.workers)),
-                 lambda m, b: batch_loss(m, b, int(rw.radius)), epochs=int(rw.epochs), base_lr=float(rw.lr),
-                 resume=resume, curves=out / AFFINITY_CURVE, fingerprint=fingerprint, desc="affinity")
-        return model
-
-    fingerprint = affinity_fingerprint(cfg, labels, ids)
-    return cached_or_trained(out / AFFINITY_FILE, {"kind": "affinity", "arch": arch, "fingerprint": fingerprint},
-                             lambda: build_affinity_net(arch), train, int(cfg.seed), device)
-
-
-def psa_scores(cfg: Any, info: Any, ids: list[str], cams: Path, folder: Path, record: dict) -> None:
-    """``design: psa`` without a trained file: the CRF scores ``folder/<id>.npz`` (``la``, ``ha``) that PSA's
-    AffinityNet trains on (:func:`advcam.refine.psa_labels.crf_scores`), where missing or stale."""
-    p = cfg.refine.randomwalk.psa
-    folder.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(folder)
-    invalidate_if_changed(folder, record, ids, ".npz")
-    todo = [i for i in ids if not (folder / f"{i}.npz").is_file()]
-    if todo:  # two (1 + n, H, W) float32 arrays an image
-        check_free_space(folder, sum(8 * (1 + len(info.labels[i])) * h * w + 4096
-                                     for i, (h, w) in ((i, image_size(info, i)) for i in todo)),
-                         f"refine: {len(todo)} CRF score files")
-    for image_id in progress(todo, desc="refine (psa crf scores)", unit="img"):
-        image = info.read_image(image_id)
-        maps = load_cam(cams / f"{image_id}.npz", image.shape[:2], info.num_classes)
-        save_npz(folder / f"{image_id}.npz", la=psa_labels.crf_scores(image, maps["high_res"], float(p.la_alpha)),
-                 ha=psa_labels.crf_scores(image, maps["high_res"], float(p.ha_alpha)))
-
-
-def psa_affinity_model(cfg: Any, info: Any, ids: list[str], scores: Path, scores_record: dict, out: Path,
-                       device: torch.device) -> nn.Module:
-    """``design: psa`` without a trained file: PSA's AffinityNet of ``out/.affinity.pt`` if it fits, else trained
-    (resuming) on the CRF scores in ``scores`` (made from ``scores_record``), as PSA's ``train_aff.py``."""
-    rw = cfg.refine.randomwalk
-    p, radius = rw.psa, int(rw.radius)
-    pretrained = psa.pretrained_source(cfg.classifier, rw)
-
-    def train(resume: Path) -> nn.Module:
-        model = psa.build_psa_affinity(pretrained).to(device)
-        dataset = psa_labels.AffinityDataset(info, ids, scores, int(p.crop_size), int(cfg.seed))
-        # PSA's PolyOptimizer passes its weight decay as SGD's momentum too; the heads learn at 10x
-        optimizer = loop.make_sgd(model.param_groups(), float(p.lr), float(p.weight_decay), float(p.weight_decay),
-                                  head_mult=10.0)
-        log.info("refine: training PSA's AffinityNet (%d images, %d epochs) on %s", len(ids), int(p.epochs), device)
-        loop.fit(model, optimizer,
-                 lambda e: loop.epoch_loader(dataset, int(p.batch_size), int(cfg.seed), e, int(cfg.workers)),
-                 lambda m, b: grid_loss(m(b["image"].to(device)), b["label"].to(device), radius),
-                 epochs=int(p.epochs), base_lr=float(p.lr), resume=resume, curves=out / AFFINITY_CURVE,
-                 fingerprint=fingerprint, desc="affinity (psa)")
-        return model
-
-    fingerprint = {"stage": "affinity-psa", "params": {k: p[k] for k in PSA_TRAIN_KEYS}, "radius": radius,
-                   "pretrained": weights_digest(pretrained), "seed": int(cfg.seed), "scores": scores_record,
-                   "ids": ids_digest(ids)}
-    return cached_or_trained(out / AFFINITY_FILE, {"kind": "affinity-psa", "arch": "resnet38",
-                                                   "fingerprint": fingerprint},
-                             psa.PSAAffinityNet, train, int(cfg.seed), device)
-
-
-def walker(model_fn: Callable[[], nn.Module], walk: Callable[[nn.Module, np.ndarray, dict], np.ndarray]) -> LabelFn:
-    """``fn(image, maps)`` = ``walk(model, image, maps)``, the random-walk label of one image (the affinity network
-    is made on first use)."""
-    cache: list[nn.Module] = []
-
-    def fn(image: np.ndarray, maps: dict) -> np.ndarray:
-        if not cache:
-            cache.append(model_fn())
-        with torch.inference_mode():
-            return walk(cache[0], image, maps)
-    return fn
-
-
-def irn_walk(cfg_rw: Any, device: torch.device) -> Callable[[nn.Module, np.ndarray, dict], np.ndarray]:
-    """``design: irn``: the stride-4 CAMs walked over the affinities of advcam's affinity network."""
-    radius = int(cfg_rw.radius)
-
-    def walk(model: nn.Module, image: np.ndarray, maps: dict) -> np.ndarray:
-        emb = model(normalize(image)[None].to(device))
-        cam = torch.from_numpy(maps["cam"]).to(device)
-        if cam.shape[0] and tuple(emb.shape[-2:]) != tuple(cam.shape[-2:]):
-            raise AdvcamError(f"affinity grid {tuple(emb.shape[-2:])} differs from the CAM grid "
-                              f"{tuple(cam.shape[-2:])}")
-        return walk_labels(cam, maps["keys"], pairwise_affinity(emb, radius)[0], image.shape[:2],
-                           radius=radius, beta=float(cfg_rw.beta), exp_times=int(cfg_rw.exp_times),
-                           cam_power=float(cfg_rw.cam_power), bg_threshold=float(cfg_rw.bg_threshold))
-    return walk
-
-
-def psa_walk(cfg_rw: Any, device: torch.device) -> Callable[[nn.Module, np.ndarray, dict], np.ndarray]:
-    """``design: psa``: the ``high_res`` maps walked at stride 8 over PSA's AffinityNet (:mod:`advcam.refine.psa`)."""
-    p = cfg_rw["psa"]
-
-    def walk(model: nn.Module, image: np.ndarray, maps: dict) -> np.ndarray:
-        aff, radius = psa.affinities(cast(psa.PSAAffinityNet, model), normalize(image).to(device), int(cfg_rw.radius))
-        return psa.walk_labels(torch.from_numpy(maps["high_res"]), maps["keys"], aff, radius,
-                               alpha=float(p["alpha"]), beta=float(p["beta"]), logt=int(p["logt"]))
-    return walk
-
-
 def crf_labels(cfg: Any, info: Any, ids: list[str], cams: Path, folder: Path, record: dict,
                shards: Sequence[Path] = (), shared: bool = False,
                score: Collection[str] | None = None) -> dict[str, Any]:
@@ -330,16 +152,8 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
             return
         record: dict[str, Any] = {"refine": config.active("refine", cfg.refine.to_dict()), "cams": cams_record,
                                   "code": code}
-        rw = cfg.refine.randomwalk
-        design, taken_file = str(rw.design), rw.psa.trained if rw.design == "psa" else None
-        if method in STAGED and taken_file:  # the file's bytes: a new file at the same path reruns the walk
-            record["affinity"] = {"trained": weights_digest(str(taken_file))}
-        elif method in STAGED and design == "psa":
-            record["affinity"] = {"pretrained": weights_digest(psa.pretrained_source(cfg.classifier, rw)),
-                                  "seed": cfg.seed}
-        elif method in STAGED:
-            record["affinity"] = {"arch": cfg.classifier.arch, "pretrained": cfg.classifier.pretrained,
-                                  "seed": cfg.seed}
+        if method in STAGED:
+            record["affinity"] = refine_walk.affinity_record(cfg)
         # per-image work of this job (the labels unless gathered, the affinity training and the walk) goes to the work
         # folder when there is one (ADVCAM_WORK_DIR), and is linked into out at the end
         work = sharding.work_folder("refine", record) if method in STAGED or not gather else None
@@ -354,35 +168,14 @@ def run(cfg: Any, data: Path, cams: Path, out: Path, metrics: Path, shard: tuple
             final = crf = label_all(info, ids, cams, dest, lambda im, maps: METHODS[method](im, maps, cfg.refine),
                                     f"refine ({method})", scored)
         else:
-            labels = dest / CRF_DIR
-            device = resolve_device(cfg.device)
-            make: Callable[[], nn.Module] = lambda: affinity_model(cfg, info, ids, labels, dest, device)  # noqa: E731
-            walk = irn_walk(rw, device)
-            if taken_file:  # read (and checked) before the CRF labels' hours
-                taken = psa.load_trained(rw).to(device)
-                make, walk = (lambda: taken), psa_walk(rw, device)
-            elif design == "psa":  # the scores' record: what they are computed from (hashing 40 GB is no use)
-                scores_record = {"psa": {k: rw.psa[k] for k in ("la_alpha", "ha_alpha")}, "cams": cams_record,
-                                 "code": code}
-                make = lambda: psa_affinity_model(cfg, info, ids, dest / PSA_SCORES, scores_record, dest,  # noqa: E731
-                                                  device)
-                walk = psa_walk(rw, device)
-            crf = crf_labels(cfg, info, ids, cams, labels, crf_record, gather, score=scored)
-            if design == "psa" and not taken_file and any(not (dest / f"{i}.png").is_file() for i in ids):
-                psa_scores(cfg, info, ids, cams, dest / PSA_SCORES, scores_record)
-            if any(not (dest / f"{i}.png").is_file() for i in ids):  # train (or load) it before the labels' bar
-                trained = make()
-                make = lambda: trained  # noqa: E731
-            fn = walker(make, walk)
+            ready = refine_walk.walker_for(cfg, info, ids, cams, dest, cams_record, code)  # a taken file read now
+            crf = crf_labels(cfg, info, ids, cams, dest / CRF_DIR, crf_record, gather, score=scored)
+            fn = ready(any(not (dest / f"{i}.png").is_file() for i in ids))
             final = label_all(info, ids, cams, dest, fn, "refine (random walk)", scored)
         if work is not None:
             names = [f"{i}.png" for i in ids]
             if method in STAGED:
-                names += [f"{CRF_DIR}/{i}.png" for i in ids] + [f"{CRF_DIR}/{FINGERPRINT}"]
-                names += [n for n in (AFFINITY_FILE, AFFINITY_CURVE) if (work / n).is_file()]
-                live = live_dir(work / AFFINITY_CURVE)  # the curve's dvclive mirror, when dvclive is installed
-                if live.is_dir():
-                    names += sorted(str(f.relative_to(work)) for f in live.rglob("*") if f.is_file())
+                names += refine_walk.published(work, ids)
             sharding.publish(work, out, names + [FINGERPRINT])
         computed = final["computed"]
         kept = max(0, len(ids) - computed - gathered)

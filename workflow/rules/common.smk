@@ -68,15 +68,17 @@ def affinity_weights():
     `refine.randomwalk.pretrained`, else `classifier.pretrained` while the archs agree. It must exist (`present`)."""
     if config["refine"]["method"] != "randomwalk":
         return []
-    walk = config["refine"]["randomwalk"]
-    if walk.get("design") == "psa":  # PSA's trained AffinityNet, else the ResNet-38 weights it trains from
-        trained = (walk.get("psa") or {}).get("trained")
-        path = trained or walk.get("pretrained") or (
-            config["classifier"].get("pretrained") if config["classifier"]["arch"] == "resnet38" else None)
-        key = "refine.randomwalk.psa.trained" if trained else "refine.randomwalk.pretrained"
-        return present(path, key) if path else []
-    from advcam.refine.affinity import affinity_source  # imports torch: only where the random walk runs
+    # these import torch: only where the random walk runs
+    from advcam.refine.affinity import affinity_source
+    from advcam.refine.psa import pretrained_source, trained_file
     from advcam.utils.errors import AdvcamError
+
+    walk = config["refine"]["randomwalk"]
+    if walk["design"] == "psa":  # PSA's trained AffinityNet, else the ResNet-38 weights it trains from
+        if trained_file(walk):
+            return present(trained_file(walk), "refine.randomwalk.psa.trained")
+        path = pretrained_source(config["classifier"], walk)
+        return present(path, "refine.randomwalk.pretrained") if path else []
 
     try:
         _, path = affinity_source(config["classifier"], config["refine"]["randomwalk"])
