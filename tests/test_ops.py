@@ -173,12 +173,11 @@ def test_a_killed_build_does_not_block_the_next_one(ext, tmp_path):
     assert not (folder / "lock").exists()
 
 
+@pytest.mark.skipif(fused.environment_ninja() is None, reason="the ninja package is not installed (pip install ninja)")
 def test_the_environments_ninja_builds_whatever_ninja_is_first_on_path(ext, tmp_path):
     """Ninja versions hash their build commands differently: a build checked by another version's ninja (a system
     one first on PATH when the venv is not activated) is compiled again, and alternating rebuilds it every time.
     The load uses this environment's ninja whatever PATH says: here a fake ninja first on PATH is never run."""
-    if fused.environment_ninja() is None:
-        pytest.skip("the ninja package is not installed (pip install ninja)")
     fake = tmp_path / "bin" / "ninja"
     fake.parent.mkdir()
     fake.write_text(f"#!/bin/sh\ntouch {tmp_path / 'fake-ninja-ran'}\nexit 1\n")

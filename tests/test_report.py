@@ -39,6 +39,8 @@ CATEGORIES = {"1. Results": {"figures/methods.html", "figures/per_class_iou.png"
 # Fixed-size figures (advcam.plots, 100 dpi): threshold and per-class 6x4 in; training 4.5 in per panel.
 SIZES = {"figures/threshold.png": (600, 400), "figures/per_class_iou.png": (600, 400),
          "figures/training.png": (900, 350)}  # two panels with CRF refinement: classifier, segmenter
+needs_dvc = pytest.mark.skipif(shutil.which("dvc", path=ENV["PATH"]) is None,
+                               reason="dvc is not installed (pip install -e .[test])")
 
 
 def sh(*cmd: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -212,11 +214,10 @@ def test_report_is_self_contained(project):
     assert len(pages["report.html"]) > 100_000  # React, Vega and the figures are embedded, not linked
 
 
+@needs_dvc
 def test_dvc_plots_show_gives_threshold_per_class_loss_and_lr_curves(project, tmp_path):
     """`dvc plots show` on this repo's dvc.yaml over a finished run: the seed threshold curve, the per-class IoU
     bars, both training loss curves and their learning rates, each with the run's numbers (what `dvc plots diff` compares)."""
-    if shutil.which("dvc", path=ENV["PATH"]) is None:
-        pytest.skip("dvc is not installed (pip install -e .[test])")
     for name in ("figures", "plots", "metrics", "params.yaml"):
         (shutil.copytree if (project / name).is_dir() else shutil.copy)(project / name, tmp_path / name)
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
@@ -592,7 +593,7 @@ def test_dvclive_mirror_logs_only_the_new_rows_and_ends_as_a_whole_rewrite(tmp_p
     assert (live.live_dir(epochs) / "plots/metrics/loss.tsv").read_text().split()[-2:] == ["9", "0.1"]
 
 
-@pytest.mark.skipif(shutil.which("dvc", path=ENV["PATH"]) is None, reason="dvc is not installed (pip install -e .[test])")
+@needs_dvc
 def test_readme_baseline_commit_after_a_snakemake_run(project, tmp_path):
     """`make run` runs Snakemake, not DVC: the README's one line records its outputs as the baseline of the
     experiments (every DVC stage up to date, Snakemake too, the metrics in git), without running anything again."""
