@@ -290,8 +290,7 @@ USED_WHEN: dict[str, dict[str, tuple[str, str]]] = {
 SCHEMA_DEFAULT = "<schema default>"
 UNSET_MEANS_ABSENT: dict[str, dict[str, Any]] = {
     "classifier": {"trained": None}, "dataset": {"labels_file": None},
-    "refine": {"randomwalk.arch": None, "randomwalk.pretrained": None, "randomwalk.design": "irn",
-               "randomwalk.psa": SCHEMA_DEFAULT}}
+    "refine": {"randomwalk.arch": None, "randomwalk.pretrained": None, "randomwalk.psa": SCHEMA_DEFAULT}}
 
 
 def _parent(values: dict, dotted: str) -> tuple[Any, str]:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from advcam.refine import irn
 from advcam.refine.affinity import (affinity_labels, affinity_loss, batch_loss, build_affinity_net,
                                     downsample_label, offsets, pairwise_affinity)
 from advcam.refine.randomwalk import random_walk, transition_matrix, walk_labels
@@ -266,19 +267,29 @@ def test_affinity_fingerprint_changes_with_every_training_param(tmp_path):
     from advcam.steps import refine_walk
 
     (tmp_path / "a.png").write_bytes(b"x")
-    base = refine_walk.affinity_fingerprint(config.load(None, []), tmp_path, ["a"])
-    assert refine_walk.affinity_fingerprint(config.load(None, ["refine.randomwalk.beta=8"]), tmp_path, ["a"]) == base
-    for override in ["refine.randomwalk.radius=4", "refine.randomwalk.epochs=2", "refine.randomwalk.lr=0.05",
-                     "refine.randomwalk.batch_size=8", "refine.randomwalk.crop_size=64",
-                     "refine.randomwalk.weight_decay=0.001", "seed=1", "classifier.arch=resnet50"]:
-        assert refine_walk.affinity_fingerprint(config.load(None, [override]), tmp_path, ["a"]) != base, override
-    (tmp_path / "a.png").write_bytes(b"y")
-    assert refine_walk.affinity_fingerprint(config.load(None, []), tmp_path, ["a"]) != base
+    training = ["refine.randomwalk.epochs=2", "refine.randomwalk.lr=0.05", "refine.randomwalk.batch_size=8",
+                "refine.randomwalk.crop_size=64", "refine.randomwalk.weight_decay=0.001", "seed=1",
+                "classifier.arch=resnet50"]
+    # design irn trains its boundaries at train_radius and walks at radius; affinitynet trains and walks at radius
+    for design, trains, walks in [("irn", "train_radius=7", "radius=4"), ("affinitynet", "radius=4", "train_radius=7")]:
+        fix = [f"refine.randomwalk.design={design}"]
+
+        def fingerprint(*overrides: str) -> dict:
+            return refine_walk.affinity_fingerprint(config.load(None, fix + list(overrides)), tmp_path, ["a"])
+
+        base = fingerprint()
+        assert fingerprint("refine.randomwalk.beta=8") == fingerprint(f"refine.randomwalk.{walks}") == base
+        for override in training + [f"refine.randomwalk.{trains}"]:
+            assert fingerprint(override) != base, (design, override)
+        (tmp_path / "a.png").write_bytes(b"y")
+        assert fingerprint() != base
+        (tmp_path / "a.png").write_bytes(b"x")
+    assert fingerprint() != refine_walk.affinity_fingerprint(config.load(None, []), tmp_path, ["a"])  # irn's
 
 
 # ---------------------------------------------------------------- the stage, on the TINY synthetic dataset
 RW = TINY + ["refine.method=randomwalk", "refine.randomwalk.epochs=2", "refine.randomwalk.batch_size=4",
-             "refine.randomwalk.crop_size=32", "refine.randomwalk.exp_times=4"]
+             "refine.randomwalk.crop_size=32", "refine.randomwalk.exp_times=4", "refine.randomwalk.train_radius=3"]
 
 
 @pytest.fixture(scope="module")
@@ -304,14 +315,19 @@ def tiny_data(tmp_path_factory):
     return root, info
 
 
-def test_refine_stage_randomwalk_end_to_end(tiny_data, tmp_path):
+@pytest.mark.parametrize("design", ["irn", "affinitynet"])
+def test_refine_stage_randomwalk_end_to_end(tiny_data, tmp_path, design):
     from advcam import cli
+    from advcam.utils.checkpoint import load_checkpoint
 
     root, info = tiny_data
     out, metrics = tmp_path / "pseudo", tmp_path / "pseudo.json"
     args = ["refine", "--params-json", "{}", "--data", str(root / "data"), "--cams", str(root / "cams"),
-            "--out", str(out), "--metrics", str(metrics)]
+            "--out", str(out), "--metrics", str(metrics), "--set", f"refine.randomwalk.design={design}"]
     assert cli.main(args + [a for o in RW for a in ("--set", o)]) == 0
+    header, state = load_checkpoint(out / ".affinity.pt")
+    assert header["kind"] == {"irn": "boundary", "affinitynet": "affinity"}[design]
+    assert any(k.startswith("edge.") for k in state["model"]) == (design == "irn")
     ids = info.lists["infer"]
     for image_id in ids:
         with Image.open(out / f"{image_id}.png") as im:
@@ -352,12 +368,14 @@ def test_refine_stage_passes_every_walk_param_to_walk_labels(tiny_data, tmp_path
     root, info = tiny_data
     calls: list[dict] = []
 
-    def record(cam: torch.Tensor, keys: np.ndarray, aff: torch.Tensor, size: tuple[int, int], **kwargs) -> np.ndarray:
+    def record(cam: torch.Tensor, keys: np.ndarray, aff: torch.Tensor, size: tuple[int, int], *,
+               boundary: torch.Tensor, **kwargs) -> np.ndarray:
+        assert boundary.shape == cam.shape[-2:] == aff.shape[-2:]  # design irn: IRN's damping
         calls.append({**kwargs, "offsets": aff.shape[0]})
         return np.zeros(size, np.uint8)
 
     monkeypatch.setattr(refine_walk, "walk_labels", record)
-    monkeypatch.setattr(refine_walk, "affinity_model", lambda *a: build_affinity_net("resnet_small").eval())
+    monkeypatch.setattr(refine_walk, "affinity_model", lambda *a: irn.build_boundary_net("resnet_small").eval())
     chosen = {"radius": 3, "beta": 7.5, "exp_times": 3, "cam_power": 2.5, "bg_threshold": 0.4}
     overrides = [f"refine.randomwalk.{k}={v}" for k, v in chosen.items()]
     cfg = config.load(None, TINY + ["refine.method=randomwalk", *overrides])

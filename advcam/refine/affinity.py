@@ -119,7 +119,7 @@ class AffinityNet(nn.Module):
         super().__init__()
         self.arch, self.frozen = arch, frozen
         self.backbone = backbone
-        widths = [_stage_channels(m) for m in self.stages()]
+        widths = [stage_channels(m) for m in self.stages()]
         heads = [min(256, max(32, c // 2)) for c in widths]
         self.heads = nn.ModuleList(_head(c, d) for c, d in zip(widths, heads))
         self.embed = nn.Conv2d(sum(heads), EMBED_DIM, 1)
@@ -155,7 +155,8 @@ class AffinityNet(nn.Module):
         return [p for p in self.backbone.parameters() if p.requires_grad], head
 
 
-def _stage_channels(stage: nn.Module) -> int:
+def stage_channels(stage: nn.Module) -> int:
+    """The output channels of a ResNet stage."""
     last = list(stage.children())[-1]
     name = "conv3" if hasattr(last, "conv3") else "conv2"  # Bottleneck or BasicBlock
     return int(cast(nn.Conv2d, last.get_submodule(name)).out_channels)
@@ -180,22 +181,32 @@ def build_affinity_net(arch: str, pretrained: str | Path | None = None) -> Affin
     """An affinity network on ``arch`` (the classifier's arch; strides give a stride-4 layer1).
 
     ``pretrained``: a local torchvision weight file; the backbone is then frozen (IRN)."""
+    backbone, _ = affinity_backbone(arch, pretrained)
+    return AffinityNet(backbone, arch, frozen=bool(pretrained))
+
+
+def affinity_backbone(arch: str, pretrained: str | Path | None = None) -> tuple[resnet.ResNet, tuple[int, ...]]:
+    """(backbone, its strides) of the affinity networks on ``arch``: IRN's ResNet-50 with strides (2, 2, 2, 1), or
+    the small ResNet at output stride 8; ``pretrained``: a local torchvision weight file, loaded."""
     if arch not in AFFINITY_ARCHS:
         raise AdvcamError(f"affinity network: arch {arch!r} unknown (choose from {', '.join(AFFINITY_ARCHS)})")
-    if arch == "resnet50":
-        backbone = resnet.resnet50(strides=(2, 2, 2, 1))
-    else:
-        backbone = resnet.resnet_small(strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4))
+    strides = (2, 2, 2, 1) if arch == "resnet50" else (2, 2, 1, 1)
+    backbone = resnet.resnet50(strides=strides) if arch == "resnet50" else resnet.resnet_small(strides, (1, 1, 2, 4))
     if pretrained:
         resnet.load_torchvision_weights(backbone, pretrained)
-    return AffinityNet(backbone, arch, frozen=bool(pretrained))
+    return backbone, strides
+
+
+def check_grid(out: torch.Tensor, label: torch.Tensor) -> None:
+    """Refuse a network output whose grid is not the label grid of the crop."""
+    if label.shape[-2:] != out.shape[-2:]:
+        raise AdvcamError(f"affinity network: output grid {tuple(out.shape[-2:])} is not the label grid "
+                          f"{tuple(label.shape[-2:])} of the crop")
 
 
 def grid_loss(emb: torch.Tensor, label: torch.Tensor, radius: int) -> torch.Tensor:
     """The affinity loss of embeddings ``(B, E, h, w)`` against labels ``(B, h, w)`` on the same grid."""
-    if label.shape[-2:] != emb.shape[-2:]:
-        raise AdvcamError(f"affinity network: embedding {tuple(emb.shape[-2:])} is not the label grid "
-                          f"{tuple(label.shape[-2:])} of the crop")
+    check_grid(emb, label)
     loss, _ = affinity_loss(pairwise_affinity(emb, radius), *affinity_labels(label, radius))
     return loss
 
@@ -207,4 +218,4 @@ def batch_loss(model: nn.Module, batch: Mapping[str, Any], radius: int) -> torch
 
 
 __all__: Sequence[str] = ["offsets", "shifted", "downsample_label", "affinity_labels", "pairwise_affinity",
-                          "affinity_loss", "AffinityNet", "build_affinity_net", "affinity_source", "grid_loss", "batch_loss"]
+                          "affinity_loss", "AffinityNet", "build_affinity_net", "affinity_backbone", "stage_channels", "check_grid", "affinity_source", "grid_loss", "batch_loss"]

@@ -13,8 +13,8 @@ Labels (AdvCAM ``make_sem_seg_labels``): the walk runs on ``cam ** cam_power``; 
 upsampled by 4 (bilinear), cropped to the image, divided by their global maximum, a background plane
 ``bg_threshold`` is put in front, and the argmax is mapped to ``0, keys + 1``. Every pixel gets a label.
 
-Deviation from IRN: the affinities are AffinityNet's (:mod:`advcam.refine.affinity`), not IRN's boundary map,
-so IRN's damping of the maps by ``1 - boundary`` before the walk has no counterpart here.
+The affinities are IRN's path affinities of its class-boundary map (:mod:`advcam.refine.irn`), with IRN's damping of
+the maps by ``1 - boundary`` before the walk, or AffinityNet's (:mod:`advcam.refine.affinity`), without damping.
 """
 from __future__ import annotations
 
@@ -88,10 +88,11 @@ def random_walk(maps: torch.Tensor, trans: torch.Tensor, steps: int) -> torch.Te
 
 def walk_labels(cam: torch.Tensor, keys: Sequence[int], aff: torch.Tensor, size: tuple[int, int], *,
                 radius: int = 5, beta: float = 10.0, exp_times: int = 8, cam_power: float = 1.5,
-                bg_threshold: float = 0.25) -> np.ndarray:
+                bg_threshold: float = 0.25, boundary: torch.Tensor | None = None) -> np.ndarray:
     """Pseudo label ``(H, W)`` uint8 (0 = bg, ``keys + 1``) from stride-4 CAMs ``(n, h, w)`` and affinities.
 
-    ``size`` = the image's ``(H, W)``; ``(h, w)`` must be ``ceil(H/4), ceil(W/4)``."""
+    ``size`` = the image's ``(H, W)``; ``(h, w)`` must be ``ceil(H/4), ceil(W/4)``. ``boundary``: IRN's class-boundary
+    map ``(h, w)``; the maps are multiplied by ``1 - boundary`` before the walk (IRN's ``propagate_to_edge``)."""
     height, width = int(size[0]), int(size[1])
     key_arr = np.asarray(keys, dtype=np.int64)
     if cam.shape[0] == 0:
@@ -101,7 +102,10 @@ def walk_labels(cam: torch.Tensor, keys: Sequence[int], aff: torch.Tensor, size:
         raise ValueError(f"walk_labels: cam {tuple(cam.shape)} / affinities {tuple(aff.shape)} do not fit "
                          f"an image of {height}x{width}")
     trans = transition_matrix(aff, radius, beta)
-    walked = random_walk(cam.float().clamp(min=0) ** float(cam_power), trans, 2 ** int(exp_times))
+    start = cam.float().clamp(min=0) ** float(cam_power)
+    if boundary is not None:
+        start = start * (1 - boundary.float())
+    walked = random_walk(start, trans, 2 ** int(exp_times))
     up = F.interpolate(walked[None], size=(4 * h, 4 * w), mode="bilinear", align_corners=False)[0, :, :height, :width]
     top = up.max()
     if top > 0:

@@ -1,8 +1,9 @@
 """The random walk of the ``refine`` stage (``refine.method: randomwalk``): its affinity network, trained or taken,
 and the per-image walk; :mod:`advcam.steps.refine` runs them.
 
-``design: irn`` trains advcam's affinity network (:mod:`advcam.refine.affinity`) on the CRF labels and walks the
-stride-4 CAMs (:mod:`advcam.refine.randomwalk`). ``design: psa`` takes PSA's or SEAM's trained AffinityNet, or
+``design: irn`` trains IRN's class-boundary network (:mod:`advcam.refine.irn`) on the CRF labels and walks the
+stride-4 CAMs over its path affinities (:mod:`advcam.refine.randomwalk`), as AdvCAM refines; ``design: affinitynet``
+does the same with an embedding's affinities (:mod:`advcam.refine.affinity`) in place of the boundaries. ``design: psa`` takes PSA's or SEAM's trained AffinityNet, or
 trains it on CRF scores (:mod:`advcam.refine.psa_labels`), and walks as PSA does (:mod:`advcam.refine.psa`). A
 trained network is saved to ``<out>/.affinity.pt`` with its fingerprint (resume file
 ``.affinity.pt.resume.pt`` while training, curve ``.affinity.csv``) and retrained only when the fingerprint changes.
@@ -20,7 +21,7 @@ from advcam.attribution.cam import load_cam
 from advcam.data import image_size
 from advcam.data.datasets import SegmentationDataset
 from advcam.data.transforms import normalize
-from advcam.refine import psa, psa_labels
+from advcam.refine import irn, psa, psa_labels
 from advcam.refine.affinity import affinity_source, batch_loss, build_affinity_net, grid_loss, pairwise_affinity
 from advcam.refine.randomwalk import walk_labels
 from advcam.steps.shards import FINGERPRINT, invalidate_if_changed
@@ -36,7 +37,7 @@ from advcam.utils.progress import log, progress
 
 LabelFn = Callable[[np.ndarray, dict], np.ndarray]
 WalkFn = Callable[[nn.Module, np.ndarray, dict], np.ndarray]
-CRF_DIR = ".crf"  # the CRF labels the walk starts from (and design irn trains on), inside the output folder
+CRF_DIR = ".crf"  # the CRF labels the walk starts from (and designs irn, affinitynet train on), in the output folder
 AFFINITY_FILE = ".affinity.pt"
 AFFINITY_CURVE = ".affinity.csv"
 AFFINITY_SCALES = (0.5, 1.5)  # random rescaling of the training images (IRN's train_irn: rescale=(0.5, 1.5))
@@ -48,12 +49,14 @@ PSA_TRAIN_KEYS = ("la_alpha", "ha_alpha", "epochs", "batch_size", "crop_size", "
 
 
 def affinity_fingerprint(cfg: Any, labels: Path, ids: list[str]) -> dict[str, Any]:
-    """What the affinity network depends on: its training params, arch, seed and the CRF labels' bytes."""
+    """What the affinity network (design affinitynet) or the boundary network (irn) depends on: its training
+    params, arch, seed and the CRF labels' bytes."""
     rw = cfg.refine.randomwalk
     digest = files_digest([labels / f"{i}.png" for i in ids], "fingerprint the CRF labels")
     arch, pretrained = affinity_source(cfg.classifier, rw)
-    return {"stage": "affinity", "params": {k: rw[k] for k in TRAIN_KEYS}, "arch": arch, "pretrained": pretrained,
-            "seed": int(cfg.seed), "labels": digest}
+    keys = TRAIN_KEYS if rw.design == "affinitynet" else (*TRAIN_KEYS[:-1], "train_radius")  # irn walks at radius
+    return {"stage": "affinity" if rw.design == "affinitynet" else "boundary", "params": {k: rw[k] for k in keys},
+            "arch": arch, "pretrained": pretrained, "seed": int(cfg.seed), "labels": digest}
 
 
 def cached_or_trained(path: Path, header: dict[str, Any], empty: Callable[[], nn.Module],
@@ -83,29 +86,34 @@ def cached_or_trained(path: Path, header: dict[str, Any], empty: Callable[[], nn
 
 
 def affinity_model(cfg: Any, info: Any, ids: list[str], labels: Path, out: Path, device: torch.device) -> nn.Module:
-    """``design: irn``: the affinity network of ``out/.affinity.pt`` if it fits, else trained (resuming) on
-    ``labels``."""
+    """``design: irn``: IRN's boundary network, ``affinitynet``: the affinity network, of ``out/.affinity.pt`` if it
+    fits, else trained (resuming) on the CRF labels in ``labels``."""
     rw = cfg.refine.randomwalk
     arch, pretrained = affinity_source(cfg.classifier, rw)
+    boundary = rw.design == "irn"
+    build = irn.build_boundary_net if boundary else build_affinity_net
+    loss, radius = (irn.batch_loss, int(rw.train_radius)) if boundary else (batch_loss, int(rw.radius))
 
     def train(resume: Path) -> nn.Module:
-        model = build_affinity_net(arch, pretrained).to(device)
+        model = build(arch, pretrained).to(device)
         dataset = SegmentationDataset(info, ids, pseudo_label_reader(info, labels), int(rw.crop_size), train=True,
                                       seed=int(cfg.seed), scale_range=AFFINITY_SCALES)
         # IRN's PolyOptimizer passes its weight decay as SGD's momentum: the effective momentum is the weight decay
         optimizer = loop.make_sgd(model.param_groups(), float(rw.lr), float(rw.weight_decay),
                                   float(rw.weight_decay), head_mult=1.0)
-        log.info("refine: training the affinity network (%s, %d images, %d epochs) on %s", arch, len(ids),
-                 int(rw.epochs), device)
+        log.info("refine: training the %s network (%s, %d images, %d epochs) on %s",
+                 "boundary" if boundary else "affinity", arch, len(ids), int(rw.epochs), device)
         loop.fit(model, optimizer,
                  lambda e: loop.epoch_loader(dataset, int(rw.batch_size), int(cfg.seed), e, int(cfg.workers)),
-                 lambda m, b: batch_loss(m, b, int(rw.radius)), epochs=int(rw.epochs), base_lr=float(rw.lr),
-                 resume=resume, curves=out / AFFINITY_CURVE, fingerprint=fingerprint, desc="affinity")
+                 lambda m, b: loss(m, b, radius), epochs=int(rw.epochs), base_lr=float(rw.lr),
+                 resume=resume, curves=out / AFFINITY_CURVE, fingerprint=fingerprint,
+                 desc="boundary" if boundary else "affinity")
         return model
 
     fingerprint = affinity_fingerprint(cfg, labels, ids)
-    return cached_or_trained(out / AFFINITY_FILE, {"kind": "affinity", "arch": arch, "fingerprint": fingerprint},
-                             lambda: build_affinity_net(arch), train, int(cfg.seed), device)
+    return cached_or_trained(out / AFFINITY_FILE, {"kind": fingerprint["stage"], "arch": arch,
+                                                   "fingerprint": fingerprint},
+                             lambda: build(arch), train, int(cfg.seed), device)
 
 
 def psa_scores(cfg: Any, info: Any, ids: list[str], cams: Path, folder: Path, record: dict) -> None:
@@ -171,18 +179,22 @@ def walker(model_fn: Callable[[], nn.Module], walk: WalkFn) -> LabelFn:
 
 
 def irn_walk(cfg_rw: Any, device: torch.device) -> WalkFn:
-    """``design: irn``: the stride-4 CAMs walked over the affinities of advcam's affinity network."""
-    radius = int(cfg_rw.radius)
+    """``design: irn``: the stride-4 CAMs, damped by ``1 - boundary``, walked over the boundary map's path affinities
+    (IRN); ``affinitynet``: walked over the affinities of the embedding."""
+    radius, boundary = int(cfg_rw.radius), cfg_rw.design == "irn"
 
     def walk(model: nn.Module, image: np.ndarray, maps: dict) -> np.ndarray:
-        emb = model(normalize(image)[None].to(device))
+        x = normalize(image).to(device)
+        edge = irn.boundary(cast(irn.BoundaryNet, model), x) if boundary else None
+        out = edge if edge is not None else model(x[None])[0]
         cam = torch.from_numpy(maps["cam"]).to(device)
-        if cam.shape[0] and tuple(emb.shape[-2:]) != tuple(cam.shape[-2:]):
-            raise AdvcamError(f"affinity grid {tuple(emb.shape[-2:])} differs from the CAM grid "
+        if cam.shape[0] and tuple(out.shape[-2:]) != tuple(cam.shape[-2:]):
+            raise AdvcamError(f"affinity grid {tuple(out.shape[-2:])} differs from the CAM grid "
                               f"{tuple(cam.shape[-2:])}")
-        return walk_labels(cam, maps["keys"], pairwise_affinity(emb, radius)[0], image.shape[:2],
-                           radius=radius, beta=float(cfg_rw.beta), exp_times=int(cfg_rw.exp_times),
-                           cam_power=float(cfg_rw.cam_power), bg_threshold=float(cfg_rw.bg_threshold))
+        aff = irn.path_affinity(out[None], radius)[0] if edge is not None else pairwise_affinity(out[None], radius)[0]
+        return walk_labels(cam, maps["keys"], aff, image.shape[:2], radius=radius, beta=float(cfg_rw.beta),
+                           exp_times=int(cfg_rw.exp_times), cam_power=float(cfg_rw.cam_power),
+                           bg_threshold=float(cfg_rw.bg_threshold), boundary=edge)
     return walk
 
 

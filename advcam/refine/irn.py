@@ -1,0 +1,131 @@
+"""IRN's class-boundary map and its path affinities (Ahn, Cho, Kwak, CVPR 2019), the refinement AdvCAM reports.
+
+Network. :class:`BoundaryNet` is the class-boundary branch of IRN's ``net/resnet50_irn.py``: the stem and the four
+stages of a ResNet each feed a 1x1 conv (32 channels, no bias) + GroupNorm(4, 32), the three deeper ones upsampled
+(bilinear) to the stem's stride-4 grid, then a ReLU; the five maps are cropped to the grid, concatenated (160
+channels) and a 1x1 conv with bias gives one boundary logit per stride-4 pixel. On IRN's ResNet-50 (strides 2, 2, 2,
+1) the upsampling factors are 2, 4 and 4, as IRN's. With ImageNet weights the backbone is frozen (IRN detaches its
+features and keeps its BatchNorm statistics); from scratch (``resnet_small`` on the embedded dataset, where no
+ImageNet weights exist) everything trains. IRN's displacement branch serves instance segmentation only: its
+layers and loss share nothing trainable with the boundary branch, so it is left out.
+
+Path affinities (IRN's ``PathIndex`` and ``edge_to_affinity``). For each offset ``d`` of
+:func:`advcam.refine.affinity.offsets` the path is the grid points of the box spanned by ``0`` and ``d`` whose
+distance to the line through them is below 1; the affinity of ``p`` and ``p + d`` is ``1 - max`` of the boundary
+map over ``p + path``. A path point outside the grid counts as boundary 1 (IRN pads the map with 1), so such pairs
+get affinity 0.
+
+Training (IRN's ``train_irn.py``): the boundary probabilities' path affinities of pairs within radius 10 (IRN's
+``PathIndex(radius=10)``) against the stride-4 CRF labels, with the pair labels and the loss of
+:mod:`advcam.refine.affinity` (IRN's ``(bg / 2 + fg / 2 + neg) / 2``). Inference (IRN's ``EdgeDisplacement``): the
+boundary of an image is ``sigmoid`` of the mean of its logits and its flip's logits flipped back.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advcam.models import resnet
+from advcam.models.classifier import freeze_batchnorm_stats
+from advcam.refine.affinity import (affinity_backbone, affinity_labels, affinity_loss, check_grid, downsample_label,
+                                    offsets, shifted, stage_channels)
+
+HEAD_WIDTH = 32  # IRN's fc_edge1..5 outputs
+
+
+def path(dy: int, dx: int) -> list[tuple[int, int]]:
+    """IRN's path from ``(0, 0)`` to ``(dy, dx)``: the box's grid points nearer than 1 to the line, far end first."""
+    length_sq = dy * dy + dx * dx
+    points = [(y, x) for y in range(min(0, dy), max(0, dy) + 1) for x in range(min(0, dx), max(0, dx) + 1)
+              if (dy * x - dx * y) ** 2 / length_sq < 1]
+    return sorted(points, key=lambda p: -abs(p[0]) - abs(p[1]))
+
+
+def path_affinity(edge: torch.Tensor, radius: int) -> torch.Tensor:
+    """``1 - max`` of the boundary map over each pair's path: ``(B, h, w)`` -> ``(B, K, h, w)``, K =
+    ``len(offsets(radius))``; entry ``[b, k, y, x]`` is the pair (``(y, x)``, ``(y, x) + offsets(radius)[k]``)."""
+    maps = []
+    for dy, dx in offsets(radius):
+        along = torch.stack([shifted(edge, py, px, 1.0) for py, px in path(dy, dx)])
+        maps.append(1 - along.amax(0))
+    return torch.stack(maps, 1)
+
+
+def _head(cin: int, factor: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, HEAD_WIDTH, 1, bias=False), nn.GroupNorm(4, HEAD_WIDTH)]
+    if factor > 1:
+        layers.append(nn.Upsample(scale_factor=factor, mode="bilinear", align_corners=False))
+    return nn.Sequential(*layers, nn.ReLU(inplace=True))
+
+
+class BoundaryNet(nn.Module):
+    """ResNet stem + stages -> IRN's class-boundary logits ``(B, 1, ceil(H/4), ceil(W/4))``."""
+
+    def __init__(self, backbone: resnet.ResNet, strides: Sequence[int], arch: str, frozen: bool) -> None:
+        super().__init__()
+        self.arch, self.frozen = arch, frozen
+        self.backbone = backbone
+        s = list(strides)
+        factors = [1, 1, s[1], s[1] * s[2], s[1] * s[2] * s[3]]  # each stage's stride over the stem's
+        widths = [backbone.conv1.out_channels] + [stage_channels(m) for m in self.stages()]
+        self.heads = nn.ModuleList(_head(c, f) for c, f in zip(widths, factors))
+        self.edge = nn.Conv2d(HEAD_WIDTH * len(widths), 1, 1, bias=True)
+        if frozen:
+            backbone.requires_grad_(False)
+            freeze_batchnorm_stats(backbone)
+
+    def stages(self) -> list[nn.Module]:
+        b = self.backbone
+        return [b.layer1, b.layer2, b.layer3, b.layer4]
+
+    def train(self, mode: bool = True) -> "BoundaryNet":
+        super().train(mode)
+        if self.frozen:
+            freeze_batchnorm_stats(self.backbone)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            feats = [self.backbone.stem(x)]
+            for stage in self.stages():
+                feats.append(stage(feats[-1]))
+        h, w = feats[0].shape[-2:]
+        return self.edge(torch.cat([head(f)[..., :h, :w] for head, f in zip(self.heads, feats)], 1))
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(trainable backbone parameters, boundary-branch parameters)."""
+        branch = list(self.heads.parameters()) + list(self.edge.parameters())
+        return [p for p in self.backbone.parameters() if p.requires_grad], branch
+
+
+def build_boundary_net(arch: str, pretrained: str | Path | None = None) -> BoundaryNet:
+    """IRN's boundary network on ``arch``; ``pretrained`` (a local torchvision weight file) freezes the backbone."""
+    backbone, strides = affinity_backbone(arch, pretrained)
+    return BoundaryNet(backbone, strides, arch, frozen=bool(pretrained))
+
+
+def boundary(model: BoundaryNet, image: torch.Tensor) -> torch.Tensor:
+    """The boundary map ``(ceil(H/4), ceil(W/4))`` of a normalised image ``(3, H, W)``: IRN's ``EdgeDisplacement``,
+    ``sigmoid`` of the mean of the logits of the image and of its flip, flipped back."""
+    logits = model(torch.stack([image, image.flip(-1)]))[:, 0]
+    return torch.sigmoid(logits[0] / 2 + logits[1].flip(-1) / 2)
+
+
+def grid_loss(logits: torch.Tensor, label: torch.Tensor, radius: int) -> torch.Tensor:
+    """IRN's affinity loss of boundary logits ``(B, 1, h, w)`` against stride-4 labels ``(B, h, w)``."""
+    check_grid(logits, label)
+    loss, _ = affinity_loss(path_affinity(torch.sigmoid(logits[:, 0]), radius), *affinity_labels(label, radius))
+    return loss
+
+
+def batch_loss(model: nn.Module, batch: Mapping[str, Any], radius: int) -> torch.Tensor:
+    """Loss of one ``{"image", "mask"}`` batch (full-resolution CRF labels, 255 = unsure; the stride-4 grid)."""
+    device = next(model.parameters()).device
+    return grid_loss(model(batch["image"].to(device)), downsample_label(batch["mask"].to(device)), radius)
+
+
+__all__ = ["path", "path_affinity", "BoundaryNet", "build_boundary_net", "boundary", "grid_loss", "batch_loss"]
