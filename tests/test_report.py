@@ -185,7 +185,9 @@ def test_figures_of_a_run_on_a_classifier_trained_elsewhere(tmp_path):
     assert figures.methods_of(config.load(None, OVERRIDES))["classifier"] == "cam"
     psa = ["refine.method=randomwalk", "refine.randomwalk.design=psa", "refine.randomwalk.psa.trained=/w/aff.pth"]
     assert figures.methods_of(config.load(None, [*OVERRIDES, *psa]))["refine"] == "randomwalk (psa, taken: aff.pth)"
-    assert figures.methods_of(config.load(None, [*OVERRIDES, psa[0]]))["refine"] == "randomwalk"
+    assert figures.methods_of(config.load(None, [*OVERRIDES, psa[0]]))["refine"] == "randomwalk (irn)"
+    affinitynet = [psa[0], "refine.randomwalk.design=affinitynet"]
+    assert figures.methods_of(config.load(None, [*OVERRIDES, *affinitynet]))["refine"] == "randomwalk (affinitynet)"
 
 
 def test_training_curves_are_logged_with_dvclive(project):

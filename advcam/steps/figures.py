@@ -132,13 +132,15 @@ def run_methods(folder: Path) -> dict[str, str]:
 
 def methods_of(cfg: Any) -> dict[str, str]:
     """The classifier (with the file it was taken from, for ``classifier.trained``), attribution and refinement
-    (with PSA's design and its AffinityNet file) methods of a run's params."""
+    (with the random walk's design, and PSA's AffinityNet file) methods of a run's params."""
     classifier = str(cfg.classifier.method)
     if cfg.classifier.get("trained"):
         classifier += f" (taken: {Path(str(cfg.classifier.trained)).name})"
     refine, walk = str(cfg.refine.method), cfg.refine.randomwalk
     if refine == "randomwalk" and walk.design == "psa":
         refine += f" (psa, taken: {Path(str(walk.psa.trained)).name})" if walk.psa.trained else " (psa)"
+    elif refine == "randomwalk":
+        refine += f" ({walk.design})"
     return {"classifier": classifier, "cam": str(cfg.cam.method), "refine": refine}
 
 
