@@ -11,7 +11,7 @@ import math
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
@@ -216,6 +216,30 @@ def _check_relations(cfg: dict, source: str, origins: Mapping[str, str]) -> None
     if ref["bg_threshold"] > ref["fg_threshold"]:
         raise ConfigError(f"{from_('refine.bg_threshold', 'refine.fg_threshold')}: refine.bg_threshold "
                           f"({ref['bg_threshold']}) must not exceed refine.fg_threshold ({ref['fg_threshold']})")
+    if ref["method"] == "randomwalk":
+        _check_walk_crop(ref["randomwalk"], from_)
+
+
+def _check_walk_crop(rw: Mapping[str, Any], from_: Callable[..., str]) -> None:
+    """The random walk's network trains on pairs whose first pixel lies in ``grid[:-(r-1), (r-1):-(r-1)]`` of a crop's
+    label grid (IRN's and PSA's source region): refuse a crop too small to hold one, which would train nothing."""
+    if rw["design"] == "psa" and rw["psa"]["trained"]:
+        return
+    design = rw["design"]
+    if design == "psa":  # PSA's crops are multiples of 8
+        crop_key, crop, stride, radius_key = "psa.crop_size", rw["psa"]["crop_size"], 8, "radius"
+    else:
+        crop_key, crop, stride = "crop_size", rw["crop_size"], 4
+        radius_key = "train_radius" if design == "irn" else "radius"
+    radius, grid = rw[radius_key], -(-crop // stride)
+    if grid < 2 * radius - 1:
+        least = stride * (2 * radius - 2) + 1 if stride == 4 else stride * (2 * radius - 1)
+        keys = (f"refine.randomwalk.{crop_key}", f"refine.randomwalk.{radius_key}", "refine.randomwalk.design")
+        raise ConfigError(f"{from_(*keys)}: refine.randomwalk.{crop_key} {crop} gives a {grid} x {grid} label grid "
+                          f"(stride {stride}), which holds no training pair within refine.randomwalk.{radius_key} "
+                          f"{radius} (design {design}: a pair's first pixel lies at least {radius - 1} cells from the "
+                          f"left, right and bottom edges); use a {crop_key} of at least {least}, or a smaller "
+                          f"{radius_key}")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

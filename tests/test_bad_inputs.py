@@ -415,6 +415,9 @@ def test_no_file_outside_the_dataset_root_is_read_or_written(work):
     ("cam=3", ["cam", "not of type 'object'"]),
     ("refine.bg_threshold=0.9", ["refine.bg_threshold (0.9) must not exceed refine.fg_threshold"]),
     ("dataset.classes=[background,a,b]", ["dataset.classes lists 'background'", "foreground classes only"]),
+    ("refine={method: randomwalk, randomwalk: {crop_size: 32}}",
+     ["refine.randomwalk.crop_size 32 gives a 8 x 8 label grid", "no training pair within refine.randomwalk."
+      "train_radius 10", "at least 73"]),
 ])
 def test_bad_param_quotes_key_and_allowed_range(work, override, words):
     work.prepared()

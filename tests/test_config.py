@@ -51,6 +51,23 @@ def test_errors_name_key_and_range(override, words):
         assert w in str(err.value)
 
 
+@pytest.mark.parametrize("design, crop, radius, least", [("irn", "crop_size", "train_radius=10", 73),
+                                                         ("affinitynet", "crop_size", "radius=5", 33),
+                                                         ("psa", "psa.crop_size", "radius=5", 72)])
+def test_a_walk_crop_without_training_pairs_is_refused(design, crop, radius, least):
+    """The random walk's network trains on pairs whose first pixel lies in the source region of a crop's label grid
+    (IRN's, PSA's): a crop too small for any is refused, naming the smallest that works; that one loads. Unused
+    while refine.method is crf, or with PSA's trained file."""
+    walk = ["refine.method=randomwalk", f"refine.randomwalk.design={design}", f"refine.randomwalk.{radius}"]
+    smaller = 8 * (least // 8 - 1) if design == "psa" else least - 1
+    with pytest.raises(ConfigError, match=rf"refine.randomwalk.{crop} {smaller} gives .* at least {least}, or a "):
+        config.load(None, [*walk, f"refine.randomwalk.{crop}={smaller}"])
+    assert config.load(None, [*walk, f"refine.randomwalk.{crop}={least}"]).refine.method == "randomwalk"
+    assert config.load(None, [*walk[1:], f"refine.randomwalk.{crop}={smaller}"]).refine.method == "crf"
+    if design == "psa":
+        config.load(None, [*walk, f"refine.randomwalk.{crop}={smaller}", "refine.randomwalk.psa.trained=/w/aff.pth"])
+
+
 def test_override_values_may_hold_equals_signs_and_leading_zeros_stay_strings():
     """Only an override's first '=' splits key from value; a number with a leading zero is a string (YAML 1.2),
     not YAML 1.1's octal (007 would be the integer 7)."""

@@ -268,7 +268,7 @@ def test_affinity_fingerprint_changes_with_every_training_param(tmp_path):
 
     (tmp_path / "a.png").write_bytes(b"x")
     training = ["refine.randomwalk.epochs=2", "refine.randomwalk.lr=0.05", "refine.randomwalk.batch_size=8",
-                "refine.randomwalk.crop_size=64", "refine.randomwalk.weight_decay=0.001", "seed=1",
+                "refine.randomwalk.crop_size=80", "refine.randomwalk.weight_decay=0.001", "seed=1",
                 "classifier.arch=resnet50"]
     # design irn trains its boundaries at train_radius and walks at radius; affinitynet trains and walks at radius
     for design, trains, walks in [("irn", "train_radius=7", "radius=4"), ("affinitynet", "radius=4", "train_radius=7")]:
@@ -289,7 +289,7 @@ def test_affinity_fingerprint_changes_with_every_training_param(tmp_path):
 
 # ---------------------------------------------------------------- the stage, on the TINY synthetic dataset
 RW = TINY + ["refine.method=randomwalk", "refine.randomwalk.epochs=2", "refine.randomwalk.batch_size=4",
-             "refine.randomwalk.crop_size=32", "refine.randomwalk.exp_times=4", "refine.randomwalk.train_radius=3"]
+             "refine.randomwalk.crop_size=36", "refine.randomwalk.exp_times=4", "refine.randomwalk.train_radius=3"]
 
 
 @pytest.fixture(scope="module")

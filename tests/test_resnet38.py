@@ -372,7 +372,8 @@ def test_random_walk_on_a_resnet38_classifier_uses_refine_randomwalk_arch(seam_f
     and the random walk runs on the ResNet-38 classifier's CAMs."""
     tmp, sets, _ = seam_file
     walk = [*sets, "refine.method=randomwalk", "refine.randomwalk.arch=resnet_small", "refine.randomwalk.epochs=1",
-            "refine.randomwalk.batch_size=2", "refine.randomwalk.crop_size=32"]
+            "refine.randomwalk.batch_size=2", "refine.randomwalk.crop_size=32",
+            "refine.randomwalk.train_radius=3"]
     check.run(config.load(None, walk), None, tmp / "checked")
     torch.save(resnet.resnet_small().state_dict(), tmp / "small.pth")  # not a ResNet-50: check_params refuses it
     with pytest.raises(AdvcamError, match=r"refine.randomwalk.pretrained: .*small.pth: keys do not match"):

@@ -210,7 +210,8 @@ def test_randomwalk_through_work_folders_equals_a_plain_run(runs, tmp_path, monk
 
     root = runs[0]
     cfg = config.load(None, [*OVERRIDES, "refine.method=randomwalk", "refine.randomwalk.epochs=1",
-                             "refine.randomwalk.batch_size=4", "refine.randomwalk.crop_size=32"])
+                             "refine.randomwalk.batch_size=4", "refine.randomwalk.crop_size=32",
+                             "refine.randomwalk.train_radius=3"])
     data, cams = root / "data/synthetic", runs[1] / "cams"
     refine.run(cfg, data, cams, tmp_path / "plain", tmp_path / "plain.json")
     monkeypatch.setenv(shards.WORK_ENV, str(tmp_path / "work"))
