@@ -112,17 +112,14 @@ def _head(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.GroupNorm(min(4, cout), cout), nn.ReLU(inplace=True))
 
 
-class AffinityNet(nn.Module):
-    """ResNet stages -> per-stage 1x1 heads at stride 4 -> embedding ``(B, EMBED_DIM, ceil(H/4), ceil(W/4))``."""
+class BackboneNet(nn.Module):
+    """A ResNet backbone that heads read: frozen (parameters and BatchNorm statistics) when it carries ImageNet weights,
+    as IRN freezes its backbone. The affinity and the boundary networks put their heads on it."""
 
     def __init__(self, backbone: resnet.ResNet, arch: str, frozen: bool) -> None:
         super().__init__()
         self.arch, self.frozen = arch, frozen
         self.backbone = backbone
-        widths = [stage_channels(m) for m in self.stages()]
-        heads = [min(256, max(32, c // 2)) for c in widths]
-        self.heads = nn.ModuleList(_head(c, d) for c, d in zip(widths, heads))
-        self.embed = nn.Conv2d(sum(heads), EMBED_DIM, 1)
         if frozen:
             backbone.requires_grad_(False)
             freeze_batchnorm_stats(backbone)
@@ -131,28 +128,43 @@ class AffinityNet(nn.Module):
         b = self.backbone
         return [b.layer1, b.layer2, b.layer3, b.layer4]
 
-    def train(self, mode: bool = True) -> "AffinityNet":
+    def train(self, mode: bool = True) -> "BackboneNet":
         super().train(mode)
         if self.frozen:
             freeze_batchnorm_stats(self.backbone)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The stem's output (stride 4) and the four stages'."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            feats, y = [], self.backbone.stem(x)
+            feats = [self.backbone.stem(x)]
             for stage in self.stages():
-                y = stage(y)
-                feats.append(y)
+                feats.append(stage(feats[-1]))
+        return feats
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(trainable backbone parameters, head parameters)."""
+        heads = [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
+        return [p for p in self.backbone.parameters() if p.requires_grad], heads
+
+
+class AffinityNet(BackboneNet):
+    """ResNet stages -> per-stage 1x1 heads at stride 4 -> embedding ``(B, EMBED_DIM, ceil(H/4), ceil(W/4))``."""
+
+    def __init__(self, backbone: resnet.ResNet, arch: str, frozen: bool) -> None:
+        super().__init__(backbone, arch, frozen)
+        widths = [stage_channels(m) for m in self.stages()]
+        heads = [min(256, max(32, c // 2)) for c in widths]
+        self.heads = nn.ModuleList(_head(c, d) for c, d in zip(widths, heads))
+        self.embed = nn.Conv2d(sum(heads), EMBED_DIM, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.features(x)[1:]
         size = feats[0].shape[-2:]
         maps = [h(f) for h, f in zip(self.heads, feats)]
         maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
                 for m in maps]
         return self.embed(torch.cat(maps, 1))
-
-    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(trainable backbone parameters, head parameters)."""
-        head = list(self.heads.parameters()) + list(self.embed.parameters())
-        return [p for p in self.backbone.parameters() if p.requires_grad], head
 
 
 def stage_channels(stage: nn.Module) -> int:
@@ -218,4 +230,5 @@ def batch_loss(model: nn.Module, batch: Mapping[str, Any], radius: int) -> torch
 
 
 __all__: Sequence[str] = ["offsets", "shifted", "downsample_label", "affinity_labels", "pairwise_affinity",
-                          "affinity_loss", "AffinityNet", "build_affinity_net", "affinity_backbone", "stage_channels", "check_grid", "affinity_source", "grid_loss", "batch_loss"]
+                          "affinity_loss", "BackboneNet", "AffinityNet", "build_affinity_net", "affinity_backbone",
+                          "stage_channels", "check_grid", "affinity_source", "grid_loss", "batch_loss"]

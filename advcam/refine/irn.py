@@ -26,13 +26,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from advcam.models import resnet
-from advcam.models.classifier import freeze_batchnorm_stats
-from advcam.refine.affinity import (affinity_backbone, affinity_labels, affinity_loss, check_grid, downsample_label,
-                                    offsets, shifted, stage_channels)
+from advcam.refine.affinity import (BackboneNet, affinity_backbone, affinity_labels, affinity_loss, check_grid,
+                                    downsample_label, offsets, shifted, stage_channels)
 
 HEAD_WIDTH = 32  # IRN's fc_edge1..5 outputs
 
@@ -62,44 +60,21 @@ def _head(cin: int, factor: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.ReLU(inplace=True))
 
 
-class BoundaryNet(nn.Module):
+class BoundaryNet(BackboneNet):
     """ResNet stem + stages -> IRN's class-boundary logits ``(B, 1, ceil(H/4), ceil(W/4))``."""
 
     def __init__(self, backbone: resnet.ResNet, strides: Sequence[int], arch: str, frozen: bool) -> None:
-        super().__init__()
-        self.arch, self.frozen = arch, frozen
-        self.backbone = backbone
+        super().__init__(backbone, arch, frozen)
         s = list(strides)
         factors = [1, 1, s[1], s[1] * s[2], s[1] * s[2] * s[3]]  # each stage's stride over the stem's
         widths = [backbone.conv1.out_channels] + [stage_channels(m) for m in self.stages()]
         self.heads = nn.ModuleList(_head(c, f) for c, f in zip(widths, factors))
         self.edge = nn.Conv2d(HEAD_WIDTH * len(widths), 1, 1, bias=True)
-        if frozen:
-            backbone.requires_grad_(False)
-            freeze_batchnorm_stats(backbone)
-
-    def stages(self) -> list[nn.Module]:
-        b = self.backbone
-        return [b.layer1, b.layer2, b.layer3, b.layer4]
-
-    def train(self, mode: bool = True) -> "BoundaryNet":
-        super().train(mode)
-        if self.frozen:
-            freeze_batchnorm_stats(self.backbone)
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            feats = [self.backbone.stem(x)]
-            for stage in self.stages():
-                feats.append(stage(feats[-1]))
+        feats = self.features(x)
         h, w = feats[0].shape[-2:]
         return self.edge(torch.cat([head(f)[..., :h, :w] for head, f in zip(self.heads, feats)], 1))
-
-    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(trainable backbone parameters, boundary-branch parameters)."""
-        branch = list(self.heads.parameters()) + list(self.edge.parameters())
-        return [p for p in self.backbone.parameters() if p.requires_grad], branch
 
 
 def build_boundary_net(arch: str, pretrained: str | Path | None = None) -> BoundaryNet:

@@ -3,8 +3,9 @@ and the per-image walk; :mod:`advcam.steps.refine` runs them.
 
 ``design: irn`` trains IRN's class-boundary network (:mod:`advcam.refine.irn`) on the CRF labels and walks the
 stride-4 CAMs over its path affinities (:mod:`advcam.refine.randomwalk`), as AdvCAM refines; ``design: affinitynet``
-does the same with an embedding's affinities (:mod:`advcam.refine.affinity`) in place of the boundaries. ``design: psa`` takes PSA's or SEAM's trained AffinityNet, or
-trains it on CRF scores (:mod:`advcam.refine.psa_labels`), and walks as PSA does (:mod:`advcam.refine.psa`). A
+does the same with an embedding's affinities (:mod:`advcam.refine.affinity`) in place of the boundaries.
+``design: psa`` takes PSA's or SEAM's trained AffinityNet, or trains it on CRF scores
+(:mod:`advcam.refine.psa_labels`), and walks as PSA does (:mod:`advcam.refine.psa`). A
 trained network is saved to ``<out>/.affinity.pt`` with its fingerprint (resume file
 ``.affinity.pt.resume.pt`` while training, curve ``.affinity.csv``) and retrained only when the fingerprint changes.
 """
