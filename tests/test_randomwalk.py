@@ -317,7 +317,8 @@ def tiny_data(tmp_path_factory):
 
 @pytest.mark.parametrize("design", ["irn", "affinitynet"])
 def test_refine_stage_randomwalk_end_to_end(tiny_data, tmp_path, design):
-    from advcam import cli
+    from advcam import cli, config
+    from advcam.steps import figures
     from advcam.utils.checkpoint import load_checkpoint
 
     root, info = tiny_data
@@ -328,6 +329,12 @@ def test_refine_stage_randomwalk_end_to_end(tiny_data, tmp_path, design):
     header, state = load_checkpoint(out / ".affinity.pt")
     assert header["kind"] == {"irn": "boundary", "affinitynet": "affinity"}[design]
     assert any(k.startswith("edge.") for k in state["model"]) == (design == "irn")
+    # the gallery row (advcam visualize, the report's gallery) shows the boundary map IRN's walk ran on
+    cfg = config.load(None, [*RW, f"refine.randomwalk.design={design}"])
+    image_id = info.lists["infer"][0]
+    columns = figures.visualize(cfg, root / "data", image_id, tmp_path / "row.png", pseudo=out)
+    assert ("boundary" in columns) == (design == "irn") and "pseudo label" in columns
+    assert Image.open(tmp_path / "row.png").size[0] > 0
     ids = info.lists["infer"]
     for image_id in ids:
         with Image.open(out / f"{image_id}.png") as im:

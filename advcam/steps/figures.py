@@ -13,7 +13,9 @@ Reads what the pipeline wrote (``metrics/{seeds,pseudo,segmentation}.json``, ``p
 * ``training.png``: loss and learning rate of every training run (classifier, affinity net, segmenter).
 * ``gallery.png``: one row per image (the images of the evaluation gallery): image, ground truth, CAM, AdvCAM,
   pseudo label, prediction. The configured ``cam.method``'s maps come from ``cams/``; the other method's maps
-  are computed here for the gallery images only, with the same classifier and ``cam`` params.
+  are computed here for the gallery images only, with the same classifier and ``cam`` params. After IRN's random
+  walk (``refine.randomwalk.design: irn``) a ``boundary`` column, before the pseudo label, shows the class-boundary
+  map its walk ran on (from ``pseudo/.affinity.pt``).
 
 :func:`visualize` (``advcam visualize <id>``) draws the same row for one image.
 """
@@ -36,7 +38,8 @@ from advcam.data.voc import palette, read_label
 from advcam.plots import (cam_overlay, colorize, plot_curves, plot_gallery, plot_grouped_bars,
                           plot_training_curves)
 from advcam.steps.evaluate import gallery_ids, predict
-from advcam.steps.refine_walk import AFFINITY_CURVE
+from advcam.refine import irn
+from advcam.steps.refine_walk import AFFINITY_CURVE, AFFINITY_FILE
 from advcam.utils.device import resolve_device
 from advcam.utils.errors import AdvcamError
 from advcam.utils.io import read_json, write_text
@@ -44,7 +47,7 @@ from advcam.utils.progress import log, progress
 
 OUTPUTS = ("methods.html", "methods.csv", "threshold.png", "per_class_iou.png", "per_class_iou.csv",
            "training.png", "gallery.png")
-GALLERY_COLUMNS = ("image", "ground truth", "CAM", "AdvCAM", "pseudo label", "prediction")
+GALLERY_COLUMNS = ("image", "ground truth", "CAM", "AdvCAM", "boundary", "pseudo label", "prediction")
 METHOD_TITLES = {"cam": "CAM", "advcam": "AdvCAM"}
 TABLE_COLUMNS = ("run", "classifier", "attribution", "refinement", "seed mIoU %", "best threshold",
                  "pseudo mIoU % (labelled px)", "labelled %", "pseudo mIoU % (unsure = bg)", "val mIoU %")
@@ -170,11 +173,12 @@ def per_class_groups(classes: list[str], m: Mapping[str, Any]) -> dict[str, list
 def image_row(info: Any, image_id: str, *, cams: Path | None, pseudo: Path | None, cam_method: str,
               classifier: torch.nn.Module | None = None, cfg_cam: Any = None,
               segmenter: torch.nn.Module | None = None, device: torch.device | None = None,
-              cfg_eval: Any = None) -> dict[str, Any]:
+              cfg_eval: Any = None, boundary_net: irn.BoundaryNet | None = None) -> dict[str, Any]:
     """Gallery row of one image: every column of :data:`GALLERY_COLUMNS` that can be drawn (others: None).
 
     The ``cam_method`` column comes from ``cams/<id>.npz``; with a ``classifier``, the other attribution method
-    is computed for this image with ``cfg_cam`` (and the method column too, when the file is missing).
+    is computed for this image with ``cfg_cam`` (and the method column too, when the file is missing). With a
+    ``boundary_net``, its boundary map of the image (IRN's, upsampled from stride 4) over the image.
     """
     if not Path(info.image_path(image_id)).is_file():
         raise AdvcamError(f"image {image_id}: not found ({info.image_path(image_id)})")
@@ -193,6 +197,11 @@ def image_row(info: Any, image_id: str, *, cams: Path | None, pseudo: Path | Non
                 cfg = Config({**cfg_cam.to_dict(), "method": method})
                 maps = compute_maps(classifier, normalize(image), image_classes(info, image_id), cfg)
                 row[title] = cam_overlay(image, maps["high_res"])
+    if boundary_net is not None:
+        with torch.inference_mode():
+            edge = irn.boundary(boundary_net, normalize(image).to(device or torch.device("cpu")))
+        up = torch.nn.functional.interpolate(edge[None, None], scale_factor=4, mode="bilinear", align_corners=False)
+        row["boundary"] = cam_overlay(image, up[0, :, :size[0], :size[1]].cpu().numpy())
     label = read_label(Path(pseudo) / f"{image_id}.png", size) if pseudo is not None else None
     if label is not None:
         row["pseudo label"] = colorize(label, pal)
@@ -202,6 +211,21 @@ def image_row(info: Any, image_id: str, *, cams: Path | None, pseudo: Path | Non
         flip = bool((cfg_eval or {}).get("flip", False))
         row["prediction"] = colorize(predict(segmenter, image, device or torch.device("cpu"), scales, flip), pal)
     return row
+
+
+def boundary_net_of(pseudo: Path | None, device: torch.device) -> irn.BoundaryNet | None:
+    """IRN's boundary network that made the pseudo labels of ``pseudo`` (its ``.affinity.pt``), else None."""
+    from advcam.utils.checkpoint import load_checkpoint
+
+    path = Path(pseudo) / AFFINITY_FILE if pseudo is not None else None
+    if path is None or not path.is_file():
+        return None
+    header, state = load_checkpoint(path)
+    if header.get("kind") != "boundary":
+        return None
+    net = irn.build_boundary_net(str(header["arch"]))
+    net.load_state_dict(state["model"])
+    return net.to(device).eval()
 
 
 def _load_models(cfg: Any, info: Any, classifier: Path | None, segmenter: Path | None
@@ -258,10 +282,12 @@ def run(cfg: Any, data: Path, classifier: Path, segmenter: Path, cams: Path, pse
     plot_training_curves(training, out / "training.png")
     device, cls, seg = _load_models(cfg, info, classifier, segmenter)
     ids = gallery_ids(info, Path(cams), pseudo, int(cfg.evaluation.gallery_size))
+    edges = boundary_net_of(pseudo, device) if cfg.refine.method == "randomwalk" else None
     gallery = [image_row(info, i, cams=Path(cams), pseudo=pseudo, cam_method=str(cfg.cam.method), classifier=cls,
-                         cfg_cam=cfg.cam, segmenter=seg, device=device, cfg_eval=cfg.evaluation)
+                         cfg_cam=cfg.cam, segmenter=seg, device=device, cfg_eval=cfg.evaluation, boundary_net=edges)
                for i in progress(ids, desc="figures (gallery)", unit="img")]
-    plot_gallery(gallery, out / "gallery.png", columns=GALLERY_COLUMNS,
+    columns = [c for c in GALLERY_COLUMNS if c != "boundary" or edges is not None]
+    plot_gallery(gallery, out / "gallery.png", columns=columns,
                  title="" if gallery else "evaluation.gallery_size is 0: no images shown")
     log.info("figures: wrote %s", ", ".join(str(out / f) for f in OUTPUTS))
 
@@ -276,7 +302,8 @@ def visualize(cfg: Any, data: Path, image_id: str, out: Path, cams: Path | None 
     info.require_listed([image_id], "visualize")
     device, cls, seg = _load_models(cfg, info, classifier, segmenter)
     row = image_row(info, image_id, cams=cams, pseudo=pseudo, cam_method=str(cfg.cam.method), classifier=cls,
-                    cfg_cam=cfg.cam, segmenter=seg, device=device, cfg_eval=cfg.evaluation)
+                    cfg_cam=cfg.cam, segmenter=seg, device=device, cfg_eval=cfg.evaluation,
+                    boundary_net=boundary_net_of(pseudo, device))
     columns = [c for c in GALLERY_COLUMNS if row.get(c) is not None]
     plot_gallery([row], out, columns=columns)
     log.info("wrote %s (%s)", out, ", ".join(columns))
