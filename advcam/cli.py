@@ -192,8 +192,8 @@ def _parser() -> argparse.ArgumentParser:
                         "check_params, so a bad value stops before any stage removes its outputs): the params as "
                         "advcam and as Snakemake (YAML 1.1) read them, the dataset's folders and lists, and the "
                         "pretrained weight files against their arch (default: print the params)")
-    s = add("visualize", "Overlay PNG of one image: image, ground truth, CAM, AdvCAM, pseudo label, prediction "
-            "(the ones that exist).")
+    s = add("visualize", "Overlay PNG of one image: image, ground truth, CAM, AdvCAM, the boundary map of IRN's "
+            "random walk, pseudo label, prediction (the ones that exist).")
     s.add_argument("image_id", help="image id (file name without extension)")
     s.add_argument("--data", default=None, help="prepared dataset folder (default: data/<dataset.name>)")
     for opt, default, what in VISUALIZE_INPUTS:
