@@ -205,14 +205,22 @@ def test_boundary_net_has_irns_edge_branch_on_resnet50():
         assert net.eval()(torch.zeros(1, 3, 50, 61)).shape == (1, 1, 13, 16)
 
 
-def test_boundary_is_the_flip_averaged_sigmoid():
-    """IRN's EdgeDisplacement: sigmoid of the mean of the image's and its flip's logits (flipped back)."""
+def test_boundary_is_irns_edge_displacement():
+    """IRN's EdgeDisplacement: the image and its flip padded with zeros to the crop (bottom, right), the logits
+    cropped to the image's stride-4 grid, sigmoid of their mean (the flip's flipped back). The padding changes the
+    numbers (GroupNorm's statistics); a canvas smaller than the image pads nothing."""
     torch.manual_seed(0)
     net = irn.build_boundary_net("resnet_small").eval()
     x = torch.randn(3, 30, 41)
     with torch.no_grad():
-        logits = net(torch.stack([x, x.flip(-1)]))[:, 0]
-        torch.testing.assert_close(irn.boundary(net, x), torch.sigmoid((logits[0] + logits[1].flip(-1)) / 2))
+        padded = F.pad(torch.stack([x, x.flip(-1)]), (0, 64 - 41, 0, 64 - 30))
+        logits = net(padded)[:, 0, :8, :11]
+        want = torch.sigmoid(logits[0] / 2 + logits[1].flip(-1) / 2)
+        torch.testing.assert_close(irn.boundary(net, x, 64), want)
+        bare = net(torch.stack([x, x.flip(-1)]))[:, 0]
+        unpadded = torch.sigmoid((bare[0] + bare[1].flip(-1)) / 2)
+        torch.testing.assert_close(irn.boundary(net, x, 16), unpadded)
+        assert not torch.allclose(want, unpadded, atol=1e-4)
 
 
 def test_a_frozen_backbone_stays_and_a_short_training_lowers_the_loss(tmp_path):

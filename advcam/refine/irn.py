@@ -18,7 +18,8 @@ get affinity 0.
 Training (IRN's ``train_irn.py``): the boundary probabilities' path affinities of pairs within radius 10 (IRN's
 ``PathIndex(radius=10)``) against the stride-4 CRF labels, with the pair labels and the loss of
 :mod:`advcam.refine.affinity` (IRN's ``(bg / 2 + fg / 2 + neg) / 2``). Inference (IRN's ``EdgeDisplacement``): the
-boundary of an image is ``sigmoid`` of the mean of its logits and its flip's logits flipped back.
+image and its flip padded to the training crop, and the boundary is ``sigmoid`` of the mean of their logits (the
+flip's flipped back).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from advcam.models import resnet
@@ -83,10 +85,17 @@ def build_boundary_net(arch: str, pretrained: str | Path | None = None) -> Bound
     return BoundaryNet(backbone, strides, arch, frozen=bool(pretrained))
 
 
-def boundary(model: BoundaryNet, image: torch.Tensor) -> torch.Tensor:
-    """The boundary map ``(ceil(H/4), ceil(W/4))`` of a normalised image ``(3, H, W)``: IRN's ``EdgeDisplacement``,
-    ``sigmoid`` of the mean of the logits of the image and of its flip, flipped back."""
-    logits = model(torch.stack([image, image.flip(-1)]))[:, 0]
+def boundary(model: BoundaryNet, image: torch.Tensor, canvas: int = 0) -> torch.Tensor:
+    """The boundary map ``(ceil(H/4), ceil(W/4))`` of a normalised image ``(3, H, W)``: IRN's ``EdgeDisplacement``.
+
+    The image and its flip are padded with zeros at the bottom and right to ``canvas`` x ``canvas`` (IRN: its
+    training crop, 512; a side already longer is left as it is, where IRN's padding would cut the image), the
+    logits are cropped to the image's stride-4 grid, and the boundary is ``sigmoid`` of the mean of the image's
+    logits and its flip's, flipped back."""
+    h, w = image.shape[-2:]
+    pair = torch.stack([image, image.flip(-1)])
+    pair = F.pad(pair, (0, max(0, canvas - w), 0, max(0, canvas - h)))
+    logits = model(pair)[:, 0, : (h + 3) // 4, : (w + 3) // 4]
     return torch.sigmoid(logits[0] / 2 + logits[1].flip(-1) / 2)
 
 

@@ -173,12 +173,14 @@ def per_class_groups(classes: list[str], m: Mapping[str, Any]) -> dict[str, list
 def image_row(info: Any, image_id: str, *, cams: Path | None, pseudo: Path | None, cam_method: str,
               classifier: torch.nn.Module | None = None, cfg_cam: Any = None,
               segmenter: torch.nn.Module | None = None, device: torch.device | None = None,
-              cfg_eval: Any = None, boundary_net: irn.BoundaryNet | None = None) -> dict[str, Any]:
+              cfg_eval: Any = None, boundary_net: irn.BoundaryNet | None = None,
+              boundary_canvas: int = 0) -> dict[str, Any]:
     """Gallery row of one image: every column of :data:`GALLERY_COLUMNS` that can be drawn (others: None).
 
     The ``cam_method`` column comes from ``cams/<id>.npz``; with a ``classifier``, the other attribution method
     is computed for this image with ``cfg_cam`` (and the method column too, when the file is missing). With a
-    ``boundary_net``, its boundary map of the image (IRN's, upsampled from stride 4) over the image.
+    ``boundary_net``, its boundary map of the image (IRN's, on a ``boundary_canvas`` square: the walk's training
+    crop; upsampled from stride 4) over the image.
     """
     if not Path(info.image_path(image_id)).is_file():
         raise AdvcamError(f"image {image_id}: not found ({info.image_path(image_id)})")
@@ -199,7 +201,7 @@ def image_row(info: Any, image_id: str, *, cams: Path | None, pseudo: Path | Non
                 row[title] = cam_overlay(image, maps["high_res"])
     if boundary_net is not None:
         with torch.inference_mode():
-            edge = irn.boundary(boundary_net, normalize(image).to(device or torch.device("cpu")))
+            edge = irn.boundary(boundary_net, normalize(image).to(device or torch.device("cpu")), boundary_canvas)
         up = torch.nn.functional.interpolate(edge[None, None], scale_factor=4, mode="bilinear", align_corners=False)
         row["boundary"] = cam_overlay(image, up[0, :, :size[0], :size[1]].cpu().numpy())
     label = read_label(Path(pseudo) / f"{image_id}.png", size) if pseudo is not None else None
@@ -284,7 +286,8 @@ def run(cfg: Any, data: Path, classifier: Path, segmenter: Path, cams: Path, pse
     ids = gallery_ids(info, Path(cams), pseudo, int(cfg.evaluation.gallery_size))
     edges = boundary_net_of(pseudo, device) if cfg.refine.method == "randomwalk" else None
     gallery = [image_row(info, i, cams=Path(cams), pseudo=pseudo, cam_method=str(cfg.cam.method), classifier=cls,
-                         cfg_cam=cfg.cam, segmenter=seg, device=device, cfg_eval=cfg.evaluation, boundary_net=edges)
+                         cfg_cam=cfg.cam, segmenter=seg, device=device, cfg_eval=cfg.evaluation, boundary_net=edges,
+                         boundary_canvas=int(cfg.refine.randomwalk.crop_size))
                for i in progress(ids, desc="figures (gallery)", unit="img")]
     columns = [c for c in GALLERY_COLUMNS if c != "boundary" or edges is not None]
     plot_gallery(gallery, out / "gallery.png", columns=columns,
@@ -303,7 +306,8 @@ def visualize(cfg: Any, data: Path, image_id: str, out: Path, cams: Path | None 
     device, cls, seg = _load_models(cfg, info, classifier, segmenter)
     row = image_row(info, image_id, cams=cams, pseudo=pseudo, cam_method=str(cfg.cam.method), classifier=cls,
                     cfg_cam=cfg.cam, segmenter=seg, device=device, cfg_eval=cfg.evaluation,
-                    boundary_net=boundary_net_of(pseudo, device))
+                    boundary_net=boundary_net_of(pseudo, device),
+                    boundary_canvas=int(cfg.refine.randomwalk.crop_size))
     columns = [c for c in GALLERY_COLUMNS if row.get(c) is not None]
     plot_gallery([row], out, columns=columns)
     log.info("wrote %s (%s)", out, ", ".join(columns))

@@ -186,7 +186,7 @@ def irn_walk(cfg_rw: Any, device: torch.device) -> WalkFn:
 
     def walk(model: nn.Module, image: np.ndarray, maps: dict) -> np.ndarray:
         x = normalize(image).to(device)
-        edge = irn.boundary(cast(irn.BoundaryNet, model), x) if boundary else None
+        edge = irn.boundary(cast(irn.BoundaryNet, model), x, int(cfg_rw.crop_size)) if boundary else None
         out = edge if edge is not None else model(x[None])[0]
         cam = torch.from_numpy(maps["cam"]).to(device)
         if cam.shape[0] and tuple(out.shape[-2:]) != tuple(cam.shape[-2:]):
