@@ -55,7 +55,9 @@ def affinity_fingerprint(cfg: Any, labels: Path, ids: list[str]) -> dict[str, An
     rw = cfg.refine.randomwalk
     digest = files_digest([labels / f"{i}.png" for i in ids], "fingerprint the CRF labels")
     arch, pretrained = affinity_source(cfg.classifier, rw)
-    keys = TRAIN_KEYS if rw.design == "affinitynet" else (*TRAIN_KEYS[:-1], "train_radius")  # irn walks at radius
+    # affinitynet trains at radius; irn at train_radius (its radius is the walk's only)
+    keys = TRAIN_KEYS if rw.design == "affinitynet" else tuple(k for k in TRAIN_KEYS if k != "radius") + (
+        "train_radius",)
     return {"stage": "affinity" if rw.design == "affinitynet" else "boundary", "params": {k: rw[k] for k in keys},
             "arch": arch, "pretrained": pretrained, "seed": int(cfg.seed), "labels": digest}
 
