@@ -255,6 +255,34 @@ def test_training_killed_and_rerun_equals_straight_run(ref, tmp_path, stage):
     assert not resume.exists(), where
 
 
+def test_random_walk_training_killed_and_rerun_equals_straight_run(ref, tmp_path):
+    """The random walk's network (IRN's boundary network) resumes as the other trainings do: killed at an epoch's
+    resume file, the rerun trains only the epochs left and ends with the straight run's network and labels."""
+    walk = [*OVERRIDES, "refine.method=randomwalk", f"refine.randomwalk.epochs={EPOCHS}",
+            "refine.randomwalk.batch_size=2", "refine.randomwalk.crop_size=36", "refine.randomwalk.train_radius=3",
+            "refine.randomwalk.exp_times=3"]
+    js = json.dumps(config.load(None, walk).to_dict())
+    cams = ref["ref"] / "cams"
+    straight = tmp_path / "straight"
+    run_inprocess(stage_args("refine", js, data=ref["data"], cams=cams, out=straight, metrics=tmp_path / "s.json"))
+    k, when, where = pick("refine-walk", EPOCHS)
+    out = tmp_path / "pseudo"
+    args = stage_args("refine", js, data=ref["data"], cams=cams, out=out, metrics=tmp_path / "m.json")
+    kill_at(args, ".affinity.pt.resume.pt", k, when, tmp_path)
+    done = k if when == "after" else k - 1
+    resume = out / ".affinity.pt.resume.pt"
+    assert load_checkpoint(resume)[1]["epoch"] == done and not (out / ".affinity.pt").exists(), where
+    again = run_cli(args)
+    assert again.returncode == 0, f"{where}\n{again.stderr[-3000:]}"
+    trained = [int(e) for e in re.findall(rf"boundary epoch (\d+)/{EPOCHS}: mean loss", again.stderr)]
+    assert trained == list(range(done + 1, EPOCHS + 1)), f"finished epochs were redone {where}"
+    same_checkpoint(out / ".affinity.pt", straight / ".affinity.pt")
+    labels = sorted(p.name for p in straight.glob("*.png"))
+    assert labels and labels == sorted(p.name for p in out.glob("*.png"))
+    assert all((out / n).read_bytes() == (straight / n).read_bytes() for n in labels), where
+    assert (tmp_path / "m.json").read_bytes() == (tmp_path / "s.json").read_bytes() and not resume.exists(), where
+
+
 def test_training_removes_temporaries_of_a_killed_run(ref, tmp_path):
     out = tmp_path / "models" / "classifier.pt"
     out.parent.mkdir()
