@@ -272,10 +272,12 @@ def test_random_walk_training_killed_and_rerun_equals_straight_run(ref, tmp_path
     done = k if when == "after" else k - 1
     resume = out / ".affinity.pt.resume.pt"
     assert load_checkpoint(resume)[1]["epoch"] == done and not (out / ".affinity.pt").exists(), where
+    crf = stamps(out / ".crf", ".png")
     again = run_cli(args)
     assert again.returncode == 0, f"{where}\n{again.stderr[-3000:]}"
     trained = [int(e) for e in re.findall(rf"boundary epoch (\d+)/{EPOCHS}: mean loss", again.stderr)]
     assert trained == list(range(done + 1, EPOCHS + 1)), f"finished epochs were redone {where}"
+    assert crf and stamps(out / ".crf", ".png") == crf, f"CRF labels redone {where}"
     same_checkpoint(out / ".affinity.pt", straight / ".affinity.pt")
     labels = sorted(p.name for p in straight.glob("*.png"))
     assert labels and labels == sorted(p.name for p in out.glob("*.png"))
