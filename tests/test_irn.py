@@ -250,3 +250,15 @@ def test_a_frozen_backbone_stays_and_a_short_training_lowers_the_loss(tmp_path):
         opt.step()
         losses.append(loss.item())
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+
+
+def test_walk_of_a_500x375_image_keeps_memory_bounded():
+    """IRN's design at VOC's size: the path affinities and the damped walk of a 125x94 grid stay far below a dense
+    (HW/16)^2 matrix (550 MB in float32)."""
+    g = torch.Generator().manual_seed(0)
+    edge, cam = torch.rand(125, 94, generator=g), torch.rand(2, 125, 94, generator=g)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        label = walk_labels(cam, [4, 7], irn.path_affinity(edge[None], 5)[0], (500, 375), exp_times=2, boundary=edge)
+    largest = max(e.cpu_memory_usage for e in prof.key_averages())
+    assert label.shape == (500, 375) and set(np.unique(label)) <= {0, 5, 8}
+    assert 0 < largest < 64 * 2 ** 20, largest
