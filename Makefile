@@ -19,8 +19,15 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/advcam/torch_extensions
 $(BIN)/python:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
+# pydensecrf2 (the dense CRF; 1.1 is its only release) comes as a source archive whose build pins Cython 0.29, and
+# the C++ that Cython 0.29 writes does not compile against Python 3.13's headers. From 3.13 on it is built first
+# with Cython 3 instead (the same CRF: its output matched the 3.11 build's exactly on a random 3-class input).
 $(VENV)/.installed: setup.py $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "torch==$(TORCH_VERSION)"
+	if $(BIN)/python -c "import sys; sys.exit(sys.version_info < (3, 13))" && \
+	    ! $(BIN)/python -c "import pydensecrf.densecrf" 2>/dev/null; then \
+	  $(BIN)/python -m pip install "cython>=3,<4" setuptools wheel && \
+	  $(BIN)/python -m pip install --no-build-isolation "pydensecrf2==1.1"; fi
 	$(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
 	touch $@
 

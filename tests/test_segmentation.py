@@ -543,6 +543,37 @@ def test_train_seg_draws_the_gt_fraction_with_the_run_seed(prepared, tmp_path: P
     assert chosen == [select_gt_ids(ids, [], 0.3, seed)]
 
 
+def test_loader_workers_started_by_spawn_get_the_same_batches(prepared, tmp_path: Path):
+    """Workers started by spawn (macOS's default; forkserver, Linux's from Python 3.14, also pickles) receive the
+    dataset pickled: with the label readers as closures, `advcam train-seg` and the random walk's training failed
+    there with "Can't pickle local object". They load the same batches as the main process."""
+    import pickle
+
+    from advcam.data import load_info
+    from advcam.train.segmentation import pseudo_label_reader, training_label_reader
+
+    _, data = prepared
+    info = load_info(data)
+    ids = info.lists["seg"][:4]
+    pseudo = tmp_path / "pseudo"
+    pseudo.mkdir()
+    for image_id in ids:  # pseudo labels unlike the masks, so a mix-up between the two readers shows
+        Image.fromarray((info.read_mask(image_id) == 0).astype(np.uint8)).save(pseudo / f"{image_id}.png")
+    read = pickle.loads(pickle.dumps(training_label_reader(info, pseudo, ids[:1])))
+    np.testing.assert_array_equal(read(ids[0]), info.read_mask(ids[0]))
+    np.testing.assert_array_equal(read(ids[1]), pseudo_label_reader(info, pseudo)(ids[1]))
+    assert not np.array_equal(read(ids[1]), info.read_mask(ids[1]))
+
+    dataset = SegmentationDataset(info, ids, training_label_reader(info, pseudo, ids[:1]), 32, train=True, seed=0)
+    batches = []
+    for workers, context in ((0, None), (1, "spawn")):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers,
+                                             multiprocessing_context=context, generator=torch.Generator().manual_seed(0))
+        batches.append([(b["image"], b["mask"]) for b in loader])
+    for (image, mask), (image_w, mask_w) in zip(*batches, strict=True):
+        assert torch.equal(image, image_w) and torch.equal(mask, mask_w)
+
+
 def _overrides(cfg) -> list[str]:
     return ["device=cpu", "segmentation.epochs=1", "segmentation.batch_size=5", "segmentation.crop_size=32",
             f"seed={cfg.seed}"]

@@ -20,6 +20,7 @@ ground-truth masks; :func:`training_label_reader` reads those masks and the pseu
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -62,28 +63,30 @@ def check_pseudo_labels(info: DatasetInfo, ids: Sequence[str], pseudo: Path) -> 
                               f"{want[0]}x{want[1]} (W x H)")
 
 
+def read_pseudo_label(info: DatasetInfo, pseudo: Path, image_id: str) -> np.ndarray:
+    """``<pseudo>/<id>.png`` as uint8 ``(H, W)``, checked for its size and values."""
+    path = pseudo / f"{image_id}.png"
+    if not path.is_file():
+        raise AdvcamError(f"{path}: pseudo label not found for image {image_id}")
+    with Image.open(path) as im:
+        if im.mode not in ("P", "L"):
+            raise AdvcamError(f"{path}: pseudo label must be an index PNG (mode P or L), got mode {im.mode}")
+        label = np.array(im, dtype=np.uint8)
+    want = _size(info.image_path(image_id), "image")
+    if (label.shape[1], label.shape[0]) != want:
+        raise AdvcamError(f"{path}: pseudo label is {label.shape[1]}x{label.shape[0]} but image {image_id} "
+                          f"is {want[0]}x{want[1]} (W x H)")
+    bad = np.setdiff1d(np.unique(label), np.r_[np.arange(info.num_classes + 1), IGNORE])
+    if bad.size:
+        raise AdvcamError(f"{path}: pseudo label values {bad.tolist()[:5]} outside 0..{info.num_classes} and 255")
+    return label
+
+
 def pseudo_label_reader(info: DatasetInfo, pseudo: Path) -> Callable[[str], np.ndarray]:
-    """``label_fn(id) -> uint8 (H, W)`` reading ``<pseudo>/<id>.png`` and checking size and values."""
-    num_classes = info.num_classes
-
-    def read(image_id: str) -> np.ndarray:
-        path = pseudo / f"{image_id}.png"
-        if not path.is_file():
-            raise AdvcamError(f"{path}: pseudo label not found for image {image_id}")
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise AdvcamError(f"{path}: pseudo label must be an index PNG (mode P or L), got mode {im.mode}")
-            label = np.array(im, dtype=np.uint8)
-        want = _size(info.image_path(image_id), "image")
-        if (label.shape[1], label.shape[0]) != want:
-            raise AdvcamError(f"{path}: pseudo label is {label.shape[1]}x{label.shape[0]} but image {image_id} "
-                              f"is {want[0]}x{want[1]} (W x H)")
-        bad = np.setdiff1d(np.unique(label), np.r_[np.arange(num_classes + 1), IGNORE])
-        if bad.size:
-            raise AdvcamError(f"{path}: pseudo label values {bad.tolist()[:5]} outside 0..{num_classes} and 255")
-        return label
-
-    return read
+    """``label_fn(id) -> uint8 (H, W)``: :func:`read_pseudo_label`. The readers are partials of module functions,
+    not closures, so that a dataset holding one pickles: loader workers started by ``spawn`` or ``forkserver``
+    (macOS's and Windows' default, and Linux's from Python 3.14) receive the dataset pickled."""
+    return functools.partial(read_pseudo_label, info, Path(pseudo))
 
 
 def select_gt_ids(ids: Sequence[str], gt_ids: Iterable[str] = (), gt_fraction: float = 0.0,
@@ -125,14 +128,15 @@ def _gt_path(info: DatasetInfo, image_id: str) -> Path:
     return path
 
 
+def read_gt_mask(info: DatasetInfo, image_id: str) -> np.ndarray:
+    """The ground-truth mask of ``image_id``; AdvcamError naming the id when it has none."""
+    _gt_path(info, image_id)
+    return info.read_mask(image_id)
+
+
 def gt_mask_reader(info: DatasetInfo) -> Callable[[str], np.ndarray]:
-    """``label_fn(id)`` reading the ground-truth mask; AdvcamError naming the id when it has none."""
-
-    def read(image_id: str) -> np.ndarray:
-        _gt_path(info, image_id)
-        return info.read_mask(image_id)
-
-    return read
+    """``label_fn(id)``: :func:`read_gt_mask` (picklable, as :func:`pseudo_label_reader`)."""
+    return functools.partial(read_gt_mask, info)
 
 
 def check_gt_masks(info: DatasetInfo, ids: Sequence[str]) -> None:
@@ -147,11 +151,14 @@ def check_gt_masks(info: DatasetInfo, ids: Sequence[str]) -> None:
                               f"{want[0]}x{want[1]} (W x H)")
 
 
+def read_training_label(info: DatasetInfo, pseudo: Path, gt_ids: frozenset[str], image_id: str) -> np.ndarray:
+    """The ground-truth mask of ``image_id`` if it is in ``gt_ids``, else its pseudo label."""
+    return read_gt_mask(info, image_id) if image_id in gt_ids else read_pseudo_label(info, pseudo, image_id)
+
+
 def training_label_reader(info: DatasetInfo, pseudo: Path, gt_ids: Iterable[str] = ()) -> Callable[[str], np.ndarray]:
-    """``label_fn(id)``: the ground-truth mask for ids in ``gt_ids``, the pseudo label for the others."""
-    gt = frozenset(gt_ids)
-    read_gt, read_pseudo = gt_mask_reader(info), pseudo_label_reader(info, pseudo)
-    return lambda image_id: read_gt(image_id) if image_id in gt else read_pseudo(image_id)
+    """``label_fn(id)``: :func:`read_training_label` (picklable, as :func:`pseudo_label_reader`)."""
+    return functools.partial(read_training_label, info, Path(pseudo), frozenset(gt_ids))
 
 
 def class_weights(label_fn: Callable[[str], np.ndarray], ids: Sequence[str], num_classes: int) -> np.ndarray:
