@@ -17,6 +17,8 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/advcam/torch_extensions
 .PHONY: install run test clean lock
 
 $(BIN)/python:
+	@$(PYTHON) -c "import sys; sys.exit(sys.version_info < (3, 11))" || { echo "make: advcam needs Python >=" \
+	  "3.11 (Snakemake 9 does); $(PYTHON) is $$($(PYTHON) -V 2>&1). Name a newer one: make PYTHON=python3.11" >&2; exit 1; }
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
 # pydensecrf2 (the dense CRF; 1.1 is its only release) comes as a source archive whose build pins Cython 0.29, and

@@ -22,7 +22,7 @@ setup(
     description="Reproducible weakly-supervised semantic segmentation: CAM, AdvCAM, SEAM, EADER",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # Snakemake 9 needs 3.11 (on 3.10 `make` found no Snakemake >= 9)
     packages=find_packages(include=["advcam", "advcam.*"]),
     package_data={"advcam": ["schemas/*.yaml"]},
     cmdclass={"build_py": BuildPyWithCsrc},
