@@ -9,6 +9,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+# The oldest torch advcam runs on (setup.py): older builds break on NumPy 2, which constraints.txt pins.
+TORCH_MIN := 2.3
 CONSTRAINTS ?= constraints.txt
 export PATH := $(abspath $(BIN)):$(PATH)
 # The compiled AdvCAM extension is cached outside the repo (DVC experiments run in temporary copies).
@@ -25,7 +27,11 @@ $(BIN)/python:
 # the C++ that Cython 0.29 writes does not compile against Python 3.13's headers. From 3.13 on it is built first
 # with Cython 3 instead (the same CRF: its output matched the 3.11 build's exactly on a random 3-class input).
 $(VENV)/.installed: setup.py $(CONSTRAINTS) | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "torch==$(TORCH_VERSION)"
+	if ! $(BIN)/python -c "import torch" 2>/dev/null; then $(BIN)/python -m pip install "torch==$(TORCH_VERSION)"; \
+	elif $(BIN)/python -c "import sys, torch; sys.exit(torch.__version__ >= '$(TORCH_MIN)')" 2>/dev/null; then \
+	  echo "make: the torch that .venv sees is older than $(TORCH_MIN) (NumPy 2 needs $(TORCH_MIN) or newer):" \
+	    "installing torch==$(TORCH_VERSION) into .venv (a torch outside .venv stays as it is)"; \
+	  $(BIN)/python -m pip install "torch==$(TORCH_VERSION)"; fi
 	if $(BIN)/python -c "import sys; sys.exit(sys.version_info < (3, 13))" && \
 	    ! $(BIN)/python -c "import pydensecrf.densecrf" 2>/dev/null; then \
 	  $(BIN)/python -m pip install "cython>=3,<4" setuptools wheel && \

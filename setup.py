@@ -27,9 +27,10 @@ setup(
     package_data={"advcam": ["schemas/*.yaml"]},
     cmdclass={"build_py": BuildPyWithCsrc},
     # A range, not a pin: a CUDA build of torch that a user already has satisfies it. The Makefile
-    # installs the CPU wheel first on machines without torch, so pip never reaches for CUDA wheels.
+    # installs the CPU wheel first on machines without torch, so pip never reaches for CUDA wheels. 2.3 is the
+    # oldest that works with NumPy 2 (2.1.2 failed with "Numpy is not available"; the suite passed on 2.3.1).
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.3",
         "numpy>=1.24",
         "pyyaml>=6",
         "jsonschema>=4.18",

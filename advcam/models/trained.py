@@ -103,7 +103,7 @@ def reference_state(path: Path, num_classes: int) -> tuple[Format, dict[str, tor
               for k in own if k.endswith((".num_batches_tracked", "_extra_state")) and k not in ours}
     ours.update(filled)  # BatchNorm step counters (unused with momentum) and SEAM's use_pcm flag (on)
     weight = ours.get("classifier.weight")  # first: another dataset's network is the likeliest misfit
-    if torch.is_tensor(weight) and weight.dim() == 4 and weight.shape[0] != num_classes:
+    if isinstance(weight, torch.Tensor) and weight.dim() == 4 and weight.shape[0] != num_classes:
         extra = f" (its fc8 has {weight.shape[0] + 1} rows: background first)" if fmt.name == "seam" else ""
         raise AdvcamError(f"{path}: classifier has {weight.shape[0]} output classes{extra}, expected {num_classes} "
                           "(trained on a different dataset?)")
@@ -122,7 +122,7 @@ def check_fits(path: Path, title: str, state: Mapping[str, object], own: Mapping
                  for what, keys in (("unexpected", unexpected), ("missing", missing)) if keys]
         raise AdvcamError(f"{path}: not {title} ({'; '.join(parts)})")
     wrong = [f"{k} {tuple(getattr(v, 'shape', ()))} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if not torch.is_tensor(v) or v.shape != own[k].shape]
+             if not isinstance(v, torch.Tensor) or v.shape != own[k].shape]
     if wrong:
         raise AdvcamError(f"{path}: shapes do not match {title} ({len(wrong)} tensors, e.g. {wrong[:2]})")
 
