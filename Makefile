@@ -9,7 +9,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-# The oldest torch advcam runs on (setup.py): older builds break on NumPy 2, which constraints.txt pins.
+# The oldest Python and torch advcam runs on (setup.py's python_requires and torch range): Snakemake 9 needs
+# Python 3.11; older torch builds break on NumPy 2, which constraints.txt pins.
+PYTHON_MIN := 3.11
 TORCH_MIN := 2.3
 CONSTRAINTS ?= constraints.txt
 export PATH := $(abspath $(BIN)):$(PATH)
@@ -19,8 +21,9 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/advcam/torch_extensions
 .PHONY: install run test clean lock
 
 $(BIN)/python:
-	@$(PYTHON) -c "import sys; sys.exit(sys.version_info < (3, 11))" || { echo "make: advcam needs Python >=" \
-	  "3.11 (Snakemake 9 does); $(PYTHON) is $$($(PYTHON) -V 2>&1). Name a newer one: make PYTHON=python3.11" >&2; exit 1; }
+	@$(PYTHON) -c "import sys; sys.exit(sys.version_info < tuple(map(int, '$(PYTHON_MIN)'.split('.'))))" || { echo \
+	  "make: advcam needs Python >= $(PYTHON_MIN) (Snakemake 9 does); $(PYTHON) is $$($(PYTHON) -V 2>&1)." \
+	  "Name a newer one: make PYTHON=python$(PYTHON_MIN)" >&2; exit 1; }
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
 # pydensecrf2 (the dense CRF; 1.1 is its only release) comes as a source archive whose build pins Cython 0.29, and

@@ -1,4 +1,5 @@
-"""constraints.txt (the versions `make install` applies, renewed by `make lock`) against setup.py's ranges."""
+"""constraints.txt (the versions `make install` applies, renewed by `make lock`) against setup.py's ranges, and the
+Makefile's oldest Python and torch against setup.py's."""
 import importlib.metadata
 import re
 from pathlib import Path
@@ -68,3 +69,18 @@ def test_constraints_apply_to_the_python_they_were_resolved_for():
     assert marker.evaluate({**env, "python_version": version})
     other = "3.10" if version != "3.10" else "3.12"
     assert not marker.evaluate({**env, "python_version": other})
+
+
+def makefile_value(name: str) -> str:
+    (line,) = [ln for ln in (ROOT / "Makefile").read_text().splitlines() if ln.startswith(f"{name} :=")]
+    return line.split(":=", 1)[1].strip()
+
+
+def test_the_makefile_and_setup_agree_on_the_oldest_python_and_torch():
+    """`make` refuses a Python older than setup.py's Requires-Python before it creates .venv, and replaces a torch
+    older than setup.py's lower bound (TORCH_MIN) instead of leaving pip to break it with NumPy 2."""
+    meta = importlib.metadata.metadata("advcam")
+    assert meta["Requires-Python"] == f">={makefile_value('PYTHON_MIN')}"
+    (torch_req,) = [Requirement(r) for r in importlib.metadata.requires("advcam") or []
+                    if canonicalize_name(Requirement(r).name) == "torch"]
+    assert str(torch_req.specifier) == f">={makefile_value('TORCH_MIN')}"
