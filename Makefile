@@ -29,6 +29,8 @@ $(BIN)/python:
 # pydensecrf2 (the dense CRF; 1.1 is its only release) comes as a source archive whose build pins Cython 0.29, and
 # the C++ that Cython 0.29 writes does not compile against Python 3.13's headers. From 3.13 on it is built first
 # with Cython 3 instead (the same CRF: its output matched the 3.11 build's exactly on a random 3-class input).
+# The checks below use `sys.exit(condition)`, which fails (exit 1) when the condition holds: the torch check
+# succeeds, and torch is installed into .venv, only when the torch there is older than TORCH_MIN.
 $(VENV)/.installed: setup.py $(CONSTRAINTS) | $(BIN)/python
 	if ! $(BIN)/python -c "import torch" 2>/dev/null; then $(BIN)/python -m pip install "torch==$(TORCH_VERSION)"; \
 	elif $(BIN)/python -c "import sys, torch; sys.exit(torch.__version__ >= '$(TORCH_MIN)')" 2>/dev/null; then \
