@@ -497,11 +497,16 @@ def test_the_browser_check_sees_console_errors_and_outside_requests(browser, tmp
     assert [u for u in browser.requests() if not u.startswith(LOCAL_URL)] == ["http://example.com/x.png"]
 
 
+def expected_entries(project: Path) -> dict[str, dict[str, str]]:
+    """Per category of the report, its entries' titles and their file names."""
+    results, _ = embedded(project)
+    return {cat: {results[p]["labels"]["figure"]: Path(p).name for p in paths} for cat, paths in CATEGORIES.items()}
+
+
 def visit(browser: DevTools, project: Path, click_delay_ms: int = 0) -> dict:
     """The report opened in the browser and VISIT's record of it; with a delay, every click reaches the page that
     much later (as on a loaded machine, where the app's answer comes after VISIT's 60 ms quiet period)."""
-    results, _ = embedded(project)
-    expected = {cat: {results[p]["labels"]["figure"]: Path(p).name for p in paths} for cat, paths in CATEGORIES.items()}
+    expected = expected_entries(project)
     browser.open((project / "report.html").as_uri(), *VIEWPORT)
     if click_delay_ms:
         browser.evaluate("(() => { const click = HTMLElement.prototype.click; HTMLElement.prototype.click = "
@@ -513,11 +518,9 @@ def visit(browser: DevTools, project: Path, click_delay_ms: int = 0) -> dict:
 def test_the_visit_waits_for_a_page_that_answers_late(project, browser):
     """Each click delivered 150 ms late: the visit still records every entry's own figure and details and ends on the
     gallery. (It once read the page 60 ms after a click and failed on CI's loaded machine: no row 0 yet.)"""
-    results, _ = embedded(project)
     out = visit(browser, project, click_delay_ms=150)
     assert out["missing"] == [] and sorted(out["entries"]) == sorted(CATEGORIES), out
-    for cat, paths in CATEGORIES.items():
-        titles = {results[p]["labels"]["figure"]: Path(p).name for p in paths}
+    for cat, titles in expected_entries(project).items():
         assert sorted(e["title"] for e in out["entries"][cat]) == sorted(titles), out["entries"][cat]
         for entry in out["entries"][cat]:
             assert [x["file"] for x in entry["images"] + entry["frames"]] == [titles[entry["title"]]], entry
