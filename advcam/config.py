@@ -217,14 +217,19 @@ def _check_relations(cfg: dict, source: str, origins: Mapping[str, str]) -> None
         raise ConfigError(f"{from_('refine.bg_threshold', 'refine.fg_threshold')}: refine.bg_threshold "
                           f"({ref['bg_threshold']}) must not exceed refine.fg_threshold ({ref['fg_threshold']})")
     if ref["method"] == "randomwalk":
-        _check_walk_crop(ref["randomwalk"], from_)
+        rw = ref["randomwalk"]
+        if rw["design"] == "psa" and rw.get("trained"):
+            raise ConfigError(f"{from_('refine.randomwalk.trained', 'refine.randomwalk.design')}: design psa takes its "
+                              "trained AffinityNet as refine.randomwalk.psa.trained (refine.randomwalk.trained is "
+                              "design irn's and affinitynet's)")
+        _check_walk_crop(rw, from_)
 
 
 def _check_walk_crop(rw: Mapping[str, Any], from_: Callable[..., str]) -> None:
     """The random walk's network trains on pairs whose first pixel lies in ``grid[:-(r-1), (r-1):-(r-1)]`` of a crop's
     label grid (IRN's and PSA's source region): refuse a crop too small to hold one, which would train nothing."""
-    if rw["design"] == "psa" and rw["psa"]["trained"]:
-        return
+    if rw["psa"]["trained"] if rw["design"] == "psa" else rw.get("trained"):
+        return  # taken, not trained
     design = rw["design"]
     if design == "psa":  # PSA's crops are multiples of 8
         crop_key, crop, stride, radius_key = "psa.crop_size", rw["psa"]["crop_size"], 8, "radius"
@@ -314,7 +319,8 @@ USED_WHEN: dict[str, dict[str, tuple[str, str]]] = {
 SCHEMA_DEFAULT = "<schema default>"
 UNSET_MEANS_ABSENT: dict[str, dict[str, Any]] = {
     "classifier": {"trained": None}, "dataset": {"labels_file": None},
-    "refine": {"randomwalk.arch": None, "randomwalk.pretrained": None, "randomwalk.psa": SCHEMA_DEFAULT}}
+    "refine": {"randomwalk.arch": None, "randomwalk.pretrained": None, "randomwalk.trained": None,
+               "randomwalk.psa": SCHEMA_DEFAULT}}
 
 
 def _parent(values: dict, dotted: str) -> tuple[Any, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,32 @@ def tiny_cfg():
     from advcam import config
 
     return config.load(None, TINY)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Prepared TINY dataset with CAM files made from blurred ground-truth masks (no classifier needed): the random
+    walk's tests."""
+    from scipy.ndimage import gaussian_filter
+
+    from advcam import config
+    from advcam.attribution.cam import save_cam, strided_size
+    from advcam.data import load_info
+    from advcam.steps import prepare
+
+    root = tmp_path_factory.mktemp("rw")
+    prepare.run(config.load(None, TINY), root / "data")
+    info = load_info(root / "data")
+    for image_id in info.lists["infer"]:
+        mask = info.read_mask(image_id)
+        keys = np.array(sorted(info.labels[image_id]), np.int64)
+        high = np.stack([gaussian_filter((mask == c + 1).astype(np.float32), 3) for c in keys]) if keys.size \
+            else np.zeros((0, *mask.shape), np.float32)
+        high = (high / (high.max(axis=(1, 2), keepdims=True) + 1e-5)).astype(np.float32)
+        small = strided_size(mask.shape, 4)
+        cam = torch.nn.functional.interpolate(torch.from_numpy(high)[None], size=small, mode="bilinear")[0].numpy()
+        save_cam(root / "cams" / f"{image_id}.npz", {"keys": keys, "high_res": high, "cam": cam})
+    return root, info
 
 
 # The longest test files first. `make test` gives each CPU a worker and each worker whole files (--dist loadfile), in

@@ -224,8 +224,8 @@ def test_active_leaves_out_a_later_key_while_it_is_unset():
     assert config.active("classifier", {**d["classifier"], "trained": "res50_cam.pth"})["trained"] == "res50_cam.pth"
     assert "labels_file" not in config.active("dataset", d["dataset"])  # dataset.labels_file came later too
     assert config.active("dataset", {**d["dataset"], "labels_file": "l.txt"})["labels_file"] == "l.txt"
-    walk = {**d["refine"], "method": "randomwalk"}  # refine.randomwalk.arch / pretrained came later, inside a section
-    later = {"arch", "pretrained", "psa"}  # psa is design psa's
+    walk = {**d["refine"], "method": "randomwalk"}  # refine.randomwalk.arch / pretrained / trained came later, inside
+    later = {"arch", "pretrained", "trained", "psa"}  # a section; psa is design psa's
     assert not later & set(config.active("refine", walk)["randomwalk"])
     assert set(config.active("refine", walk)["randomwalk"]) == set(d["refine"]["randomwalk"]) - later
     # design and train_radius are there: design irn changed meaning on 2026-12-03 (IRN's boundaries, where it was an
@@ -233,6 +233,8 @@ def test_active_leaves_out_a_later_key_while_it_is_unset():
     assert {"design", "train_radius"} <= set(config.active("refine", walk)["randomwalk"])
     walk["randomwalk"] = {**walk["randomwalk"], "arch": "resnet50"}
     assert config.active("refine", walk)["randomwalk"]["arch"] == "resnet50"
+    assert config.active("refine", {**walk, "randomwalk": {**walk["randomwalk"], "trained": "res50_irn.pth"}}
+                         )["randomwalk"]["trained"] == "res50_irn.pth"
     assert walk["randomwalk"]["pretrained"] is None  # the caller's values are not touched
     assert "psa" not in config.without_unset("refine", walk)["randomwalk"]  # the report's params: at its defaults
     walk["randomwalk"] = {**walk["randomwalk"], "design": "psa"}

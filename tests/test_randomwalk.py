@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy.ndimage import gaussian_filter
 
 from advcam.refine import irn
 from advcam.refine.affinity import (affinity_labels, affinity_loss, batch_loss, build_affinity_net,
@@ -290,29 +289,6 @@ def test_affinity_fingerprint_changes_with_every_training_param(tmp_path):
 # ---------------------------------------------------------------- the stage, on the TINY synthetic dataset
 RW = TINY + ["refine.method=randomwalk", "refine.randomwalk.epochs=2", "refine.randomwalk.batch_size=4",
              "refine.randomwalk.crop_size=36", "refine.randomwalk.exp_times=4", "refine.randomwalk.train_radius=3"]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """Prepared TINY dataset with CAM files made from blurred ground-truth masks (no classifier needed)."""
-    from advcam import config
-    from advcam.attribution.cam import save_cam, strided_size
-    from advcam.data import load_info
-    from advcam.steps import prepare
-
-    root = tmp_path_factory.mktemp("rw")
-    prepare.run(config.load(None, TINY), root / "data")
-    info = load_info(root / "data")
-    for image_id in info.lists["infer"]:
-        mask = info.read_mask(image_id)
-        keys = np.array(sorted(info.labels[image_id]), np.int64)
-        high = np.stack([gaussian_filter((mask == c + 1).astype(np.float32), 3) for c in keys]) if keys.size \
-            else np.zeros((0, *mask.shape), np.float32)
-        high = (high / (high.max(axis=(1, 2), keepdims=True) + 1e-5)).astype(np.float32)
-        small = strided_size(mask.shape, 4)
-        cam = torch.nn.functional.interpolate(torch.from_numpy(high)[None], size=small, mode="bilinear")[0].numpy()
-        save_cam(root / "cams" / f"{image_id}.npz", {"keys": keys, "high_res": high, "cam": cam})
-    return root, info
 
 
 @pytest.mark.parametrize("design", ["irn", "affinitynet"])

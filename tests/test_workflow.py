@@ -288,6 +288,7 @@ def test_a_missing_outside_file_is_named_before_any_job(tmp_path):
               "refine.randomwalk.psa.trained"),
              (f"refine={{method: randomwalk, randomwalk: {{arch: resnet50, pretrained: {missing}}}}}",
               "refine.randomwalk.pretrained"),
+             (f"refine={{method: randomwalk, randomwalk: {{trained: {missing}}}}}", "refine.randomwalk.trained"),
              (f"dataset={{kind: voc, root: {tmp_path / 'VOC'}}}", "dataset list 'train'")]
     for override, key in cases:
         r = sh("snakemake", "-n", "--config", override, cwd=REPO, check=False)
@@ -297,7 +298,8 @@ def test_a_missing_outside_file_is_named_before_any_job(tmp_path):
 
 def test_files_outside_the_repository_are_rule_inputs(tmp_path):
     """A VOC dataset's list files and labels file are prepare's inputs, a set `pretrained` file the trainings'
-    (the affinity network's with the random walk; with design psa its `psa.trained` file instead) and a set
+    (the affinity network's with the random walk; a set `refine.randomwalk.trained` file, or with design psa its
+    `psa.trained` file, instead) and a set
     `classifier.trained` file train_cls's, so a newer one reruns the stage; unset, they are not inputs."""
     lists = tmp_path / "VOC" / "ImageSets" / "Segmentation"
     lists.mkdir(parents=True)
@@ -340,5 +342,11 @@ def test_files_outside_the_repository_are_rule_inputs(tmp_path):
              "refine={method: randomwalk, randomwalk: {design: psa}}", cwd=REPO).stdout  # trained from these
     refine = re.search(r"^rule refine:$.*?^\s+input: (.*)$", out, re.M | re.S)
     assert refine and str(weights) in refine.group(1), out
+    irn = tmp_path / "res50_irn.pth"  # refine.randomwalk.trained: IRN's boundary network, and no other weights
+    irn.write_bytes(b"")
+    out = sh("snakemake", "-n", "--forceall", "--config", f"classifier={{pretrained: {weights}}}",
+             f"refine={{method: randomwalk, randomwalk: {{trained: {irn}}}}}", cwd=REPO).stdout
+    refine = re.search(r"^rule refine:$.*?^\s+input: (.*)$", out, re.M | re.S)
+    assert refine and str(irn) in refine.group(1) and str(weights) not in refine.group(1), out
     plain = snakemake_jobs(REPO)
     assert plain["prepare"]["input"] == [] and str(weights) not in plain["train_cls"]["input"]

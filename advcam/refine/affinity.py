@@ -183,7 +183,8 @@ def affinity_source(classifier: Mapping[str, Any], randomwalk: Mapping[str, Any]
     if arch not in AFFINITY_ARCHS:
         raise AdvcamError(f"refine.method randomwalk: the affinity network has no {arch} variant (it has "
                           f"{', '.join(AFFINITY_ARCHS)}, IRN's design): set refine.randomwalk.arch=resnet50 (and "
-                          "refine.randomwalk.pretrained), or refine.randomwalk.design=psa (PSA's AffinityNet on "
+                          "refine.randomwalk.pretrained), or take a trained one (refine.randomwalk.trained: IRN's "
+                          "res50_irn.pth), or refine.randomwalk.design=psa (PSA's AffinityNet on "
                           "ResNet-38, taken or trained), or use refine.method crf")
     pretrained = randomwalk.get("pretrained") or (classifier.get("pretrained") if arch == classifier["arch"] else None)
     return arch, (str(pretrained) if pretrained else None)

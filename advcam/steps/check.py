@@ -15,7 +15,9 @@ the same one-line messages as the stages:
 - a ``classifier.trained`` file that is missing or holds another kind of classifier than the params ask for;
 - ``refine.method: randomwalk`` with an affinity network arch it has no variant for (``resnet38``, the
   classifier's where ``refine.randomwalk.arch`` is null), or with ``design: psa`` and a
-  ``refine.randomwalk.psa.trained`` file that is missing or not PSA's / SEAM's trained AffinityNet;
+  ``refine.randomwalk.psa.trained`` file that is missing or not PSA's / SEAM's trained AffinityNet, or with a
+  ``refine.randomwalk.trained`` file that is missing or not the design's network (IRN's ``res50_irn.pth`` or an
+  earlier run's ``.affinity.pt``);
 - a ``pretrained`` weight file (``classifier``, ``segmentation``, ``refine.randomwalk``) that is missing, unreadable,
   or does not fit its arch (keys and shapes against the backbone built on the ``meta`` device: no memory, no
   computation).
@@ -37,6 +39,7 @@ from advcam.models.classifier import build_classifier
 from advcam.models.deeplab import build_segmenter
 from advcam.models.trained import load_trained
 from advcam.refine import psa
+from advcam.refine import trained as taken
 from advcam.refine.affinity import affinity_source, build_affinity_net
 from advcam.steps.prepare import check_layout, labels_file_path
 from advcam.train.segmentation import select_gt_ids
@@ -146,6 +149,8 @@ def run(cfg: Any, params: Path | None, out: Path) -> None:
     elif cfg.refine.method == "randomwalk" and rw.design == "psa":
         weights.append(("refine.randomwalk.pretrained", lambda a, n, p: build_classifier(a, n), "resnet38",
                         psa.pretrained_source(cfg.classifier, rw)))
+    elif cfg.refine.method == "randomwalk" and taken.trained_file(rw):
+        taken.load_trained(rw)
     elif cfg.refine.method == "randomwalk":
         arch, pretrained = affinity_source(cfg.classifier, cfg.refine.randomwalk)
         if cfg.refine.randomwalk.get("pretrained"):

@@ -25,7 +25,7 @@ import csv
 import html
 import io
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 
@@ -215,10 +215,16 @@ def image_row(info: Any, image_id: str, *, cams: Path | None, pseudo: Path | Non
     return row
 
 
-def boundary_net_of(pseudo: Path | None, device: torch.device) -> irn.BoundaryNet | None:
-    """IRN's boundary network that made the pseudo labels of ``pseudo`` (its ``.affinity.pt``), else None."""
+def boundary_net_of(pseudo: Path | None, device: torch.device, cfg_refine: Any = None) -> irn.BoundaryNet | None:
+    """IRN's boundary network that made the pseudo labels of ``pseudo``: with ``cfg_refine`` (the refine params) of
+    design irn's random walk, its taken ``refine.randomwalk.trained``; else ``pseudo``'s ``.affinity.pt``; None
+    without one."""
+    from advcam.refine import trained as taken
     from advcam.utils.checkpoint import load_checkpoint
 
+    rw = cfg_refine.randomwalk if cfg_refine is not None and cfg_refine.method == "randomwalk" else None
+    if pseudo is not None and rw is not None and rw.design == "irn" and taken.trained_file(rw):
+        return cast(irn.BoundaryNet, taken.load_trained(rw).to(device))
     path = Path(pseudo) / AFFINITY_FILE if pseudo is not None else None
     if path is None or not path.is_file():
         return None
@@ -284,7 +290,7 @@ def run(cfg: Any, data: Path, classifier: Path, segmenter: Path, cams: Path, pse
     plot_training_curves(training, out / "training.png")
     device, cls, seg = _load_models(cfg, info, classifier, segmenter)
     ids = gallery_ids(info, Path(cams), pseudo, int(cfg.evaluation.gallery_size))
-    edges = boundary_net_of(pseudo, device) if cfg.refine.method == "randomwalk" else None
+    edges = boundary_net_of(pseudo, device, cfg.refine) if cfg.refine.method == "randomwalk" else None
     gallery = [image_row(info, i, cams=Path(cams), pseudo=pseudo, cam_method=str(cfg.cam.method), classifier=cls,
                          cfg_cam=cfg.cam, segmenter=seg, device=device, cfg_eval=cfg.evaluation, boundary_net=edges,
                          boundary_canvas=int(cfg.refine.randomwalk.crop_size))
@@ -306,7 +312,7 @@ def visualize(cfg: Any, data: Path, image_id: str, out: Path, cams: Path | None 
     device, cls, seg = _load_models(cfg, info, classifier, segmenter)
     row = image_row(info, image_id, cams=cams, pseudo=pseudo, cam_method=str(cfg.cam.method), classifier=cls,
                     cfg_cam=cfg.cam, segmenter=seg, device=device, cfg_eval=cfg.evaluation,
-                    boundary_net=boundary_net_of(pseudo, device),
+                    boundary_net=boundary_net_of(pseudo, device, cfg.refine),
                     boundary_canvas=int(cfg.refine.randomwalk.crop_size))
     columns = [c for c in GALLERY_COLUMNS if row.get(c) is not None]
     plot_gallery([row], out, columns=columns)

@@ -5,8 +5,9 @@ and the per-image walk; :mod:`advcam.steps.refine` runs them.
 stride-4 CAMs over its path affinities (:mod:`advcam.refine.randomwalk`), as AdvCAM refines; ``design: affinitynet``
 does the same with an embedding's affinities (:mod:`advcam.refine.affinity`) in place of the boundaries.
 ``design: psa`` takes PSA's or SEAM's trained AffinityNet, or trains it on CRF scores
-(:mod:`advcam.refine.psa_labels`), and walks as PSA does (:mod:`advcam.refine.psa`). A
-trained network is saved to ``<out>/.affinity.pt`` with its fingerprint (resume file
+(:mod:`advcam.refine.psa_labels`), and walks as PSA does (:mod:`advcam.refine.psa`). Designs irn and affinitynet take
+a network trained elsewhere too (``refine.randomwalk.trained``: IRN's ``res50_irn.pth`` or an earlier run's
+``.affinity.pt``, :mod:`advcam.refine.trained`). A network trained here is saved to ``<out>/.affinity.pt`` with its fingerprint (resume file
 ``.affinity.pt.resume.pt`` while training, curve ``.affinity.csv``) and retrained only when the fingerprint changes.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from advcam.data import image_size
 from advcam.data.datasets import SegmentationDataset
 from advcam.data.transforms import normalize
 from advcam.refine import irn, psa, psa_labels
+from advcam.refine import trained as taken
 from advcam.refine.affinity import affinity_source, batch_loss, build_affinity_net, grid_loss, pairwise_affinity
 from advcam.refine.randomwalk import walk_labels
 from advcam.steps.shards import FINGERPRINT, invalidate_if_changed
@@ -218,6 +220,8 @@ def affinity_record(cfg: Any) -> dict[str, Any]:
     rw = cfg.refine.randomwalk
     if rw.design == "psa" and psa.trained_file(rw):
         return {"trained": weights_digest(psa.trained_file(rw))}
+    if rw.design != "psa" and taken.trained_file(rw):
+        return {"trained": weights_digest(taken.trained_file(rw))}
     if rw.design == "psa":
         return {"pretrained": weights_digest(psa.pretrained_source(cfg.classifier, rw)), "seed": cfg.seed}
     return {"arch": cfg.classifier.arch, "pretrained": cfg.classifier.pretrained, "seed": cfg.seed}
@@ -227,13 +231,16 @@ def walker_for(cfg: Any, info: Any, ids: list[str], cams: Path, out: Path, cams_
                code: str) -> Callable[[bool], LabelFn]:
     """``ready(pending)``: the per-image label function of the configured design; with labels ``pending`` the network
     is made first (loaded, or trained on ``out``'s CRF labels or scores, before the labels' bar), else on first use.
-    A taken AffinityNet file is read and checked here, before the CRF labels' hours."""
+    A taken network file is read and checked here, before the CRF labels' hours."""
     rw = cfg.refine.randomwalk
     device = resolve_device(cfg.device)
     make: Callable[[], nn.Module]
     if rw.design == "psa" and psa.trained_file(rw):
-        taken = psa.load_trained(rw).to(device)
-        make, walk = (lambda: taken), psa_walk(rw, device)
+        psa_net = psa.load_trained(rw).to(device)
+        make, walk = (lambda: psa_net), psa_walk(rw, device)
+    elif taken.trained_file(rw):
+        walk_net = taken.load_trained(rw).to(device)
+        make, walk = (lambda: walk_net), irn_walk(rw, device)
     elif rw.design == "psa":  # the scores' record: what they are computed from (hashing 40 GB is no use)
         scores_record = {"psa": {k: rw.psa[k] for k in ("la_alpha", "ha_alpha")}, "cams": cams_record, "code": code}
 

@@ -65,7 +65,8 @@ def outside_files(section, keys=("pretrained", "trained")):
 def affinity_weights():
     """The affinity network's weight file (refine.method randomwalk), as an input, as the refine stage picks it:
     with design psa `refine.randomwalk.psa.trained`, else the ResNet-38 weights its AffinityNet trains from; else
-    `refine.randomwalk.pretrained`, else `classifier.pretrained` while the archs agree. It must exist (`present`)."""
+    `refine.randomwalk.trained`, else `refine.randomwalk.pretrained`, else `classifier.pretrained` while the archs
+    agree. It must exist (`present`)."""
     if config["refine"]["method"] != "randomwalk":
         return []
     # these import torch: only where the random walk runs
@@ -80,6 +81,8 @@ def affinity_weights():
         path = pretrained_source(config["classifier"], walk)
         return present(path, "refine.randomwalk.pretrained") if path else []
 
+    if walk.get("trained"):  # a network trained elsewhere (designs irn, affinitynet), no other weights
+        return present(walk["trained"], "refine.randomwalk.trained")
     try:
         _, path = affinity_source(config["classifier"], config["refine"]["randomwalk"])
     except AdvcamError:  # an arch without affinity network: check_params and the refine stage say so

@@ -30,8 +30,8 @@ rule refine:
         data=DATA,
         cams="cams",
         shards=shard_folders("refine"),
-        # the affinity network of refine.method randomwalk: refine.randomwalk.pretrained or classifier.pretrained (irn),
-        # refine.randomwalk.psa.trained (psa)
+        # the affinity network of refine.method randomwalk: refine.randomwalk.trained, else refine.randomwalk.pretrained
+        # or classifier.pretrained (irn, affinitynet); refine.randomwalk.psa.trained (psa)
         weights=affinity_weights(),
     output:
         pseudo=directory("pseudo"),
