@@ -276,6 +276,30 @@ def test_predict_list_adds_its_masks_to_the_default_target(dvc_project):
     assert "predictions/" in sh("git", "check-ignore", "predictions/val", cwd=root).stdout
 
 
+def test_a_forced_rerun_computes_its_stage_again(dvc_project):
+    """`--forcerun` asks for a stage to be computed again: the work folder and training memo that a rerun would take
+    its results from are removed first, for the forced rules only (not in a dry run). Every CAM is computed again,
+    to the same bytes; the classifier's memo, of a rule not forced, stays; forcing train_cls trains it again."""
+    root = dvc_project
+    work, memo = root / ".advcam-work" / "cams", root / "models" / "classifier.pt.done.pt"
+    before = {p.name: p.read_bytes() for p in (root / "cams").glob("*.npz")}
+    assert before and list(work.rglob("*.npz")) and memo.is_file()
+    forced = ("--forcerun", "cams_shard", "cams", "--", "cams")
+    sh("snakemake", "-n", *forced, cwd=root)
+    assert list(work.rglob("*.npz"))
+    r = sh("snakemake", "--cores", "2", *forced, cwd=root)
+    log = r.stdout + r.stderr
+    assert "forced rerun of cams_shard: removed .advcam-work/cams, to compute it again" in log, log
+    shards = re.findall(r"cams: (\d+) of (\d+) images to compute \((\d+) done already\)", log)
+    assert sum(int(n) for n, _, _ in shards) == len(before) and {d for _, _, d in shards} == {"0"}, log
+    assert {p.name: p.read_bytes() for p in (root / "cams").glob("*.npz")} == before
+    assert memo.is_file()
+    r = sh("snakemake", "--cores", "2", "--forcerun", "train_cls", "--", "models/classifier.pt", cwd=root)
+    log = r.stdout + r.stderr
+    assert all(f"forced rerun of train_cls: removed models/classifier.pt.done.{x}" in log for x in ("pt", "json")), log
+    assert "holds a finished training" not in log and memo.is_file(), log  # trained, and remembered again
+
+
 def test_a_missing_outside_file_is_named_before_any_job(tmp_path):
     """Snakemake passes over a finished job whose input file is missing, even when its params changed: a mistyped
     path would leave the earlier results in place without a word. The workflow refuses it when it starts, naming

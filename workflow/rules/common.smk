@@ -1,6 +1,8 @@
 # Helpers shared by the rules: config validation (one schema, shared with the CLI) and the per-rule params.
 import json
 import os
+import shutil
+import sys
 
 from snakemake.exceptions import WorkflowError
 
@@ -108,6 +110,35 @@ SHARDS = int(config["workflow"]["shards"])
 # hard-link the files into their declared outputs; a rerun of a killed job keeps the finished images. It ignores
 # itself in git (its own .gitignore) and lies outside every DVC output. docs/reliability.md.
 WORK = ".advcam-work"
+
+# What a job of each of these rules takes instead of computing, when its record matches: its stage's work folder
+# (above) and a finished training's memo (models/<name>.pt.done.pt / .done.json, advcam/train/memo.py). A forced job
+# (--forceall, --forcerun RULE, --force TARGET) asks for its stage to be computed again: these go first
+# (drop_forced_caches).
+FORCED_CACHES = {
+    "cams_shard": [f"{WORK}/cams"],
+    "cams": [f"{WORK}/cams"],
+    "refine_shard": [f"{WORK}/refine-crf"],
+    "refine": [f"{WORK}/refine"],
+    "train_cls": ["models/classifier.pt.done.pt", "models/classifier.pt.done.json"],
+    "train_seg": ["models/segmenter.pt.done.pt", "models/segmenter.pt.done.json"],
+}
+
+
+def drop_forced_caches(dag):
+    """Remove the work folders and training memos (FORCED_CACHES) of the rules that have a forced job in `dag`, so
+    that a forced rerun computes its stage again (a rerun after a kill, or with other params, still takes them).
+    Run once, before the first job (the Snakefile's onstart: never in a dry run, nor in the jobs Snakemake spawns)."""
+    rules = sorted({job.rule.name for job in dag.needrun_jobs() if dag.reason(job).forced})
+    for path in sorted({p for name in rules for p in FORCED_CACHES.get(name, [])}):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            continue
+        print(f"forced rerun of {', '.join(rules)}: removed {path}, to compute it again", file=sys.stderr)
+
 
 
 def shard_folders(stage):
