@@ -62,8 +62,9 @@ class IRNLayout(nn.Module):
         self.fc_edge1, self.fc_edge2, self.fc_edge3 = _edge(64, 1), _edge(256, 1), _edge(512, 2)
         self.fc_edge4, self.fc_edge5 = _edge(1024, 4), _edge(2048, 4)
         self.fc_edge6 = nn.Conv2d(160, 1, 1, bias=True)
-        self.fc_dp1, self.fc_dp2, self.fc_dp3 = _dp(64, 64, 8, False), _dp(256, 128, 16, False), _dp(512, 256, 16, False)
-        self.fc_dp4, self.fc_dp5, self.fc_dp6 = _dp(1024, 256, 16, True), _dp(2048, 256, 16, True), _dp(768, 256, 16, True)
+        self.fc_dp1, self.fc_dp2 = _dp(64, 64, 8, False), _dp(256, 128, 16, False)
+        self.fc_dp3, self.fc_dp4 = _dp(512, 256, 16, False), _dp(1024, 256, 16, True)
+        self.fc_dp5, self.fc_dp6 = _dp(2048, 256, 16, True), _dp(768, 256, 16, True)
         self.fc_dp7 = nn.Sequential(nn.Conv2d(448, 256, 1, bias=False), nn.GroupNorm(16, 256), nn.ReLU(inplace=True),
                                     nn.Conv2d(256, 2, 1, bias=False), self.mean_shift)
         self.backbone = nn.ModuleList([self.stage1, self.stage2, self.stage3, self.stage4, self.stage5])

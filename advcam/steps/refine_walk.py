@@ -7,8 +7,9 @@ does the same with an embedding's affinities (:mod:`advcam.refine.affinity`) in 
 ``design: psa`` takes PSA's or SEAM's trained AffinityNet, or trains it on CRF scores
 (:mod:`advcam.refine.psa_labels`), and walks as PSA does (:mod:`advcam.refine.psa`). Designs irn and affinitynet take
 a network trained elsewhere too (``refine.randomwalk.trained``: IRN's ``res50_irn.pth`` or an earlier run's
-``.affinity.pt``, :mod:`advcam.refine.trained`). A network trained here is saved to ``<out>/.affinity.pt`` with its fingerprint (resume file
-``.affinity.pt.resume.pt`` while training, curve ``.affinity.csv``) and retrained only when the fingerprint changes.
+``.affinity.pt``, :mod:`advcam.refine.trained`). A network trained here is saved to ``<out>/.affinity.pt`` with its
+fingerprint (resume file ``.affinity.pt.resume.pt`` while training, curve ``.affinity.csv``) and retrained only when
+the fingerprint changes.
 """
 from __future__ import annotations
 
@@ -215,7 +216,7 @@ def psa_walk(cfg_rw: Any, device: torch.device) -> WalkFn:
 
 
 def affinity_record(cfg: Any) -> dict[str, Any]:
-    """What the walk's labels depend on beyond the refine params and the CAMs: the taken AffinityNet file's bytes
+    """What the walk's labels depend on beyond the refine params and the CAMs: the taken network file's bytes
     (a new file at the same path reruns the walk), or what the trained network starts from and its seed."""
     rw = cfg.refine.randomwalk
     if rw.design == "psa" and psa.trained_file(rw):
