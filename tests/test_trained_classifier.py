@@ -231,7 +231,10 @@ def test_a_classifier_that_does_not_fit_is_refused_naming_the_file(voc, capsys):
     torch.save(state, irn20)
     small_checkpoint(tmp / "small.pt")
     (tmp / "notes.txt").write_text("not a checkpoint")
+    torch.save({**state, "fc_edge6.weight": torch.zeros(1, 160, 1, 1)}, tmp / "res50_irn.pth")  # IRN's boundary net
     cases = [(tmp / "missing.pth", (), "classifier.trained: file not found"),
+             (tmp / "res50_irn.pth", (), "IRN's trained boundary network (res50_irn.pth), not a classifier; give it "
+                                         "as refine.randomwalk.trained"),
              (irn20, (), "classifier has 20 output classes, expected 3"),
              (tmp / "res50_cam.pth", ("classifier.arch=resnet_small",),
               "is IRN's ResNet-50 CAM network; set classifier.method=cam and classifier.arch=resnet50"),

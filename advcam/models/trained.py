@@ -96,6 +96,9 @@ def reference_state(path: Path, num_classes: int) -> tuple[Format, dict[str, tor
     if "f8_5.weight" in state:
         raise AdvcamError(f"{path}: PSA's or SEAM's trained AffinityNet (resnet38_aff), not a classifier; give it as "
                           "refine.randomwalk.psa.trained")
+    if "fc_edge6.weight" in state:
+        raise AdvcamError(f"{path}: IRN's trained boundary network (res50_irn.pth), not a classifier; give it as "
+                          "refine.randomwalk.trained")
     with torch.device("meta"):  # names and shapes only
         own = builder_for(fmt.method)(fmt.arch, num_classes).state_dict()
     ours, other = renamed(fmt, state)
