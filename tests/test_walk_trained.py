@@ -187,6 +187,22 @@ def labels(folder: Path, ids: list[str]) -> dict[str, np.ndarray]:
     return {i: np.asarray(Image.open(folder / f"{i}.png")) for i in ids}
 
 
+def test_an_earlier_runs_network_in_the_workflows_refine_output_is_refused(tiny_data, tmp_path, monkeypatch):
+    """check_params refuses ``pseudo/.affinity.pt`` (the workflow's refine output: DVC deletes it before the refine
+    stage runs) and takes a copy of it elsewhere."""
+    root, _ = tiny_data
+    monkeypatch.chdir(tmp_path)
+    assert refine(root, tmp_path / "pseudo") == 0
+    cfg = config.load(None, [*RW, "refine.randomwalk.trained=pseudo/.affinity.pt"])
+    with pytest.raises(AdvcamError, match=r"^refine.randomwalk.trained: pseudo/.affinity.pt lies in pseudo/, the "
+                                          r"refine stage's output folder, which Snakemake and DVC delete"):
+        check.run(cfg, None, tmp_path / "checked")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "boundary.pt").write_bytes((tmp_path / "pseudo" / ".affinity.pt").read_bytes())
+    check.run(config.load(None, [*RW, "refine.randomwalk.trained=weights/boundary.pt"]), None, tmp_path / "checked")
+    assert (tmp_path / "checked").is_file()
+
+
 def test_an_earlier_runs_network_walks_to_the_same_labels_without_training(tiny_data, tmp_path):
     """A design irn run trains its boundary network; a second run given its ``.affinity.pt`` trains nothing and writes
     the same labels and scores. A new file at the same path reruns the walk, not the CRF labels."""

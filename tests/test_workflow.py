@@ -318,6 +318,12 @@ def test_a_missing_outside_file_is_named_before_any_job(tmp_path):
         r = sh("snakemake", "-n", "--config", override, cwd=REPO, check=False)
         out = r.stdout + r.stderr  # Snakemake prints its errors on stdout
         assert r.returncode == 1 and f"{key}: file not found: " in out and "Job stats" not in out, (override, out)
+    # an earlier run's network in rule refine's own output folder, which Snakemake deletes before the rule runs
+    r = sh("snakemake", "-n", "--config", "refine={method: randomwalk, randomwalk: {trained: pseudo/.affinity.pt}}",
+           cwd=REPO, check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "refine.randomwalk.trained: pseudo/.affinity.pt lies in pseudo/, the refine stage's " \
+        "output folder, which Snakemake and DVC delete before they run the stage: copy it out first" in out, out
 
 
 def test_files_outside_the_repository_are_rule_inputs(tmp_path):

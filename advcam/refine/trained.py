@@ -128,6 +128,16 @@ def load_walk_network(path: str | Path, design: str) -> nn.Module:
     return load_irn_boundary(path, plain)
 
 
+def check_outside(path: str | Path, folder: str | Path = "pseudo") -> None:
+    """Refuse a taken file inside ``folder``, the workflow's refine output (``pseudo/``), where an earlier run leaves its
+    ``.affinity.pt``: Snakemake and DVC delete that folder before they run the stage that would read it."""
+    file, out = Path(path).expanduser().resolve(), Path(folder).resolve()
+    if out in file.parents:
+        raise AdvcamError(f"refine.randomwalk.trained: {path} lies in {folder}/, the refine stage's output folder, "
+                          f"which Snakemake and DVC delete before they run the stage: copy it out first (e.g. to "
+                          f"weights/) and give the copy")
+
+
 def trained_file(cfg_rw: Mapping[str, Any]) -> str | None:
     """``refine.randomwalk.trained`` (a Config section or a dict); None: the network is trained here."""
     path = cfg_rw.get("trained")
@@ -151,4 +161,4 @@ def load_trained(cfg_rw: Mapping[str, Any]) -> nn.Module:
 
 
 __all__ = ["KINDS", "irn_renamed", "what_it_is", "load_irn_boundary", "load_advcam_network", "load_walk_network",
-           "trained_file", "load_trained"]
+           "check_outside", "trained_file", "load_trained"]

@@ -150,6 +150,7 @@ def run(cfg: Any, params: Path | None, out: Path) -> None:
         weights.append(("refine.randomwalk.pretrained", lambda a, n, p: build_classifier(a, n), "resnet38",
                         psa.pretrained_source(cfg.classifier, rw)))
     elif cfg.refine.method == "randomwalk" and taken.trained_file(rw):
+        taken.check_outside(str(taken.trained_file(rw)))  # the workflow's refine output, deleted before refine runs
         taken.load_trained(rw)
     elif cfg.refine.method == "randomwalk":
         arch, pretrained = affinity_source(cfg.classifier, cfg.refine.randomwalk)

@@ -74,6 +74,7 @@ def affinity_weights():
     # these import torch: only where the random walk runs
     from advcam.refine.affinity import affinity_source
     from advcam.refine.psa import pretrained_source, trained_file
+    from advcam.refine.trained import check_outside
     from advcam.utils.errors import AdvcamError
 
     walk = config["refine"]["randomwalk"]
@@ -84,6 +85,10 @@ def affinity_weights():
         return present(path, "refine.randomwalk.pretrained") if path else []
 
     if walk.get("trained"):  # a network trained elsewhere (designs irn, affinitynet), no other weights
+        try:
+            check_outside(walk["trained"], "pseudo")  # rule refine's output: deleted before the rule runs
+        except AdvcamError as exc:
+            raise WorkflowError(str(exc)) from None
         return present(walk["trained"], "refine.randomwalk.trained")
     try:
         _, path = affinity_source(config["classifier"], config["refine"]["randomwalk"])
