@@ -289,7 +289,7 @@ def test_a_forced_rerun_computes_its_stage_again(dvc_project):
     assert list(work.rglob("*.npz"))
     r = sh("snakemake", "--cores", "2", *forced, cwd=root)
     log = r.stdout + r.stderr
-    assert "forced rerun of cams_shard: removed .advcam-work/cams, to compute it again" in log, log
+    assert "forced rerun of cams, cams_shard: removed .advcam-work/cams, to compute it again" in log, log
     shards = re.findall(r"cams: (\d+) of (\d+) images to compute \((\d+) done already\)", log)
     assert sum(int(n) for n, _, _ in shards) == len(before) and {d for _, _, d in shards} == {"0"}, log
     assert {p.name: p.read_bytes() for p in (root / "cams").glob("*.npz")} == before

@@ -86,7 +86,7 @@ def affinity_weights():
 
     if walk.get("trained"):  # a network trained elsewhere (designs irn, affinitynet), no other weights
         try:
-            check_outside(walk["trained"], "pseudo")  # rule refine's output: deleted before the rule runs
+            check_outside(walk["trained"], "pseudo")  # the refine output, deleted before refine runs
         except AdvcamError as exc:
             raise WorkflowError(str(exc)) from None
         return present(walk["trained"], "refine.randomwalk.trained")
@@ -130,20 +130,25 @@ FORCED_CACHES = {
 }
 
 
-def drop_forced_caches(dag):
-    """Remove the work folders and training memos (FORCED_CACHES) of the rules that have a forced job in `dag`, so
-    that a forced rerun computes its stage again (a rerun after a kill, or with other params, still takes them).
-    Run once, before the first job (the Snakefile's onstart: never in a dry run, nor in the jobs Snakemake spawns)."""
-    rules = sorted({job.rule.name for job in dag.needrun_jobs() if dag.reason(job).forced})
-    for path in sorted({p for name in rules for p in FORCED_CACHES.get(name, [])}):
+def drop_forced_caches(dag, settings):
+    """Remove the work folders and training memos (FORCED_CACHES) of the rules whose jobs the user forced (`settings`:
+    Snakemake's DAG settings: --forceall, --forcerun rules or files, --force targets), so that their stages are
+    computed again. Jobs that Snakemake reruns for any other reason (incomplete output with --rerun-incomplete, changed
+    params or input) still take them. Run once, before the first job (the Snakefile's onstart: never in a dry run, nor
+    in the jobs Snakemake spawns)."""
+    named = {str(x) for x in settings.forcerun or ()}
+    if settings.forcetargets:
+        named |= {job.rule.name for job in dag.targetjobs}
+    forced = sorted({job.rule.name for job in dag.needrun_jobs()
+                     if settings.forceall or job.rule.name in named or not named.isdisjoint(map(str, job.output))})
+    for path in sorted({p for name in forced for p in FORCED_CACHES.get(name, [])}):
         if os.path.isdir(path):
             shutil.rmtree(path)
         elif os.path.lexists(path):
             os.remove(path)
         else:
             continue
-        print(f"forced rerun of {', '.join(rules)}: removed {path}, to compute it again", file=sys.stderr)
-
+        print(f"forced rerun of {', '.join(forced)}: removed {path}, to compute it again", file=sys.stderr)
 
 
 def shard_folders(stage):
