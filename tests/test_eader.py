@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -317,3 +318,36 @@ def test_a_diverging_localiser_is_reported_once(tmp_path: Path, caplog):
     assert loop.epoch_mean_loss(rows, 2) > 10 * rows[0][2] and np.isfinite(rows[-1][2])
     warned = [r.getMessage() for r in caplog.records if "diverged" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("train-cls (eader) localiser: the mean loss of epoch 2 ")
+
+
+def _psa_frozen(key: str) -> bool:
+    """A ResNet-38 tensor that PSA and SEAM never train: conv1a, b2, b2_1, b2_2, every BatchNorm (bn*)."""
+    return re.search(r"\.backbone\.(conv1a|b2|b2_1|b2_2)\.|\.bn", key) is not None
+
+
+def test_eader_on_resnet38_steps_both_phases_and_keeps_psas_frozen_layers():
+    """EADER with PSA's / SEAM's ResNet-38 (``classifier.arch: resnet38``): each phase steps its own network only; in
+    both networks what PSA and SEAM never train (``conv1a``, ``b2*``, every BatchNorm's affine parameters and
+    statistics) stays as it was and stays frozen; the maps come at stride 8."""
+    torch.manual_seed(0)
+    model = build_eader("resnet38", 3).train()
+    opt_loc, opt_adv = _optimisers(model, {"lr": 0.01, "weight_decay": 1e-4, "momentum": 0.9, "head_lr_mult": 1.0})
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert any(k.startswith("localiser.backbone.conv1a") for k, _ in model.named_parameters())
+    assert len(trainable) == 72 and not any(_psa_frozen(k) for k in trainable)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = {"image": torch.randn(2, 3, 64, 64), "label": torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])}
+    for phase, opt, moving, resting in ((LOCALISER, opt_loc, "localiser.", "adversary."),
+                                        (ADVERSARY, opt_adv, "adversary.", "localiser.")):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        out = train_step(model, opt, batch, phase, TERMS)
+        assert torch.isfinite(out["loss"]), phase
+        now = model.state_dict()
+        changed = {k for k in now if not torch.equal(now[k], before[k])}
+        assert changed and all(k.startswith(moving) for k in changed), (phase, sorted(changed)[:3])
+        assert changed <= trainable, phase
+    frozen = [k for k in state if _psa_frozen(k)]
+    assert len(frozen) > 200 and all(torch.equal(model.state_dict()[k], state[k]) for k in frozen)
+    assert {k for k, p in model.named_parameters() if p.requires_grad} == trainable
+    with torch.no_grad():
+        assert model.eval().cam(torch.randn(1, 3, 64, 64)).shape == (1, 3, 8, 8)
