@@ -318,7 +318,7 @@ USED_WHEN: dict[str, dict[str, tuple[str, str]]] = {
 # stands for the key's default in the schema (a whole added sub-section at its defaults).
 SCHEMA_DEFAULT = "<schema default>"
 UNSET_MEANS_ABSENT: dict[str, dict[str, Any]] = {
-    "classifier": {"trained": None}, "dataset": {"labels_file": None},
+    "classifier": {"trained": None, "dropout": None}, "dataset": {"labels_file": None},
     "refine": {"randomwalk.arch": None, "randomwalk.pretrained": None, "randomwalk.trained": None,
                "randomwalk.psa": SCHEMA_DEFAULT}}
 

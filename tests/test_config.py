@@ -219,9 +219,11 @@ def test_active_leaves_out_a_later_key_while_it_is_unset():
     those runs' records (Snakemake's params, the training's fingerprint) still match; set, it is."""
     d = config.defaults()
     assert d["classifier"]["trained"] is None and "trained" not in config.active("classifier", d["classifier"])
-    before = {k: v for k, v in d["classifier"].items() if k not in ("trained", "seam", "eader")}
+    assert d["classifier"]["dropout"] is None and "dropout" not in config.active("classifier", d["classifier"])
+    before = {k: v for k, v in d["classifier"].items() if k not in ("trained", "dropout", "seam", "eader")}
     assert config.active("classifier", d["classifier"]) == before
     assert config.active("classifier", {**d["classifier"], "trained": "res50_cam.pth"})["trained"] == "res50_cam.pth"
+    assert config.active("classifier", {**d["classifier"], "dropout": 0.0})["dropout"] == 0.0  # set, even to 0
     assert "labels_file" not in config.active("dataset", d["dataset"])  # dataset.labels_file came later too
     assert config.active("dataset", {**d["dataset"], "labels_file": "l.txt"})["labels_file"] == "l.txt"
     walk = {**d["refine"], "method": "randomwalk"}  # refine.randomwalk.arch / pretrained / trained came later, inside

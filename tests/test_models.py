@@ -274,3 +274,50 @@ def test_fold_batchnorm_says_what_it_left(caplog):
         assert not caplog.records
         fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
     assert "folded 0 conv/BatchNorm pair(s); 1 BatchNorm layer(s) left" in caplog.text
+
+
+def test_resnet38_cam_network_is_psas_resnet38_cls(monkeypatch):
+    """PSA's ``resnet38_cls.Net`` written out: ``fc8`` initialised by ``xavier_uniform_``; in training its logits are
+    ``fc8(avg_pool(Dropout2d(0.5)(features)))`` (the same dropout draw), in eval mode and in ``cam()`` no dropout.
+    The CAM trainer sets the rate from ``classifier.dropout`` (null: 0.5 on resnet38, none on resnet50 and
+    resnet_small)."""
+    from advcam import config
+    from advcam.models.classifier import reference_dropout
+    from advcam.train import classifier as cam_training
+    from advcam.train import loop
+
+    torch.manual_seed(0)
+    model = build_classifier("resnet38", 3)
+    bound = (6 / (4096 + 3)) ** 0.5  # xavier_uniform_'s bound for a (3, 4096, 1, 1) weight
+    w = model.classifier.weight.detach()
+    assert bound >= float(w.abs().max()) > 0.95 * bound
+    other = build_classifier("resnet_small", 3).classifier.weight.detach()  # PyTorch's default: bound 1 / sqrt(fan_in)
+    assert float(other.abs().max()) <= 128 ** -0.5 < (6 / (128 + 3)) ** 0.5
+    seen = []
+    monkeypatch.setattr(loop, "fit", lambda m, *a, **k: seen.append(m.dropout) or [])
+    for arch, sets, rate in (("resnet38", [], 0.5), ("resnet38", ["classifier.dropout=0"], 0.0),
+                             ("resnet_small", [], 0.0), ("resnet_small", ["classifier.dropout=0.3"], 0.3)):
+        cfg = config.load(None, sets).classifier
+        assert reference_dropout(arch, cfg.dropout) == rate
+        net = model if arch == "resnet38" else build_classifier(arch, 3)
+        cam_training.train_cam(net, None, cfg=cfg, seed=0, workers=0, resume=Path("r"), curves=Path("c"),
+                               fingerprint={})
+        assert seen[-1] == rate, (arch, sets)
+    model.dropout = 0.5
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        model.train()
+        torch.manual_seed(1)
+        ours = model(x)
+        torch.manual_seed(1)
+        feats = model.features(x)  # the same draws of the backbone's own dropout (b6, b7) as in ours
+        ref = torch.nn.functional.conv2d(F.avg_pool2d(torch.nn.Dropout2d(0.5)(feats), feats.shape[-2:]), w).flatten(1)
+        torch.testing.assert_close(ours, ref)
+        assert not torch.allclose(ours, model.classifier(feats.mean((2, 3), keepdim=True)).flatten(1))
+        torch.manual_seed(2)
+        cam = model.cam(x)
+        torch.manual_seed(2)
+        torch.testing.assert_close(cam, torch.nn.functional.conv2d(model.features(x), w))  # no dropout7 in the maps
+        model.eval()
+        feats = model.features(x)
+        torch.testing.assert_close(model(x), model.classifier(feats.mean((2, 3), keepdim=True)).flatten(1))

@@ -13,7 +13,10 @@ Its output stride is 8 (96 px -> 12x12 maps).
 
 ``resnet38`` is PSA's and SEAM's ResNet-38 (:mod:`advcam.models.resnet38`, output stride 8), frozen as they freeze
 it: every BatchNorm (statistics and affine parameters) and ``conv1a``, ``b2``, ``b2_1``, ``b2_2``. With method
-``cam`` it is PSA's CAM network without the dropout PSA applies before the classifier in training.
+``cam`` it is PSA's CAM network (``network/resnet38_cls.py``): its classifier initialised by ``xavier_uniform_``, and
+``Dropout2d(0.5)`` on the features before the average pool in training (``dropout7``; :attr:`CAMNet.dropout`, which
+the CAM trainer sets from ``classifier.dropout``: :func:`reference_dropout`). IRN's ResNet-50 CAM network has no
+dropout.
 
 Checkpoint helpers shared with :mod:`advcam.models.deeplab` live here too.
 """
@@ -37,9 +40,12 @@ Backbone = resnet.ResNet | resnet38.ResNet38
 
 class CAMNet(nn.Module):
     """``features(x)`` -> (B, K, h, w); ``classifier`` = Conv2d(K, C, 1, bias=False);
-    ``cam(x)`` = conv2d(features(x), classifier.weight) (before ReLU); ``forward(x)`` -> (B, C) logits."""
+    ``cam(x)`` = conv2d(features(x), classifier.weight) (before ReLU); ``forward(x)`` -> (B, C) logits, with
+    ``Dropout2d(dropout)`` on the features before the pool in training mode (0: none; a training-time setting, not
+    saved)."""
 
     method = "cam"
+    dropout = 0.0
 
     def __init__(self, backbone: Backbone, num_classes: int, arch: str, frozen_bn: bool,
                  frozen_modules: tuple[str, ...] = ()) -> None:
@@ -61,8 +67,10 @@ class CAMNet(nn.Module):
         return F.conv2d(self.features(x), self.classifier.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.features(x).mean(dim=(2, 3), keepdim=True)
-        return self.classifier(pooled).flatten(1)
+        feats = self.features(x)
+        if self.dropout > 0:
+            feats = F.dropout2d(feats, self.dropout, training=self.training)
+        return self.classifier(feats.mean(dim=(2, 3), keepdim=True)).flatten(1)
 
     def train(self, mode: bool = True) -> "CAMNet":
         super().train(mode)
@@ -100,7 +108,18 @@ def build_classifier(arch: str, num_classes: int, pretrained: str | Path | None 
         raise AdvcamError(f"classifier arch {arch!r} unknown (choose from {', '.join(CLASSIFIER_ARCHS)})")
     if pretrained:
         resnet.load_torchvision_weights(backbone, pretrained)
-    return CAMNet(backbone, num_classes, arch, frozen_bn=arch != "resnet_small", frozen_modules=frozen)
+    model = CAMNet(backbone, num_classes, arch, frozen_bn=arch != "resnet_small", frozen_modules=frozen)
+    if arch == "resnet38":
+        nn.init.xavier_uniform_(model.classifier.weight)  # PSA's fc8
+    return model
+
+
+REFERENCE_DROPOUT = {"resnet38": 0.5}  # PSA's resnet38_cls dropout7; IRN's resnet50_cam has none
+
+
+def reference_dropout(arch: str, dropout: float | None) -> float:
+    """The CAM network's training dropout: ``classifier.dropout``, or where null its arch's reference's."""
+    return float(REFERENCE_DROPOUT.get(arch, 0.0) if dropout is None else dropout)
 
 
 def build_uninitialised(build: Callable[[str, int], nn.Module], arch: str, num_classes: int) -> nn.Module:

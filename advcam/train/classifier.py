@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from advcam.models.classifier import CAMNet
+from advcam.models.classifier import CAMNet, reference_dropout
 from advcam.train import loop
 
 
@@ -33,7 +33,9 @@ def train_cam(model: CAMNet, dataset: Dataset, *, cfg: Any, seed: int, workers: 
               fingerprint: Mapping[str, Any]) -> list[list[float]]:
     """Train the plain CAM network with the ``classifier`` params section ``cfg`` (the stage's entry point).
 
-    Every classifier training method has this signature (``advcam.steps.train_cls.TRAINERS``)."""
+    Every classifier training method has this signature (``advcam.steps.train_cls.TRAINERS``). The network's
+    training dropout is ``classifier.dropout`` (null: its arch's reference's, :func:`reference_dropout`)."""
+    model.dropout = reference_dropout(model.arch, cfg.get("dropout"))
     return train_classifier(model, dataset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                             weight_decay=cfg.weight_decay, momentum=cfg.momentum, seed=seed, workers=workers,
                             resume=resume, curves=curves, fingerprint=fingerprint)
