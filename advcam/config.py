@@ -216,13 +216,11 @@ def _check_relations(cfg: dict, source: str, origins: Mapping[str, str]) -> None
     if ref["bg_threshold"] > ref["fg_threshold"]:
         raise ConfigError(f"{from_('refine.bg_threshold', 'refine.fg_threshold')}: refine.bg_threshold "
                           f"({ref['bg_threshold']}) must not exceed refine.fg_threshold ({ref['fg_threshold']})")
+    if ref["method"] == "randomwalk" and ref["randomwalk"]["design"] == "psa" and ref["randomwalk"].get("trained"):
+        raise ConfigError(f"{from_('refine.randomwalk.trained', 'refine.randomwalk.design')}: design psa takes its "
+                          "trained AffinityNet as refine.randomwalk.psa.trained (this key is irn's and affinitynet's)")
     if ref["method"] == "randomwalk":
-        rw = ref["randomwalk"]
-        if rw["design"] == "psa" and rw.get("trained"):
-            raise ConfigError(f"{from_('refine.randomwalk.trained', 'refine.randomwalk.design')}: design psa takes its "
-                              "trained AffinityNet as refine.randomwalk.psa.trained (refine.randomwalk.trained is "
-                              "design irn's and affinitynet's)")
-        _check_walk_crop(rw, from_)
+        _check_walk_crop(ref["randomwalk"], from_)
 
 
 def _check_walk_crop(rw: Mapping[str, Any], from_: Callable[..., str]) -> None:
